@@ -1,0 +1,698 @@
+//! The sender's state machine: records in, paced-ready datagrams out.
+//!
+//! ```text
+//! push() ──► open block (batches per topic, fragments) ──seal──► waiting blocks ──group of D──► poll_transmit()
+//!            wire-format.md §4, §5                       §3.1-3.2                §3.3
+//! ```
+//!
+//! No sockets and no clock: `now` is passed in, `poll_timeout` says when `handle_timeout` is due.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use thiserror::Error;
+
+use crate::datagram::{
+    self, BlockGeometry, Header, DATAGRAM_OVERHEAD, HEADER_LEN, IP_UDP_OVERHEAD, MAX_TOTAL_SHARDS,
+};
+use crate::fec::{self, CodecCache};
+use crate::frames::{self, proto};
+
+/// The 4-byte content length that opens every block (wire-format.md §4.1).
+const CONTENT_HEADER_LEN: usize = 4;
+/// Topics per heartbeat catalogue turn (wire-format.md §5.3).
+const CATALOGUE_TURN_TOPICS: usize = 128;
+
+#[derive(Debug, Clone)]
+pub struct EncoderConfig {
+    /// Random and non-zero; a new one for every start of the sender.
+    pub session_id: u64,
+    /// The link's IP MTU; datagrams are at most `mtu_bytes - 28` bytes.
+    pub mtu_bytes: usize,
+    pub data_shards: usize,
+    pub parity_shards: usize,
+    pub interleave_depth: usize,
+    /// A block leaves at most this long after its first record.
+    pub flush_interval: Duration,
+    pub heartbeat_interval: Duration,
+    /// Microseconds since the Unix epoch when the sender started, announced in heartbeats.
+    pub session_start_time_us: i64,
+}
+
+impl EncoderConfig {
+    pub fn max_shard_len(&self) -> usize {
+        self.mtu_bytes
+            .saturating_sub(IP_UDP_OVERHEAD + DATAGRAM_OVERHEAD)
+    }
+
+    /// Bytes of frames a full block holds.
+    pub fn block_capacity(&self) -> usize {
+        self.data_shards * self.max_shard_len()
+    }
+
+    pub fn validate(&self) -> Result<(), EncoderConfigError> {
+        if self.session_id == 0 {
+            return Err(EncoderConfigError::ZeroSessionId);
+        }
+        if !(576..=65_535).contains(&self.mtu_bytes) {
+            return Err(EncoderConfigError::Mtu(self.mtu_bytes));
+        }
+        if self.data_shards == 0 || self.data_shards + self.parity_shards > MAX_TOTAL_SHARDS {
+            return Err(EncoderConfigError::Shards {
+                data: self.data_shards,
+                parity: self.parity_shards,
+            });
+        }
+        if !(1..=255).contains(&self.interleave_depth) {
+            return Err(EncoderConfigError::InterleaveDepth(self.interleave_depth));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(EncoderConfigError::HeartbeatInterval);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EncoderConfigError {
+    #[error("session id must be non-zero")]
+    ZeroSessionId,
+    #[error("mtu_bytes {0} is outside 576..=65535")]
+    Mtu(usize),
+    #[error("data_shards {data} + parity_shards {parity}: need at least 1 data shard and at most 255 in all")]
+    Shards { data: usize, parity: usize },
+    #[error("interleave_depth {0} is outside 1..=255")]
+    InterleaveDepth(usize),
+    #[error("heartbeat interval must be above zero")]
+    HeartbeatInterval,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PushError {
+    #[error("unknown topic id {0}")]
+    UnknownTopic(u32),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AddTopicError {
+    #[error("topic name {0:?} is empty, longer than 255 bytes or contains + or #")]
+    InvalidName(String),
+    #[error("topic {0:?} is already registered")]
+    Duplicate(String),
+}
+
+/// Handle for a registered topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TopicId(u32);
+
+impl TopicId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Cumulative counters of what the encoder produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncoderStats {
+    pub records_in: u64,
+    pub payload_bytes_in: u64,
+    pub records_dropped: u64,
+    pub source_errors: u64,
+    pub blocks_sealed: u64,
+    pub fragments: u64,
+    pub heartbeats: u64,
+    pub datagrams_out: u64,
+    /// UDP payload plus IP and UDP headers (wire-format.md §1).
+    pub wire_bytes_out: u64,
+}
+
+struct Topic {
+    name: String,
+    next_seq: u64,
+    dropped: u64,
+    /// Index of this topic's batch in the open block, if it has one.
+    open_batch: Option<usize>,
+}
+
+struct OpenBatch {
+    topic: TopicId,
+    first_seq: u64,
+    first_time_us: i64,
+    last_time_us: i64,
+    time_deltas_us: Vec<i64>,
+    payloads: Vec<Bytes>,
+    deltas_len: usize,
+    payloads_len: usize,
+}
+
+impl OpenBatch {
+    fn body_len(&self, topic_len: usize) -> usize {
+        frames::bytes_field_len(topic_len)
+            + frames::scalar_len(self.first_seq)
+            + frames::scalar_len(self.first_time_us as u64)
+            + frames::packed_len(self.deltas_len)
+            + self.payloads_len
+    }
+}
+
+struct Fragment {
+    topic: TopicId,
+    seq: u64,
+    time_us: i64,
+    total_len: usize,
+    offset: usize,
+    data: Bytes,
+}
+
+/// The block being filled (wire-format.md §4.3 gives the order of its frames).
+#[derive(Default)]
+struct OpenBlock {
+    leading: Option<Fragment>,
+    batches: Vec<OpenBatch>,
+    heartbeat: Option<proto::Heartbeat>,
+    trailing: Option<Fragment>,
+    content_len: usize,
+    deadline: Option<Instant>,
+}
+
+impl OpenBlock {
+    fn is_empty(&self) -> bool {
+        self.content_len == CONTENT_HEADER_LEN
+    }
+}
+
+struct SealedBlock {
+    /// `count` datagrams of `stride` bytes, ready to send.
+    datagrams: Bytes,
+    stride: usize,
+    count: usize,
+    deadline: Instant,
+}
+
+pub struct Encoder {
+    config: EncoderConfig,
+    max_shard_len: usize,
+    capacity: usize,
+    topics: Vec<Topic>,
+    open: OpenBlock,
+    waiting: VecDeque<SealedBlock>,
+    /// The group being sent and its transmission order: (block in group, shard index).
+    group: Vec<SealedBlock>,
+    schedule: Vec<(usize, usize)>,
+    schedule_cursor: usize,
+    queued_bytes: usize,
+    next_block: u64,
+    next_heartbeat: Instant,
+    catalogue_cursor: usize,
+    codecs: CodecCache,
+    scratch: Vec<u8>,
+    stats: EncoderStats,
+}
+
+impl Encoder {
+    /// The first heartbeat is due at once, so a receiver learns the session straight away.
+    pub fn new(config: EncoderConfig, now: Instant) -> Result<Self, EncoderConfigError> {
+        config.validate()?;
+        let max_shard_len = config.max_shard_len();
+        Ok(Encoder {
+            capacity: config.data_shards * max_shard_len,
+            max_shard_len,
+            config,
+            topics: Vec::new(),
+            open: OpenBlock {
+                content_len: CONTENT_HEADER_LEN,
+                ..OpenBlock::default()
+            },
+            waiting: VecDeque::new(),
+            group: Vec::new(),
+            schedule: Vec::new(),
+            schedule_cursor: 0,
+            queued_bytes: 0,
+            next_block: 0,
+            next_heartbeat: now,
+            catalogue_cursor: 0,
+            codecs: CodecCache::default(),
+            scratch: Vec::new(),
+            stats: EncoderStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &EncoderConfig {
+        &self.config
+    }
+
+    pub fn add_topic(&mut self, name: &str) -> Result<TopicId, AddTopicError> {
+        if !frames::is_valid_topic(name) {
+            return Err(AddTopicError::InvalidName(name.to_owned()));
+        }
+        if self.topics.iter().any(|t| t.name == name) {
+            return Err(AddTopicError::Duplicate(name.to_owned()));
+        }
+        self.topics.push(Topic {
+            name: name.to_owned(),
+            next_seq: 0,
+            dropped: 0,
+            open_batch: None,
+        });
+        Ok(TopicId(self.topics.len() as u32 - 1))
+    }
+
+    pub fn topic_name(&self, topic: TopicId) -> Option<&str> {
+        self.topics.get(topic.index()).map(|t| t.name.as_str())
+    }
+
+    pub fn stats(&self) -> &EncoderStats {
+        &self.stats
+    }
+
+    /// Bytes of sealed blocks not yet handed out, plus the open block: the caller stops pushing
+    /// above its memory budget.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes + self.open.content_len
+    }
+
+    /// Counts records the caller could not take in, announced per topic in heartbeats.
+    pub fn note_dropped(&mut self, topic: TopicId, count: u64) {
+        if let Some(t) = self.topics.get_mut(topic.index()) {
+            t.dropped += count;
+            self.stats.records_dropped += count;
+        }
+    }
+
+    pub fn note_source_errors(&mut self, count: u64) {
+        self.stats.source_errors += count;
+    }
+
+    /// Takes one record; returns the sequence number it got.
+    pub fn push(
+        &mut self,
+        now: Instant,
+        topic: TopicId,
+        time_us: i64,
+        payload: Bytes,
+    ) -> Result<u64, PushError> {
+        let t = self
+            .topics
+            .get_mut(topic.index())
+            .ok_or(PushError::UnknownTopic(topic.0))?;
+        let seq = t.next_seq;
+        t.next_seq += 1;
+        self.stats.records_in += 1;
+        self.stats.payload_bytes_in += payload.len() as u64;
+        self.place_record(now, topic, seq, time_us, payload);
+        Ok(seq)
+    }
+
+    fn place_record(
+        &mut self,
+        now: Instant,
+        topic: TopicId,
+        seq: u64,
+        time_us: i64,
+        payload: Bytes,
+    ) {
+        if self.try_add_to_batch(now, topic, seq, time_us, &payload) {
+            return;
+        }
+        // Small records are never cut: a record of up to one shard that does not fit closes the
+        // block (wasting less than a shard) and opens the next one.
+        let alone =
+            CONTENT_HEADER_LEN + self.new_batch_stream_len(topic, seq, time_us, payload.len());
+        if payload.len() <= self.max_shard_len && alone <= self.capacity && !self.open.is_empty() {
+            self.seal(now);
+            if self.try_add_to_batch(now, topic, seq, time_us, &payload) {
+                return;
+            }
+        }
+        self.place_fragments(now, topic, seq, time_us, payload);
+    }
+
+    fn new_batch_stream_len(&self, topic: TopicId, seq: u64, time_us: i64, len: usize) -> usize {
+        let batch = OpenBatch {
+            topic,
+            first_seq: seq,
+            first_time_us: time_us,
+            last_time_us: time_us,
+            time_deltas_us: Vec::new(),
+            payloads: Vec::new(),
+            deltas_len: 1,
+            payloads_len: frames::repeated_bytes_elem_len(len),
+        };
+        frames::frame_stream_len(batch.body_len(self.topics[topic.index()].name.len()))
+    }
+
+    /// Appends to the topic's batch in the open block if the block has room.
+    fn try_add_to_batch(
+        &mut self,
+        now: Instant,
+        topic: TopicId,
+        seq: u64,
+        time_us: i64,
+        payload: &Bytes,
+    ) -> bool {
+        let topic_len = self.topics[topic.index()].name.len();
+        let elem_len = frames::repeated_bytes_elem_len(payload.len());
+        match self.topics[topic.index()].open_batch {
+            Some(index) => {
+                let batch = &self.open.batches[index];
+                let delta = time_us.wrapping_sub(batch.last_time_us);
+                let old = frames::frame_stream_len(batch.body_len(topic_len));
+                let new_body = batch.body_len(topic_len) - frames::packed_len(batch.deltas_len)
+                    + frames::packed_len(batch.deltas_len + frames::zigzag_len(delta))
+                    + elem_len;
+                let grown = frames::frame_stream_len(new_body) - old;
+                if self.open.content_len + grown > self.capacity {
+                    return false;
+                }
+                let batch = &mut self.open.batches[index];
+                batch.deltas_len += frames::zigzag_len(delta);
+                batch.payloads_len += elem_len;
+                batch.time_deltas_us.push(delta);
+                batch.payloads.push(payload.clone());
+                batch.last_time_us = time_us;
+                self.open.content_len += grown;
+            }
+            None => {
+                let added = self.new_batch_stream_len(topic, seq, time_us, payload.len());
+                if self.open.content_len + added > self.capacity {
+                    return false;
+                }
+                self.topics[topic.index()].open_batch = Some(self.open.batches.len());
+                self.open.batches.push(OpenBatch {
+                    topic,
+                    first_seq: seq,
+                    first_time_us: time_us,
+                    last_time_us: time_us,
+                    time_deltas_us: vec![0],
+                    payloads: vec![payload.clone()],
+                    deltas_len: 1,
+                    payloads_len: elem_len,
+                });
+                self.open.content_len += added;
+            }
+        }
+        self.open
+            .deadline
+            .get_or_insert(now + self.config.flush_interval);
+        true
+    }
+
+    /// Cuts a record into `RecordFragment`s (wire-format.md §5.2): the first piece fills what is
+    /// left of the open block, the next ones fill fresh blocks, the last one opens a block that
+    /// stays open for what comes next.
+    fn place_fragments(
+        &mut self,
+        now: Instant,
+        topic: TopicId,
+        seq: u64,
+        time_us: i64,
+        payload: Bytes,
+    ) {
+        let topic_len = self.topics[topic.index()].name.len();
+        let total_len = payload.len();
+        let mut offset = 0;
+        loop {
+            let room = self.capacity - self.open.content_len;
+            let data_len = frames::max_fragment_data(
+                room,
+                topic_len,
+                seq,
+                time_us,
+                total_len,
+                offset,
+                total_len - offset,
+            );
+            let ends_record = offset + data_len == total_len;
+            if data_len == 0 && !(ends_record && self.open.is_empty()) {
+                // Not even one byte fits: start on a fresh block.
+                self.seal(now);
+                continue;
+            }
+            let body =
+                frames::fragment_body_len(topic_len, seq, time_us, total_len, offset, data_len);
+            let fragment = Fragment {
+                topic,
+                seq,
+                time_us,
+                total_len,
+                offset,
+                data: payload.slice(offset..offset + data_len),
+            };
+            self.open.content_len += frames::frame_stream_len(body);
+            self.open
+                .deadline
+                .get_or_insert(now + self.config.flush_interval);
+            self.stats.fragments += 1;
+            if offset == 0 {
+                // A first piece goes after every batch of its block (§4.3), so nothing may follow it.
+                self.open.trailing = Some(fragment);
+                self.seal(now);
+            } else {
+                // Later pieces always open a fresh block.
+                debug_assert!(self.open.leading.is_none() && self.open.batches.is_empty());
+                self.open.leading = Some(fragment);
+                if !ends_record {
+                    self.seal(now);
+                }
+            }
+            offset += data_len;
+            if ends_record {
+                return;
+            }
+        }
+    }
+
+    /// Seals the open block now, whatever its deadline (for a clean shutdown).
+    pub fn flush(&mut self, now: Instant) {
+        self.seal(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, unix_time_us: i64) {
+        if self.open.deadline.is_some_and(|d| d <= now) {
+            self.seal(now);
+        }
+        if self.next_heartbeat <= now {
+            self.add_heartbeat(now, unix_time_us);
+            self.next_heartbeat = now + self.config.heartbeat_interval;
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = Some(self.next_heartbeat);
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+        };
+        consider(self.open.deadline);
+        let sending = self.schedule_cursor < self.schedule.len();
+        if !sending && self.waiting.len() < self.config.interleave_depth {
+            consider(self.waiting.front().map(|b| b.deadline));
+        }
+        next
+    }
+
+    /// The next datagram to send, if any is ready (wire-format.md §3.3).
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        if self.schedule_cursor == self.schedule.len() && !self.start_group(now) {
+            return None;
+        }
+        let (block, shard) = self.schedule[self.schedule_cursor];
+        self.schedule_cursor += 1;
+        let block = &self.group[block];
+        let datagram = block
+            .datagrams
+            .slice(shard * block.stride..(shard + 1) * block.stride);
+        self.queued_bytes -= datagram.len();
+        self.stats.datagrams_out += 1;
+        self.stats.wire_bytes_out += (datagram.len() + IP_UDP_OVERHEAD) as u64;
+        Some(datagram)
+    }
+
+    /// Forms the next group and its spread-out transmission order (wire-format.md §3.3).
+    fn start_group(&mut self, now: Instant) -> bool {
+        let ready = self.waiting.len() >= self.config.interleave_depth
+            || self.waiting.front().is_some_and(|b| b.deadline <= now);
+        if !ready {
+            return false;
+        }
+        let take = self.waiting.len().min(self.config.interleave_depth);
+        self.group.clear();
+        self.group.extend(self.waiting.drain(..take));
+        self.schedule.clear();
+        self.schedule_cursor = 0;
+        for (b, block) in self.group.iter().enumerate() {
+            self.schedule.extend((0..block.count).map(|i| (b, i)));
+        }
+        // Position (2i + 1) / 2n compared exactly by cross-multiplication, ties by block.
+        let counts: Vec<u64> = self.group.iter().map(|b| b.count as u64).collect();
+        self.schedule.sort_by(|&(b1, i1), &(b2, i2)| {
+            let left = (2 * i1 as u64 + 1) * counts[b2];
+            let right = (2 * i2 as u64 + 1) * counts[b1];
+            left.cmp(&right).then(b1.cmp(&b2))
+        });
+        true
+    }
+
+    fn add_heartbeat(&mut self, now: Instant, unix_time_us: i64) {
+        let mut heartbeat = proto::Heartbeat {
+            sent_time_us: unix_time_us,
+            session_start_time_us: self.config.session_start_time_us,
+            heartbeat_interval_ms: self
+                .config
+                .heartbeat_interval
+                .as_millis()
+                .min(u32::MAX as u128) as u32,
+            topics: Vec::new(),
+            counters: Some(proto::SenderCounters {
+                records_in: self.stats.records_in,
+                records_dropped: self.stats.records_dropped,
+                blocks_sent: self.stats.blocks_sealed,
+                datagrams_sent: self.stats.datagrams_out,
+                link_bytes_sent: self.stats.wire_bytes_out,
+                source_errors: self.stats.source_errors,
+            }),
+            sender_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        // The catalogue goes in turns of at most 128 topics and at most half a block (§5.3).
+        let count = self.topics.len();
+        let start = if count == 0 {
+            0
+        } else {
+            self.catalogue_cursor % count
+        };
+        for i in 0..count.min(CATALOGUE_TURN_TOPICS) {
+            let topic = &self.topics[(start + i) % count];
+            let status = proto::TopicStatus {
+                name: topic.name.clone(),
+                next_seq: topic.next_seq,
+                records_dropped: topic.dropped,
+            };
+            if heartbeat.encoded_len() + status.encoded_len() + 4 > self.capacity / 2 {
+                break;
+            }
+            heartbeat.topics.push(status);
+        }
+        self.catalogue_cursor = start + heartbeat.topics.len();
+        let stream_len = frames::frame_stream_len(heartbeat.encoded_len());
+        if self.open.content_len + stream_len > self.capacity {
+            self.seal(now);
+        }
+        self.open.content_len += stream_len;
+        self.open.heartbeat = Some(heartbeat);
+        self.stats.heartbeats += 1;
+        // A heartbeat's block leaves at once: it is what tells the receiver the link is alive.
+        self.open.deadline = Some(now);
+        self.seal(now);
+    }
+
+    /// Serialises the open block, codes it and queues its datagrams (wire-format.md §3-§4).
+    fn seal(&mut self, now: Instant) {
+        if self.open.is_empty() {
+            return;
+        }
+        let open = std::mem::replace(
+            &mut self.open,
+            OpenBlock {
+                content_len: CONTENT_HEADER_LEN,
+                ..OpenBlock::default()
+            },
+        );
+        let content = &mut self.scratch;
+        content.clear();
+        content.extend_from_slice(&[0; CONTENT_HEADER_LEN]);
+        let fragment_frame = |f: Fragment, topics: &[Topic]| proto::Frame {
+            body: Some(proto::frame::Body::Fragment(proto::RecordFragment {
+                topic: topics[f.topic.index()].name.clone(),
+                seq: f.seq,
+                time_us: f.time_us,
+                total_len: f.total_len as u64,
+                offset: f.offset as u64,
+                data: f.data,
+            })),
+        };
+        let encode = |frame: proto::Frame, content: &mut Vec<u8>| {
+            frame
+                .encode_length_delimited(content)
+                .expect("Vec grows as needed");
+        };
+        if let Some(f) = open.leading {
+            encode(fragment_frame(f, &self.topics), content);
+        }
+        for batch in open.batches {
+            let topic = &mut self.topics[batch.topic.index()];
+            topic.open_batch = None;
+            encode(
+                proto::Frame {
+                    body: Some(proto::frame::Body::Records(proto::RecordBatch {
+                        topic: topic.name.clone(),
+                        first_seq: batch.first_seq,
+                        first_time_us: batch.first_time_us,
+                        time_deltas_us: batch.time_deltas_us,
+                        payloads: batch.payloads,
+                    })),
+                },
+                content,
+            );
+        }
+        if let Some(h) = open.heartbeat {
+            encode(
+                proto::Frame {
+                    body: Some(proto::frame::Body::Heartbeat(h)),
+                },
+                content,
+            );
+        }
+        if let Some(f) = open.trailing {
+            encode(fragment_frame(f, &self.topics), content);
+        }
+        debug_assert_eq!(content.len(), open.content_len, "size accounting drifted");
+        debug_assert!(content.len() <= self.capacity);
+        let frames_len = (content.len() - CONTENT_HEADER_LEN) as u32;
+        content[..CONTENT_HEADER_LEN].copy_from_slice(&frames_len.to_be_bytes());
+
+        let (k, m, shard_len) = fec::geometry_for(
+            content.len(),
+            self.max_shard_len,
+            self.config.data_shards,
+            self.config.parity_shards,
+        );
+        let stride = DATAGRAM_OVERHEAD + shard_len;
+        let mut datagrams = BytesMut::zeroed((k + m) * stride);
+        for (i, chunk) in content.chunks(shard_len).enumerate() {
+            let at = i * stride + HEADER_LEN;
+            datagrams[at..at + chunk.len()].copy_from_slice(chunk);
+        }
+        if m > 0 {
+            let codec = self.codecs.get(k, m);
+            fec::encode_strided(&codec, &mut datagrams, k, stride, HEADER_LEN, shard_len);
+        }
+        let geometry = BlockGeometry {
+            data_shards: k as u8,
+            parity_shards: m as u8,
+            interleave_depth: self.config.interleave_depth as u8,
+            shard_len: shard_len as u16,
+        };
+        for (index, slot) in datagrams.chunks_mut(stride).enumerate() {
+            Header {
+                session_id: self.config.session_id,
+                block: self.next_block,
+                shard_index: index as u8,
+                geometry,
+            }
+            .write(slot);
+            datagram::seal(slot);
+        }
+        self.next_block += 1;
+        self.stats.blocks_sealed += 1;
+        self.queued_bytes += datagrams.len();
+        self.waiting.push_back(SealedBlock {
+            datagrams: datagrams.freeze(),
+            stride,
+            count: k + m,
+            deadline: open.deadline.unwrap_or(now),
+        });
+    }
+}

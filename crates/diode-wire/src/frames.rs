@@ -1,0 +1,153 @@
+//! Frames (wire-format.md §5) and the exact sizes the encoder needs to fill blocks without
+//! serialising twice.
+
+use prost::encoding::encoded_len_varint as varint_len;
+
+/// Types generated from `proto/diode.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/diode.v1.rs"));
+}
+
+/// Topic names: 1 to 255 bytes of UTF-8 without MQTT wildcards (wire-format.md §1).
+pub const MAX_TOPIC_LEN: usize = 255;
+
+pub fn is_valid_topic(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_TOPIC_LEN && !name.contains(['+', '#'])
+}
+
+/// A proto3 scalar field: omitted when zero.
+pub(crate) fn scalar_len(value: u64) -> usize {
+    if value == 0 {
+        0
+    } else {
+        1 + varint_len(value)
+    }
+}
+
+/// A proto3 string or bytes field: omitted when empty.
+pub(crate) fn bytes_field_len(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        1 + varint_len(len as u64) + len
+    }
+}
+
+/// One element of a repeated bytes field: always present, even when empty.
+pub(crate) fn repeated_bytes_elem_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// A packed repeated scalar field whose elements take `packed_len` bytes.
+pub(crate) fn packed_len(packed_len: usize) -> usize {
+    if packed_len == 0 {
+        0
+    } else {
+        1 + varint_len(packed_len as u64) + packed_len
+    }
+}
+
+pub(crate) fn zigzag_len(value: i64) -> usize {
+    varint_len(((value << 1) ^ (value >> 63)) as u64)
+}
+
+/// Bytes a frame whose oneof body message is `body_len` bytes takes in block content: the length
+/// prefix, the oneof tag and length, the body (wire-format.md §4.1).
+pub(crate) fn frame_stream_len(body_len: usize) -> usize {
+    let frame_len = 1 + varint_len(body_len as u64) + body_len;
+    varint_len(frame_len as u64) + frame_len
+}
+
+/// Size of a `RecordFragment` body.
+pub(crate) fn fragment_body_len(
+    topic_len: usize,
+    seq: u64,
+    time_us: i64,
+    total_len: usize,
+    offset: usize,
+    data_len: usize,
+) -> usize {
+    bytes_field_len(topic_len)
+        + scalar_len(seq)
+        + scalar_len(time_us as u64)
+        + scalar_len(total_len as u64)
+        + scalar_len(offset as u64)
+        + bytes_field_len(data_len)
+}
+
+/// The largest fragment payload whose frame fits in `room` bytes, if any.
+pub(crate) fn max_fragment_data(
+    room: usize,
+    topic_len: usize,
+    seq: u64,
+    time_us: i64,
+    total_len: usize,
+    offset: usize,
+    remaining: usize,
+) -> usize {
+    let fixed = fragment_body_len(topic_len, seq, time_us, total_len, offset, 0);
+    // Upper bound of the framing around the data: tag, two lengths prefixes and the oneof tag.
+    let mut data = room.saturating_sub(fixed + 1 + 3 * 5).min(remaining);
+    while data > 0 {
+        let body = fragment_body_len(topic_len, seq, time_us, total_len, offset, data);
+        if frame_stream_len(body) <= room {
+            // Grow back what the conservative bound took, one byte at a time (at most ~15).
+            while data < remaining {
+                let body = fragment_body_len(topic_len, seq, time_us, total_len, offset, data + 1);
+                if frame_stream_len(body) > room {
+                    break;
+                }
+                data += 1;
+            }
+            return data;
+        }
+        data -= 1;
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::*;
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn fragment_sizes_match_prost() {
+        for (seq, time, total, offset, len) in [
+            (0u64, 0i64, 10usize, 0usize, 10usize),
+            (1 << 40, -5, 1 << 20, 70_000, 1400),
+            (300, 1_700_000_000_000_000, 5, 0, 0),
+        ] {
+            let frame = Frame {
+                body: Some(frame::Body::Fragment(RecordFragment {
+                    topic: "line3/plc7".into(),
+                    seq,
+                    time_us: time,
+                    total_len: total as u64,
+                    offset: offset as u64,
+                    data: vec![1u8; len].into(),
+                })),
+            };
+            let body = fragment_body_len(10, seq, time, total, offset, len);
+            assert_eq!(
+                frame_stream_len(body),
+                frame.encode_length_delimited_to_vec().len()
+            );
+        }
+    }
+
+    #[test]
+    fn max_fragment_fills_exactly() {
+        for room in 20..3000 {
+            let data = max_fragment_data(room, 12, 99, 1, 1 << 20, 5000, usize::MAX);
+            if data > 0 {
+                let used = frame_stream_len(fragment_body_len(12, 99, 1, 1 << 20, 5000, data));
+                assert!(used <= room);
+                let more = frame_stream_len(fragment_body_len(12, 99, 1, 1 << 20, 5000, data + 1));
+                assert!(more > room, "room {room}: {data} could grow");
+            }
+        }
+    }
+}

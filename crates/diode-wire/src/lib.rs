@@ -1,0 +1,24 @@
+//! The diode link protocol, shared by `diode-send` and `diode-recv`, as deterministic state
+//! machines with no sockets and no clock (the quinn-proto model): time is passed in, datagrams are
+//! bytes in and out. The format is specified in `docs/wire-format.md`.
+//!
+//! - [`Encoder`]: records in (`push`), datagrams out (`poll_transmit`), timers via
+//!   `poll_timeout` / `handle_timeout`.
+//! - [`Reassembler`]: datagrams in (`handle_datagram`), records, gaps and link events out
+//!   (`poll_event`), timers via `poll_timeout` / `handle_timeout`.
+//! - [`Pacer`]: the rate ceiling the sender's I/O loop keeps to.
+//! - [`sim`]: an impaired in-memory link for tests.
+
+pub mod datagram;
+pub mod encoder;
+pub mod fec;
+pub mod frames;
+pub mod pacer;
+pub mod reassembler;
+pub mod sim;
+
+pub use datagram::Rejected;
+pub use encoder::{Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, TopicId};
+pub use frames::{is_valid_topic, proto};
+pub use pacer::Pacer;
+pub use reassembler::{Event, Gap, Reassembler, ReassemblerConfig, ReassemblerStats, Record};

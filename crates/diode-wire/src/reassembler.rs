@@ -1,0 +1,736 @@
+//! The receiver's state machine: datagrams in, ordered records, gaps and link events out.
+//!
+//! ```text
+//! handle_datagram() ─► §2 checks ─► session (§6.1) ─► pending blocks (§6.2) ─► rebuild (§3.2)
+//!                                                                           └─► in block order: frames (§4, §5)
+//!                                                                                 └─► per-topic order and gaps (§6.4) ─► poll_event()
+//! ```
+//!
+//! Every input may be hostile: nothing here panics on it, and memory is bounded by
+//! [`ReassemblerConfig`] whatever arrives.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use prost::Message;
+
+use crate::datagram::{self, BlockGeometry, Header, Rejected};
+use crate::fec::{self, CodecCache};
+use crate::frames::{self, proto};
+
+/// Retired session ids remembered to reject their late datagrams (§6.1).
+const RETIRED_SESSIONS: usize = 16;
+/// A new session whose first block seen is below this starts at block 0 (§6.1).
+const JOIN_FROM_START_BLOCKS: u64 = 16;
+/// Shards this far behind the delivery point are unneeded rather than stale (§6.2).
+const UNNEEDED_WINDOW_BLOCKS: u64 = 1024;
+/// Reordering slack on top of the interleave depth (§6.3).
+const REORDER_SLACK_BLOCKS: u64 = 2;
+/// Heartbeat intervals of silence before the link is called down (§6.5).
+const LINK_DOWN_HEARTBEATS: u32 = 4;
+
+#[derive(Debug, Clone)]
+pub struct ReassemblerConfig {
+    pub max_inflight_bytes: usize,
+    pub block_timeout: Duration,
+    pub max_record_bytes: usize,
+    pub max_topics: usize,
+    /// Silence that means link down before a heartbeat has announced the sender's interval.
+    pub initial_link_timeout: Duration,
+}
+
+impl Default for ReassemblerConfig {
+    fn default() -> Self {
+        ReassemblerConfig {
+            max_inflight_bytes: 32 << 20,
+            block_timeout: Duration::from_millis(200),
+            max_record_bytes: 16 << 20,
+            max_topics: 4096,
+            initial_link_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: Arc<str>,
+    pub seq: u64,
+    /// Microseconds since the Unix epoch, when the sender took the record in.
+    pub time_us: i64,
+    pub payload: Bytes,
+}
+
+/// Records `first_seq..=last_seq` of `topic` are lost for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub topic: Arc<str>,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+impl Gap {
+    pub fn len(&self) -> u64 {
+        (self.last_seq - self.first_seq).saturating_add(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Record(Record),
+    Gap(Gap),
+    /// Blocks `first..=last` of the session could not be rebuilt.
+    BlocksLost {
+        session_id: u64,
+        first: u64,
+        last: u64,
+    },
+    SessionStarted {
+        session_id: u64,
+        previous: Option<u64>,
+        mid_stream: bool,
+    },
+    Heartbeat(Box<proto::Heartbeat>),
+    LinkUp,
+    LinkDown,
+}
+
+/// Cumulative counters; the receiver exports them as metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReassemblerStats {
+    pub datagrams_accepted: u64,
+    pub datagrams_unneeded: u64,
+    pub rejected: [u64; Rejected::ALL.len()],
+    pub blocks_complete: u64,
+    /// Blocks that needed parity to rebuild.
+    pub blocks_recovered: u64,
+    pub blocks_lost: u64,
+    pub malformed_blocks: u64,
+    pub malformed_frames: u64,
+    pub records_out: u64,
+    pub records_lost: u64,
+    pub duplicate_records: u64,
+    pub records_over_topic_cap: u64,
+    pub oversize_records: u64,
+    pub heartbeats: u64,
+    pub sessions: u64,
+}
+
+impl ReassemblerStats {
+    pub fn rejected(&self, reason: Rejected) -> u64 {
+        self.rejected[reason as usize]
+    }
+}
+
+enum BlockState {
+    Receiving {
+        geometry: BlockGeometry,
+        data: Vec<u8>,
+        parity: Vec<u8>,
+        present: Vec<bool>,
+        received: usize,
+        data_received: usize,
+    },
+    Complete(Bytes),
+}
+
+struct PendingBlock {
+    state: BlockState,
+    /// Bytes counted against `max_inflight_bytes`.
+    charged: usize,
+}
+
+struct PartialRecord {
+    topic: String,
+    seq: u64,
+    time_us: i64,
+    total_len: usize,
+    data: Vec<u8>,
+}
+
+struct Session {
+    id: u64,
+    next_deliver: u64,
+    pending: BTreeMap<u64, PendingBlock>,
+    inflight_bytes: usize,
+    max_depth: u64,
+    /// Since when the block at `next_deliver` has seen no progress (§6.3).
+    head_since: Instant,
+    /// Per topic the next expected sequence number; `None` until known when joined mid-stream.
+    topics: HashMap<Arc<str>, Option<u64>>,
+    mid_stream: bool,
+    partial: Option<PartialRecord>,
+}
+
+pub struct Reassembler {
+    config: ReassemblerConfig,
+    session: Option<Session>,
+    retired: VecDeque<u64>,
+    codecs: CodecCache,
+    events: VecDeque<Event>,
+    stats: ReassemblerStats,
+    last_valid: Option<Instant>,
+    link_up: bool,
+    link_timeout: Duration,
+}
+
+impl Reassembler {
+    pub fn new(config: ReassemblerConfig) -> Self {
+        Reassembler {
+            link_timeout: config.initial_link_timeout,
+            config,
+            session: None,
+            retired: VecDeque::new(),
+            codecs: CodecCache::default(),
+            events: VecDeque::new(),
+            stats: ReassemblerStats::default(),
+            last_valid: None,
+            link_up: false,
+        }
+    }
+
+    pub fn stats(&self) -> &ReassemblerStats {
+        &self.stats
+    }
+
+    pub fn session_id(&self) -> Option<u64> {
+        self.session.as_ref().map(|s| s.id)
+    }
+
+    pub fn link_up(&self) -> bool {
+        self.link_up
+    }
+
+    /// Bytes held for blocks not yet delivered.
+    pub fn inflight_bytes(&self) -> usize {
+        self.session.as_ref().map_or(0, |s| s.inflight_bytes)
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let head = self
+            .session
+            .as_ref()
+            .filter(|s| !s.pending.is_empty())
+            .map(|s| s.head_since + self.config.block_timeout);
+        let link = self
+            .last_valid
+            .filter(|_| self.link_up)
+            .map(|t| t + self.link_timeout);
+        match (head, link) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.link_up
+            && self
+                .last_valid
+                .is_some_and(|t| now >= t + self.link_timeout)
+        {
+            self.link_up = false;
+            self.events.push_back(Event::LinkDown);
+        }
+        let timed_out = self
+            .session
+            .as_ref()
+            .filter(|s| !s.pending.is_empty())
+            .is_some_and(|s| now >= s.head_since + self.config.block_timeout);
+        if timed_out {
+            let next = self.session.as_ref().map_or(0, |s| s.next_deliver);
+            self.advance_to(now, next.saturating_add(1));
+        }
+    }
+
+    /// Takes one datagram from the link. `Err` says why it was dropped; it is also counted.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Result<(), Rejected> {
+        let result = self.accept(now, datagram);
+        match result {
+            Ok(()) => self.stats.datagrams_accepted += 1,
+            Err(reason) => self.stats.rejected[reason as usize] += 1,
+        }
+        result
+    }
+
+    fn accept(&mut self, now: Instant, datagram: &[u8]) -> Result<(), Rejected> {
+        let (header, shard) = datagram::parse(datagram)?;
+        self.enter_session(now, &header)?;
+        self.last_valid = Some(now);
+        if !self.link_up {
+            self.link_up = true;
+            self.events.push_back(Event::LinkUp);
+        }
+        let session = self.session.as_mut().expect("entered above");
+        let block = header.block;
+        if block < session.next_deliver {
+            return if session.next_deliver - block <= UNNEEDED_WINDOW_BLOCKS {
+                self.stats.datagrams_unneeded += 1;
+                Ok(())
+            } else {
+                Err(Rejected::Stale)
+            };
+        }
+        // §6.3: a datagram this far ahead proves that earlier blocks were sent in full.
+        session.max_depth = session
+            .max_depth
+            .max(header.geometry.interleave_depth as u64);
+        let horizon = session.max_depth + REORDER_SLACK_BLOCKS;
+        if block >= session.next_deliver.saturating_add(horizon) {
+            self.advance_to(now, block - horizon + 1);
+        }
+        self.store_shard(now, &header, shard)
+    }
+
+    /// §6.1: follows sender restarts and rejects retired sessions.
+    fn enter_session(&mut self, now: Instant, header: &Header) -> Result<(), Rejected> {
+        let previous = match &self.session {
+            Some(s) if s.id == header.session_id => return Ok(()),
+            _ if self.retired.contains(&header.session_id) => return Err(Rejected::Stale),
+            Some(s) => Some(s.id),
+            None => None,
+        };
+        if let Some(old) = previous {
+            // Deliver what the old session completed, count the rest as lost.
+            let end = self
+                .session
+                .as_ref()
+                .and_then(|s| s.pending.last_key_value().map(|(b, _)| b.saturating_add(1)));
+            if let Some(end) = end {
+                self.advance_to(now, end);
+            }
+            if self.retired.len() == RETIRED_SESSIONS {
+                self.retired.pop_front();
+            }
+            self.retired.push_back(old);
+        }
+        let mid_stream = header.block >= JOIN_FROM_START_BLOCKS;
+        self.session = Some(Session {
+            id: header.session_id,
+            next_deliver: if mid_stream { header.block } else { 0 },
+            pending: BTreeMap::new(),
+            inflight_bytes: 0,
+            max_depth: header.geometry.interleave_depth as u64,
+            head_since: now,
+            topics: HashMap::new(),
+            mid_stream,
+            partial: None,
+        });
+        self.stats.sessions += 1;
+        self.events.push_back(Event::SessionStarted {
+            session_id: header.session_id,
+            previous,
+            mid_stream,
+        });
+        Ok(())
+    }
+
+    fn store_shard(&mut self, now: Instant, header: &Header, shard: &[u8]) -> Result<(), Rejected> {
+        let geometry = header.geometry;
+        let block = header.block;
+        let (k, m, len) = (
+            geometry.data_shards as usize,
+            geometry.parity_shards as usize,
+            geometry.shard_len as usize,
+        );
+        let session = self.session.as_mut().expect("entered");
+        if !session.pending.contains_key(&block) {
+            let charge = (k + m) * len;
+            if charge > self.config.max_inflight_bytes {
+                return Err(Rejected::Overload);
+            }
+            // Make room by giving up the oldest pending blocks, but never for a block older than them.
+            loop {
+                let session = self.session.as_ref().expect("entered");
+                if session.inflight_bytes + charge <= self.config.max_inflight_bytes {
+                    break;
+                }
+                let oldest = *session
+                    .pending
+                    .keys()
+                    .next()
+                    .expect("bytes are charged to blocks");
+                if oldest > block {
+                    return Err(Rejected::Overload);
+                }
+                self.advance_to(now, oldest.saturating_add(1));
+            }
+            let session = self.session.as_mut().expect("entered");
+            if block < session.next_deliver {
+                // Making room moved delivery past this block.
+                return Err(Rejected::Overload);
+            }
+            session.inflight_bytes += charge;
+            session.pending.insert(
+                block,
+                PendingBlock {
+                    state: BlockState::Receiving {
+                        geometry,
+                        data: vec![0; k * len],
+                        parity: vec![0; m * len],
+                        present: vec![false; k + m],
+                        received: 0,
+                        data_received: 0,
+                    },
+                    charged: charge,
+                },
+            );
+        }
+        let session = self.session.as_mut().expect("entered");
+        if block == session.next_deliver {
+            session.head_since = now;
+        }
+        let pending = session.pending.get_mut(&block).expect("inserted above");
+        let BlockState::Receiving {
+            geometry: expected,
+            data,
+            parity,
+            present,
+            received,
+            data_received,
+        } = &mut pending.state
+        else {
+            self.stats.datagrams_unneeded += 1;
+            return Ok(());
+        };
+        if *expected != geometry {
+            return Err(Rejected::Inconsistent);
+        }
+        let index = header.shard_index as usize;
+        if present[index] {
+            return Err(Rejected::Duplicate);
+        }
+        present[index] = true;
+        *received += 1;
+        if index < k {
+            data[index * len..(index + 1) * len].copy_from_slice(shard);
+            *data_received += 1;
+        } else {
+            parity[(index - k) * len..(index - k + 1) * len].copy_from_slice(shard);
+        }
+        if *received < k {
+            return Ok(());
+        }
+        // §3.2: k shards rebuild the block; all data shards need no decoding at all.
+        if *data_received < k {
+            let codec = self.codecs.get(k, m);
+            if fec::reconstruct(&codec, data, parity, len, present).is_err() {
+                // Cannot happen with k shards present; treat as a broken block rather than panic.
+                self.stats.malformed_blocks += 1;
+            }
+            self.stats.blocks_recovered += 1;
+        }
+        self.stats.blocks_complete += 1;
+        let content = Bytes::from(std::mem::take(data));
+        let released = m * len;
+        pending.state = BlockState::Complete(content);
+        pending.charged -= released;
+        session.inflight_bytes -= released;
+        if block == session.next_deliver {
+            self.drain_ready(now);
+        }
+        Ok(())
+    }
+
+    /// Delivers or gives up every block below `target`, then drains what is ready (§6.3).
+    fn advance_to(&mut self, now: Instant, target: u64) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let mut lost: Option<(u64, u64)> = None;
+        let mut complete = Vec::new();
+        while session.next_deliver < target {
+            let next = session.next_deliver;
+            match session.pending.first_key_value().map(|(b, _)| *b) {
+                Some(b) if b == next => {
+                    let pending = session.pending.remove(&b).expect("present");
+                    session.inflight_bytes -= pending.charged;
+                    match pending.state {
+                        BlockState::Complete(content) => complete.push(Some(content)),
+                        BlockState::Receiving { .. } => {
+                            lost = Some((lost.map_or(b, |l| l.0), b));
+                            complete.push(None);
+                        }
+                    }
+                    session.next_deliver = next.saturating_add(1);
+                    if next == u64::MAX {
+                        break;
+                    }
+                }
+                Some(b) if b < target => {
+                    lost = Some((lost.map_or(next, |l| l.0), b - 1));
+                    complete.push(None);
+                    session.next_deliver = b;
+                }
+                _ => {
+                    lost = Some((lost.map_or(next, |l| l.0), target - 1));
+                    complete.push(None);
+                    session.next_deliver = target;
+                }
+            }
+        }
+        session.head_since = now;
+        let session_id = session.id;
+        // Blocks are processed in order; a lost one breaks any record being pieced together.
+        for content in complete {
+            match content {
+                Some(content) => self.process_block(content),
+                None => {
+                    if let Some(s) = self.session.as_mut() {
+                        s.partial = None;
+                    }
+                }
+            }
+        }
+        if let Some((first, last)) = lost {
+            self.stats.blocks_lost = self
+                .stats
+                .blocks_lost
+                .saturating_add((last - first).saturating_add(1));
+            self.events.push_back(Event::BlocksLost {
+                session_id,
+                first,
+                last,
+            });
+        }
+        self.drain_ready(now);
+    }
+
+    /// Delivers complete blocks at the head, in order.
+    fn drain_ready(&mut self, now: Instant) {
+        loop {
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
+            let next = session.next_deliver;
+            let ready = matches!(
+                session.pending.get(&next),
+                Some(PendingBlock {
+                    state: BlockState::Complete(_),
+                    ..
+                })
+            );
+            if !ready {
+                return;
+            }
+            let pending = session.pending.remove(&next).expect("checked");
+            session.inflight_bytes -= pending.charged;
+            session.next_deliver = next.saturating_add(1);
+            session.head_since = now;
+            if let BlockState::Complete(content) = pending.state {
+                self.process_block(content);
+            }
+        }
+    }
+
+    /// Reads the frames of a rebuilt block (wire-format.md §4.1).
+    fn process_block(&mut self, content: Bytes) {
+        if content.len() < 4 {
+            self.stats.malformed_blocks += 1;
+            return;
+        }
+        let frames_len = u32::from_be_bytes(content[..4].try_into().expect("4 bytes")) as usize;
+        if frames_len > content.len() - 4 {
+            self.stats.malformed_blocks += 1;
+            return;
+        }
+        let block_len = content.len();
+        let mut frames = content.slice(4..4 + frames_len);
+        while frames.has_remaining() {
+            let frame = match proto::Frame::decode_length_delimited(&mut frames) {
+                Ok(frame) => frame,
+                Err(_) => {
+                    // Lengths can no longer be trusted: the rest of the block is unreadable.
+                    self.stats.malformed_frames += 1;
+                    return;
+                }
+            };
+            match frame.body {
+                Some(proto::frame::Body::Records(batch)) => self.handle_batch(batch, block_len),
+                Some(proto::frame::Body::Fragment(fragment)) => self.handle_fragment(fragment),
+                Some(proto::frame::Body::Heartbeat(heartbeat)) => self.handle_heartbeat(heartbeat),
+                None => self.stats.malformed_frames += 1,
+            }
+        }
+    }
+
+    /// §5.1
+    fn handle_batch(&mut self, batch: proto::RecordBatch, block_len: usize) {
+        let count = batch.payloads.len() as u64;
+        if !frames::is_valid_topic(&batch.topic)
+            || batch.payloads.is_empty()
+            || batch.payloads.len() != batch.time_deltas_us.len()
+            || batch.first_seq.checked_add(count).is_none()
+        {
+            self.stats.malformed_frames += 1;
+            return;
+        }
+        let Some(topic) = self.topic(&batch.topic) else {
+            self.stats.records_over_topic_cap += count;
+            return;
+        };
+        let mut time_us = batch.first_time_us;
+        for (i, (delta, payload)) in batch.time_deltas_us.iter().zip(batch.payloads).enumerate() {
+            time_us = time_us.wrapping_add(*delta);
+            // A small record must not pin its whole block in memory while sinks hold it.
+            let payload = if payload.len() * 4 < block_len {
+                Bytes::copy_from_slice(&payload)
+            } else {
+                payload
+            };
+            self.deliver(
+                &topic,
+                Record {
+                    topic: topic.clone(),
+                    seq: batch.first_seq + i as u64,
+                    time_us,
+                    payload,
+                },
+            );
+        }
+    }
+
+    /// §5.2
+    fn handle_fragment(&mut self, fragment: proto::RecordFragment) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let total = fragment.total_len;
+        let offset = fragment.offset;
+        let end = offset.checked_add(fragment.data.len() as u64);
+        if !frames::is_valid_topic(&fragment.topic) || end.is_none_or(|end| end > total) {
+            self.stats.malformed_frames += 1;
+            session.partial = None;
+            return;
+        }
+        if total > self.config.max_record_bytes as u64 {
+            if offset == 0 {
+                self.stats.oversize_records += 1;
+            }
+            session.partial = None;
+            return;
+        }
+        if offset == 0 {
+            session.partial = Some(PartialRecord {
+                topic: fragment.topic.clone(),
+                seq: fragment.seq,
+                time_us: fragment.time_us,
+                total_len: total as usize,
+                data: Vec::with_capacity(fragment.data.len()),
+            });
+        }
+        let continues = session.partial.as_ref().is_some_and(|p| {
+            p.topic == fragment.topic
+                && p.seq == fragment.seq
+                && p.total_len as u64 == total
+                && p.data.len() as u64 == offset
+        });
+        if !continues {
+            // Its beginning was lost: the gap in sequence numbers reports it.
+            session.partial = None;
+            return;
+        }
+        let partial = session.partial.as_mut().expect("checked");
+        partial.data.extend_from_slice(&fragment.data);
+        if partial.data.len() < partial.total_len {
+            return;
+        }
+        let done = session.partial.take().expect("checked");
+        let Some(topic) = self.topic(&done.topic) else {
+            self.stats.records_over_topic_cap += 1;
+            return;
+        };
+        self.deliver(
+            &topic,
+            Record {
+                topic: topic.clone(),
+                seq: done.seq,
+                time_us: done.time_us,
+                payload: Bytes::from(done.data),
+            },
+        );
+    }
+
+    /// §5.3: liveness, the sender's interval and the tail-loss check.
+    fn handle_heartbeat(&mut self, heartbeat: proto::Heartbeat) {
+        self.stats.heartbeats += 1;
+        if heartbeat.heartbeat_interval_ms > 0 {
+            self.link_timeout = Duration::from_millis(heartbeat.heartbeat_interval_ms as u64)
+                * LINK_DOWN_HEARTBEATS;
+        }
+        for status in &heartbeat.topics {
+            if !frames::is_valid_topic(&status.name) {
+                self.stats.malformed_frames += 1;
+                continue;
+            }
+            let Some(topic) = self.topic(&status.name) else {
+                continue;
+            };
+            let session = self.session.as_mut().expect("blocks belong to a session");
+            let expected = session.topics.get_mut(&topic).expect("just looked up");
+            match *expected {
+                Some(e) if status.next_seq > e => {
+                    *expected = Some(status.next_seq);
+                    self.report_gap(&topic, e, status.next_seq - 1);
+                }
+                Some(_) => {}
+                // Joined mid-stream: what came before is not ours to call lost (§6.1).
+                None => *expected = Some(status.next_seq),
+            }
+        }
+        self.events.push_back(Event::Heartbeat(Box::new(heartbeat)));
+    }
+
+    /// The interned name of a topic, registering it within the cap.
+    fn topic(&mut self, name: &str) -> Option<Arc<str>> {
+        let session = self.session.as_mut()?;
+        if let Some((key, _)) = session.topics.get_key_value(name) {
+            return Some(key.clone());
+        }
+        if session.topics.len() >= self.config.max_topics {
+            return None;
+        }
+        let key: Arc<str> = Arc::from(name);
+        // From the session's start every record is accounted for, from sequence number 0 (§6.1).
+        let expected = if session.mid_stream { None } else { Some(0) };
+        session.topics.insert(key.clone(), expected);
+        Some(key)
+    }
+
+    /// §6.4
+    fn deliver(&mut self, topic: &Arc<str>, record: Record) {
+        let session = self.session.as_mut().expect("records belong to a session");
+        let expected = session.topics.get_mut(topic).expect("registered by caller");
+        match *expected {
+            Some(e) if record.seq < e => {
+                self.stats.duplicate_records += 1;
+                return;
+            }
+            Some(e) if record.seq > e => {
+                *expected = Some(record.seq.saturating_add(1));
+                self.report_gap(topic, e, record.seq - 1);
+            }
+            _ => *expected = Some(record.seq.saturating_add(1)),
+        }
+        self.stats.records_out += 1;
+        self.events.push_back(Event::Record(record));
+    }
+
+    fn report_gap(&mut self, topic: &Arc<str>, first_seq: u64, last_seq: u64) {
+        let gap = Gap {
+            topic: topic.clone(),
+            first_seq,
+            last_seq,
+        };
+        self.stats.records_lost = self.stats.records_lost.saturating_add(gap.len());
+        self.events.push_back(Event::Gap(gap));
+    }
+}

@@ -1,0 +1,585 @@
+//! Encoder and reassembler joined by an impaired in-memory link on a virtual clock.
+//!
+//! The guarantees checked, whatever the impairment:
+//! - every record delivered is exactly the one sent under that topic and sequence number;
+//! - per topic, records come out in order and at most once;
+//! - every record sent is either delivered or inside a reported gap, never both;
+//! - a block that lost at most its parity count of datagrams is always rebuilt;
+//! - no input makes the reassembler panic, and its memory stays under its cap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use diode_wire::datagram;
+use diode_wire::sim::{Impairments, SimLink, SimRng};
+use diode_wire::{Encoder, EncoderConfig, Event, Reassembler, ReassemblerConfig, TopicId};
+use proptest::prelude::*;
+
+/// Decides per datagram whether the link carries it.
+type DropFilter = Box<dyn FnMut(&[u8]) -> bool>;
+
+const TOPICS: [&str; 3] = ["line3/telemetry", "historian/events", "plant/big"];
+
+fn encoder_config(session_id: u64) -> EncoderConfig {
+    EncoderConfig {
+        session_id,
+        mtu_bytes: 1500,
+        data_shards: 32,
+        parity_shards: 8,
+        interleave_depth: 4,
+        flush_interval: Duration::from_millis(5),
+        heartbeat_interval: Duration::from_millis(500),
+        session_start_time_us: 1_700_000_000_000_000,
+    }
+}
+
+struct Harness {
+    encoder: Encoder,
+    topics: Vec<TopicId>,
+    receiver: Reassembler,
+    link: SimLink,
+    now: Instant,
+    /// (session, topic) -> seq -> payload
+    sent: HashMap<(u64, String), BTreeMap<u64, Bytes>>,
+    delivered: HashMap<(u64, String), Vec<u64>>,
+    gaps: HashMap<(u64, String), Vec<(u64, u64)>>,
+    events: Vec<Event>,
+    session: u64,
+    receiver_session: Option<u64>,
+    /// Optional filter deciding per datagram whether the link carries it.
+    drop_filter: Option<DropFilter>,
+}
+
+impl Harness {
+    fn new(impairments: Impairments, seed: u64) -> Self {
+        let now = Instant::now();
+        let session = 0x5E55_0000 + seed + 1;
+        let mut encoder = Encoder::new(encoder_config(session), now).unwrap();
+        let topics = TOPICS
+            .iter()
+            .map(|t| encoder.add_topic(t).unwrap())
+            .collect();
+        Harness {
+            encoder,
+            topics,
+            receiver: Reassembler::new(ReassemblerConfig::default()),
+            link: SimLink::new(impairments, seed),
+            now,
+            sent: HashMap::new(),
+            delivered: HashMap::new(),
+            gaps: HashMap::new(),
+            events: Vec::new(),
+            session,
+            receiver_session: None,
+            drop_filter: None,
+        }
+    }
+
+    fn wall_us(&self) -> i64 {
+        1_700_000_000_000_000
+    }
+
+    fn push(&mut self, topic: usize, payload: Bytes) {
+        let seq = self
+            .encoder
+            .push(
+                self.now,
+                self.topics[topic],
+                self.wall_us(),
+                payload.clone(),
+            )
+            .unwrap();
+        self.sent
+            .entry((self.session, TOPICS[topic].to_owned()))
+            .or_default()
+            .insert(seq, payload);
+    }
+
+    /// Advances the virtual clock, moving everything the encoder has through the link.
+    fn step(&mut self, dt: Duration) {
+        self.now += dt;
+        self.encoder.handle_timeout(self.now, self.wall_us());
+        while let Some(d) = self.encoder.poll_transmit(self.now) {
+            if let Some(filter) = self.drop_filter.as_mut() {
+                if !filter(&d) {
+                    continue;
+                }
+            }
+            for out in self.link.transmit(&d) {
+                let _ = self.receiver.handle_datagram(self.now, &out);
+                self.collect();
+            }
+        }
+        // Reordering is bounded in time: what the link held back comes out by the end of the step.
+        for out in self.link.drain() {
+            let _ = self.receiver.handle_datagram(self.now, &out);
+        }
+        self.receiver.handle_timeout(self.now);
+        self.collect();
+        assert!(self.receiver.inflight_bytes() <= ReassemblerConfig::default().max_inflight_bytes);
+    }
+
+    /// Runs until two heartbeats sent after the last record have arrived (they report tail
+    /// losses) and every timeout has fired; a heavily impaired link may need many tries.
+    fn settle(&mut self) {
+        let start = self.receiver.stats().heartbeats;
+        for step in 0..24_000 {
+            self.step(Duration::from_millis(5));
+            if step >= 300 && self.receiver.stats().heartbeats >= start + 2 {
+                return;
+            }
+        }
+        panic!("no heartbeat got through in two virtual minutes");
+    }
+
+    fn collect(&mut self) {
+        while let Some(event) = self.receiver.poll_event() {
+            match &event {
+                Event::SessionStarted { session_id, .. } => {
+                    self.receiver_session = Some(*session_id)
+                }
+                Event::Record(r) => {
+                    let key = (self.receiver_session.unwrap(), r.topic.to_string());
+                    let expected = self.sent.get(&key).and_then(|s| s.get(&r.seq));
+                    assert_eq!(
+                        expected,
+                        Some(&r.payload),
+                        "wrong record {}#{}",
+                        r.topic,
+                        r.seq
+                    );
+                    self.delivered.entry(key).or_default().push(r.seq);
+                }
+                Event::Gap(g) => {
+                    let key = (self.receiver_session.unwrap(), g.topic.to_string());
+                    self.gaps
+                        .entry(key)
+                        .or_default()
+                        .push((g.first_seq, g.last_seq));
+                }
+                _ => {}
+            }
+            self.events.push(event);
+        }
+    }
+
+    /// Delivered in order, once, and delivered + gaps cover all that was sent (from `from_seq`).
+    fn check_accounting(&self, session: u64, complete_from_start: bool) {
+        for (key, sent) in self.sent.iter().filter(|(k, _)| k.0 == session) {
+            let delivered = self.delivered.get(key).cloned().unwrap_or_default();
+            assert!(
+                delivered.windows(2).all(|w| w[0] < w[1]),
+                "{key:?} out of order or twice"
+            );
+            let mut covered: Vec<u64> = delivered.clone();
+            for (first, last) in self.gaps.get(key).into_iter().flatten() {
+                for seq in *first..=*last {
+                    assert!(
+                        !delivered.contains(&seq),
+                        "{key:?} #{seq} both delivered and lost"
+                    );
+                    covered.push(seq);
+                }
+            }
+            covered.sort_unstable();
+            let before = covered.len();
+            covered.dedup();
+            assert_eq!(before, covered.len(), "{key:?}: a record reported twice");
+            let all: Vec<u64> = sent.keys().copied().collect();
+            let expected: Vec<u64> = match (complete_from_start, covered.first()) {
+                (true, _) => all,
+                (false, Some(first)) => all.into_iter().filter(|s| s >= first).collect(),
+                (false, None) => Vec::new(),
+            };
+            if covered != expected {
+                let missing: Vec<u64> = expected
+                    .iter()
+                    .filter(|s| !covered.contains(s))
+                    .copied()
+                    .collect();
+                let extra: Vec<u64> = covered
+                    .iter()
+                    .filter(|s| !expected.contains(s))
+                    .copied()
+                    .collect();
+                panic!(
+                    "{key:?}: {} records neither delivered nor reported lost (first {:?}), {} unknown (first {:?}); \
+                     delivered {}, gaps {:?}, stats {:?}",
+                    missing.len(), missing.first(), extra.len(), extra.first(), delivered.len(),
+                    self.gaps.get(key), self.receiver.stats()
+                );
+            }
+        }
+    }
+
+    fn lost_records(&self) -> u64 {
+        self.receiver.stats().records_lost
+    }
+}
+
+fn payload(rng: &mut SimRng, max: usize) -> Bytes {
+    let len = rng.below(max as u64 + 1) as usize;
+    Bytes::from((0..len).map(|_| rng.next_u64() as u8).collect::<Vec<_>>())
+}
+
+/// Offers a mix of small telemetry, medium events and occasional large records.
+fn drive(h: &mut Harness, rng: &mut SimRng, steps: usize) {
+    for _ in 0..steps {
+        for _ in 0..rng.below(40) {
+            h.push(0, payload(rng, 120));
+        }
+        if rng.chance(0.3) {
+            h.push(1, payload(rng, 3000));
+        }
+        if rng.chance(0.02) {
+            h.push(2, payload(rng, 200_000));
+        }
+        h.step(Duration::from_millis(1 + rng.below(3)));
+    }
+}
+
+#[test]
+fn clean_link_delivers_everything_in_order() {
+    let mut h = Harness::new(Impairments::default(), 1);
+    let mut rng = SimRng::new(1);
+    drive(&mut h, &mut rng, 500);
+    h.settle();
+    h.check_accounting(h.session, true);
+    assert_eq!(h.lost_records(), 0);
+    assert_eq!(h.receiver.stats().blocks_lost, 0);
+    assert!(h.receiver.stats().heartbeats > 0);
+    assert!(h.events.iter().any(|e| matches!(e, Event::LinkUp)));
+}
+
+#[test]
+fn a_lone_small_record_costs_two_small_datagrams() {
+    let mut h = Harness::new(Impairments::default(), 2);
+    h.step(Duration::from_millis(1)); // the start-up heartbeat
+    let before = h.encoder.stats().clone();
+    h.push(0, Bytes::from(vec![7u8; 100]));
+    h.step(Duration::from_millis(6));
+    let after = h.encoder.stats();
+    assert_eq!(after.datagrams_out - before.datagrams_out, 2);
+    let wire = after.wire_bytes_out - before.wire_bytes_out;
+    assert!(
+        wire < 2 * (100 + 60 + 58),
+        "a 100-byte record cost {wire} wire bytes"
+    );
+}
+
+#[test]
+fn loss_within_parity_is_always_repaired() {
+    // Drop exactly m datagrams of every block, chosen at random: nothing may be lost.
+    let mut h = Harness::new(Impairments::default(), 3);
+    let mut rng = SimRng::new(3);
+    let mut choice = SimRng::new(33);
+    let mut dropped_per_block: HashMap<u64, usize> = HashMap::new();
+    h.drop_filter = Some(Box::new(move |d: &[u8]| {
+        let (header, _) = datagram::parse(d).unwrap();
+        let m = header.geometry.parity_shards as usize;
+        let n = dropped_per_block.entry(header.block).or_default();
+        let left = header.geometry.total_shards() - header.shard_index as usize;
+        // Drop with a probability that spends the parity budget over the block.
+        if *n < m && (choice.below(left as u64) < (m - *n) as u64) {
+            *n += 1;
+            false
+        } else {
+            true
+        }
+    }));
+    drive(&mut h, &mut rng, 400);
+    h.settle();
+    h.check_accounting(h.session, true);
+    assert_eq!(h.receiver.stats().blocks_lost, 0);
+    assert_eq!(h.lost_records(), 0);
+    assert!(h.receiver.stats().blocks_recovered > 50);
+}
+
+#[test]
+fn bursts_are_spread_by_interleaving() {
+    // One burst of 24 consecutive datagrams in every 400. A group of 4 full blocks is 160
+    // datagrams sent round-robin, so a burst costs each block at most 6 of its 8 parity shards.
+    let mut h = Harness::new(Impairments::default(), 4);
+    let mut rng = SimRng::new(4);
+    let mut position = 0u64;
+    h.drop_filter = Some(Box::new(move |_: &[u8]| {
+        position += 1;
+        position % 400 >= 24
+    }));
+    for _ in 0..40 {
+        // 40 full blocks at once, so that every group is a full one.
+        for _ in 0..20 {
+            h.push(2, payload(&mut rng, 100_000));
+        }
+        h.step(Duration::from_millis(2));
+    }
+    h.settle();
+    h.check_accounting(h.session, true);
+    assert!(
+        h.receiver.stats().blocks_recovered > 50,
+        "{:?}",
+        h.receiver.stats()
+    );
+    assert_eq!(
+        h.receiver.stats().blocks_lost,
+        0,
+        "{:?}",
+        h.receiver.stats()
+    );
+    // Without interleaving the same bursts would cost whole blocks: a control run with depth 1.
+    let mut control = Harness::new(Impairments::default(), 4);
+    control.encoder = Encoder::new(
+        EncoderConfig {
+            interleave_depth: 1,
+            ..encoder_config(control.session)
+        },
+        control.now,
+    )
+    .unwrap();
+    control.topics = TOPICS
+        .iter()
+        .map(|t| control.encoder.add_topic(t).unwrap())
+        .collect();
+    let mut position = 0u64;
+    control.drop_filter = Some(Box::new(move |_: &[u8]| {
+        position += 1;
+        position % 400 >= 24
+    }));
+    let mut rng = SimRng::new(4);
+    for _ in 0..40 {
+        for _ in 0..20 {
+            control.push(2, payload(&mut rng, 100_000));
+        }
+        control.step(Duration::from_millis(2));
+    }
+    control.settle();
+    control.check_accounting(control.session, true);
+    assert!(control.receiver.stats().blocks_lost > 10);
+}
+
+#[test]
+fn heavy_loss_is_reported_as_exact_gaps() {
+    let impairments = Impairments {
+        drop_rate: 0.25,
+        ..Impairments::default()
+    };
+    let mut h = Harness::new(impairments, 5);
+    let mut rng = SimRng::new(5);
+    drive(&mut h, &mut rng, 400);
+    h.settle();
+    h.check_accounting(h.session, true);
+    assert!(h.receiver.stats().blocks_lost > 0);
+    assert!(h.lost_records() > 0);
+}
+
+#[test]
+fn tail_loss_is_reported_by_the_next_heartbeat() {
+    let mut h = Harness::new(Impairments::default(), 6);
+    h.step(Duration::from_millis(1));
+    for _ in 0..5 {
+        h.push(1, Bytes::from_static(b"kept"));
+    }
+    h.step(Duration::from_millis(10));
+    // The last three records of the topic are sent into a dead link; then it goes quiet.
+    h.link.up = false;
+    for _ in 0..3 {
+        h.push(1, Bytes::from_static(b"lost"));
+    }
+    h.step(Duration::from_millis(10));
+    h.link.up = true;
+    h.settle();
+    let key = (h.session, TOPICS[1].to_owned());
+    assert_eq!(h.gaps.get(&key), Some(&vec![(5, 7)]));
+    h.check_accounting(h.session, true);
+}
+
+#[test]
+fn blackhole_then_recovery() {
+    let mut h = Harness::new(Impairments::default(), 7);
+    let mut rng = SimRng::new(7);
+    drive(&mut h, &mut rng, 100);
+    h.link.up = false;
+    drive(&mut h, &mut rng, 2500); // several seconds of silence on the far side
+    h.link.up = true;
+    drive(&mut h, &mut rng, 200);
+    h.settle();
+    h.check_accounting(h.session, true);
+    let down = h.events.iter().position(|e| matches!(e, Event::LinkDown));
+    let up_again = h.events.iter().rposition(|e| matches!(e, Event::LinkUp));
+    assert!(down.is_some() && up_again > down, "link down then up again");
+    assert!(h.lost_records() > 0);
+}
+
+#[test]
+fn sender_restart_starts_a_new_session() {
+    let mut h = Harness::new(Impairments::default(), 8);
+    let mut rng = SimRng::new(8);
+    drive(&mut h, &mut rng, 100);
+    // A clean stop sends what it holds; what a killed sender held is unknowable on the far side.
+    h.encoder.flush(h.now);
+    h.step(Duration::from_millis(10));
+    let old = h.session;
+    h.session = old + 1000;
+    h.encoder = Encoder::new(encoder_config(h.session), h.now).unwrap();
+    h.topics = TOPICS
+        .iter()
+        .map(|t| h.encoder.add_topic(t).unwrap())
+        .collect();
+    drive(&mut h, &mut rng, 100);
+    h.settle();
+    h.check_accounting(old, true);
+    h.check_accounting(h.session, true);
+    assert!(h.events.iter().any(|e| matches!(e,
+        Event::SessionStarted { session_id, previous: Some(p), .. } if *session_id == h.session && *p == old)));
+    assert_eq!(h.lost_records(), 0);
+}
+
+#[test]
+fn receiver_restart_joins_mid_stream() {
+    let mut h = Harness::new(Impairments::default(), 9);
+    let mut rng = SimRng::new(9);
+    drive(&mut h, &mut rng, 300);
+    h.receiver = Reassembler::new(ReassemblerConfig::default());
+    h.delivered.clear();
+    h.gaps.clear();
+    drive(&mut h, &mut rng, 300);
+    h.settle();
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::SessionStarted {
+            mid_stream: true,
+            ..
+        }
+    )));
+    h.check_accounting(h.session, false);
+    assert_eq!(
+        h.lost_records(),
+        0,
+        "nothing before the join is called lost"
+    );
+}
+
+#[test]
+fn replayed_datagrams_are_rejected_or_ignored() {
+    let mut h = Harness::new(Impairments::default(), 10);
+    let mut rng = SimRng::new(10);
+    let mut capture = Vec::new();
+    h.step(Duration::from_millis(1));
+    for _ in 0..50 {
+        h.push(0, payload(&mut rng, 100));
+        h.now += Duration::from_millis(6);
+        h.encoder.handle_timeout(h.now, 0);
+        while let Some(d) = h.encoder.poll_transmit(h.now) {
+            capture.push(d.to_vec());
+            let _ = h.receiver.handle_datagram(h.now, &d);
+        }
+        h.collect();
+    }
+    let delivered = h.receiver.stats().records_out;
+    for d in &capture {
+        let _ = h.receiver.handle_datagram(h.now, d);
+        h.collect();
+    }
+    assert_eq!(
+        h.receiver.stats().records_out,
+        delivered,
+        "a replay delivered records again"
+    );
+    h.check_accounting(h.session, true);
+}
+
+proptest! {
+    /// Any mix of impairments keeps the accounting exact and never delivers a wrong record.
+    #[test]
+    fn impaired_links_keep_exact_accounting(
+        seed in any::<u64>(),
+        drop_rate in 0.0f64..0.3,
+        burst_rate in 0.0f64..0.01,
+        burst_len in 1usize..40,
+        reorder_rate in 0.0f64..0.1,
+        reorder_distance in 1usize..20,
+        duplicate_rate in 0.0f64..0.1,
+        corrupt_rate in 0.0f64..0.05,
+        truncate_rate in 0.0f64..0.05,
+    ) {
+        let impairments = Impairments {
+            drop_rate, burst_rate, burst_len, reorder_rate, reorder_distance,
+            duplicate_rate, corrupt_rate, truncate_rate,
+        };
+        let mut h = Harness::new(impairments, seed);
+        let mut rng = SimRng::new(seed ^ 0xABCD);
+        drive(&mut h, &mut rng, 150);
+        h.settle();
+        h.check_accounting(h.session, true);
+    }
+
+    /// Reordering within the interleave window and duplication alone lose nothing.
+    #[test]
+    fn reorder_and_duplicates_lose_nothing(seed in any::<u64>(), distance in 1usize..12) {
+        let impairments = Impairments {
+            reorder_rate: 0.05, reorder_distance: distance, duplicate_rate: 0.05,
+            ..Impairments::default()
+        };
+        let mut h = Harness::new(impairments, seed);
+        let mut rng = SimRng::new(seed);
+        drive(&mut h, &mut rng, 150);
+        h.settle();
+        h.check_accounting(h.session, true);
+        prop_assert_eq!(h.lost_records(), 0);
+    }
+
+    /// Arbitrary bytes never panic the reassembler nor grow it past its cap.
+    #[test]
+    fn random_datagrams_are_harmless(datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 0..200)) {
+        let config = ReassemblerConfig { max_inflight_bytes: 1 << 20, ..ReassemblerConfig::default() };
+        let mut receiver = Reassembler::new(config);
+        let now = Instant::now();
+        for d in &datagrams {
+            prop_assert!(receiver.handle_datagram(now, d).is_err());
+        }
+        prop_assert!(receiver.poll_event().is_none());
+    }
+
+    /// Valid-CRC datagrams with hostile headers and contents: no panic, bounded memory.
+    #[test]
+    fn hostile_but_well_formed_datagrams_are_harmless(
+        seed in any::<u64>(),
+        count in 1usize..400,
+    ) {
+        let config = ReassemblerConfig { max_inflight_bytes: 1 << 20, ..ReassemblerConfig::default() };
+        let mut receiver = Reassembler::new(config);
+        let mut rng = SimRng::new(seed);
+        let mut now = Instant::now();
+        for _ in 0..count {
+            let k = 1 + rng.below(40) as u8;
+            let m = rng.below(20) as u8;
+            let len = 1 + rng.below(1400) as usize;
+            let header = datagram::Header {
+                session_id: 1 + rng.below(3),
+                block: if rng.chance(0.1) { rng.next_u64() } else { rng.below(64) },
+                shard_index: rng.below(k as u64 + m as u64) as u8,
+                geometry: datagram::BlockGeometry {
+                    data_shards: k, parity_shards: m,
+                    interleave_depth: 1 + rng.below(8) as u8, shard_len: len as u16,
+                },
+            };
+            let mut d = vec![0u8; datagram::DATAGRAM_OVERHEAD + len];
+            header.write(&mut d);
+            for b in &mut d[datagram::HEADER_LEN..datagram::HEADER_LEN + len] {
+                *b = rng.next_u64() as u8;
+            }
+            // Sometimes a plausible content header so frames get parsed.
+            if rng.chance(0.5) && len >= 4 {
+                let n = rng.below(len as u64) as u32;
+                d[datagram::HEADER_LEN..datagram::HEADER_LEN + 4].copy_from_slice(&n.to_be_bytes());
+            }
+            datagram::seal(&mut d);
+            let _ = receiver.handle_datagram(now, &d);
+            prop_assert!(receiver.inflight_bytes() <= 1 << 20);
+            now += Duration::from_micros(rng.below(300_000));
+            receiver.handle_timeout(now);
+            while receiver.poll_event().is_some() {}
+        }
+    }
+}
