@@ -111,6 +111,11 @@ impl TopicId {
     pub fn index(self) -> usize {
         self.0 as usize
     }
+
+    /// The id of the `index`-th topic added to an encoder.
+    pub fn from_index(index: usize) -> Self {
+        TopicId(index as u32)
+    }
 }
 
 /// Cumulative counters of what the encoder produced.
@@ -464,9 +469,26 @@ impl Encoder {
         }
     }
 
-    /// Seals the open block now, whatever its deadline (for a clean shutdown).
+    /// Seals the open block and releases every waiting block now, whatever their deadlines.
     pub fn flush(&mut self, now: Instant) {
         self.seal(now);
+        for block in &mut self.waiting {
+            block.deadline = block.deadline.min(now);
+        }
+    }
+
+    /// For a clean stop: everything pushed so far, then a heartbeat whose catalogue tells the
+    /// receiver each topic's final sequence number, all released at once.
+    pub fn finish(&mut self, now: Instant, unix_time_us: i64) {
+        self.add_heartbeat(now, unix_time_us);
+        self.flush(now);
+    }
+
+    /// True when nothing is left to send.
+    pub fn is_idle(&self) -> bool {
+        self.open.is_empty()
+            && self.waiting.is_empty()
+            && self.schedule_cursor == self.schedule.len()
     }
 
     pub fn handle_timeout(&mut self, now: Instant, unix_time_us: i64) {

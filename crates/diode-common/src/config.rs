@@ -1,0 +1,241 @@
+//! Configuration files: every error names the file, the line and the key, and says what is wrong.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use thiserror::Error;
+use toml::de::{DeTable, DeValue};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a missing key or a value of the wrong type.
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A well-formed value that is not acceptable.
+    #[error("{path}:{line}: `{key}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// How a byte stream is cut into records: the TCP source's framing and the TCP sink's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Framing {
+    /// One line without its `\n` (or `\r\n`) terminator is one record.
+    #[default]
+    Lines,
+    /// Each record is preceded by its length as a big-endian u32.
+    Length,
+    /// A byte stream cut at arbitrary points; order is kept, one connection at a time.
+    Raw,
+}
+
+/// The text of one configuration file, kept to point errors at lines.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    path: PathBuf,
+    text: String,
+}
+
+impl ConfigSource {
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(ConfigSource {
+            path: path.to_owned(),
+            text,
+        })
+    }
+
+    pub fn from_text(path: impl Into<PathBuf>, text: impl Into<String>) -> Self {
+        ConfigSource {
+            path: path.into(),
+            text: text.into(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory relative paths in this file are resolved against.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    pub fn resolve(&self, relative: &Path) -> PathBuf {
+        if relative.is_absolute() {
+            relative.to_owned()
+        } else {
+            self.dir().join(relative)
+        }
+    }
+
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(&self.text).map_err(|e| {
+            let start = e.span().map_or(0, |s| s.start).min(self.text.len());
+            let (line, column) = line_column(&self.text, start);
+            let mut message = e.message().trim_end().to_owned();
+            // Serde's type errors do not name the key; the line they point at does.
+            if let Some(text) = self.text.lines().nth(line - 1) {
+                let text = text.trim();
+                if !text.is_empty() && !message.contains(text) {
+                    message = format!("{message} (in `{text}`)");
+                }
+            }
+            ConfigError::Syntax {
+                path: self.path.display().to_string(),
+                line,
+                column,
+                message,
+            }
+        })
+    }
+
+    /// An error about `key` (a path such as `topic[1].source.listen`), pointing at its line.
+    pub fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.display().to_string(),
+            line: self.line_of(key),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The line where `key` is set, or the deepest part of it that is; 1 if none is.
+    pub fn line_of(&self, key: &str) -> usize {
+        let Ok(root) = DeTable::parse(&self.text) else {
+            return 1;
+        };
+        let mut offset = 0;
+        let mut table: Option<&DeTable> = Some(root.get_ref());
+        let mut value: Option<&DeValue> = None;
+        for segment in parse_key_path(key) {
+            match segment {
+                Segment::Key(name) => {
+                    let Some(t) = table.or(match value {
+                        Some(DeValue::Table(t)) => Some(t),
+                        _ => None,
+                    }) else {
+                        break;
+                    };
+                    let Some((k, v)) = t.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+                        break;
+                    };
+                    offset = k.span().start;
+                    table = None;
+                    value = Some(v.get_ref());
+                }
+                Segment::Index(index) => {
+                    let Some(DeValue::Array(items)) = value else {
+                        break;
+                    };
+                    let Some(item) = items.get(index) else {
+                        break;
+                    };
+                    offset = item.span().start;
+                    table = None;
+                    value = Some(item.get_ref());
+                }
+            }
+        }
+        line_column(&self.text, offset).0
+    }
+}
+
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn parse_key_path(path: &str) -> Vec<Segment<'_>> {
+    let mut segments = Vec::new();
+    for part in path.split('.') {
+        let (name, mut rest) = part.split_once('[').map_or((part, ""), |(n, r)| (n, r));
+        if !name.is_empty() {
+            segments.push(Segment::Key(name));
+        }
+        while let Some((index, after)) = rest.split_once(']') {
+            if let Ok(index) = index.parse() {
+                segments.push(Segment::Index(index));
+            }
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    segments
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        #[allow(dead_code)]
+        link: Link,
+        #[allow(dead_code)]
+        #[serde(default)]
+        topic: Vec<toml::Value>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Link {
+        #[allow(dead_code)]
+        rate_mbps: f64,
+    }
+
+    const TEXT: &str = "[link]\nrate_mbps = 40\n\n[[topic]]\nname = \"a\"\n\n[[topic]]\nname = \"b\"\nsource = { kind = \"udp\", listen = \"x\" }\n";
+
+    #[test]
+    fn keys_are_located() {
+        let src = ConfigSource::from_text("sender.toml", TEXT);
+        assert_eq!(src.line_of("link.rate_mbps"), 2);
+        assert_eq!(src.line_of("topic[1].name"), 8);
+        assert_eq!(src.line_of("topic[1].source.listen"), 9);
+        let err = src.invalid("link.rate_mbps", "must be above 0").to_string();
+        assert_eq!(err, "sender.toml:2: `link.rate_mbps`: must be above 0");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_name_file_line_and_key() {
+        let src = ConfigSource::from_text("s.toml", "[link]\nrate_mbs = 40\n");
+        let err = src.parse::<Doc>().unwrap_err().to_string();
+        assert!(
+            err.starts_with("s.toml:2:1: unknown field `rate_mbs`"),
+            "{err}"
+        );
+        let src = ConfigSource::from_text("s.toml", "[link]\nrate_mbps = \"fast\"\n");
+        let err = src.parse::<Doc>().unwrap_err().to_string();
+        assert!(
+            err.starts_with("s.toml:2:") && err.contains("rate_mbps"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! The Prometheus endpoint: `GET /metrics` in the OpenMetrics text format.
+//!
+//! One registry per service instance (not a global), so a demo can run both services in one
+//! process without mixing their figures.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::Shutdown;
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// A scrape request is a few hundred bytes; anything longer or slower is not a scraper.
+const MAX_REQUEST_BYTES: usize = 8192;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `listen` now (so a taken port fails start-up) and serves until shutdown.
+pub async fn serve(
+    listen: &str,
+    registry: Arc<Registry>,
+    shutdown: Shutdown,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = tokio::select! {
+                _ = shutdown.wait() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                    let mut request = Vec::with_capacity(512);
+                    let mut chunk = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n")
+                        && request.len() < MAX_REQUEST_BYTES
+                    {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let response = respond(&request, &registry);
+                    let _ = stream.write_all(&response).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn respond(request: &[u8], registry: &Registry) -> Vec<u8> {
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => ("200 OK", CONTENT_TYPE, body),
+                Err(_) => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "encoding failed\n".into(),
+                ),
+            }
+        }
+        (b"GET", b"/") => (
+            "200 OK",
+            "text/plain",
+            "diode: metrics at /metrics\n".into(),
+        ),
+        (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(body.as_bytes());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    #[tokio::test]
+    async fn serves_metrics() {
+        let mut registry = Registry::default();
+        let counter: Counter = Counter::default();
+        registry.register("diode_things", "Things", counter.clone());
+        counter.inc_by(3);
+        let shutdown = Shutdown::new();
+        let addr = serve("127.0.0.1:0", Arc::new(registry), shutdown.clone())
+            .await
+            .unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("diode_things_total 3"), "{response}");
+        shutdown.trigger();
+    }
+}

@@ -1,0 +1,262 @@
+//! `diode-recv` configuration: the link, the metrics endpoint, and routes from topic filters to sinks.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use diode_common::config::Framing;
+use diode_common::config::{ConfigError, ConfigSource};
+use serde::Deserialize;
+
+use crate::filter::TopicFilter;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    pub link: LinkConfig,
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Where the diode's output delivers datagrams, `host:port`.
+    pub listen: String,
+    /// Ask for a large socket buffer: bursts that overflow it are lost before FEC can help.
+    #[serde(default = "default_receive_buffer_bytes")]
+    pub receive_buffer_bytes: usize,
+    /// Memory for blocks still being rebuilt; past it the oldest is given up.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: usize,
+    /// The oldest incomplete block is given up after this long without progress.
+    #[serde(default = "default_block_timeout_ms")]
+    pub block_timeout_ms: u64,
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    #[serde(default = "default_max_topics")]
+    pub max_topics: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The `route` label of this route's metrics; by default its index and sink kind.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// MQTT-style filters: `+` one level, `#` the rest.
+    pub topics: Vec<String>,
+    pub sink: SinkConfig,
+    /// Records waiting for this sink; past it they are dropped and counted.
+    #[serde(default = "default_queue_records")]
+    pub queue_records: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines: `topic`, `seq`, `time` (RFC 3339), `payload` or `payload_base64`.
+    File { path: PathBuf },
+    /// The same JSON lines on standard output.
+    Stdout {},
+    /// One datagram per record, the payload alone.
+    Udp { target: String },
+    /// The payloads framed as the TCP source frames them; reconnects with backoff.
+    Tcp {
+        connect: String,
+        #[serde(default)]
+        framing: Framing,
+    },
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::File { .. } => "file",
+            SinkConfig::Stdout {} => "stdout",
+            SinkConfig::Udp { .. } => "udp",
+            SinkConfig::Tcp { .. } => "tcp",
+        }
+    }
+}
+
+fn default_receive_buffer_bytes() -> usize {
+    32 << 20
+}
+fn default_max_inflight_bytes() -> usize {
+    32 << 20
+}
+fn default_block_timeout_ms() -> u64 {
+    200
+}
+fn default_max_record_bytes() -> usize {
+    16 << 20
+}
+fn default_max_topics() -> usize {
+    4096
+}
+fn default_queue_records() -> usize {
+    100_000
+}
+
+/// A route ready to run.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub filters: Vec<TopicFilter>,
+    pub sink: SinkConfig,
+    pub queue_records: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: ReceiverConfig,
+    pub listen: SocketAddr,
+    pub routes: Vec<Route>,
+}
+
+impl LinkConfig {
+    pub fn block_timeout(&self) -> Duration {
+        Duration::from_millis(self.block_timeout_ms)
+    }
+}
+
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let source = ConfigSource::read(path)?;
+    let config: ReceiverConfig = source.parse()?;
+    let listen = resolve(&source, "link.listen", &config.link.listen)?;
+    let link = &config.link;
+    if !(1 << 20..=1 << 34).contains(&link.max_inflight_bytes) {
+        return Err(source.invalid(
+            "link.max_inflight_bytes",
+            "must be between 1 MiB and 16 GiB",
+        ));
+    }
+    if !(10..=60_000).contains(&link.block_timeout_ms) {
+        return Err(source.invalid("link.block_timeout_ms", "must be between 10 and 60000"));
+    }
+    if !(1..=256 << 20).contains(&link.max_record_bytes) {
+        return Err(source.invalid("link.max_record_bytes", "must be between 1 and 268435456"));
+    }
+    if link.max_topics == 0 {
+        return Err(source.invalid("link.max_topics", "must be at least 1"));
+    }
+    if let Some(m) = &config.metrics {
+        resolve(&source, "metrics.listen", &m.listen)?;
+    }
+    if config.routes.is_empty() {
+        return Err(source.invalid("route", "no routes: records would have nowhere to go"));
+    }
+    let mut routes = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        if route.topics.is_empty() {
+            return Err(source.invalid(&format!("route[{i}].topics"), "lists no topic filter"));
+        }
+        let mut filters = Vec::new();
+        for (j, filter) in route.topics.iter().enumerate() {
+            filters.push(
+                TopicFilter::parse(filter)
+                    .map_err(|e| source.invalid(&format!("route[{i}].topics[{j}]"), e))?,
+            );
+        }
+        if route.queue_records == 0 {
+            return Err(source.invalid(&format!("route[{i}].queue_records"), "must be at least 1"));
+        }
+        let mut sink = route.sink.clone();
+        match &mut sink {
+            SinkConfig::File { path } => *path = source.resolve(path),
+            SinkConfig::Udp { target } => {
+                resolve(&source, &format!("route[{i}].sink.target"), target)?;
+            }
+            SinkConfig::Tcp { connect, .. } => {
+                resolve(&source, &format!("route[{i}].sink.connect"), connect)?;
+            }
+            SinkConfig::Stdout {} => {}
+        }
+        let name = route
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{i}-{}", route.sink.kind()));
+        if routes.iter().any(|r: &Route| r.name == name) {
+            return Err(source.invalid(
+                &format!("route[{i}].name"),
+                format!("{name:?} is used twice"),
+            ));
+        }
+        routes.push(Route {
+            name,
+            filters,
+            sink,
+            queue_records: route.queue_records,
+        });
+    }
+    Ok(Loaded {
+        config,
+        listen,
+        routes,
+    })
+}
+
+fn resolve(source: &ConfigSource, key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.to_socket_addrs()
+        .map_err(|e| source.invalid(key, format!("{addr:?} is not a host:port address: {e}")))?
+        .next()
+        .ok_or_else(|| source.invalid(key, format!("{addr:?} resolves to no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"# receiver.toml (IT side)
+[link]
+listen = "127.0.0.1:47000"
+
+[metrics]
+listen = "127.0.0.1:9182"
+
+[[route]]
+topics = ["line3/#", "historian/#"]   # MQTT-style filters: + one level, # the rest
+sink = { kind = "file", path = "out/records.jsonl" }
+"#;
+
+    #[test]
+    fn the_documented_example_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("receiver.toml");
+        std::fs::write(&path, ISSUE_EXAMPLE).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.routes.len(), 1);
+        assert_eq!(loaded.routes[0].name, "0-file");
+        assert!(loaded.routes[0].filters[0].matches("line3/telemetry"));
+        // Relative sink paths are relative to the configuration file.
+        let SinkConfig::File { path: out } = &loaded.routes[0].sink else {
+            panic!()
+        };
+        assert_eq!(out, &dir.path().join("out/records.jsonl"));
+    }
+
+    #[test]
+    fn bad_filters_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, ISSUE_EXAMPLE.replace("historian/#", "historian/#/x")).unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("r.toml:9: `route[0].topics[1]`"), "{err}");
+        std::fs::write(
+            &path,
+            ISSUE_EXAMPLE.replace("kind = \"file\"", "kind = \"fax\""),
+        )
+        .unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("r.toml:10:") && err.contains("fax"), "{err}");
+    }
+}

@@ -1,0 +1,177 @@
+//! `diode-recv`, the IT side: datagrams from the diode are checked and rebuilt into ordered
+//! records (`diode-wire`), which routes hand to sinks. It never sends anything towards the link.
+//!
+//! ```text
+//! diode ─► UDP socket ─► link thread: Reassembler ─► routes (topic filters) ─► bounded queue ─► sink task
+//! ```
+
+pub mod config;
+pub mod filter;
+pub mod link;
+pub mod metrics;
+pub mod sinks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diode_common::net::{udp_socket, Buffer};
+use diode_common::Shutdown;
+use diode_wire::{Reassembler, ReassemblerConfig};
+use prometheus_client::registry::Registry;
+use thiserror::Error;
+
+use crate::config::Loaded;
+use crate::link::{LinkThread, RouteHandle};
+use crate::metrics::ReceiverMetrics;
+
+/// How long sinks may take to write out their queues on a clean stop.
+const SINK_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the link thread: {0}")]
+    Thread(std::io::Error),
+}
+
+pub struct RunningReceiver {
+    pub link_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub registry: Arc<Registry>,
+    done: tokio::sync::oneshot::Receiver<()>,
+    sinks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningReceiver {
+    /// Resolves when the link thread has stopped and the sinks have written out their queues.
+    pub async fn finished(self) {
+        let _ = self.done.await;
+        let drain = futures_join_all(self.sinks);
+        if tokio::time::timeout(SINK_DRAIN_LIMIT, drain).await.is_err() {
+            tracing::warn!("sinks did not finish writing out their queues in time");
+        }
+    }
+}
+
+async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for handle in handles {
+        let _ = handle.await;
+    }
+}
+
+/// Binds the link socket and the metrics endpoint, starts the sinks and the link thread.
+/// Must be called from within a tokio runtime.
+pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver, StartError> {
+    let link = &loaded.config.link;
+    let socket = udp_socket(loaded.listen, Buffer::Receive, link.receive_buffer_bytes).map_err(
+        |source| StartError::Bind {
+            what: "the link socket".into(),
+            addr: loaded.listen,
+            source,
+        },
+    )?;
+    let link_addr = socket.local_addr().unwrap_or(loaded.listen);
+
+    let mut registry = Registry::default();
+    let metrics = ReceiverMetrics::new(&mut registry);
+    let registry = Arc::new(registry);
+    let metrics_addr = match &loaded.config.metrics {
+        Some(m) => Some(
+            diode_common::metrics::serve(&m.listen, registry.clone(), shutdown.clone())
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "the metrics endpoint".into(),
+                    addr: m
+                        .listen
+                        .parse()
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+
+    let mut routes = Vec::new();
+    let mut sinks = Vec::new();
+    for route in loaded.routes {
+        let (tx, rx) = flume::bounded(route.queue_records);
+        let route_metrics = metrics.route(&route.name);
+        sinks.push(tokio::spawn(sinks::run(
+            route.sink.clone(),
+            rx,
+            route_metrics.clone(),
+            route.name.clone(),
+        )));
+        routes.push(RouteHandle {
+            name: route.name,
+            filters: route.filters,
+            queue: tx,
+            metrics: route_metrics,
+        });
+    }
+
+    let thread = LinkThread {
+        reassembler: Reassembler::new(ReassemblerConfig {
+            max_inflight_bytes: link.max_inflight_bytes,
+            block_timeout: link.block_timeout(),
+            max_record_bytes: link.max_record_bytes,
+            max_topics: link.max_topics,
+            ..ReassemblerConfig::default()
+        }),
+        socket,
+        routes,
+        metrics,
+        max_topics: link.max_topics,
+        shutdown,
+    };
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("diode-link".into())
+        .spawn(move || {
+            // Dropping the thread (and its route queues) when it ends lets the sinks drain and stop.
+            thread.run();
+            let _ = done_tx.send(());
+        })
+        .map_err(StartError::Thread)?;
+    tracing::info!(listen = %link_addr, "receiver started");
+    Ok(RunningReceiver {
+        link_addr,
+        metrics_addr,
+        registry,
+        done,
+        sinks,
+    })
+}
+
+/// A readable summary of what a configuration would do, for `diode-recv check`.
+pub fn describe(loaded: &Loaded) -> String {
+    let link = &loaded.config.link;
+    let mut out = format!(
+        "link: listening on {} (receive buffer {} bytes), pending blocks up to {} bytes, \
+         incomplete blocks given up after {} ms\n",
+        loaded.listen, link.receive_buffer_bytes, link.max_inflight_bytes, link.block_timeout_ms
+    );
+    if let Some(m) = &loaded.config.metrics {
+        out += &format!("metrics: http://{}/metrics\n", m.listen);
+    }
+    out += &format!("routes ({}):\n", loaded.routes.len());
+    for (route, raw) in loaded.routes.iter().zip(&loaded.config.routes) {
+        let sink = match &route.sink {
+            config::SinkConfig::File { path } => format!("file {} (JSON lines)", path.display()),
+            config::SinkConfig::Stdout {} => "stdout (JSON lines)".into(),
+            config::SinkConfig::Udp { target } => format!("udp {target}"),
+            config::SinkConfig::Tcp { connect, framing } => {
+                format!("tcp {connect}, framing {framing:?}").to_lowercase()
+            }
+        };
+        out += &format!("  {:<10} {} -> {sink}\n", route.name, raw.topics.join(", "));
+    }
+    out
+}

@@ -1,0 +1,261 @@
+//! The receiver's metrics, including the sender's own counters as carried by heartbeats, so the IT
+//! side sees OT-side health. Topic labels only for topics the sender announces (capped).
+
+use diode_wire::{ReassemblerStats, Rejected};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone)]
+pub struct ReceiverMetrics {
+    pub datagrams_received: Counter,
+    pub datagrams_rejected: Family<ReasonLabels, Counter>,
+    pub datagrams_unneeded: Counter,
+    pub blocks_complete: Counter,
+    pub blocks_recovered: Counter,
+    pub blocks_lost: Counter,
+    pub frames_malformed: Counter,
+    pub records_out: Family<TopicLabels, Counter>,
+    pub records_lost: Family<TopicLabels, Counter>,
+    pub records_duplicate: Counter,
+    pub sessions: Counter,
+    pub link_up: Gauge,
+    pub inflight_bytes: Gauge,
+    pub kernel_rcvbuf_errors: Counter,
+    pub sender_records_in: Counter,
+    pub sender_records_dropped: Family<TopicLabels, Counter>,
+    pub sender_datagrams_sent: Counter,
+    pub sender_link_bytes_sent: Counter,
+    pub sender_source_errors: Counter,
+    pub last_heartbeat_seconds: Gauge,
+    pub sink_delivered: Family<RouteLabels, Counter>,
+    pub sink_dropped: Family<RouteLabels, Counter>,
+    pub sink_errors: Family<RouteLabels, Counter>,
+    pub sink_queue_records: Family<RouteLabels, Gauge>,
+}
+
+impl ReceiverMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = ReceiverMetrics {
+            datagrams_received: Counter::default(),
+            datagrams_rejected: Family::default(),
+            datagrams_unneeded: Counter::default(),
+            blocks_complete: Counter::default(),
+            blocks_recovered: Counter::default(),
+            blocks_lost: Counter::default(),
+            frames_malformed: Counter::default(),
+            records_out: Family::default(),
+            records_lost: Family::default(),
+            records_duplicate: Counter::default(),
+            sessions: Counter::default(),
+            link_up: Gauge::default(),
+            inflight_bytes: Gauge::default(),
+            kernel_rcvbuf_errors: Counter::default(),
+            sender_records_in: Counter::default(),
+            sender_records_dropped: Family::default(),
+            sender_datagrams_sent: Counter::default(),
+            sender_link_bytes_sent: Counter::default(),
+            sender_source_errors: Counter::default(),
+            last_heartbeat_seconds: Gauge::default(),
+            sink_delivered: Family::default(),
+            sink_dropped: Family::default(),
+            sink_errors: Family::default(),
+            sink_queue_records: Family::default(),
+        };
+        let r = registry;
+        r.register(
+            "diode_datagrams_received",
+            "Datagrams read from the link",
+            m.datagrams_received.clone(),
+        );
+        r.register(
+            "diode_datagrams_rejected",
+            "Datagrams dropped, by reason (truncated, crc, version, malformed, stale, duplicate, inconsistent, overload)",
+            m.datagrams_rejected.clone(),
+        );
+        r.register(
+            "diode_datagrams_unneeded",
+            "Valid datagrams for blocks already delivered or given up (mostly spare parity)",
+            m.datagrams_unneeded.clone(),
+        );
+        r.register(
+            "diode_blocks_complete",
+            "FEC blocks rebuilt",
+            m.blocks_complete.clone(),
+        );
+        r.register(
+            "diode_blocks_recovered",
+            "FEC blocks that needed parity to rebuild",
+            m.blocks_recovered.clone(),
+        );
+        r.register(
+            "diode_blocks_lost",
+            "FEC blocks lost beyond repair",
+            m.blocks_lost.clone(),
+        );
+        r.register(
+            "diode_frames_malformed",
+            "Frames or blocks that did not decode",
+            m.frames_malformed.clone(),
+        );
+        r.register(
+            "diode_records_out",
+            "Records delivered in order",
+            m.records_out.clone(),
+        );
+        r.register(
+            "diode_records_lost",
+            "Records lost beyond repair (exact, from sequence gaps)",
+            m.records_lost.clone(),
+        );
+        r.register(
+            "diode_records_duplicate",
+            "Records dropped as already delivered",
+            m.records_duplicate.clone(),
+        );
+        r.register(
+            "diode_sessions",
+            "Sender sessions seen (a new one per sender start)",
+            m.sessions.clone(),
+        );
+        r.register(
+            "diode_link_up",
+            "1 while datagrams arrive, 0 after four heartbeat intervals of silence",
+            m.link_up.clone(),
+        );
+        r.register(
+            "diode_inflight_bytes",
+            "Memory held for blocks being rebuilt",
+            m.inflight_bytes.clone(),
+        );
+        r.register(
+            "diode_kernel_udp_rcvbuf_errors",
+            "Host-wide UDP datagrams the kernel dropped for a full receive buffer (/proc/net/snmp RcvbufErrors) since start",
+            m.kernel_rcvbuf_errors.clone(),
+        );
+        r.register(
+            "diode_sender_records_in",
+            "The sender's records taken in, from heartbeats",
+            m.sender_records_in.clone(),
+        );
+        r.register(
+            "diode_sender_records_dropped",
+            "Records the sender could not take in, from heartbeats",
+            m.sender_records_dropped.clone(),
+        );
+        r.register(
+            "diode_sender_datagrams_sent",
+            "The sender's datagrams sent, from heartbeats",
+            m.sender_datagrams_sent.clone(),
+        );
+        r.register(
+            "diode_sender_link_bytes_sent",
+            "The sender's wire bytes sent, from heartbeats",
+            m.sender_link_bytes_sent.clone(),
+        );
+        r.register(
+            "diode_sender_source_errors",
+            "The sender's source errors, from heartbeats",
+            m.sender_source_errors.clone(),
+        );
+        r.register(
+            "diode_last_heartbeat_seconds",
+            "Unix time of the last heartbeat received",
+            m.last_heartbeat_seconds.clone(),
+        );
+        r.register(
+            "diode_sink_delivered",
+            "Records a sink delivered",
+            m.sink_delivered.clone(),
+        );
+        r.register(
+            "diode_sink_dropped",
+            "Records dropped because a sink's queue was full",
+            m.sink_dropped.clone(),
+        );
+        r.register(
+            "diode_sink_errors",
+            "Sink write or connection errors",
+            m.sink_errors.clone(),
+        );
+        r.register(
+            "diode_sink_queue_records",
+            "Records waiting for a sink",
+            m.sink_queue_records.clone(),
+        );
+        m
+    }
+
+    /// Adds what the reassembler counted since `last`.
+    pub fn add_stats(&self, stats: &ReassemblerStats, last: &ReassemblerStats) {
+        self.datagrams_unneeded
+            .inc_by(stats.datagrams_unneeded - last.datagrams_unneeded);
+        for reason in Rejected::ALL {
+            let delta = stats.rejected(reason) - last.rejected(reason);
+            if delta > 0 {
+                self.datagrams_rejected
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str().to_owned(),
+                    })
+                    .inc_by(delta);
+            }
+        }
+        self.blocks_complete
+            .inc_by(stats.blocks_complete - last.blocks_complete);
+        self.blocks_recovered
+            .inc_by(stats.blocks_recovered - last.blocks_recovered);
+        self.blocks_lost
+            .inc_by(stats.blocks_lost - last.blocks_lost);
+        self.frames_malformed.inc_by(
+            (stats.malformed_frames + stats.malformed_blocks)
+                - (last.malformed_frames + last.malformed_blocks),
+        );
+        self.records_duplicate
+            .inc_by(stats.duplicate_records - last.duplicate_records);
+        self.sessions.inc_by(stats.sessions - last.sessions);
+    }
+
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        RouteMetrics {
+            delivered: self.sink_delivered.get_or_create_owned(&labels),
+            dropped: self.sink_dropped.get_or_create_owned(&labels),
+            errors: self.sink_errors.get_or_create_owned(&labels),
+            queue: self.sink_queue_records.get_or_create_owned(&labels),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RouteMetrics {
+    pub delivered: Counter,
+    pub dropped: Counter,
+    pub errors: Counter,
+    pub queue: Gauge,
+}
+
+/// One topic's delivery counters, resolved once.
+#[derive(Clone)]
+pub struct TopicCounters {
+    pub out: Counter,
+    pub lost: Counter,
+}

@@ -1,0 +1,337 @@
+//! Sinks: where records leave the receiver. Each route has its own queue and task, so a slow or
+//! absent sink never stalls the link or other routes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use diode_common::config::Framing;
+use diode_wire::Record;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::config::SinkConfig;
+use crate::metrics::RouteMetrics;
+
+/// Records taken off the queue per write batch before a flush.
+const BATCH: usize = 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One JSON line: `topic`, `seq`, `time` (RFC 3339, when the sender took it in), and `payload`
+/// (UTF-8) or `payload_base64`.
+pub fn json_line(record: &Record, out: &mut Vec<u8>) {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        topic: &'a str,
+        seq: u64,
+        time: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload_base64: Option<String>,
+    }
+    let time = if record.time_us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(record.time_us as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(record.time_us.unsigned_abs())
+    };
+    let (payload, payload_base64) = match std::str::from_utf8(&record.payload) {
+        Ok(text) => (Some(text), None),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(&record.payload)),
+        ),
+    };
+    let line = Line {
+        topic: &record.topic,
+        seq: record.seq,
+        time: format_rfc3339(time),
+        payload,
+        payload_base64,
+    };
+    serde_json::to_writer(&mut *out, &line).expect("serialising to a Vec cannot fail");
+    out.push(b'\n');
+}
+
+fn format_rfc3339(time: SystemTime) -> String {
+    // humantime covers years 0000-9999; anything else is a broken sender clock.
+    if time
+        .duration_since(UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() < 253_402_300_800)
+    {
+        humantime::format_rfc3339_micros(time).to_string()
+    } else {
+        "1970-01-01T00:00:00.000000Z".to_owned()
+    }
+}
+
+pub async fn run(
+    config: SinkConfig,
+    queue: flume::Receiver<Record>,
+    metrics: RouteMetrics,
+    route: String,
+) {
+    match config {
+        SinkConfig::File { path } => run_file(path, queue, metrics, route).await,
+        SinkConfig::Stdout {} => run_stdout(queue, metrics).await,
+        SinkConfig::Udp { target } => run_udp(target, queue, metrics, route).await,
+        SinkConfig::Tcp { connect, framing } => {
+            run_tcp(connect, framing, queue, metrics, route).await
+        }
+    }
+}
+
+/// Waits for a record, then takes what else is queued, up to a batch.
+async fn next_batch(queue: &flume::Receiver<Record>, batch: &mut Vec<Record>) -> bool {
+    match queue.recv_async().await {
+        Ok(record) => batch.push(record),
+        Err(_) => return false,
+    }
+    while batch.len() < BATCH {
+        match queue.try_recv() {
+            Ok(record) => batch.push(record),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+async fn write_json_batch<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    batch: &[Record],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    buf.clear();
+    for record in batch {
+        json_line(record, buf);
+    }
+    writer.write_all(buf).await?;
+    writer.flush().await
+}
+
+async fn run_file(
+    path: PathBuf,
+    queue: flume::Receiver<Record>,
+    metrics: RouteMetrics,
+    route: String,
+) {
+    let mut batch = Vec::new();
+    let mut buf = Vec::new();
+    let mut file: Option<tokio::fs::File> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        // A batch that failed is kept and retried before anything new is taken.
+        if batch.is_empty() && !next_batch(&queue, &mut batch).await {
+            return;
+        }
+        metrics.queue.set(queue.len() as i64);
+        if file.is_none() {
+            if let Some(dir) = path.parent() {
+                let _ = tokio::fs::create_dir_all(dir).await;
+            }
+            match tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .await
+            {
+                Ok(f) => file = Some(f),
+                Err(e) => {
+                    metrics.errors.inc();
+                    tracing::warn!(%route, path = %path.display(), error = %e, "file sink cannot open its file; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let f = file.as_mut().expect("opened above");
+        match write_json_batch(f, &batch, &mut buf).await {
+            Ok(()) => {
+                metrics.delivered.inc_by(batch.len() as u64);
+                batch.clear();
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                metrics.errors.inc();
+                tracing::warn!(%route, path = %path.display(), error = %e, "file sink write failed; retrying");
+                file = None;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn run_stdout(queue: flume::Receiver<Record>, metrics: RouteMetrics) {
+    let mut batch = Vec::new();
+    let mut buf = Vec::new();
+    let mut out = tokio::io::stdout();
+    while next_batch(&queue, &mut batch).await {
+        metrics.queue.set(queue.len() as i64);
+        match write_json_batch(&mut out, &batch, &mut buf).await {
+            Ok(()) => {
+                metrics.delivered.inc_by(batch.len() as u64);
+            }
+            Err(_) => {
+                metrics.errors.inc();
+            }
+        }
+        batch.clear();
+    }
+}
+
+async fn run_udp(
+    target: String,
+    queue: flume::Receiver<Record>,
+    metrics: RouteMetrics,
+    route: String,
+) {
+    let target: SocketAddr = match tokio::net::lookup_host(&target)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+    {
+        Some(addr) => addr,
+        None => {
+            tracing::error!(%route, %target, "udp sink target does not resolve");
+            return;
+        }
+    };
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("literal");
+    let socket = match UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%route, error = %e, "udp sink cannot bind");
+            return;
+        }
+    };
+    let mut batch = Vec::new();
+    while next_batch(&queue, &mut batch).await {
+        metrics.queue.set(queue.len() as i64);
+        for record in batch.drain(..) {
+            match socket.send_to(&record.payload, target).await {
+                Ok(_) => {
+                    metrics.delivered.inc();
+                }
+                Err(e) => {
+                    if metrics.errors.inc() % 1000 == 0 {
+                        tracing::warn!(%route, %target, error = %e, "udp sink send failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn run_tcp(
+    connect: String,
+    framing: Framing,
+    queue: flume::Receiver<Record>,
+    metrics: RouteMetrics,
+    route: String,
+) {
+    let mut batch: Vec<Record> = Vec::new();
+    let mut buf = Vec::new();
+    let mut conn: Option<BufWriter<TcpStream>> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        // A batch whose write failed is sent again whole after reconnecting: at least once.
+        if batch.is_empty() && !next_batch(&queue, &mut batch).await {
+            break;
+        }
+        metrics.queue.set(queue.len() as i64);
+        if conn.is_none() {
+            match TcpStream::connect(&connect).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    tracing::info!(%route, %connect, "tcp sink connected");
+                    conn = Some(BufWriter::with_capacity(256 * 1024, stream));
+                    backoff = BACKOFF_MIN;
+                }
+                Err(e) => {
+                    if metrics.errors.inc() == 1 || backoff == BACKOFF_MAX {
+                        tracing::warn!(%route, %connect, error = %e, "tcp sink cannot connect; retrying");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let writer = conn.as_mut().expect("connected above");
+        let result = async {
+            for record in &batch {
+                buf.clear();
+                match framing {
+                    Framing::Lines => {
+                        buf.extend_from_slice(&record.payload);
+                        buf.push(b'\n');
+                    }
+                    Framing::Length => {
+                        buf.extend_from_slice(&(record.payload.len() as u32).to_be_bytes());
+                        buf.extend_from_slice(&record.payload);
+                    }
+                    Framing::Raw => buf.extend_from_slice(&record.payload),
+                }
+                writer.write_all(&buf).await?;
+            }
+            writer.flush().await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                metrics.delivered.inc_by(batch.len() as u64);
+                batch.clear();
+            }
+            Err(e) => {
+                metrics.errors.inc();
+                tracing::warn!(%route, %connect, error = %e, "tcp sink connection lost; reconnecting");
+                conn = None;
+            }
+        }
+    }
+    if let Some(mut writer) = conn {
+        let _ = writer.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn json_lines_follow_the_documented_shape() {
+        let mut out = Vec::new();
+        let record = Record {
+            topic: "line3/telemetry".into(),
+            seq: 7,
+            time_us: 1_764_100_000_123_456,
+            payload: Bytes::from_static(b"{\"t\":21.5}"),
+        };
+        json_line(&record, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["topic"], "line3/telemetry");
+        assert_eq!(line["seq"], 7);
+        assert_eq!(line["time"], "2025-11-25T19:46:40.123456Z");
+        assert_eq!(line["payload"], "{\"t\":21.5}");
+        let binary = Record {
+            payload: Bytes::from_static(&[0xff, 0x00]),
+            ..record
+        };
+        out.clear();
+        json_line(&binary, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["payload_base64"], "/wA=");
+        assert!(line.get("payload").is_none());
+    }
+}

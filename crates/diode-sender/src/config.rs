@@ -1,0 +1,469 @@
+//! `diode-send` configuration: the link, the metrics endpoint and the topics with their sources.
+//! Topics come from `[[topic]]` tables and from `topics_dir`, one topic per file.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use diode_common::config::Framing;
+use diode_common::config::{ConfigError, ConfigSource};
+use diode_wire::datagram::{DATAGRAM_OVERHEAD, IP_UDP_OVERHEAD};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    pub link: LinkConfig,
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    /// A directory of `*.toml` files, one topic each, relative to this file.
+    #[serde(default)]
+    pub topics_dir: Option<PathBuf>,
+    #[serde(default, rename = "topic")]
+    pub topics: Vec<TopicConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Where datagrams go: the diode's input side, `host:port`.
+    pub destination: String,
+    /// Local address to send from.
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// Pacing ceiling in megabits per second of wire bytes (UDP payload + IP/UDP headers).
+    pub rate_mbps: f64,
+    #[serde(default = "default_mtu")]
+    pub mtu_bytes: usize,
+    #[serde(default = "default_data_shards")]
+    pub data_shards: usize,
+    #[serde(default = "default_parity_shards")]
+    pub parity_shards: usize,
+    /// Blocks whose shards are spread over each other on the wire, against burst loss.
+    #[serde(default = "default_interleave_depth")]
+    pub interleave_depth: usize,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// A partial block leaves at most this long after its first record.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "default_send_buffer_bytes")]
+    pub send_buffer_bytes: usize,
+    /// Encoded data held for the link before sources are slowed (TCP) or dropped (UDP).
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
+    /// Records waiting between the sources and the encoder.
+    #[serde(default = "default_queue_records")]
+    pub queue_records: usize,
+    /// Largest record accepted from any source.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    pub source: SourceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// One datagram is one record.
+    Udp {
+        listen: String,
+        #[serde(default = "default_udp_receive_buffer_bytes")]
+        receive_buffer_bytes: usize,
+    },
+    /// A TCP listener; records are cut from each connection by `framing`.
+    Tcp {
+        listen: String,
+        #[serde(default)]
+        framing: Framing,
+        #[serde(default = "default_max_connections")]
+        max_connections: usize,
+    },
+}
+
+impl SourceConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Udp { .. } => "udp",
+            SourceConfig::Tcp { .. } => "tcp",
+        }
+    }
+
+    fn listen(&self) -> &str {
+        match self {
+            SourceConfig::Udp { listen, .. } | SourceConfig::Tcp { listen, .. } => listen,
+        }
+    }
+}
+
+fn default_bind() -> String {
+    "0.0.0.0:0".into()
+}
+fn default_mtu() -> usize {
+    1500
+}
+fn default_data_shards() -> usize {
+    32
+}
+fn default_parity_shards() -> usize {
+    8
+}
+fn default_interleave_depth() -> usize {
+    4
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    500
+}
+fn default_flush_interval_ms() -> u64 {
+    5
+}
+fn default_send_buffer_bytes() -> usize {
+    4 << 20
+}
+fn default_max_queued_bytes() -> usize {
+    16 << 20
+}
+fn default_queue_records() -> usize {
+    65_536
+}
+fn default_max_record_bytes() -> usize {
+    16 << 20
+}
+fn default_udp_receive_buffer_bytes() -> usize {
+    4 << 20
+}
+fn default_max_connections() -> usize {
+    16
+}
+
+/// A loaded, checked configuration with every address resolved.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: SenderConfig,
+    pub destination: SocketAddr,
+    pub bind: SocketAddr,
+    /// Where each topic was defined, for messages.
+    pub topic_origins: Vec<String>,
+}
+
+impl LinkConfig {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms)
+    }
+
+    /// Wire bytes of the largest datagram.
+    pub fn max_datagram_wire_bytes(&self) -> usize {
+        self.mtu_bytes
+    }
+
+    /// Payload bytes one full block carries.
+    pub fn block_capacity_bytes(&self) -> usize {
+        self.data_shards * (self.mtu_bytes - IP_UDP_OVERHEAD - DATAGRAM_OVERHEAD)
+    }
+}
+
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let source = ConfigSource::read(path)?;
+    let mut config: SenderConfig = source.parse()?;
+    let mut origins: Vec<String> = (0..config.topics.len())
+        .map(|i| format!("{}: topic[{i}]", path.display()))
+        .collect();
+    validate_link(&source, &config.link)?;
+    for (i, topic) in config.topics.iter().enumerate() {
+        validate_topic(&source, &format!("topic[{i}]"), topic)?;
+    }
+    if let Some(dir) = &config.topics_dir {
+        let dir = source.resolve(dir);
+        let entries = std::fs::read_dir(&dir).map_err(|e| {
+            source.invalid("topics_dir", format!("cannot read {}: {e}", dir.display()))
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let topic_source = ConfigSource::read(&file)?;
+            let topic: TopicConfig = topic_source.parse()?;
+            validate_topic(&topic_source, "", &topic)?;
+            origins.push(file.display().to_string());
+            config.topics.push(topic);
+        }
+    }
+    if config.topics.is_empty() {
+        return Err(source.invalid("topic", "no topics: add [[topic]] tables or a topics_dir"));
+    }
+    let mut seen_names: HashMap<&str, usize> = HashMap::new();
+    let mut seen_listens: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, topic) in config.topics.iter().enumerate() {
+        if let Some(first) = seen_names.insert(&topic.name, i) {
+            return Err(source.invalid(
+                "topic",
+                format!(
+                    "topic {:?} is defined twice: {} and {}",
+                    topic.name, origins[first], origins[i]
+                ),
+            ));
+        }
+        let protocol = match topic.source {
+            SourceConfig::Udp { .. } => "udp",
+            SourceConfig::Tcp { .. } => "tcp",
+        };
+        if let Some(first) = seen_listens.insert((protocol, topic.source.listen()), i) {
+            return Err(source.invalid(
+                "topic",
+                format!(
+                    "{} {} is the source of two topics: {} and {}",
+                    protocol,
+                    topic.source.listen(),
+                    origins[first],
+                    origins[i]
+                ),
+            ));
+        }
+    }
+    if let Some(metrics) = &config.metrics {
+        resolve(&source, "metrics.listen", &metrics.listen)?;
+    }
+    let destination = resolve(&source, "link.destination", &config.link.destination)?;
+    let bind = resolve(&source, "link.bind", &config.link.bind)?;
+    Ok(Loaded {
+        config,
+        destination,
+        bind,
+        topic_origins: origins,
+    })
+}
+
+fn resolve(source: &ConfigSource, key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.to_socket_addrs()
+        .map_err(|e| source.invalid(key, format!("{addr:?} is not a host:port address: {e}")))?
+        .next()
+        .ok_or_else(|| source.invalid(key, format!("{addr:?} resolves to no address")))
+}
+
+fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigError> {
+    let check = |ok: bool, key: &str, message: String| {
+        if ok {
+            Ok(())
+        } else {
+            Err(source.invalid(&format!("link.{key}"), message))
+        }
+    };
+    check(
+        link.rate_mbps.is_finite() && link.rate_mbps > 0.0,
+        "rate_mbps",
+        format!(
+            "{} must be a positive number of megabits per second",
+            link.rate_mbps
+        ),
+    )?;
+    check(
+        (576..=65_535).contains(&link.mtu_bytes),
+        "mtu_bytes",
+        format!("{} is outside 576..=65535", link.mtu_bytes),
+    )?;
+    check(
+        (1..=200).contains(&link.data_shards),
+        "data_shards",
+        format!("{} is outside 1..=200", link.data_shards),
+    )?;
+    check(
+        link.data_shards + link.parity_shards <= 255,
+        "parity_shards",
+        format!(
+            "data_shards + parity_shards is {}, at most 255 fit one block",
+            link.data_shards + link.parity_shards
+        ),
+    )?;
+    check(
+        (1..=64).contains(&link.interleave_depth),
+        "interleave_depth",
+        format!("{} is outside 1..=64", link.interleave_depth),
+    )?;
+    check(
+        (10..=60_000).contains(&link.heartbeat_interval_ms),
+        "heartbeat_interval_ms",
+        format!("{} is outside 10..=60000", link.heartbeat_interval_ms),
+    )?;
+    check(
+        link.flush_interval_ms <= 10_000,
+        "flush_interval_ms",
+        format!("{} is above 10000", link.flush_interval_ms),
+    )?;
+    check(
+        link.max_queued_bytes >= 2 * link.block_capacity_bytes(),
+        "max_queued_bytes",
+        format!(
+            "{} is below two full blocks ({} bytes)",
+            link.max_queued_bytes,
+            2 * link.block_capacity_bytes()
+        ),
+    )?;
+    check(
+        link.queue_records >= 1,
+        "queue_records",
+        "must be at least 1".into(),
+    )?;
+    check(
+        (1..=(256 << 20)).contains(&link.max_record_bytes),
+        "max_record_bytes",
+        format!("{} is outside 1..=268435456", link.max_record_bytes),
+    )
+}
+
+fn validate_topic(
+    source: &ConfigSource,
+    prefix: &str,
+    topic: &TopicConfig,
+) -> Result<(), ConfigError> {
+    let key = |k: &str| {
+        if prefix.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    if !diode_wire::is_valid_topic(&topic.name) {
+        return Err(source.invalid(
+            &key("name"),
+            format!(
+                "{:?}: a topic name is 1 to 255 bytes without + or #",
+                topic.name
+            ),
+        ));
+    }
+    resolve(source, &key("source.listen"), topic.source.listen())?;
+    if let SourceConfig::Tcp {
+        max_connections, ..
+    } = topic.source
+    {
+        if max_connections == 0 {
+            return Err(source.invalid(&key("source.max_connections"), "must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const ISSUE_EXAMPLE: &str = r#"
+[link]
+destination = "127.0.0.1:47000"
+rate_mbps = 40            # pacing ceiling: the sender never exceeds it
+mtu_bytes = 1500
+data_shards = 32
+parity_shards = 8
+heartbeat_interval_ms = 500
+flush_interval_ms = 5     # a partial block leaves at most this long after its first record
+
+[metrics]
+listen = "127.0.0.1:9181"
+
+[[topic]]
+name = "line3/telemetry"
+source = { kind = "udp", listen = "127.0.0.1:5140" }        # one datagram = one record
+
+[[topic]]
+name = "historian/events"
+source = { kind = "tcp", listen = "127.0.0.1:5141", framing = "lines" }  # one line (without its terminator) = one record
+"#;
+
+    #[test]
+    fn the_documented_example_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = load(&write(dir.path(), "sender.toml", ISSUE_EXAMPLE)).unwrap();
+        assert_eq!(loaded.config.topics.len(), 2);
+        assert_eq!(loaded.destination.port(), 47000);
+        assert_eq!(loaded.config.link.interleave_depth, 4);
+    }
+
+    #[test]
+    fn topics_dir_adds_topics_and_rejects_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("topics.d")).unwrap();
+        write(
+            &dir.path().join("topics.d"),
+            "a.toml",
+            "name = \"plant/a\"\nsource = { kind = \"udp\", listen = \"127.0.0.1:5150\" }\n",
+        );
+        let text = format!("topics_dir = \"topics.d\"\n{ISSUE_EXAMPLE}");
+        let loaded = load(&write(dir.path(), "sender.toml", &text)).unwrap();
+        assert_eq!(loaded.config.topics.len(), 3);
+        write(
+            &dir.path().join("topics.d"),
+            "b.toml",
+            "name = \"line3/telemetry\"\nsource = { kind = \"udp\", listen = \"127.0.0.1:5151\" }\n",
+        );
+        let err = load(&dir.path().join("sender.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("defined twice") && err.contains("b.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = ISSUE_EXAMPLE.replace("rate_mbps = 40", "rate_mbps = 0");
+        let err = load(&write(dir.path(), "s.toml", &bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s.toml:4: `link.rate_mbps`"), "{err}");
+        let bad = ISSUE_EXAMPLE.replace("kind = \"udp\"", "kind = \"carrier-pigeon\"");
+        let err = load(&write(dir.path(), "s.toml", &bad))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s.toml:16:") && err.contains("carrier-pigeon"),
+            "{err}"
+        );
+        let bad = ISSUE_EXAMPLE.replace("framing = \"lines\"", "framing = \"lines\", colour = 1");
+        let err = load(&write(dir.path(), "s.toml", &bad))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s.toml:20:") && err.contains("colour"),
+            "{err}"
+        );
+        let bad = ISSUE_EXAMPLE.replace("line3/telemetry", "line3/#");
+        let err = load(&write(dir.path(), "s.toml", &bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`topic[0].name`"), "{err}");
+        let bad = ISSUE_EXAMPLE
+            .replace("5141", "5140")
+            .replace("kind = \"tcp\"", "kind = \"udp\"")
+            .replace(", framing = \"lines\"", "");
+        let err = load(&write(dir.path(), "s.toml", &bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("source of two topics"), "{err}");
+    }
+}

@@ -1,0 +1,246 @@
+//! `diode-send`, the OT side: sources take plant data in as records per topic; the link thread
+//! encodes them into FEC-protected blocks (`diode-wire`) and paces the datagrams onto the
+//! one-way link. Nothing is ever read back from the link.
+//!
+//! ```text
+//! sources (tokio tasks) ──bounded queue──► link thread: Encoder ─► Pacer ─► UDP socket ─► diode
+//! ```
+
+pub mod config;
+pub mod link;
+pub mod metrics;
+pub mod sources;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use diode_common::net::{udp_socket, Buffer};
+use diode_common::{unix_time_us, Shutdown};
+use diode_wire::{Encoder, EncoderConfig, Pacer};
+use prometheus_client::registry::Registry;
+use thiserror::Error;
+
+use crate::config::Loaded;
+use crate::metrics::SenderMetrics;
+use crate::sources::{BoundSource, SourceContext};
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link settings: {0}")]
+    Encoder(#[from] diode_wire::EncoderConfigError),
+    #[error("topic {0}: {1}")]
+    Topic(String, diode_wire::encoder::AddTopicError),
+    #[error("cannot start the link thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A started sender.
+pub struct RunningSender {
+    pub session_id: u64,
+    pub metrics_addr: Option<SocketAddr>,
+    /// Each topic's source address as bound (useful when configured with port 0).
+    pub source_addrs: Vec<(String, SocketAddr)>,
+    pub registry: Arc<Registry>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl RunningSender {
+    /// Resolves when the link thread has sent what it held and stopped.
+    pub async fn finished(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Binds everything (so a taken port fails here), then runs until `shutdown`.
+/// Must be called from within a tokio runtime.
+pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, StartError> {
+    let config = loaded.config;
+    let link = &config.link;
+    let session_id = rand::random::<u64>() | 1;
+    let now = Instant::now();
+    let start_us = unix_time_us();
+    let mut encoder = Encoder::new(
+        EncoderConfig {
+            session_id,
+            mtu_bytes: link.mtu_bytes,
+            data_shards: link.data_shards,
+            parity_shards: link.parity_shards,
+            interleave_depth: link.interleave_depth,
+            flush_interval: link.flush_interval(),
+            heartbeat_interval: link.heartbeat_interval(),
+            session_start_time_us: start_us,
+        },
+        now,
+    )?;
+
+    let mut registry = Registry::default();
+    let metrics = SenderMetrics::new(&mut registry);
+    metrics.session_start_seconds.set(start_us / 1_000_000);
+    let (queue_tx, queue_rx) = flume::bounded(link.queue_records);
+
+    let mut topic_metrics = Vec::new();
+    let mut bound = Vec::new();
+    for topic in &config.topics {
+        let id = encoder
+            .add_topic(&topic.name)
+            .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
+        let addr = resolve_listen(&topic.source)?;
+        let source = BoundSource::bind(&topic.source, addr).map_err(|source| StartError::Bind {
+            what: format!("the {} source of topic {}", topic.source.kind(), topic.name),
+            addr,
+            source,
+        })?;
+        let local = source.local_addr().unwrap_or(addr);
+        let tm = metrics.topic(&topic.name);
+        topic_metrics.push(tm.clone());
+        bound.push((topic.name.clone(), local, source, id, tm));
+    }
+
+    let socket =
+        udp_socket(loaded.bind, Buffer::Send, link.send_buffer_bytes).map_err(|source| {
+            StartError::Bind {
+                what: "the link socket".into(),
+                addr: loaded.bind,
+                source,
+            }
+        })?;
+
+    let registry = Arc::new(registry);
+    let metrics_addr = match &config.metrics {
+        Some(m) => {
+            let addr = resolve_addr(&m.listen)?;
+            Some(
+                diode_common::metrics::serve(&m.listen, registry.clone(), shutdown.clone())
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: "the metrics endpoint".into(),
+                        addr,
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
+
+    let mut source_addrs = Vec::new();
+    for (name, local, source, id, tm) in bound {
+        source_addrs.push((name.clone(), local));
+        let ctx = SourceContext {
+            topic: id,
+            name: Arc::from(name.as_str()),
+            queue: queue_tx.clone(),
+            metrics: tm,
+            max_record_bytes: link.max_record_bytes,
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(source.run(ctx));
+    }
+    // Only the sources hold the queue now: when they stop, the link thread drains and stops.
+    drop(queue_tx);
+
+    let thread = link::LinkThread {
+        encoder,
+        pacer: Pacer::new(link.rate_mbps, link.max_datagram_wire_bytes(), now),
+        socket,
+        destination: loaded.destination,
+        queue: queue_rx,
+        max_queued_bytes: link.max_queued_bytes,
+        metrics,
+        topics: topic_metrics,
+        shutdown,
+    };
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("diode-link".into())
+        .spawn(move || {
+            thread.run();
+            let _ = done_tx.send(());
+        })
+        .map_err(StartError::Thread)?;
+
+    tracing::info!(
+        session = format_args!("{session_id:016x}"),
+        destination = %loaded.destination,
+        rate_mbps = link.rate_mbps,
+        topics = config.topics.len(),
+        "sender started"
+    );
+    Ok(RunningSender {
+        session_id,
+        metrics_addr,
+        source_addrs,
+        registry,
+        done,
+    })
+}
+
+fn resolve_addr(addr: &str) -> Result<SocketAddr, StartError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| StartError::Bind {
+            what: format!("address {addr}"),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "does not resolve"),
+        })
+}
+
+fn resolve_listen(source: &config::SourceConfig) -> Result<SocketAddr, StartError> {
+    match source {
+        config::SourceConfig::Udp { listen, .. } | config::SourceConfig::Tcp { listen, .. } => {
+            resolve_addr(listen)
+        }
+    }
+}
+
+/// A readable summary of what a configuration would do, for `diode-send check`.
+pub fn describe(loaded: &Loaded) -> String {
+    let link = &loaded.config.link;
+    let shard = link.mtu_bytes
+        - diode_wire::datagram::IP_UDP_OVERHEAD
+        - diode_wire::datagram::DATAGRAM_OVERHEAD;
+    let mut out = format!(
+        "link: {} -> {} at most {} Mb/s, MTU {} ({} bytes a shard)\n\
+         fec: {} data + {} parity shards a full block ({} bytes of records), interleaved {} blocks deep;\n     \
+         survives {} lost datagrams per block, {:.0}% parity overhead\n\
+         timing: partial blocks leave within {} ms, heartbeat every {} ms\n",
+        loaded.bind,
+        loaded.destination,
+        link.rate_mbps,
+        link.mtu_bytes,
+        shard,
+        link.data_shards,
+        link.parity_shards,
+        link.block_capacity_bytes(),
+        link.interleave_depth,
+        link.parity_shards,
+        100.0 * link.parity_shards as f64 / link.data_shards as f64,
+        link.flush_interval_ms,
+        link.heartbeat_interval_ms,
+    );
+    if let Some(m) = &loaded.config.metrics {
+        out += &format!("metrics: http://{}/metrics\n", m.listen);
+    }
+    out += &format!("topics ({}):\n", loaded.config.topics.len());
+    for (topic, origin) in loaded.config.topics.iter().zip(&loaded.topic_origins) {
+        let source = match &topic.source {
+            config::SourceConfig::Udp { listen, .. } => {
+                format!("udp {listen}, one datagram a record")
+            }
+            config::SourceConfig::Tcp {
+                listen, framing, ..
+            } => format!("tcp {listen}, framing {framing:?}").to_lowercase(),
+        };
+        out += &format!("  {:<24} {source}   ({origin})\n", topic.name);
+    }
+    out
+}

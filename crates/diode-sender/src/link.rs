@@ -1,0 +1,160 @@
+//! The link thread: the only place that touches the link socket. It moves records from the source
+//! queue into the encoder and datagrams from the encoder onto the wire, never faster than the pacer
+//! allows. FEC runs here, off the async threads that serve the sources.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use diode_common::{unix_time_us, Shutdown};
+use diode_wire::datagram::IP_UDP_OVERHEAD;
+use diode_wire::{Encoder, Pacer};
+
+use crate::metrics::{SenderMetrics, TopicMetrics};
+use crate::sources::Ingest;
+
+/// How long a clean stop may take to send what is queued.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+pub struct LinkThread {
+    pub encoder: Encoder,
+    pub pacer: Pacer,
+    pub socket: UdpSocket,
+    pub destination: SocketAddr,
+    pub queue: flume::Receiver<Ingest>,
+    pub max_queued_bytes: usize,
+    pub metrics: SenderMetrics,
+    /// Indexed by topic id.
+    pub topics: Vec<TopicMetrics>,
+    pub shutdown: Shutdown,
+}
+
+impl LinkThread {
+    pub fn run(mut self) {
+        // Datagram taken from the encoder but held back by the pacer.
+        let mut held: Option<Bytes> = None;
+        let mut noted_drops = vec![0u64; self.topics.len()];
+        let mut noted_errors = 0u64;
+        let mut last_stats = self.encoder.stats().clone();
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let mut disconnected = false;
+            while self.encoder.queued_bytes() < self.max_queued_bytes {
+                match self.queue.try_recv() {
+                    Ok(ingest) => self.push(now, ingest),
+                    Err(flume::TryRecvError::Empty) => break,
+                    Err(flume::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+            // Drops at the sources go into heartbeats, so the IT side sees OT-side loss.
+            for (i, topic) in self.topics.iter().enumerate() {
+                let dropped = topic.dropped_total();
+                if dropped > noted_drops[i] {
+                    self.encoder
+                        .note_dropped(diode_wire::TopicId::from_index(i), dropped - noted_drops[i]);
+                    noted_drops[i] = dropped;
+                }
+            }
+            let errors: u64 = self.topics.iter().map(TopicMetrics::errors_total).sum();
+            self.encoder.note_source_errors(errors - noted_errors);
+            noted_errors = errors;
+
+            if (disconnected || self.shutdown.is_triggered()) && stopping_since.is_none() {
+                stopping_since = Some(now);
+                self.encoder.finish(now, unix_time_us());
+            }
+            self.encoder.handle_timeout(now, unix_time_us());
+            self.transmit(now, &mut held);
+            self.update_metrics(&mut last_stats);
+
+            if let Some(since) = stopping_since {
+                if (disconnected && held.is_none() && self.encoder.is_idle())
+                    || now.duration_since(since) > DRAIN_LIMIT
+                {
+                    if !self.encoder.is_idle() {
+                        tracing::warn!("stopped before the link queue was empty");
+                    }
+                    return;
+                }
+            }
+
+            // Sleep until the next thing to do: a record, a timer, or pacer credit.
+            let mut wake = self.encoder.poll_timeout();
+            if held.is_some() {
+                let credit = self.pacer.ready_at(now, 0);
+                wake = Some(wake.map_or(credit, |w| w.min(credit)));
+            }
+            let wake = wake
+                .unwrap_or(now + Duration::from_millis(100))
+                .min(now + Duration::from_millis(100));
+            let queue_open = !disconnected && self.encoder.queued_bytes() < self.max_queued_bytes;
+            if queue_open {
+                match self.queue.recv_deadline(wake) {
+                    Ok(ingest) => self.push(Instant::now(), ingest),
+                    Err(flume::RecvTimeoutError::Timeout) => {}
+                    Err(flume::RecvTimeoutError::Disconnected) => {}
+                }
+            } else if let Some(pause) = wake.checked_duration_since(Instant::now()) {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+
+    fn push(&mut self, now: Instant, ingest: Ingest) {
+        let topic = ingest.topic.index();
+        if self
+            .encoder
+            .push(now, ingest.topic, ingest.time_us, ingest.payload)
+            .is_ok()
+        {
+            self.topics[topic].records_in.inc();
+        }
+    }
+
+    /// Sends what the pacer allows.
+    fn transmit(&mut self, now: Instant, held: &mut Option<Bytes>) {
+        loop {
+            if held.is_none() {
+                *held = self.encoder.poll_transmit(now);
+            }
+            let Some(datagram) = held.as_ref() else {
+                return;
+            };
+            if !self.pacer.ready(now) {
+                return;
+            }
+            let wire = datagram.len() + IP_UDP_OVERHEAD;
+            self.pacer.consume(wire);
+            match self.socket.send_to(datagram, self.destination) {
+                Ok(_) => {
+                    self.metrics.datagrams_sent.inc();
+                    self.metrics.link_bytes_sent.inc_by(wire as u64);
+                }
+                Err(e) => {
+                    if self.metrics.send_errors.inc() % 1000 == 0 {
+                        tracing::warn!(error = %e, destination = %self.destination, "link send failed");
+                    }
+                }
+            }
+            *held = None;
+        }
+    }
+
+    fn update_metrics(&mut self, last: &mut diode_wire::EncoderStats) {
+        let stats = self.encoder.stats();
+        self.metrics
+            .blocks_sent
+            .inc_by(stats.blocks_sealed - last.blocks_sealed);
+        self.metrics
+            .heartbeats_sent
+            .inc_by(stats.heartbeats - last.heartbeats);
+        self.metrics
+            .queued_bytes
+            .set(self.encoder.queued_bytes() as i64);
+        *last = stats.clone();
+    }
+}

@@ -1,0 +1,150 @@
+//! The sender's metrics. Topic labels only for configured topics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicReasonLabels {
+    pub topic: String,
+    pub reason: String,
+}
+
+#[derive(Clone)]
+pub struct SenderMetrics {
+    pub records_in: Family<TopicLabels, Counter>,
+    pub records_dropped: Family<TopicReasonLabels, Counter>,
+    pub source_errors: Family<TopicReasonLabels, Counter>,
+    pub source_connections: Family<TopicLabels, Gauge>,
+    pub datagrams_sent: Counter,
+    pub link_bytes_sent: Counter,
+    pub blocks_sent: Counter,
+    pub heartbeats_sent: Counter,
+    pub send_errors: Counter,
+    pub queued_bytes: Gauge,
+    pub session_start_seconds: Gauge,
+}
+
+/// Per-topic handles, resolved once so the hot path touches only atomics.
+#[derive(Clone)]
+pub struct TopicMetrics {
+    pub records_in: Counter,
+    pub dropped_queue_full: Counter,
+    pub dropped_oversize: Counter,
+    pub errors_io: Counter,
+    pub errors_framing: Counter,
+    pub connections: Gauge,
+}
+
+impl TopicMetrics {
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_queue_full.get() + self.dropped_oversize.get()
+    }
+
+    pub fn errors_total(&self) -> u64 {
+        self.errors_io.get() + self.errors_framing.get()
+    }
+}
+
+impl SenderMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = SenderMetrics {
+            records_in: Family::default(),
+            records_dropped: Family::default(),
+            source_errors: Family::default(),
+            source_connections: Family::default(),
+            datagrams_sent: Counter::default(),
+            link_bytes_sent: Counter::default(),
+            blocks_sent: Counter::default(),
+            heartbeats_sent: Counter::default(),
+            send_errors: Counter::default(),
+            queued_bytes: Gauge::default(),
+            session_start_seconds: Gauge::default(),
+        };
+        registry.register(
+            "diode_records_in",
+            "Records taken in from sources",
+            m.records_in.clone(),
+        );
+        registry.register(
+            "diode_records_dropped",
+            "Records not taken in (queue_full: the link is saturated; oversize: above max_record_bytes)",
+            m.records_dropped.clone(),
+        );
+        registry.register(
+            "diode_source_errors",
+            "Source I/O and framing errors",
+            m.source_errors.clone(),
+        );
+        registry.register(
+            "diode_source_connections",
+            "Open TCP source connections",
+            m.source_connections.clone(),
+        );
+        registry.register(
+            "diode_datagrams_sent",
+            "Datagrams sent on the link",
+            m.datagrams_sent.clone(),
+        );
+        registry.register(
+            "diode_link_bytes_sent",
+            "Wire bytes sent on the link (UDP payload plus IP and UDP headers)",
+            m.link_bytes_sent.clone(),
+        );
+        registry.register(
+            "diode_blocks_sent",
+            "FEC blocks sent",
+            m.blocks_sent.clone(),
+        );
+        registry.register(
+            "diode_heartbeats_sent",
+            "Heartbeats sent",
+            m.heartbeats_sent.clone(),
+        );
+        registry.register(
+            "diode_send_errors",
+            "Datagrams the socket refused",
+            m.send_errors.clone(),
+        );
+        registry.register(
+            "diode_encoder_queued_bytes",
+            "Encoded bytes waiting for the link",
+            m.queued_bytes.clone(),
+        );
+        registry.register(
+            "diode_session_start_seconds",
+            "Unix time the current session started",
+            m.session_start_seconds.clone(),
+        );
+        m
+    }
+
+    pub fn topic(&self, topic: &str) -> TopicMetrics {
+        let labels = TopicLabels {
+            topic: topic.to_owned(),
+        };
+        let reason = |r: &str| TopicReasonLabels {
+            topic: topic.to_owned(),
+            reason: r.to_owned(),
+        };
+        TopicMetrics {
+            records_in: self.records_in.get_or_create_owned(&labels),
+            dropped_queue_full: self
+                .records_dropped
+                .get_or_create_owned(&reason("queue_full")),
+            dropped_oversize: self
+                .records_dropped
+                .get_or_create_owned(&reason("oversize")),
+            errors_io: self.source_errors.get_or_create_owned(&reason("io")),
+            errors_framing: self.source_errors.get_or_create_owned(&reason("framing")),
+            connections: self.source_connections.get_or_create_owned(&labels),
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Sources: each turns what a plant system sends into records of one topic.
+//!
+//! Sources only listen: they never connect out, never scan, never answer with anything but what
+//! their protocol requires. A full queue towards the link slows TCP senders (TCP flow control) and
+//! drops UDP datagrams, counted (`diode_records_dropped_total{reason="queue_full"}`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use diode_common::net::{udp_socket, Buffer};
+use diode_common::{unix_time_us, Shutdown};
+use diode_wire::TopicId;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use crate::config::{Framing, SourceConfig};
+use crate::metrics::TopicMetrics;
+
+/// A record on its way from a source to the link thread.
+pub struct Ingest {
+    pub topic: TopicId,
+    pub time_us: i64,
+    pub payload: Bytes,
+}
+
+/// What every source of one topic needs.
+#[derive(Clone)]
+pub struct SourceContext {
+    pub topic: TopicId,
+    pub name: Arc<str>,
+    pub queue: flume::Sender<Ingest>,
+    pub metrics: TopicMetrics,
+    pub max_record_bytes: usize,
+    pub shutdown: Shutdown,
+}
+
+/// Chunk size read from a raw TCP stream: one record per read of up to this many bytes.
+const RAW_CHUNK_BYTES: usize = 64 * 1024;
+
+/// A bound source, ready to run. Binding happens at start-up so a taken port stops the service.
+pub enum BoundSource {
+    Udp(UdpSocket),
+    Tcp {
+        listener: TcpListener,
+        framing: Framing,
+        max_connections: usize,
+    },
+}
+
+impl BoundSource {
+    /// Must be called inside the runtime.
+    pub fn bind(config: &SourceConfig, addr: SocketAddr) -> std::io::Result<Self> {
+        match config {
+            SourceConfig::Udp {
+                receive_buffer_bytes,
+                ..
+            } => {
+                let socket = udp_socket(addr, Buffer::Receive, *receive_buffer_bytes)?;
+                socket.set_nonblocking(true)?;
+                Ok(BoundSource::Udp(UdpSocket::from_std(socket)?))
+            }
+            SourceConfig::Tcp {
+                framing,
+                max_connections,
+                ..
+            } => {
+                let listener = std::net::TcpListener::bind(addr)?;
+                listener.set_nonblocking(true)?;
+                Ok(BoundSource::Tcp {
+                    listener: TcpListener::from_std(listener)?,
+                    framing: *framing,
+                    // A raw stream is one ordered byte stream: one connection at a time.
+                    max_connections: if *framing == Framing::Raw {
+                        1
+                    } else {
+                        *max_connections
+                    },
+                })
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            BoundSource::Udp(socket) => socket.local_addr(),
+            BoundSource::Tcp { listener, .. } => listener.local_addr(),
+        }
+    }
+
+    pub async fn run(self, ctx: SourceContext) {
+        match self {
+            BoundSource::Udp(socket) => run_udp(socket, ctx).await,
+            BoundSource::Tcp {
+                listener,
+                framing,
+                max_connections,
+            } => run_tcp(listener, framing, max_connections, ctx).await,
+        }
+    }
+}
+
+async fn run_udp(socket: UdpSocket, ctx: SourceContext) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let received = tokio::select! {
+            _ = ctx.shutdown.wait() => return,
+            received = socket.recv_from(&mut buf) => received,
+        };
+        match received {
+            Ok((len, _)) if len > ctx.max_record_bytes => {
+                ctx.metrics.dropped_oversize.inc();
+            }
+            Ok((len, _)) => {
+                let ingest = Ingest {
+                    topic: ctx.topic,
+                    time_us: unix_time_us(),
+                    payload: Bytes::copy_from_slice(&buf[..len]),
+                };
+                match ctx.queue.try_send(ingest) {
+                    Ok(()) => {}
+                    Err(flume::TrySendError::Full(_)) => {
+                        if ctx.metrics.dropped_queue_full.inc() % 10_000 == 0 {
+                            tracing::warn!(topic = %ctx.name, "link queue full: dropping UDP records (see diode_records_dropped_total)");
+                        }
+                    }
+                    Err(flume::TrySendError::Disconnected(_)) => return,
+                }
+            }
+            Err(e) => {
+                ctx.metrics.errors_io.inc();
+                tracing::debug!(topic = %ctx.name, error = %e, "udp source receive error");
+            }
+        }
+    }
+}
+
+async fn run_tcp(
+    listener: TcpListener,
+    framing: Framing,
+    max_connections: usize,
+    ctx: SourceContext,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        // Wait for a free slot before accepting: extra clients wait in the listen backlog.
+        let permit = tokio::select! {
+            _ = ctx.shutdown.wait() => return,
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = ctx.shutdown.wait() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    ctx.metrics.errors_io.inc();
+                    tracing::warn!(topic = %ctx.name, error = %e, "tcp source accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            ctx.metrics.connections.inc();
+            tracing::debug!(topic = %ctx.name, %peer, "tcp source connection");
+            let result = tokio::select! {
+                _ = ctx.shutdown.wait() => Ok(()),
+                result = read_records(stream, framing, &ctx) => result,
+            };
+            if let Err(e) = result {
+                tracing::warn!(topic = %ctx.name, %peer, error = %e, "tcp source connection closed");
+            }
+            ctx.metrics.connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("length prefix {0} is above max_record_bytes; the stream cannot be resynchronised")]
+    Oversize(usize),
+    #[error("the link queue is closed")]
+    QueueClosed,
+}
+
+async fn read_records(
+    mut stream: TcpStream,
+    framing: Framing,
+    ctx: &SourceContext,
+) -> Result<(), ConnectionError> {
+    let mut buf = BytesMut::with_capacity(RAW_CHUNK_BYTES);
+    let mut lines = LineCutter::new(ctx.max_record_bytes);
+    loop {
+        if framing == Framing::Raw {
+            buf.reserve(RAW_CHUNK_BYTES);
+        }
+        let read = stream.read_buf(&mut buf).await.inspect_err(|_| {
+            ctx.metrics.errors_io.inc();
+        })?;
+        let eof = read == 0;
+        match framing {
+            Framing::Raw => {
+                if !buf.is_empty() {
+                    emit(ctx, buf.split().freeze()).await?;
+                }
+            }
+            Framing::Lines => {
+                while let Some(cut) = lines.next(&mut buf, eof) {
+                    match cut {
+                        Cut::Record(line) => emit(ctx, line).await?,
+                        Cut::Oversize => {
+                            ctx.metrics.dropped_oversize.inc();
+                        }
+                    }
+                }
+            }
+            Framing::Length => loop {
+                if buf.len() < 4 {
+                    break;
+                }
+                let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+                if len > ctx.max_record_bytes {
+                    ctx.metrics.dropped_oversize.inc();
+                    ctx.metrics.errors_framing.inc();
+                    return Err(ConnectionError::Oversize(len));
+                }
+                if buf.len() < 4 + len {
+                    buf.reserve(4 + len - buf.len());
+                    break;
+                }
+                buf.advance(4);
+                emit(ctx, buf.split_to(len).freeze()).await?;
+            },
+        }
+        if eof {
+            if framing == Framing::Length && !buf.is_empty() {
+                ctx.metrics.errors_framing.inc();
+            }
+            return Ok(());
+        }
+    }
+}
+
+async fn emit(ctx: &SourceContext, payload: Bytes) -> Result<(), ConnectionError> {
+    let ingest = Ingest {
+        topic: ctx.topic,
+        time_us: unix_time_us(),
+        payload,
+    };
+    // Waiting here stops reading the socket: TCP flow control slows the plant-side sender.
+    ctx.queue
+        .send_async(ingest)
+        .await
+        .map_err(|_| ConnectionError::QueueClosed)
+}
+
+enum Cut {
+    Record(Bytes),
+    Oversize,
+}
+
+/// Cuts lines out of a stream; a line longer than the limit is dropped whole, counted once.
+struct LineCutter {
+    max: usize,
+    scanned: usize,
+    discarding: bool,
+}
+
+impl LineCutter {
+    fn new(max: usize) -> Self {
+        LineCutter {
+            max,
+            scanned: 0,
+            discarding: false,
+        }
+    }
+
+    fn next(&mut self, buf: &mut BytesMut, eof: bool) -> Option<Cut> {
+        loop {
+            if let Some(pos) = buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let mut line = buf.split_to(self.scanned + pos + 1);
+                self.scanned = 0;
+                line.truncate(line.len() - 1);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(line.len() - 1);
+                }
+                if std::mem::take(&mut self.discarding) {
+                    continue;
+                }
+                if line.len() > self.max {
+                    return Some(Cut::Oversize);
+                }
+                return Some(Cut::Record(line.freeze()));
+            }
+            self.scanned = buf.len();
+            if buf.len() > self.max {
+                buf.clear();
+                self.scanned = 0;
+                if !std::mem::replace(&mut self.discarding, true) {
+                    return Some(Cut::Oversize);
+                }
+                return None;
+            }
+            if eof && !buf.is_empty() {
+                // A last line without a terminator is still a line.
+                self.scanned = 0;
+                let line = buf.split().freeze();
+                return (!std::mem::take(&mut self.discarding)).then_some(Cut::Record(line));
+            }
+            return None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut_all(input: &[&[u8]], max: usize) -> Vec<Result<Vec<u8>, ()>> {
+        let mut cutter = LineCutter::new(max);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for (i, chunk) in input.iter().enumerate() {
+            buf.extend_from_slice(chunk);
+            let eof = i + 1 == input.len();
+            while let Some(cut) = cutter.next(&mut buf, eof) {
+                out.push(match cut {
+                    Cut::Record(b) => Ok(b.to_vec()),
+                    Cut::Oversize => Err(()),
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn lines_across_reads_crlf_and_last_line() {
+        let out = cut_all(&[b"ab", b"c\r\nde\n\nf", b"g"], 100);
+        assert_eq!(
+            out,
+            vec![
+                Ok(b"abc".to_vec()),
+                Ok(b"de".to_vec()),
+                Ok(vec![]),
+                Ok(b"fg".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn an_oversize_line_is_dropped_whole_and_counted_once() {
+        let out = cut_all(&[b"ok\n0123456789", b"0123456789", b"0123\nnext\n", b""], 8);
+        assert_eq!(out, vec![Ok(b"ok".to_vec()), Err(()), Ok(b"next".to_vec())]);
+    }
+}
