@@ -1,0 +1,116 @@
+//! A synthetic plant for the demo: line 3's tags stream telemetry over UDP, one JSON sample per
+//! datagram, and a historian exports batches of events over TCP, one JSON line each.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diode_common::{unix_time_us, Shutdown};
+use diode_wire::sim::SimRng;
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug, Default)]
+pub struct PlantCounters {
+    pub telemetry_sent: AtomicU64,
+    pub events_sent: AtomicU64,
+}
+
+const TAGS: [(&str, &str, f64, f64); 8] = [
+    ("motor1/speed", "rpm", 1480.0, 25.0),
+    ("motor1/current", "A", 42.0, 3.0),
+    ("oven/temperature", "degC", 215.0, 4.0),
+    ("tank2/level", "%", 63.0, 8.0),
+    ("line/pressure", "bar", 6.2, 0.4),
+    ("pump4/flow", "m3/h", 18.5, 1.5),
+    ("press/vibration", "mm/s", 2.1, 0.6),
+    ("conveyor/speed", "m/min", 31.0, 0.8),
+];
+
+/// Samples `stations` copies of line 3's tags `rate_hz` times a second each.
+pub async fn run_telemetry(
+    target: SocketAddr,
+    stations: usize,
+    rate_hz: u32,
+    shutdown: Shutdown,
+    counters: Arc<PlantCounters>,
+) {
+    let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+        return;
+    };
+    let mut rng = SimRng::new(3);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let per_tick = (stations * TAGS.len() * rate_hz as usize).div_ceil(100);
+    let mut t = 0.0f64;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        t += 0.01;
+        for i in 0..per_tick {
+            let station = i / TAGS.len() % stations.max(1);
+            let (tag, unit, base, swing) = TAGS[i % TAGS.len()];
+            let noise = (rng.below(1000) as f64 / 1000.0 - 0.5) * swing * 0.1;
+            let value = base + swing * (t / 7.0 + i as f64).sin() + noise;
+            let sample = format!(
+                r#"{{"tag":"line3/st{station}/{tag}","value":{value:.3},"unit":"{unit}","quality":"good","ts":{}}}"#,
+                unix_time_us() / 1000
+            );
+            if socket.send_to(sample.as_bytes(), target).await.is_ok() {
+                counters.telemetry_sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Every `period`, the historian exports `batch` events over one kept-open TCP connection.
+pub async fn run_historian(
+    target: SocketAddr,
+    period: Duration,
+    batch: usize,
+    shutdown: Shutdown,
+    counters: Arc<PlantCounters>,
+) {
+    let mut rng = SimRng::new(5);
+    let mut tick = tokio::time::interval(period);
+    let mut conn: Option<tokio::net::TcpStream> = None;
+    let kinds = [
+        "alarm_high",
+        "alarm_cleared",
+        "setpoint_change",
+        "batch_start",
+        "batch_end",
+        "operator_note",
+    ];
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        if conn.is_none() {
+            conn = tokio::net::TcpStream::connect(target).await.ok();
+        }
+        let Some(stream) = conn.as_mut() else {
+            continue;
+        };
+        let mut text = String::new();
+        for _ in 0..batch {
+            let (tag, _, base, swing) = TAGS[rng.below(TAGS.len() as u64) as usize];
+            let kind = kinds[rng.below(kinds.len() as u64) as usize];
+            text += &format!(
+                r#"{{"ts":{},"source":"historian","tag":"line3/{tag}","event":"{kind}","value":{:.2}}}"#,
+                unix_time_us() / 1000,
+                base + swing * (rng.below(200) as f64 / 100.0 - 1.0)
+            );
+            text.push('\n');
+        }
+        if stream.write_all(text.as_bytes()).await.is_ok() {
+            counters
+                .events_sent
+                .fetch_add(batch as u64, Ordering::Relaxed);
+        } else {
+            conn = None;
+        }
+    }
+}
