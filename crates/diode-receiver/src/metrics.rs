@@ -200,6 +200,12 @@ impl ReceiverMetrics {
             "Records waiting for a sink",
             m.sink_queue_records.clone(),
         );
+        // Every reason exists from the start, at 0, so alerts can be written against it.
+        for reason in Rejected::ALL {
+            let _ = m.datagrams_rejected.get_or_create(&ReasonLabels {
+                reason: reason.as_str().to_owned(),
+            });
+        }
         m
     }
 

@@ -1,0 +1,243 @@
+//! Starts the real `diode-send` and `diode-recv` binaries on loopback, with the impairing relay
+//! between them, and reads what comes out.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diode_gateway::relay::{Relay, RelayConfig};
+use diode_gateway::scrape;
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+/// A running service process, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Service {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    pub metrics: SocketAddr,
+}
+
+impl Service {
+    pub fn start(binary: &str, config: &Path, log: PathBuf, metrics: SocketAddr) -> Service {
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        let service = Service {
+            child: Some(child),
+            log,
+            metrics,
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || scrape::fetch(metrics).is_ok()),
+            "{binary} did not serve metrics; log:\n{}",
+            service.log_text()
+        );
+        service
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics_text(&self) -> String {
+        scrape::fetch(self.metrics).unwrap_or_default()
+    }
+
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        scrape::sum(&self.metrics_text(), name, labels)
+    }
+
+    /// A clean stop, as systemd would do it; waits for the process to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A crash: no chance to send or write out anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sender, relay and receiver, configured from the TOML text given (with `{placeholders}`).
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub sender: Service,
+    pub receiver: Service,
+    pub relay: Relay,
+    pub link_port: u16,
+    pub sender_toml: PathBuf,
+    pub receiver_toml: PathBuf,
+}
+
+pub const SEND: &str = env!("CARGO_BIN_EXE_diode-send");
+pub const RECV: &str = env!("CARGO_BIN_EXE_diode-recv");
+
+impl Pair {
+    /// `sender_topics` and `receiver_routes` are the `[[topic]]` and `[[route]]` tables.
+    pub fn start(relay: RelayConfig, sender_topics: &str, receiver_routes: &str) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let link_port = free_udp_port();
+        let receiver_metrics: SocketAddr =
+            format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let receiver_toml = dir.path().join("receiver.toml");
+        std::fs::write(
+            &receiver_toml,
+            format!(
+                "[link]\nlisten = \"127.0.0.1:{link_port}\"\n\n[metrics]\nlisten = \"{receiver_metrics}\"\n\n{receiver_routes}"
+            ),
+        )
+        .unwrap();
+        let receiver = Service::start(
+            RECV,
+            &receiver_toml,
+            dir.path().join("receiver.log"),
+            receiver_metrics,
+        );
+        let relay = Relay::start(format!("127.0.0.1:{link_port}").parse().unwrap(), relay).unwrap();
+        let sender_metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let sender_toml = dir.path().join("sender.toml");
+        std::fs::write(
+            &sender_toml,
+            format!(
+                "[link]\ndestination = \"{}\"\nrate_mbps = 200\nheartbeat_interval_ms = 200\n\n[metrics]\nlisten = \"{sender_metrics}\"\n\n{sender_topics}",
+                relay.listen_addr
+            ),
+        )
+        .unwrap();
+        let sender = Service::start(
+            SEND,
+            &sender_toml,
+            dir.path().join("sender.log"),
+            sender_metrics,
+        );
+        Pair {
+            dir,
+            sender,
+            receiver,
+            relay,
+            link_port,
+            sender_toml,
+            receiver_toml,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn restart_sender(&mut self, crash: bool) {
+        if crash {
+            self.sender.kill();
+        } else {
+            self.sender.stop();
+        }
+        let metrics = self.sender.metrics;
+        self.sender = Service::start(SEND, &self.sender_toml, self.path("sender2.log"), metrics);
+    }
+
+    pub fn restart_receiver(&mut self) {
+        self.receiver.kill();
+        let metrics = self.receiver.metrics;
+        self.receiver = Service::start(
+            RECV,
+            &self.receiver_toml,
+            self.path("receiver2.log"),
+            metrics,
+        );
+    }
+
+    /// Whatever else a test checks: the receiver never sent a datagram back towards the link.
+    pub fn assert_one_way(&self) {
+        assert_eq!(
+            self.relay
+                .stats
+                .backwards
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the receiver sent datagrams towards the link"
+        );
+    }
+}
+
+/// The JSON lines of a file sink, parsed.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+pub fn line_count(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Sends UDP datagrams with a short pause every `burst` so the source's socket keeps up.
+pub fn send_udp(to: SocketAddr, payloads: impl IntoIterator<Item = Vec<u8>>, burst: usize) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (i, payload) in payloads.into_iter().enumerate() {
+        socket.send_to(&payload, to).unwrap();
+        if i % burst == burst - 1 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}

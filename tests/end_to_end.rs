@@ -1,0 +1,518 @@
+//! The real binaries on loopback, with an impairing relay standing in for the diode.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use common::*;
+use diode_gateway::relay::RelayConfig;
+use diode_wire::sim::{Impairments, SimRng};
+
+fn topics_udp_and_lines(udp: u16, tcp: u16) -> String {
+    format!(
+        r#"[[topic]]
+name = "line3/telemetry"
+source = {{ kind = "udp", listen = "127.0.0.1:{udp}" }}
+
+[[topic]]
+name = "historian/events"
+source = {{ kind = "tcp", listen = "127.0.0.1:{tcp}", framing = "lines" }}
+"#
+    )
+}
+
+const PAD: &str =
+    "................................................................................";
+
+const FILE_ROUTE: &str = r#"[[route]]
+topics = ["line3/#", "historian/#"]
+sink = { kind = "file", path = "out/records.jsonl" }
+"#;
+
+/// Per topic: (seq, payload) in file order.
+fn by_topic(lines: &[serde_json::Value]) -> BTreeMap<String, Vec<(u64, String)>> {
+    let mut out: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for line in lines {
+        let time = line["time"].as_str().expect("time");
+        assert!(
+            time.len() == 27 && time.ends_with('Z') && &time[10..11] == "T",
+            "not RFC 3339: {time}"
+        );
+        out.entry(line["topic"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((
+                line["seq"].as_u64().unwrap(),
+                line["payload"].as_str().unwrap().to_owned(),
+            ));
+    }
+    out
+}
+
+fn send_lines(addr: SocketAddr, lines: impl IntoIterator<Item = String>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let mut text = String::new();
+    for line in lines {
+        text += &line;
+        text.push('\n');
+    }
+    stream.write_all(text.as_bytes()).unwrap();
+}
+
+#[test]
+fn records_arrive_intact_in_order_once_over_an_impaired_link() {
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let relay = RelayConfig {
+        impairments: Impairments {
+            drop_rate: 0.03,
+            reorder_rate: 0.01,
+            reorder_distance: 3,
+            duplicate_rate: 0.01,
+            corrupt_rate: 0.005,
+            truncate_rate: 0.005,
+            ..Impairments::default()
+        },
+        seed: 7,
+    };
+    let pair = Pair::start(relay, &topics_udp_and_lines(udp, tcp), FILE_ROUTE);
+    let udp_addr: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
+    // 100-byte records, as plant telemetry typically is.
+    send_udp(
+        udp_addr,
+        (0..5000).map(|i| format!("telemetry {i} {PAD}").into_bytes()),
+        200,
+    );
+    send_lines(
+        format!("127.0.0.1:{tcp}").parse().unwrap(),
+        (0..5000).map(|i| format!("event {i} {PAD}")),
+    );
+    // Noise straight at the receiver's port while real traffic flows.
+    let noise = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut rng = SimRng::new(1);
+    for _ in 0..500 {
+        let len = rng.below(1500) as usize;
+        let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        noise.send_to(&junk, ("127.0.0.1", pair.link_port)).unwrap();
+    }
+    let out = pair.path("out/records.jsonl");
+    let receiver = &pair.receiver;
+    let settled = wait_for(Duration::from_secs(30), || {
+        let out_n = receiver.metric("diode_records_out_total", &[]);
+        let lost = receiver.metric("diode_records_lost_total", &[]);
+        out_n + lost >= 10_000.0 && line_count(&out) as f64 >= out_n
+    });
+    assert!(settled, "receiver log:\n{}", receiver.log_text());
+
+    let topics = by_topic(&read_jsonl(&out));
+    let lost = receiver.metric("diode_records_lost_total", &[]) as usize;
+    let mut delivered = 0;
+    for (topic, prefix) in [
+        ("line3/telemetry", "telemetry"),
+        ("historian/events", "event"),
+    ] {
+        let records = &topics[topic];
+        delivered += records.len();
+        // In order, once, and each exactly the record sent under its sequence number.
+        for window in records.windows(2) {
+            assert!(
+                window[0].0 < window[1].0,
+                "{topic}: out of order or twice: {window:?}"
+            );
+        }
+        for (seq, payload) in records {
+            assert_eq!(
+                payload,
+                &format!("{prefix} {seq} {PAD}"),
+                "{topic}: wrong record"
+            );
+        }
+    }
+    assert_eq!(
+        delivered + lost,
+        10_000,
+        "every record is delivered or reported lost"
+    );
+    assert!(
+        lost <= 500,
+        "FEC should have repaired most of 3% loss; lost {lost}"
+    );
+    assert!(
+        receiver.metric("diode_blocks_recovered_total", &[]) > 0.0,
+        "relay dropped {}; receiver metrics:\n{}",
+        pair.relay
+            .stats
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        receiver.metrics_text()
+    );
+    assert!(receiver.metric("diode_datagrams_rejected_total", &["reason=\"crc\""]) > 0.0);
+    assert_eq!(receiver.metric("diode_link_up", &[]), 1.0);
+    // The sender's own figures arrive with its heartbeats.
+    assert!(wait_for(Duration::from_secs(3), || {
+        receiver.metric("diode_sender_records_in_total", &[]) == 10_000.0
+    }));
+    assert_eq!(
+        pair.sender
+            .metric("diode_records_in_total", &["topic=\"line3/telemetry\""]),
+        5000.0
+    );
+    pair.assert_one_way();
+}
+
+#[test]
+fn a_clean_link_loses_nothing() {
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+    );
+    send_lines(
+        format!("127.0.0.1:{tcp}").parse().unwrap(),
+        (0..20_000).map(|i| format!("event {i}")),
+    );
+    let out = pair.path("out/records.jsonl");
+    assert!(wait_for(Duration::from_secs(30), || line_count(&out) >= 20_000));
+    let topics = by_topic(&read_jsonl(&out));
+    let seqs: Vec<u64> = topics["historian/events"].iter().map(|r| r.0).collect();
+    assert_eq!(seqs, (0..20_000).collect::<Vec<_>>());
+    assert_eq!(pair.receiver.metric("diode_records_lost_total", &[]), 0.0);
+    assert_eq!(pair.receiver.metric("diode_blocks_lost_total", &[]), 0.0);
+    pair.assert_one_way();
+}
+
+#[test]
+fn an_outage_is_reported_as_exact_gaps_and_link_down() {
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+    );
+    let tcp_addr: SocketAddr = format!("127.0.0.1:{tcp}").parse().unwrap();
+    let mut stream = TcpStream::connect(tcp_addr).unwrap();
+    let mut sent = 0;
+    let mut send_for = |stream: &mut TcpStream, ms: u64| {
+        for _ in 0..ms / 10 {
+            for _ in 0..20 {
+                writeln!(stream, "event {sent}").unwrap();
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    send_for(&mut stream, 500);
+    pair.relay.set_dark(true);
+    send_for(&mut stream, 1200); // longer than four 200 ms heartbeats: the link is called down
+    pair.relay.set_dark(false);
+    send_for(&mut stream, 500);
+    drop(stream);
+    let receiver = &pair.receiver;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            receiver.metric("diode_records_out_total", &[])
+                + receiver.metric("diode_records_lost_total", &[])
+                >= sent as f64
+        }),
+        "log:\n{}",
+        receiver.log_text()
+    );
+    let out = pair.path("out/records.jsonl");
+    assert!(wait_for(Duration::from_secs(5), || line_count(&out) as f64
+        >= receiver.metric("diode_records_out_total", &[])));
+    let records = &by_topic(&read_jsonl(&out))["historian/events"];
+    let lost = receiver.metric("diode_records_lost_total", &["topic=\"historian/events\""]) as u64;
+    assert!(lost > 0);
+    assert_eq!(records.len() as u64 + lost, sent);
+    // The holes in the file are exactly the gaps the log reports.
+    let log = receiver.log_text();
+    let mut expected = 0;
+    for (seq, payload) in records {
+        if *seq != expected {
+            let needle = format!("first_seq={expected} last_seq={}", seq - 1);
+            assert!(log.contains(&needle), "gap {needle} not logged:\n{log}");
+        }
+        assert_eq!(payload, &format!("event {seq}"));
+        expected = seq + 1;
+    }
+    assert!(log.contains("link down"), "{log}");
+    assert!(log.contains("records lost beyond repair") && log.contains("topic=historian/events"));
+    assert_eq!(receiver.metric("diode_link_up", &[]), 1.0);
+    pair.assert_one_way();
+}
+
+#[test]
+fn byte_streams_round_trip_through_tcp_sinks() {
+    let (raw_in, len_in) = (free_tcp_port(), free_tcp_port());
+    let raw_out = TcpListener::bind("127.0.0.1:0").unwrap();
+    let len_out = TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp_out = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp_out
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let udp_in = free_udp_port();
+    let topics = format!(
+        r#"[[topic]]
+name = "bulk/raw"
+source = {{ kind = "tcp", listen = "127.0.0.1:{raw_in}", framing = "raw" }}
+
+[[topic]]
+name = "bulk/length"
+source = {{ kind = "tcp", listen = "127.0.0.1:{len_in}", framing = "length" }}
+
+[[topic]]
+name = "line3/udp"
+source = {{ kind = "udp", listen = "127.0.0.1:{udp_in}" }}
+"#
+    );
+    let routes = format!(
+        r#"[[route]]
+topics = ["bulk/raw"]
+sink = {{ kind = "tcp", connect = "{}", framing = "raw" }}
+
+[[route]]
+topics = ["bulk/length"]
+sink = {{ kind = "tcp", connect = "{}", framing = "length" }}
+
+[[route]]
+topics = ["+/udp"]
+sink = {{ kind = "udp", target = "{}" }}
+"#,
+        raw_out.local_addr().unwrap(),
+        len_out.local_addr().unwrap(),
+        udp_out.local_addr().unwrap()
+    );
+    let pair = Pair::start(RelayConfig::default(), &topics, &routes);
+    let mut rng = SimRng::new(9);
+
+    // 4 MiB of random bytes as a raw stream.
+    let raw: Vec<u8> = (0..4 << 20).map(|_| rng.next_u64() as u8).collect();
+    let raw_sent = raw.clone();
+    let raw_writer = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", raw_in)).unwrap();
+        s.write_all(&raw_sent).unwrap();
+    });
+    // Length-prefixed records of every size from empty to 40 KB.
+    let records: Vec<Vec<u8>> = (0..300)
+        .map(|i| {
+            (0..(i * 137) % 40_000)
+                .map(|_| rng.next_u64() as u8)
+                .collect()
+        })
+        .collect();
+    let mut framed = Vec::new();
+    for r in &records {
+        framed.extend_from_slice(&(r.len() as u32).to_be_bytes());
+        framed.extend_from_slice(r);
+    }
+    TcpStream::connect(("127.0.0.1", len_in))
+        .unwrap()
+        .write_all(&framed)
+        .unwrap();
+    send_udp(
+        format!("127.0.0.1:{udp_in}").parse().unwrap(),
+        (0..100).map(|i| format!("u{i}").into_bytes()),
+        50,
+    );
+
+    let (mut raw_conn, _) = raw_out.accept().unwrap();
+    raw_conn
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut raw_got = vec![0u8; raw.len()];
+    raw_conn.read_exact(&mut raw_got).unwrap();
+    assert!(raw_got == raw, "the raw stream came out different");
+    raw_writer.join().unwrap();
+
+    let (mut len_conn, _) = len_out.accept().unwrap();
+    len_conn
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    for (i, expected) in records.iter().enumerate() {
+        let mut len = [0u8; 4];
+        len_conn.read_exact(&mut len).unwrap();
+        let mut got = vec![0u8; u32::from_be_bytes(len) as usize];
+        len_conn.read_exact(&mut got).unwrap();
+        assert!(&got == expected, "length-framed record {i} differs");
+    }
+
+    let mut buf = [0u8; 100];
+    for i in 0..100 {
+        let n = udp_out.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("u{i}").as_bytes());
+    }
+    pair.assert_one_way();
+}
+
+#[test]
+fn sender_restart_starts_a_new_session_and_receiver_restart_joins() {
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let mut pair = Pair::start(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+    );
+    let tcp_addr: SocketAddr = format!("127.0.0.1:{tcp}").parse().unwrap();
+    let out = pair.path("out/records.jsonl");
+    send_lines(tcp_addr, (0..1000).map(|i| format!("first {i}")));
+    assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 1000));
+
+    // A clean sender restart: a new session, sequence numbers from 0 again, nothing called lost.
+    pair.restart_sender(false);
+    send_lines(tcp_addr, (0..1000).map(|i| format!("second {i}")));
+    assert!(
+        wait_for(Duration::from_secs(10), || line_count(&out) >= 2000),
+        "{}",
+        pair.receiver.log_text()
+    );
+    let log = pair.receiver.log_text();
+    assert!(log.contains("the sender restarted: new session"), "{log}");
+    assert_eq!(pair.receiver.metric("diode_records_lost_total", &[]), 0.0);
+    assert_eq!(pair.receiver.metric("diode_sessions_total", &[]), 2.0);
+    let records = &by_topic(&read_jsonl(&out))["historian/events"];
+    assert_eq!(records[999], (999, "first 999".to_owned()));
+    assert_eq!(records[1000], (0, "second 0".to_owned()));
+
+    // The receiver crashes and comes back while the sender keeps going: it joins mid-stream and
+    // does not call what went before lost.
+    let sender_thread = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(tcp_addr).unwrap();
+        for i in 0..300 {
+            writeln!(s, "third {i}").unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    pair.restart_receiver();
+    sender_thread.join().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || {
+        read_jsonl(&out)
+            .last()
+            .and_then(|l| l["payload"].as_str().map(str::to_owned))
+            .as_deref()
+            == Some("third 299")
+    }));
+    assert_eq!(pair.receiver.metric("diode_records_lost_total", &[]), 0.0);
+    assert!(pair.receiver.log_text().contains("mid_stream=true"));
+    pair.assert_one_way();
+}
+
+#[test]
+fn a_bad_config_stops_the_service_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sender.toml");
+    std::fs::write(
+        &path,
+        "[link]\ndestination = \"127.0.0.1:47000\"\nmtu_bytes = 1500\nrate_mbps = -4\n\n[[topic]]\nname = \"a\"\nsource = { kind = \"udp\", listen = \"127.0.0.1:0\" }\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(SEND)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("sender.toml:4: `link.rate_mbps`"),
+        "{stderr}"
+    );
+
+    let path = dir.path().join("receiver.toml");
+    std::fs::write(
+        &path,
+        "[link]\nlisten = \"127.0.0.1:47000\"\nlisten_port = 3\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(RECV)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("receiver.toml:3:") && stderr.contains("listen_port"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn every_config_under_deploy_loads_and_checks() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(".toml") {
+            continue;
+        }
+        let binary = if name.starts_with("sender") {
+            diode_sender::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            SEND
+        } else if name.starts_with("receiver") {
+            diode_receiver::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            RECV
+        } else {
+            panic!("{name}: deploy configs are named sender*.toml or receiver*.toml");
+        };
+        let output = std::process::Command::new(binary)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2);
+}
+
+#[test]
+fn the_documented_metrics_are_exported() {
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+    );
+    send_udp(
+        format!("127.0.0.1:{udp}").parse().unwrap(),
+        (0..10).map(|i| vec![0xff, i]),
+        10,
+    );
+    let out = pair.path("out/records.jsonl");
+    assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 10));
+    let sender = pair.sender.metrics_text();
+    for name in [
+        "diode_records_in_total{topic=\"line3/telemetry\"}",
+        "diode_datagrams_sent_total",
+        "diode_link_bytes_sent_total",
+    ] {
+        assert!(sender.contains(name), "sender lacks {name}:\n{sender}");
+    }
+    let receiver = pair.receiver.metrics_text();
+    for name in [
+        "diode_datagrams_received_total",
+        "diode_datagrams_rejected_total{reason=\"crc\"}",
+        "diode_datagrams_rejected_total{reason=\"malformed\"}",
+        "diode_datagrams_rejected_total{reason=\"stale\"}",
+        "diode_blocks_recovered_total",
+        "diode_blocks_lost_total",
+        "diode_records_out_total{topic=\"line3/telemetry\"}",
+        "diode_records_lost_total{topic=\"line3/telemetry\"}",
+        "diode_link_up 1",
+    ] {
+        assert!(
+            receiver.contains(name),
+            "receiver lacks {name}:\n{receiver}"
+        );
+    }
+    // Binary payloads come out base64-encoded.
+    let first = &read_jsonl(&out)[0];
+    assert_eq!(first["payload_base64"], "/wA=");
+}
