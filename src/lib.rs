@@ -4,3 +4,4 @@
 pub mod plant;
 pub mod relay;
 pub mod scrape;
+pub mod service;

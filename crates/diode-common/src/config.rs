@@ -33,6 +33,13 @@ pub enum ConfigError {
     },
 }
 
+/// `[metrics]`: where the Prometheus endpoint listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
 /// How a byte stream is cut into records: the TCP source's framing and the TCP sink's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,6 +115,15 @@ impl ConfigSource {
                 message,
             }
         })
+    }
+
+    /// Resolves the `host:port` set at `key`, or says why not.
+    pub fn socket_addr(&self, key: &str, addr: &str) -> Result<std::net::SocketAddr, ConfigError> {
+        use std::net::ToSocketAddrs;
+        addr.to_socket_addrs()
+            .map_err(|e| self.invalid(key, format!("{addr:?} is not a host:port address: {e}")))?
+            .next()
+            .ok_or_else(|| self.invalid(key, format!("{addr:?} resolves to no address")))
     }
 
     /// An error about `key` (a path such as `topic[1].source.listen`), pointing at its line.

@@ -16,6 +16,21 @@ pub fn unix_time_us() -> i64 {
     }
 }
 
+/// Runs a service's link loop on a thread of its own (FEC and socket work stay off the async
+/// workers); the receiver resolves when the loop has returned.
+pub fn spawn_link_thread(
+    link_loop: impl FnOnce() + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("diode-link".into())
+        .spawn(move || {
+            link_loop();
+            let _ = done_tx.send(());
+        })?;
+    Ok(done)
+}
+
 /// Logs to stderr; `RUST_LOG` overrides the default level (info).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -1,11 +1,11 @@
 //! `diode-recv` configuration: the link, the metrics endpoint, and routes from topic filters to sinks.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use diode_common::config::Framing;
-use diode_common::config::{ConfigError, ConfigSource};
+use diode_common::config::{ConfigError, ConfigSource, MetricsConfig};
 use serde::Deserialize;
 
 use crate::filter::TopicFilter;
@@ -38,12 +38,6 @@ pub struct LinkConfig {
     pub max_record_bytes: usize,
     #[serde(default = "default_max_topics")]
     pub max_topics: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,7 +126,7 @@ impl LinkConfig {
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let source = ConfigSource::read(path)?;
     let config: ReceiverConfig = source.parse()?;
-    let listen = resolve(&source, "link.listen", &config.link.listen)?;
+    let listen = source.socket_addr("link.listen", &config.link.listen)?;
     let link = &config.link;
     if !(1 << 20..=1 << 34).contains(&link.max_inflight_bytes) {
         return Err(source.invalid(
@@ -150,7 +144,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         return Err(source.invalid("link.max_topics", "must be at least 1"));
     }
     if let Some(m) = &config.metrics {
-        resolve(&source, "metrics.listen", &m.listen)?;
+        source.socket_addr("metrics.listen", &m.listen)?;
     }
     if config.routes.is_empty() {
         return Err(source.invalid("route", "no routes: records would have nowhere to go"));
@@ -174,10 +168,10 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         match &mut sink {
             SinkConfig::File { path } => *path = source.resolve(path),
             SinkConfig::Udp { target } => {
-                resolve(&source, &format!("route[{i}].sink.target"), target)?;
+                source.socket_addr(&format!("route[{i}].sink.target"), target)?;
             }
             SinkConfig::Tcp { connect, .. } => {
-                resolve(&source, &format!("route[{i}].sink.connect"), connect)?;
+                source.socket_addr(&format!("route[{i}].sink.connect"), connect)?;
             }
             SinkConfig::Stdout {} => {}
         }
@@ -203,13 +197,6 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         listen,
         routes,
     })
-}
-
-fn resolve(source: &ConfigSource, key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
-    addr.to_socket_addrs()
-        .map_err(|e| source.invalid(key, format!("{addr:?} is not a host:port address: {e}")))?
-        .next()
-        .ok_or_else(|| source.invalid(key, format!("{addr:?} resolves to no address")))
 }
 
 #[cfg(test)]

@@ -131,15 +131,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         max_topics: link.max_topics,
         shutdown,
     };
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("diode-link".into())
-        .spawn(move || {
-            // Dropping the thread (and its route queues) when it ends lets the sinks drain and stop.
-            thread.run();
-            let _ = done_tx.send(());
-        })
-        .map_err(StartError::Thread)?;
+    // When the loop ends it drops the route queues, which lets the sinks drain and stop.
+    let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
     tracing::info!(listen = %link_addr, "receiver started");
     Ok(RunningReceiver {
         link_addr,

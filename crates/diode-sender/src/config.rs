@@ -2,12 +2,12 @@
 //! Topics come from `[[topic]]` tables and from `topics_dir`, one topic per file.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use diode_common::config::Framing;
-use diode_common::config::{ConfigError, ConfigSource};
+use diode_common::config::{ConfigError, ConfigSource, MetricsConfig};
 use diode_wire::datagram::{DATAGRAM_OVERHEAD, IP_UDP_OVERHEAD};
 use serde::Deserialize;
 
@@ -59,12 +59,6 @@ pub struct LinkConfig {
     /// Largest record accepted from any source.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,23 +233,16 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         }
     }
     if let Some(metrics) = &config.metrics {
-        resolve(&source, "metrics.listen", &metrics.listen)?;
+        source.socket_addr("metrics.listen", &metrics.listen)?;
     }
-    let destination = resolve(&source, "link.destination", &config.link.destination)?;
-    let bind = resolve(&source, "link.bind", &config.link.bind)?;
+    let destination = source.socket_addr("link.destination", &config.link.destination)?;
+    let bind = source.socket_addr("link.bind", &config.link.bind)?;
     Ok(Loaded {
         config,
         destination,
         bind,
         topic_origins: origins,
     })
-}
-
-fn resolve(source: &ConfigSource, key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
-    addr.to_socket_addrs()
-        .map_err(|e| source.invalid(key, format!("{addr:?} is not a host:port address: {e}")))?
-        .next()
-        .ok_or_else(|| source.invalid(key, format!("{addr:?} resolves to no address")))
 }
 
 fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigError> {
@@ -349,7 +336,7 @@ fn validate_topic(
             ),
         ));
     }
-    resolve(source, &key("source.listen"), topic.source.listen())?;
+    source.socket_addr(&key("source.listen"), topic.source.listen())?;
     if let SourceConfig::Tcp {
         max_connections, ..
     } = topic.source

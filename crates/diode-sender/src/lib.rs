@@ -157,14 +157,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         topics: topic_metrics,
         shutdown,
     };
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("diode-link".into())
-        .spawn(move || {
-            thread.run();
-            let _ = done_tx.send(());
-        })
-        .map_err(StartError::Thread)?;
+    let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
 
     tracing::info!(
         session = format_args!("{session_id:016x}"),

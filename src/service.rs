@@ -1,0 +1,106 @@
+//! What `diode-send` and `diode-recv` share as programs: `--config FILE` runs the service until
+//! SIGTERM or Ctrl-C, `check --config FILE` validates a file and prints what it would do. A
+//! configuration error exits with status 2, a failure to start with status 1.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use diode_common::config::ConfigError;
+use diode_common::Shutdown;
+
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The configuration file (see deploy/).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks a configuration file and prints what it would do.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+pub struct Service<L> {
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    pub load: fn(&Path) -> Result<L, ConfigError>,
+    pub describe: fn(&L) -> String,
+}
+
+impl<L> Service<L> {
+    /// Parses the command line; `run` starts the service and resolves when it has stopped after
+    /// `shutdown`.
+    pub fn main<F, Fut, E>(&self, run: F) -> ExitCode
+    where
+        F: FnOnce(L, Shutdown) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Display,
+    {
+        let matches = Args::command()
+            .name(self.name)
+            .about(self.about)
+            .get_matches();
+        let args = match Args::from_arg_matches(&matches) {
+            Ok(args) => args,
+            Err(e) => e.exit(),
+        };
+        diode_common::init_logging();
+        let (path, check) = match (args.command, args.config) {
+            (Some(Command::Check { config }), _) => (config, true),
+            (None, Some(config)) => (config, false),
+            (None, None) => {
+                eprintln!(
+                    "error: --config FILE is required (or `{} check --config FILE`)",
+                    self.name
+                );
+                return ExitCode::from(2);
+            }
+        };
+        let loaded = match (self.load)(&path) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if check {
+            print!("{}", (self.describe)(&loaded));
+            println!("ok: {}", path.display());
+            return ExitCode::SUCCESS;
+        }
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("error: starting the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = runtime.block_on(async {
+            let shutdown = Shutdown::new();
+            shutdown.trigger_on_signals();
+            run(loaded, shutdown).await
+        });
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
