@@ -269,34 +269,6 @@ fn a_lone_small_record_costs_two_small_datagrams() {
 }
 
 #[test]
-fn loss_within_parity_is_always_repaired() {
-    // Drop exactly m datagrams of every block, chosen at random: nothing may be lost.
-    let mut h = Harness::new(Impairments::default(), 3);
-    let mut rng = SimRng::new(3);
-    let mut choice = SimRng::new(33);
-    let mut dropped_per_block: HashMap<u64, usize> = HashMap::new();
-    h.drop_filter = Some(Box::new(move |d: &[u8]| {
-        let (header, _) = datagram::parse(d).unwrap();
-        let m = header.geometry.parity_shards as usize;
-        let n = dropped_per_block.entry(header.block).or_default();
-        let left = header.geometry.total_shards() - header.shard_index as usize;
-        // Drop with a probability that spends the parity budget over the block.
-        if *n < m && (choice.below(left as u64) < (m - *n) as u64) {
-            *n += 1;
-            false
-        } else {
-            true
-        }
-    }));
-    drive(&mut h, &mut rng, 400);
-    h.settle();
-    h.check_accounting(h.session, true);
-    assert_eq!(h.receiver.stats().blocks_lost, 0);
-    assert_eq!(h.lost_records(), 0);
-    assert!(h.receiver.stats().blocks_recovered > 50);
-}
-
-#[test]
 fn bursts_are_spread_by_interleaving() {
     // One burst of 24 consecutive datagrams in every 400. A group of 4 full blocks is 160
     // datagrams sent round-robin, so a burst costs each block at most 6 of its 8 parity shards.
@@ -489,7 +461,40 @@ fn replayed_datagrams_are_rejected_or_ignored() {
     h.check_accounting(h.session, true);
 }
 
+/// Drops, per block, a random choice of at most its parity count: nothing may be lost.
+fn lose_at_most_parity_per_block(seed: u64) {
+    let mut h = Harness::new(Impairments::default(), seed);
+    let mut rng = SimRng::new(seed);
+    let mut choice = SimRng::new(seed ^ 0x5EED);
+    let mut dropped_per_block: HashMap<u64, usize> = HashMap::new();
+    h.drop_filter = Some(Box::new(move |d: &[u8]| {
+        let (header, _) = datagram::parse(d).unwrap();
+        let m = header.geometry.parity_shards as usize;
+        let n = dropped_per_block.entry(header.block).or_default();
+        let left = header.geometry.total_shards() - header.shard_index as usize;
+        // Spend the block's whole parity budget at random positions.
+        if *n < m && (choice.below(left as u64) < (m - *n) as u64) {
+            *n += 1;
+            false
+        } else {
+            true
+        }
+    }));
+    drive(&mut h, &mut rng, 300);
+    h.settle();
+    h.check_accounting(h.session, true);
+    assert_eq!(h.receiver.stats().blocks_lost, 0);
+    assert_eq!(h.lost_records(), 0);
+    assert!(h.receiver.stats().blocks_recovered > 20);
+}
+
 proptest! {
+    /// Every block that lost at most `parity_shards` of its datagrams is rebuilt.
+    #[test]
+    fn loss_within_parity_is_always_repaired(seed in any::<u64>()) {
+        lose_at_most_parity_per_block(seed);
+    }
+
     /// Any mix of impairments keeps the accounting exact and never delivers a wrong record.
     #[test]
     fn impaired_links_keep_exact_accounting(
