@@ -78,6 +78,12 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         },
     )?;
     let link_addr = socket.local_addr().unwrap_or(loaded.listen);
+    let udp =
+        quinn_udp::UdpSocketState::new((&socket).into()).map_err(|source| StartError::Bind {
+            what: "the link socket".into(),
+            addr: loaded.listen,
+            source,
+        })?;
 
     let mut registry = Registry::default();
     let metrics = ReceiverMetrics::new(&mut registry);
@@ -126,6 +132,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             ..ReassemblerConfig::default()
         }),
         socket,
+        udp,
         routes,
         metrics,
         max_topics: link.max_topics,

@@ -9,13 +9,17 @@ use std::time::{Duration, Instant};
 
 use diode_common::Shutdown;
 use diode_wire::{proto, Event, Reassembler, ReassemblerStats, Record};
+use quinn_udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
+use std::io::IoSliceMut;
 
 use crate::filter::TopicFilter;
 use crate::metrics::{ReceiverMetrics, RouteMetrics, TopicCounters, TopicLabels};
 
-/// How long a read waits before timers are checked.
-const READ_TIMEOUT: Duration = Duration::from_millis(5);
+/// The longest the loop sleeps when no timer is due.
+const IDLE_WAKE: Duration = Duration::from_millis(100);
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// `recvmmsg` calls per wake-up before timers and events get a turn.
+const DRAIN_BATCHES: usize = 16;
 
 pub struct RouteHandle {
     pub name: String,
@@ -27,6 +31,8 @@ pub struct RouteHandle {
 pub struct LinkThread {
     pub reassembler: Reassembler,
     pub socket: UdpSocket,
+    /// GRO and `recvmmsg` state for `socket`.
+    pub udp: UdpSocketState,
     pub routes: Vec<RouteHandle>,
     pub metrics: ReceiverMetrics,
     pub max_topics: usize,
@@ -41,65 +47,136 @@ struct SenderView {
     dropped: HashMap<String, u64>,
 }
 
+/// Per-loop state that is not configuration.
+struct Scratch {
+    last_stats: ReassemblerStats,
+    matches: HashMap<Arc<str>, Vec<usize>>,
+    topic_counters: HashMap<Arc<str>, TopicCounters>,
+    sender: SenderView,
+    rcvbuf_seen: u64,
+    next_gauges: Instant,
+}
+
 impl LinkThread {
-    pub fn run(mut self) {
-        if let Err(e) = self.socket.set_read_timeout(Some(READ_TIMEOUT)) {
-            tracing::error!(error = %e, "cannot set the link socket's read timeout");
-            return;
-        }
-        let mut buf = vec![0u8; 65_536];
-        let mut last_stats = ReassemblerStats::default();
-        let mut matches: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
-        let mut topic_counters: HashMap<Arc<str>, TopicCounters> = HashMap::new();
-        let mut sender = SenderView::default();
-        let rcvbuf_start = diode_common::net::udp_rcvbuf_errors();
-        let mut rcvbuf_seen = rcvbuf_start.unwrap_or(0);
-        let mut next_gauges = Instant::now();
-        while !self.shutdown.is_triggered() {
-            match self.socket.recv(&mut buf) {
-                Ok(len) => {
-                    self.metrics.datagrams_received.inc();
-                    let _ = self
-                        .reassembler
-                        .handle_datagram(Instant::now(), &buf[..len]);
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "link socket read failed");
-                    std::thread::sleep(READ_TIMEOUT);
-                }
+    /// Runs until shutdown. Reads are driven by a single-threaded runtime of the thread's own:
+    /// readiness, then `recvmmsg` batches of up to 32 buffers, each holding up to 64 datagrams
+    /// coalesced by GRO.
+    pub fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the link thread's runtime");
+                return;
             }
-            let now = Instant::now();
-            self.reassembler.handle_timeout(now);
-            while let Some(event) = self.reassembler.poll_event() {
-                self.handle_event(event, &mut matches, &mut topic_counters, &mut sender);
+        };
+        runtime.block_on(self.run_loop());
+    }
+
+    async fn run_loop(mut self) {
+        let socket = match self.socket.try_clone().and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UdpSocket::from_std(s)
+        }) {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register the link socket");
+                return;
             }
-            let stats = self.reassembler.stats();
-            if stats != &last_stats {
-                self.metrics.add_stats(stats, &last_stats);
-                last_stats = stats.clone();
-            }
-            if now >= next_gauges {
-                next_gauges = now + GAUGE_INTERVAL;
-                self.metrics
-                    .inflight_bytes
-                    .set(self.reassembler.inflight_bytes() as i64);
-                if let Some(errors) = diode_common::net::udp_rcvbuf_errors() {
-                    if errors > rcvbuf_seen {
-                        tracing::warn!(
-                            dropped = errors - rcvbuf_seen,
-                            "the kernel dropped UDP datagrams for a full receive buffer; \
-                             raise link.receive_buffer_bytes and net.core.rmem_max"
-                        );
-                        self.metrics
-                            .kernel_rcvbuf_errors
-                            .inc_by(errors - rcvbuf_seen);
-                        rcvbuf_seen = errors;
+        };
+        let segments = self.udp.gro_segments().max(1);
+        let mut buffers: Vec<Vec<u8>> = (0..BATCH_SIZE)
+            .map(|_| vec![0u8; (segments * 1500).max(65_536)])
+            .collect();
+        let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
+        let mut scratch = Scratch {
+            last_stats: ReassemblerStats::default(),
+            matches: HashMap::new(),
+            topic_counters: HashMap::new(),
+            sender: SenderView::default(),
+            rcvbuf_seen: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
+            next_gauges: Instant::now(),
+        };
+        let shutdown = self.shutdown.clone();
+        loop {
+            let wake = self
+                .reassembler
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + IDLE_WAKE)
+                .min(Instant::now() + IDLE_WAKE);
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                ready = socket.readable() => {
+                    if let Err(e) = ready {
+                        tracing::warn!(error = %e, "link socket failed");
+                        tokio::time::sleep(IDLE_WAKE).await;
                     }
+                    // Drain what the kernel holds, then see to timers and events.
+                    for _ in 0..DRAIN_BATCHES {
+                        let mut slices: Vec<IoSliceMut<'_>> = buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                        let received = socket.try_io(tokio::io::Interest::READABLE, || {
+                            self.udp.recv((&socket).into(), &mut slices, &mut metas)
+                        });
+                        let count = match received {
+                            Ok(count) => count,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "link socket read failed");
+                                break;
+                            }
+                        };
+                        let now = Instant::now();
+                        for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
+                            let stride = meta.stride.max(1);
+                            for datagram in buffer[..meta.len].chunks(stride) {
+                                self.metrics.datagrams_received.inc();
+                                let _ = self.reassembler.handle_datagram(now, datagram);
+                            }
+                        }
+                        self.after_input(&mut scratch);
+                    }
+                }
+            }
+            self.after_input(&mut scratch);
+        }
+    }
+
+    /// Timers, events, metrics: after every batch of input and every wake-up.
+    fn after_input(&mut self, scratch: &mut Scratch) {
+        let now = Instant::now();
+        self.reassembler.handle_timeout(now);
+        while let Some(event) = self.reassembler.poll_event() {
+            self.handle_event(
+                event,
+                &mut scratch.matches,
+                &mut scratch.topic_counters,
+                &mut scratch.sender,
+            );
+        }
+        let stats = self.reassembler.stats();
+        if stats != &scratch.last_stats {
+            self.metrics.add_stats(stats, &scratch.last_stats);
+            scratch.last_stats = stats.clone();
+        }
+        if now >= scratch.next_gauges {
+            scratch.next_gauges = now + GAUGE_INTERVAL;
+            self.metrics
+                .inflight_bytes
+                .set(self.reassembler.inflight_bytes() as i64);
+            if let Some(errors) = diode_common::net::udp_rcvbuf_errors() {
+                if errors > scratch.rcvbuf_seen {
+                    tracing::warn!(
+                        dropped = errors - scratch.rcvbuf_seen,
+                        "the kernel dropped UDP datagrams for a full receive buffer; \
+                         raise link.receive_buffer_bytes and net.core.rmem_max"
+                    );
+                    self.metrics
+                        .kernel_rcvbuf_errors
+                        .inc_by(errors - scratch.rcvbuf_seen);
+                    scratch.rcvbuf_seen = errors;
                 }
             }
         }

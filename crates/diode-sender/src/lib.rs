@@ -113,6 +113,15 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             }
         })?;
 
+    let link_socket_error = |source| StartError::Bind {
+        what: "the link socket".into(),
+        addr: loaded.bind,
+        source,
+    };
+    let udp = quinn_udp::UdpSocketState::new((&socket).into()).map_err(link_socket_error)?;
+    // quinn-udp leaves the socket non-blocking; blocking sends are the link thread's backpressure.
+    socket.set_nonblocking(false).map_err(link_socket_error)?;
+
     let registry = Arc::new(registry);
     let metrics_addr = match &config.metrics {
         Some(m) => {
@@ -150,12 +159,14 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         encoder,
         pacer: Pacer::new(link.rate_mbps, link.max_datagram_wire_bytes(), now),
         socket,
+        udp,
         destination: loaded.destination,
         queue: queue_rx,
         max_queued_bytes: link.max_queued_bytes,
         metrics,
         topics: topic_metrics,
         shutdown,
+        batch: Vec::with_capacity(64 * 1024),
     };
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
 

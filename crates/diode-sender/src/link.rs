@@ -9,6 +9,7 @@ use bytes::Bytes;
 use diode_common::{unix_time_us, Shutdown};
 use diode_wire::datagram::IP_UDP_OVERHEAD;
 use diode_wire::{Encoder, Pacer};
+use quinn_udp::{Transmit, UdpSocketState};
 
 use crate::metrics::{SenderMetrics, TopicMetrics};
 use crate::sources::Ingest;
@@ -20,6 +21,8 @@ pub struct LinkThread {
     pub encoder: Encoder,
     pub pacer: Pacer,
     pub socket: UdpSocket,
+    /// Segmentation offload state for `socket`.
+    pub udp: UdpSocketState,
     pub destination: SocketAddr,
     pub queue: flume::Receiver<Ingest>,
     pub max_queued_bytes: usize,
@@ -27,7 +30,12 @@ pub struct LinkThread {
     /// Indexed by topic id.
     pub topics: Vec<TopicMetrics>,
     pub shutdown: Shutdown,
+    /// Datagrams of one GSO send, back to back.
+    pub batch: Vec<u8>,
 }
+
+/// Datagrams per send: quinn-udp's batch size, and within the kernel's 64 GSO segments.
+const MAX_BATCH_DATAGRAMS: usize = 32;
 
 impl LinkThread {
     pub fn run(mut self) {
@@ -115,32 +123,60 @@ impl LinkThread {
         }
     }
 
-    /// Sends what the pacer allows.
+    /// Sends what the pacer allows. Consecutive datagrams of one size (and a last, shorter one)
+    /// go out as one GSO send: one system call for up to 32 datagrams.
     fn transmit(&mut self, now: Instant, held: &mut Option<Bytes>) {
         loop {
             if held.is_none() {
                 *held = self.encoder.poll_transmit(now);
             }
-            let Some(datagram) = held.as_ref() else {
-                return;
-            };
-            if !self.pacer.ready(now) {
+            if held.is_none() || !self.pacer.ready(now) {
                 return;
             }
-            let wire = datagram.len() + IP_UDP_OVERHEAD;
+            let first = held.take().expect("checked above");
+            let segment = first.len();
+            let max_segments = self.udp.max_gso_segments().clamp(1, MAX_BATCH_DATAGRAMS);
+            let budget = self.pacer.budget(now).max(segment + IP_UDP_OVERHEAD);
+            self.batch.clear();
+            self.batch.extend_from_slice(&first);
+            let mut count = 1;
+            while count < max_segments && (count + 1) * (segment + IP_UDP_OVERHEAD) <= budget {
+                match self.encoder.poll_transmit(now) {
+                    Some(d) if d.len() == segment => self.batch.extend_from_slice(&d),
+                    Some(d) if d.len() < segment => {
+                        // A shorter datagram may end a GSO batch, never sit inside one.
+                        self.batch.extend_from_slice(&d);
+                        count += 1;
+                        break;
+                    }
+                    Some(d) => {
+                        *held = Some(d);
+                        break;
+                    }
+                    None => break,
+                }
+                count += 1;
+            }
+            let wire = self.batch.len() + count * IP_UDP_OVERHEAD;
             self.pacer.consume(wire);
-            match self.socket.send_to(datagram, self.destination) {
-                Ok(_) => {
-                    self.metrics.datagrams_sent.inc();
+            let transmit = Transmit {
+                destination: self.destination,
+                ecn: None,
+                contents: &self.batch,
+                segment_size: (count > 1).then_some(segment),
+                src_ip: None,
+            };
+            match self.udp.try_send((&self.socket).into(), &transmit) {
+                Ok(()) => {
+                    self.metrics.datagrams_sent.inc_by(count as u64);
                     self.metrics.link_bytes_sent.inc_by(wire as u64);
                 }
                 Err(e) => {
-                    if self.metrics.send_errors.inc() % 1000 == 0 {
+                    if self.metrics.send_errors.inc_by(count as u64) < 1000 {
                         tracing::warn!(error = %e, destination = %self.destination, "link send failed");
                     }
                 }
             }
-            *held = None;
         }
     }
 
