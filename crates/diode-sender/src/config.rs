@@ -53,9 +53,13 @@ pub struct LinkConfig {
     /// Encoded data held for the link before sources are slowed (TCP) or dropped (UDP).
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
-    /// Records waiting between the sources and the encoder.
+    /// Records waiting between the sources and the encoder, at most.
     #[serde(default = "default_queue_records")]
     pub queue_records: usize,
+    /// Bytes of records waiting between the sources and the encoder, at most: with
+    /// `max_queued_bytes`, what bounds the sender's memory.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: usize,
     /// Largest record accepted from any source.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
@@ -131,6 +135,9 @@ fn default_max_queued_bytes() -> usize {
 }
 fn default_queue_records() -> usize {
     65_536
+}
+fn default_queue_bytes() -> usize {
+    16 << 20
 }
 fn default_max_record_bytes() -> usize {
     16 << 20
@@ -307,6 +314,11 @@ fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigE
         link.queue_records >= 1,
         "queue_records",
         "must be at least 1".into(),
+    )?;
+    check(
+        link.queue_bytes >= 65_536,
+        "queue_bytes",
+        format!("{} is below 65536", link.queue_bytes),
     )?;
     check(
         (1..=(256 << 20)).contains(&link.max_record_bytes),

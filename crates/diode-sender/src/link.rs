@@ -114,6 +114,7 @@ impl LinkThread {
 
     fn push(&mut self, now: Instant, ingest: Ingest) {
         let topic = ingest.topic.index();
+        // The record's budget returns to the sources once the encoder holds it.
         if self
             .encoder
             .push(now, ingest.topic, ingest.time_us, ingest.payload)

@@ -13,16 +13,58 @@ use diode_common::{unix_time_us, Shutdown};
 use diode_wire::TopicId;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Framing, SourceConfig};
 use crate::metrics::TopicMetrics;
 
-/// A record on its way from a source to the link thread.
+/// A record on its way from a source to the link thread. It holds its share of the queue's
+/// byte budget until the link thread has taken it.
 pub struct Ingest {
     pub topic: TopicId,
     pub time_us: i64,
     pub payload: Bytes,
+    pub _budget: OwnedSemaphorePermit,
+}
+
+/// Bytes of records between the sources and the link thread, whatever their sizes: the queue's
+/// memory bound.
+#[derive(Clone)]
+pub struct QueueBudget {
+    permits: Arc<Semaphore>,
+    total: usize,
+}
+
+impl QueueBudget {
+    pub fn new(bytes: usize) -> Self {
+        let total = bytes.clamp(1, Semaphore::MAX_PERMITS);
+        QueueBudget {
+            permits: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// A record larger than the whole budget takes all of it, so it can still pass alone.
+    fn share(&self, len: usize) -> u32 {
+        len.clamp(1, self.total).min(u32::MAX as usize) as u32
+    }
+
+    /// Waits for room: TCP sources, whose senders TCP flow control then slows.
+    async fn acquire(&self, len: usize) -> OwnedSemaphorePermit {
+        self.permits
+            .clone()
+            .acquire_many_owned(self.share(len))
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
+
+    /// Room now or never: UDP sources, which cannot slow their senders.
+    fn try_acquire(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        self.permits
+            .clone()
+            .try_acquire_many_owned(self.share(len))
+            .ok()
+    }
 }
 
 /// What every source of one topic needs.
@@ -31,6 +73,7 @@ pub struct SourceContext {
     pub topic: TopicId,
     pub name: Arc<str>,
     pub queue: flume::Sender<Ingest>,
+    pub budget: QueueBudget,
     pub metrics: TopicMetrics,
     pub max_record_bytes: usize,
     pub shutdown: Shutdown,
@@ -113,10 +156,17 @@ async fn run_udp(socket: UdpSocket, ctx: SourceContext) {
                 ctx.metrics.dropped_oversize.inc();
             }
             Ok((len, _)) => {
+                let Some(budget) = ctx.budget.try_acquire(len) else {
+                    if ctx.metrics.dropped_queue_full.inc() % 10_000 == 0 {
+                        tracing::warn!(topic = %ctx.name, "link queue full: dropping UDP records (see diode_records_dropped_total)");
+                    }
+                    continue;
+                };
                 let ingest = Ingest {
                     topic: ctx.topic,
                     time_us: unix_time_us(),
                     payload: Bytes::copy_from_slice(&buf[..len]),
+                    _budget: budget,
                 };
                 match ctx.queue.try_send(ingest) {
                     Ok(()) => {}
@@ -248,10 +298,12 @@ async fn read_records(
 }
 
 async fn emit(ctx: &SourceContext, payload: Bytes) -> Result<(), ConnectionError> {
+    let budget = ctx.budget.acquire(payload.len()).await;
     let ingest = Ingest {
         topic: ctx.topic,
         time_us: unix_time_us(),
         payload,
+        _budget: budget,
     };
     // Waiting here stops reading the socket: TCP flow control slows the plant-side sender.
     ctx.queue

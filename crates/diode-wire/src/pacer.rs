@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 /// A token bucket in bytes. Sending is allowed while the balance is not negative; a send may take
-/// it below zero by one batch, which the refill then pays back. The bucket holds at most half a
-/// millisecond of traffic (and at least two datagrams), so over any 10 ms window the rate stays
+/// it below zero by one batch, which the refill then pays back. The bucket holds at most a quarter
+/// of a millisecond of traffic (and at least two datagrams), so over any 10 ms window the rate stays
 /// within a few percent of the ceiling.
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -18,7 +18,7 @@ pub struct Pacer {
 impl Pacer {
     pub fn new(rate_mbps: f64, max_datagram_wire_bytes: usize, now: Instant) -> Self {
         let bytes_per_sec = rate_mbps * 1e6 / 8.0;
-        let burst_bytes = (bytes_per_sec * 0.0005).max(2.0 * max_datagram_wire_bytes as f64);
+        let burst_bytes = (bytes_per_sec * 0.00025).max(2.0 * max_datagram_wire_bytes as f64);
         Pacer {
             bytes_per_sec,
             burst_bytes,

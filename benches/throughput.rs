@@ -1,0 +1,495 @@
+//! The throughput harness: starts the real `diode-send` and `diode-recv` on loopback and drives
+//! the workloads of docs/performance.md, printing what they achieved. Figures, not assertions:
+//! timings on a shared 2-core machine are noisy, so targets are judged by reading them.
+//!
+//! ```sh
+//! cargo bench --bench throughput                    # all workloads
+//! cargo bench --bench throughput -- bulk small      # some of them
+//! DIODE_BENCH_BULK_MIB=512 cargo bench --bench throughput -- bulk
+//! ```
+//!
+//! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
+//! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
+//! the wire rate over 10 s and its worst 10 ms window), `paced1g` (the pair at 1 Gb/s for 10 s:
+//! CPU per side).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diode_gateway::scrape;
+use diode_wire::sim::SimRng;
+
+const SEND: &str = env!("CARGO_BIN_EXE_diode-send");
+const RECV: &str = env!("CARGO_BIN_EXE_diode-recv");
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    println!(
+        "diode throughput harness: both services on loopback, MTU 1500, 32 data + 8 parity shards"
+    );
+    match std::fs::read_to_string("/proc/sys/net/core/rmem_max") {
+        Ok(v) if v.trim().parse::<u64>().unwrap_or(0) < 32 << 20 => println!(
+            "note: net.core.rmem_max is {} bytes; the receiver asks for 32 MiB (see deploy/sysctl.d)",
+            v.trim()
+        ),
+        _ => {}
+    }
+    if wanted("bulk") {
+        bulk();
+    }
+    if wanted("small") {
+        small_records();
+    }
+    if wanted("pacing") {
+        pacing();
+    }
+    if wanted("paced1g") {
+        paced_pair();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A service process and what it cost.
+struct Service {
+    child: Child,
+    metrics: SocketAddr,
+    cpu_start: f64,
+}
+
+impl Service {
+    fn start(binary: &str, config: &Path, metrics: SocketAddr) -> Service {
+        let log = config.with_extension("log");
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while scrape::fetch(metrics).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{binary} did not start: see {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut service = Service {
+            child,
+            metrics,
+            cpu_start: 0.0,
+        };
+        service.cpu_start = service.cpu_seconds();
+        service
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields
+            .get(11)
+            .and_then(|u| u.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            + fields
+                .get(12)
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        ticks / 100.0
+    }
+
+    fn cpu_used(&self) -> f64 {
+        self.cpu_seconds() - self.cpu_start
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        scrape::sum(&scrape::fetch(self.metrics).unwrap_or_default(), name, &[])
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    sender: Service,
+    receiver: Service,
+    drops_start: u64,
+}
+
+impl Pair {
+    /// `destination`: where the sender sends (the receiver's port when `None`).
+    fn start(rate_mbps: u32, source: &str, sink: &str, destination: Option<SocketAddr>) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let link = free_port();
+        let (rm, sm) = (free_port(), free_port());
+        let receiver_toml = dir.path().join("receiver.toml");
+        std::fs::write(
+            &receiver_toml,
+            format!("[link]\nlisten = \"127.0.0.1:{link}\"\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n"),
+        )
+        .unwrap();
+        let receiver = Service::start(
+            RECV,
+            &receiver_toml,
+            format!("127.0.0.1:{rm}").parse().unwrap(),
+        );
+        let destination = destination.unwrap_or(format!("127.0.0.1:{link}").parse().unwrap());
+        let sender_toml = dir.path().join("sender.toml");
+        std::fs::write(
+            &sender_toml,
+            format!("[link]\ndestination = \"{destination}\"\nrate_mbps = {rate_mbps}\nflush_interval_ms = 5\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n"),
+        )
+        .unwrap();
+        let sender = Service::start(
+            SEND,
+            &sender_toml,
+            format!("127.0.0.1:{sm}").parse().unwrap(),
+        );
+        Pair {
+            _dir: dir,
+            sender,
+            receiver,
+            drops_start: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
+        }
+    }
+
+    fn kernel_drops(&self) -> u64 {
+        diode_common::net::udp_rcvbuf_errors().unwrap_or(0) - self.drops_start
+    }
+
+    fn report_costs(&self, gigabytes: f64, seconds: f64) {
+        for (side, s) in [("sender", &self.sender), ("receiver", &self.receiver)] {
+            println!(
+                "  {side:<9} {:>6.2} CPU s/GB  {:>5.1} % of a core  peak RSS {:>6.1} MiB",
+                s.cpu_used() / gigabytes,
+                100.0 * s.cpu_used() / seconds,
+                s.peak_rss_mib()
+            );
+        }
+        println!("  kernel drops (RcvbufErrors)  {}", self.kernel_drops());
+    }
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SimRng::new(seed);
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        data.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    data.truncate(len);
+    data
+}
+
+fn bulk() {
+    let mib: usize = std::env::var("DIODE_BENCH_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let data = Arc::new(random_bytes(mib << 20, 1));
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_in = free_port();
+    let pair = Pair::start(
+        100_000,
+        &format!("{{ kind = \"tcp\", listen = \"127.0.0.1:{tcp_in}\", framing = \"raw\" }}"),
+        &format!(
+            "{{ kind = \"tcp\", connect = \"{}\", framing = \"raw\" }}",
+            sink.local_addr().unwrap()
+        ),
+        None,
+    );
+    let start = Instant::now();
+    let writer = {
+        let data = data.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", tcp_in)).unwrap();
+            s.write_all(&data).unwrap();
+        })
+    };
+    let (mut conn, _) = sink.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut identical = true;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut last_byte = start;
+    while got < data.len() {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let end = (got + n).min(data.len());
+                identical &= buf[..end - got] == data[got..end];
+                got += n;
+                last_byte = Instant::now();
+            }
+        }
+    }
+    // First byte in to last byte out; a stream cut short by loss waits for nothing more.
+    let seconds = (last_byte - start).as_secs_f64();
+    let _ = writer.join();
+    let wire = pair.sender.metric("diode_link_bytes_sent_total");
+    println!("\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP, unpaced");
+    println!(
+        "  goodput {:>8.1} MB/s   {} of {} bytes, {}",
+        got as f64 / seconds / 1e6,
+        got,
+        data.len(),
+        if identical && got == data.len() {
+            "identical"
+        } else {
+            "DIFFERENT"
+        }
+    );
+    println!("  wire overhead {:.3} x payload", wire / data.len() as f64);
+    println!(
+        "  blocks repaired {}  lost {}",
+        pair.receiver.metric("diode_blocks_recovered_total"),
+        pair.receiver.metric("diode_blocks_lost_total")
+    );
+    pair.report_costs(data.len() as f64 / 1e9, seconds);
+}
+
+fn small_records() {
+    let per_sec: u64 = 50_000;
+    let seconds: u64 = std::env::var("DIODE_BENCH_SMALL_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let _ = socket2::SockRef::from(&sink).set_recv_buffer_size(16 << 20);
+    sink.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let udp_in = free_port();
+    let pair = Pair::start(
+        1000,
+        &format!("{{ kind = \"udp\", listen = \"127.0.0.1:{udp_in}\" }}"),
+        &format!(
+            "{{ kind = \"udp\", target = \"{}\" }}",
+            sink.local_addr().unwrap()
+        ),
+        None,
+    );
+    let epoch = Instant::now();
+    let total = per_sec * seconds;
+    let generator = std::thread::spawn(move || {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut record = [b'.'; 100];
+        let started = Instant::now();
+        for seq in 0..total {
+            // Keep to the schedule: 50 records a millisecond.
+            let due = started + Duration::from_nanos(seq * 1_000_000_000 / per_sec);
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+            record[..8].copy_from_slice(&seq.to_le_bytes());
+            record[8..16].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+            let _ = socket.send_to(&record, ("127.0.0.1", udp_in));
+        }
+    });
+    let mut seen = vec![false; total as usize];
+    let mut latencies_us = Vec::with_capacity(total as usize);
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = sink.recv(&mut buf) {
+        if n < 16 {
+            continue;
+        }
+        let seq = u64::from_le_bytes(buf[..8].try_into().unwrap());
+        let sent = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+        if let Some(slot) = seen.get_mut(seq as usize) {
+            *slot = true;
+        }
+        latencies_us.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000);
+        if latencies_us.len() as u64 == total {
+            break;
+        }
+    }
+    generator.join().unwrap();
+    let delivered = seen.iter().filter(|s| **s).count();
+    latencies_us.sort_unstable();
+    let pct = |p: f64| {
+        latencies_us
+            .get(
+                ((latencies_us.len() as f64 * p) as usize)
+                    .min(latencies_us.len().saturating_sub(1)),
+            )
+            .copied()
+            .unwrap_or(0)
+    };
+    let wire = pair.sender.metric("diode_link_bytes_sent_total");
+    println!("\nsmall: 100-byte records into the UDP source at {per_sec}/s for {seconds} s, UDP sink out, flush 5 ms");
+    println!("  delivered {delivered} of {total}");
+    println!(
+        "  wire overhead {:.3} x payload (parity, headers, IP/UDP included)",
+        wire / (total as f64 * 100.0)
+    );
+    println!(
+        "  latency p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        pct(0.50) as f64 / 1000.0,
+        pct(0.99) as f64 / 1000.0,
+        latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0
+    );
+    pair.report_costs(total as f64 * 100.0 / 1e9, seconds as f64);
+}
+
+/// Offers more than the ceiling for 11 s and watches what leaves the sender.
+fn pacing() {
+    let watch = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let _ = socket2::SockRef::from(&watch).set_recv_buffer_size(32 << 20);
+    watch
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let tcp_in = free_port();
+    let pair = Pair::start(
+        1000,
+        &format!("{{ kind = \"tcp\", listen = \"127.0.0.1:{tcp_in}\", framing = \"raw\" }}"),
+        "{ kind = \"stdout\" }",
+        Some(watch.local_addr().unwrap()),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", tcp_in)).unwrap();
+            let chunk = random_bytes(1 << 20, 2);
+            while !stop.load(Ordering::Relaxed) {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    // Skip the first second (queues filling), then record 10 s of arrivals.
+    let mut buf = vec![0u8; 65_536];
+    let warm = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < warm {
+        let _ = watch.recv(&mut buf);
+    }
+    let start = Instant::now();
+    let mut arrivals: Vec<(Duration, usize)> = Vec::with_capacity(1_000_000);
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(n) = watch.recv(&mut buf) {
+            arrivals.push((start.elapsed(), n + 28));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.join();
+    let total: usize = arrivals.iter().map(|a| a.1).sum();
+    let mut worst = 0usize;
+    let (mut lo, mut in_window) = (0, 0usize);
+    for hi in 0..arrivals.len() {
+        in_window += arrivals[hi].1;
+        while arrivals[hi].0 - arrivals[lo].0 >= Duration::from_millis(10) {
+            in_window -= arrivals[lo].1;
+            lo += 1;
+        }
+        worst = worst.max(in_window);
+    }
+    println!("\npacing: rate_mbps = 1000, more offered, 10 s of wire after 1 s of warm-up");
+    println!(
+        "  wire rate {:.1} Mb/s ({:+.2} % of the ceiling)   worst 10 ms window {:.1} Mb/s ({:+.1} %)",
+        total as f64 * 8.0 / 10.0 / 1e6,
+        (total as f64 * 8.0 / 10.0 / 1e6 / 1000.0 - 1.0) * 100.0,
+        worst as f64 * 8.0 / 0.01 / 1e6,
+        (worst as f64 * 8.0 / 0.01 / 1e6 / 1000.0 - 1.0) * 100.0
+    );
+    println!(
+        "  sender {:.1} % of a core",
+        100.0 * pair.sender.cpu_used() / 11.0
+    );
+}
+
+/// The pair at 1 Gb/s for 10 s, a raw TCP sink draining the receiver.
+fn paced_pair() {
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_in = free_port();
+    let pair = Pair::start(
+        1000,
+        &format!("{{ kind = \"tcp\", listen = \"127.0.0.1:{tcp_in}\", framing = \"raw\" }}"),
+        &format!(
+            "{{ kind = \"tcp\", connect = \"{}\", framing = \"raw\" }}",
+            sink.local_addr().unwrap()
+        ),
+        None,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", tcp_in)).unwrap();
+            let chunk = random_bytes(1 << 20, 3);
+            while !stop.load(Ordering::Relaxed) {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let (mut conn, _) = sink.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let (cpu_s, cpu_r) = (pair.sender.cpu_seconds(), pair.receiver.cpu_seconds());
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(n) = conn.read(&mut buf) {
+            got += n;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let (cpu_s, cpu_r) = (
+        pair.sender.cpu_seconds() - cpu_s,
+        pair.receiver.cpu_seconds() - cpu_r,
+    );
+    stop.store(true, Ordering::Relaxed);
+    drop(conn);
+    let _ = flood.join();
+    println!("\npaced1g: the pair at rate_mbps = 1000 for 10 s");
+    println!("  goodput {:.1} MB/s", got as f64 / seconds / 1e6);
+    println!(
+        "  sender {:.1} % of a core, receiver {:.1} % of a core",
+        100.0 * cpu_s / seconds,
+        100.0 * cpu_r / seconds
+    );
+    println!(
+        "  peak RSS sender {:.1} MiB, receiver {:.1} MiB; kernel drops {}",
+        pair.sender.peak_rss_mib(),
+        pair.receiver.peak_rss_mib(),
+        pair.kernel_drops()
+    );
+}
