@@ -8,6 +8,10 @@
 //! DIODE_BENCH_BULK_MIB=512 cargo bench --bench throughput -- bulk
 //! ```
 //!
+//! Knobs: `DIODE_BENCH_BULK_MIB` (2048), `DIODE_BENCH_BULK_MBPS` (the bulk sender's ceiling,
+//! 100000: unpaced), `DIODE_BENCH_SMALL_SECS` (20), `DIODE_BENCH_RCVBUF_BYTES` (the receiver's
+//! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max).
+//!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
 //! the wire rate over 10 s and its worst 10 ms window), `paced1g` (the pair at 1 Gb/s for 10 s:
@@ -37,8 +41,8 @@ fn main() {
         "diode throughput harness: both services on loopback, MTU 1500, 32 data + 8 parity shards"
     );
     match std::fs::read_to_string("/proc/sys/net/core/rmem_max") {
-        Ok(v) if v.trim().parse::<u64>().unwrap_or(0) < 32 << 20 => println!(
-            "note: net.core.rmem_max is {} bytes; the receiver asks for 32 MiB (see deploy/sysctl.d)",
+        Ok(v) if v.trim().parse::<u64>().unwrap_or(0) < 128 << 20 => println!(
+            "note: net.core.rmem_max is {} bytes; the receiver asks for 128 MiB (see deploy/sysctl.d)",
             v.trim()
         ),
         _ => {}
@@ -55,6 +59,13 @@ fn main() {
     if wanted("paced1g") {
         paced_pair();
     }
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn free_port() -> u16 {
@@ -162,7 +173,7 @@ impl Pair {
         let receiver_toml = dir.path().join("receiver.toml");
         std::fs::write(
             &receiver_toml,
-            format!("[link]\nlisten = \"127.0.0.1:{link}\"\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n"),
+            format!("[link]\nlisten = \"127.0.0.1:{link}\"\nreceive_buffer_bytes = {}\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n", env_or("DIODE_BENCH_RCVBUF_BYTES", 128 << 20)),
         )
         .unwrap();
         let receiver = Service::start(
@@ -225,8 +236,9 @@ fn bulk() {
     let data = Arc::new(random_bytes(mib << 20, 1));
     let sink = TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp_in = free_port();
+    let rate = env_or("DIODE_BENCH_BULK_MBPS", 100_000) as u32;
     let pair = Pair::start(
-        100_000,
+        rate,
         &format!("{{ kind = \"tcp\", listen = \"127.0.0.1:{tcp_in}\", framing = \"raw\" }}"),
         &format!(
             "{{ kind = \"tcp\", connect = \"{}\", framing = \"raw\" }}",
@@ -264,7 +276,7 @@ fn bulk() {
     let seconds = (last_byte - start).as_secs_f64();
     let _ = writer.join();
     let wire = pair.sender.metric("diode_link_bytes_sent_total");
-    println!("\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP, unpaced");
+    println!("\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP, rate_mbps = {rate}");
     println!(
         "  goodput {:>8.1} MB/s   {} of {} bytes, {}",
         got as f64 / seconds / 1e6,

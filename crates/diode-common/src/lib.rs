@@ -1,6 +1,7 @@
 //! What both services share outside the wire protocol: configuration files with precise errors,
 //! the Prometheus endpoint, UDP sockets sized for bursts, the kernel's drop counter, shutdown.
 
+pub mod budget;
 pub mod config;
 pub mod metrics;
 pub mod net;

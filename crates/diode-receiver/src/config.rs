@@ -49,9 +49,12 @@ pub struct RouteConfig {
     /// MQTT-style filters: `+` one level, `#` the rest.
     pub topics: Vec<String>,
     pub sink: SinkConfig,
-    /// Records waiting for this sink; past it they are dropped and counted.
+    /// Records waiting for this sink, at most; past it they are dropped and counted.
     #[serde(default = "default_queue_records")]
     pub queue_records: usize,
+    /// Bytes of records waiting for this sink, at most; past it they are dropped and counted.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,8 +85,10 @@ impl SinkConfig {
     }
 }
 
+/// About 100 ms of a 1 GB/s link: what it takes to ride out the receiving host's scheduling
+/// stalls without the kernel dropping datagrams (see docs/performance.md).
 fn default_receive_buffer_bytes() -> usize {
-    32 << 20
+    128 << 20
 }
 fn default_max_inflight_bytes() -> usize {
     32 << 20
@@ -100,6 +105,9 @@ fn default_max_topics() -> usize {
 fn default_queue_records() -> usize {
     100_000
 }
+fn default_queue_bytes() -> usize {
+    32 << 20
+}
 
 /// A route ready to run.
 #[derive(Debug, Clone)]
@@ -108,6 +116,7 @@ pub struct Route {
     pub filters: Vec<TopicFilter>,
     pub sink: SinkConfig,
     pub queue_records: usize,
+    pub queue_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +199,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             filters,
             sink,
             queue_records: route.queue_records,
+            queue_bytes: route.queue_bytes,
         });
     }
     Ok(Loaded {

@@ -119,6 +119,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             name: route.name,
             filters: route.filters,
             queue: tx,
+            budget: diode_common::budget::ByteBudget::new(route.queue_bytes),
             metrics: route_metrics,
         });
     }

@@ -7,10 +7,12 @@ use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diode_common::budget::ByteBudget;
 use diode_common::Shutdown;
 use diode_wire::{proto, Event, Reassembler, ReassemblerStats, Record};
 use quinn_udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
 use std::io::IoSliceMut;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::filter::TopicFilter;
 use crate::metrics::{ReceiverMetrics, RouteMetrics, TopicCounters, TopicLabels};
@@ -21,10 +23,17 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// `recvmmsg` calls per wake-up before timers and events get a turn.
 const DRAIN_BATCHES: usize = 16;
 
+/// A record waiting for a sink, holding its share of the route's byte budget.
+pub struct Queued {
+    pub record: Record,
+    pub _budget: OwnedSemaphorePermit,
+}
+
 pub struct RouteHandle {
     pub name: String,
     pub filters: Vec<TopicFilter>,
-    pub queue: flume::Sender<Record>,
+    pub queue: flume::Sender<Queued>,
+    pub budget: ByteBudget,
     pub metrics: RouteMetrics,
 }
 
@@ -206,9 +215,16 @@ impl LinkThread {
                 }
                 for &i in routes.iter() {
                     let route = &self.routes[i];
-                    match route.queue.try_send(record.clone()) {
-                        Ok(()) => {}
-                        Err(_) => {
+                    let queued = route
+                        .budget
+                        .try_acquire(record.payload.len())
+                        .map(|budget| Queued {
+                            record: record.clone(),
+                            _budget: budget,
+                        });
+                    match queued.map(|q| route.queue.try_send(q)) {
+                        Some(Ok(())) => {}
+                        _ => {
                             if route.metrics.dropped.inc() % 10_000 == 0 {
                                 tracing::warn!(
                                     route = %route.name,

@@ -12,9 +12,11 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpStream, UdpSocket};
 
 use crate::config::SinkConfig;
+use crate::link::Queued;
 use crate::metrics::RouteMetrics;
 
-/// Records taken off the queue per write batch before a flush.
+/// Records taken off the queue per write batch before a flush. A batch holds its records' share
+/// of the route's byte budget until it is written.
 const BATCH: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -69,7 +71,7 @@ fn format_rfc3339(time: SystemTime) -> String {
 
 pub async fn run(
     config: SinkConfig,
-    queue: flume::Receiver<Record>,
+    queue: flume::Receiver<Queued>,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -84,7 +86,7 @@ pub async fn run(
 }
 
 /// Waits for a record, then takes what else is queued, up to a batch.
-async fn next_batch(queue: &flume::Receiver<Record>, batch: &mut Vec<Record>) -> bool {
+async fn next_batch(queue: &flume::Receiver<Queued>, batch: &mut Vec<Queued>) -> bool {
     match queue.recv_async().await {
         Ok(record) => batch.push(record),
         Err(_) => return false,
@@ -100,12 +102,12 @@ async fn next_batch(queue: &flume::Receiver<Record>, batch: &mut Vec<Record>) ->
 
 async fn write_json_batch<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    batch: &[Record],
+    batch: &[Queued],
     buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     buf.clear();
-    for record in batch {
-        json_line(record, buf);
+    for queued in batch {
+        json_line(&queued.record, buf);
     }
     writer.write_all(buf).await?;
     writer.flush().await
@@ -113,7 +115,7 @@ async fn write_json_batch<W: AsyncWrite + Unpin>(
 
 async fn run_file(
     path: PathBuf,
-    queue: flume::Receiver<Record>,
+    queue: flume::Receiver<Queued>,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -165,7 +167,7 @@ async fn run_file(
     }
 }
 
-async fn run_stdout(queue: flume::Receiver<Record>, metrics: RouteMetrics) {
+async fn run_stdout(queue: flume::Receiver<Queued>, metrics: RouteMetrics) {
     let mut batch = Vec::new();
     let mut buf = Vec::new();
     let mut out = tokio::io::stdout();
@@ -185,7 +187,7 @@ async fn run_stdout(queue: flume::Receiver<Record>, metrics: RouteMetrics) {
 
 async fn run_udp(
     target: String,
-    queue: flume::Receiver<Record>,
+    queue: flume::Receiver<Queued>,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -217,8 +219,8 @@ async fn run_udp(
     let mut batch = Vec::new();
     while next_batch(&queue, &mut batch).await {
         metrics.queue.set(queue.len() as i64);
-        for record in batch.drain(..) {
-            match socket.send_to(&record.payload, target).await {
+        for queued in batch.drain(..) {
+            match socket.send_to(&queued.record.payload, target).await {
                 Ok(_) => {
                     metrics.delivered.inc();
                 }
@@ -235,11 +237,11 @@ async fn run_udp(
 async fn run_tcp(
     connect: String,
     framing: Framing,
-    queue: flume::Receiver<Record>,
+    queue: flume::Receiver<Queued>,
     metrics: RouteMetrics,
     route: String,
 ) {
-    let mut batch: Vec<Record> = Vec::new();
+    let mut batch: Vec<Queued> = Vec::new();
     let mut buf = Vec::new();
     let mut conn: Option<BufWriter<TcpStream>> = None;
     let mut backoff = BACKOFF_MIN;
@@ -269,7 +271,7 @@ async fn run_tcp(
         }
         let writer = conn.as_mut().expect("connected above");
         let result = async {
-            for record in &batch {
+            for Queued { record, .. } in &batch {
                 buf.clear();
                 match framing {
                     Framing::Lines => {

@@ -85,7 +85,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     let metrics = SenderMetrics::new(&mut registry);
     metrics.session_start_seconds.set(start_us / 1_000_000);
     let (queue_tx, queue_rx) = flume::bounded(link.queue_records);
-    let budget = sources::QueueBudget::new(link.queue_bytes);
+    let budget = diode_common::budget::ByteBudget::new(link.queue_bytes);
 
     let mut topic_metrics = Vec::new();
     let mut bound = Vec::new();

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
+use diode_common::budget::ByteBudget;
 use diode_common::net::{udp_socket, Buffer};
 use diode_common::{unix_time_us, Shutdown};
 use diode_wire::TopicId;
@@ -27,53 +28,13 @@ pub struct Ingest {
     pub _budget: OwnedSemaphorePermit,
 }
 
-/// Bytes of records between the sources and the link thread, whatever their sizes: the queue's
-/// memory bound.
-#[derive(Clone)]
-pub struct QueueBudget {
-    permits: Arc<Semaphore>,
-    total: usize,
-}
-
-impl QueueBudget {
-    pub fn new(bytes: usize) -> Self {
-        let total = bytes.clamp(1, Semaphore::MAX_PERMITS);
-        QueueBudget {
-            permits: Arc::new(Semaphore::new(total)),
-            total,
-        }
-    }
-
-    /// A record larger than the whole budget takes all of it, so it can still pass alone.
-    fn share(&self, len: usize) -> u32 {
-        len.clamp(1, self.total).min(u32::MAX as usize) as u32
-    }
-
-    /// Waits for room: TCP sources, whose senders TCP flow control then slows.
-    async fn acquire(&self, len: usize) -> OwnedSemaphorePermit {
-        self.permits
-            .clone()
-            .acquire_many_owned(self.share(len))
-            .await
-            .expect("the budget's semaphore is never closed")
-    }
-
-    /// Room now or never: UDP sources, which cannot slow their senders.
-    fn try_acquire(&self, len: usize) -> Option<OwnedSemaphorePermit> {
-        self.permits
-            .clone()
-            .try_acquire_many_owned(self.share(len))
-            .ok()
-    }
-}
-
 /// What every source of one topic needs.
 #[derive(Clone)]
 pub struct SourceContext {
     pub topic: TopicId,
     pub name: Arc<str>,
     pub queue: flume::Sender<Ingest>,
-    pub budget: QueueBudget,
+    pub budget: ByteBudget,
     pub metrics: TopicMetrics,
     pub max_record_bytes: usize,
     pub shutdown: Shutdown,
