@@ -290,9 +290,11 @@ fn bulk() {
     );
     println!("  wire overhead {:.3} x payload", wire / data.len() as f64);
     println!(
-        "  blocks repaired {}  lost {}",
+        "  blocks repaired {}  lost {}; records lost {}; records dropped at a full sink queue {}",
         pair.receiver.metric("diode_blocks_recovered_total"),
-        pair.receiver.metric("diode_blocks_lost_total")
+        pair.receiver.metric("diode_blocks_lost_total"),
+        pair.receiver.metric("diode_records_lost_total"),
+        pair.receiver.metric("diode_sink_dropped_total")
     );
     pair.report_costs(data.len() as f64 / 1e9, seconds);
 }

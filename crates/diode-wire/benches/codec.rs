@@ -1,0 +1,118 @@
+//! Micro-benchmarks of the protocol's hot paths: Reed-Solomon coding, the encoder and the
+//! reassembler. `cargo bench -p diode-wire` (add `--no-default-features` for the portable FEC).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use diode_wire::fec::{self, CodecCache};
+use diode_wire::{Encoder, EncoderConfig, Reassembler, ReassemblerConfig};
+
+const SHARD: usize = 1442;
+
+fn encoder(now: Instant) -> Encoder {
+    Encoder::new(
+        EncoderConfig {
+            session_id: 1,
+            mtu_bytes: 1500,
+            data_shards: 32,
+            parity_shards: 8,
+            interleave_depth: 4,
+            flush_interval: Duration::from_millis(5),
+            heartbeat_interval: Duration::from_secs(3600),
+            session_start_time_us: 0,
+        },
+        now,
+    )
+    .unwrap()
+}
+
+fn fec_coding(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fec 32+8 x 1442 B");
+    group.throughput(Throughput::Bytes((32 * SHARD) as u64));
+    let mut cache = CodecCache::default();
+    let codec = cache.get(32, 8);
+    let stride = SHARD + 30;
+    let mut buf = vec![7u8; 40 * stride];
+    group.bench_function("encode", |b| {
+        b.iter(|| fec::encode_strided(&codec, &mut buf, 32, stride, 26, SHARD))
+    });
+    let data: Vec<u8> = (0..32 * SHARD).map(|i| i as u8).collect();
+    let mut parity = vec![0u8; 8 * SHARD];
+    group.bench_function("rebuild 8 lost data shards", |b| {
+        let mut present = vec![true; 40];
+        for p in present.iter_mut().take(8) {
+            *p = false;
+        }
+        b.iter_batched(
+            || data.clone(),
+            |mut d| fec::reconstruct(&codec, &mut d, &mut parity, SHARD, &present).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+fn encoder_push(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut group = c.benchmark_group("encoder");
+    for (name, size, count) in [
+        ("100 B records", 100usize, 4096usize),
+        ("64 KiB records", 65_536, 64),
+    ] {
+        let record = Bytes::from(vec![1u8; size]);
+        group.throughput(Throughput::Bytes((size * count) as u64));
+        group.bench_function(name, |b| {
+            let mut enc = encoder(now);
+            let topic = enc.add_topic("line3/telemetry").unwrap();
+            b.iter(|| {
+                for _ in 0..count {
+                    enc.push(now, topic, 1_700_000_000_000_000, record.clone())
+                        .unwrap();
+                }
+                enc.flush(now);
+                while enc.poll_transmit(now).is_some() {}
+            })
+        });
+    }
+    group.finish();
+}
+
+fn reassembler(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut group = c.benchmark_group("reassembler");
+    // 4 MiB of 64 KiB records as datagrams, then the same with one datagram in ten lost.
+    let mut enc = encoder(now);
+    let topic = enc.add_topic("bulk").unwrap();
+    let record = Bytes::from(vec![3u8; 65_536]);
+    for _ in 0..64 {
+        enc.push(now, topic, 0, record.clone()).unwrap();
+    }
+    enc.flush(now);
+    let mut datagrams = Vec::new();
+    while let Some(d) = enc.poll_transmit(now) {
+        datagrams.push(d);
+    }
+    group.throughput(Throughput::Bytes(64 * 65_536));
+    for (name, keep) in [("no loss", 0usize), ("1 in 10 lost", 10)] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || Reassembler::new(ReassemblerConfig::default()),
+                |mut rx| {
+                    for (i, d) in datagrams.iter().enumerate() {
+                        if keep == 0 || i % keep != 0 {
+                            let _ = rx.handle_datagram(now, d);
+                        }
+                        while rx.poll_event().is_some() {}
+                    }
+                    rx
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fec_coding, encoder_push, reassembler);
+criterion_main!(benches);
