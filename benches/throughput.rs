@@ -10,7 +10,8 @@
 //!
 //! Knobs: `DIODE_BENCH_BULK_MIB` (2048), `DIODE_BENCH_BULK_MBPS` (the bulk sender's ceiling,
 //! 100000: unpaced), `DIODE_BENCH_SMALL_SECS` (20), `DIODE_BENCH_RCVBUF_BYTES` (the receiver's
-//! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max).
+//! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max),
+//! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5).
 //!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
@@ -185,7 +186,7 @@ impl Pair {
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,
-            format!("[link]\ndestination = \"{destination}\"\nrate_mbps = {rate_mbps}\nflush_interval_ms = 5\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n"),
+            format!("[link]\ndestination = \"{destination}\"\nrate_mbps = {rate_mbps}\nflush_interval_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5)),
         )
         .unwrap();
         let sender = Service::start(
@@ -307,7 +308,6 @@ fn small_records() {
         .unwrap_or(20);
     let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     let _ = socket2::SockRef::from(&sink).set_recv_buffer_size(16 << 20);
-    sink.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let udp_in = free_port();
     let pair = Pair::start(
         1000,
@@ -341,19 +341,38 @@ fn small_records() {
     });
     let mut seen = vec![false; total as usize];
     let mut latencies_us = Vec::with_capacity(total as usize);
-    let mut buf = [0u8; 2048];
-    while let Ok(n) = sink.recv(&mut buf) {
-        if n < 16 {
-            continue;
-        }
-        let seq = u64::from_le_bytes(buf[..8].try_into().unwrap());
-        let sent = u64::from_le_bytes(buf[8..16].try_into().unwrap());
-        if let Some(slot) = seen.get_mut(seq as usize) {
-            *slot = true;
-        }
-        latencies_us.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000);
-        if latencies_us.len() as u64 == total {
-            break;
+    // Read as the services do (recvmmsg + GRO), so that reading a burst one datagram at a time
+    // does not add its own delay to the records at the end of it.
+    let gro = quinn_udp::UdpSocketState::new((&sink).into()).unwrap();
+    let mut buffers = vec![vec![0u8; 64 * 1024]; quinn_udp::BATCH_SIZE];
+    let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    let mut idle_since = Instant::now();
+    while (latencies_us.len() as u64) < total && idle_since.elapsed() < Duration::from_secs(3) {
+        let mut slices: Vec<std::io::IoSliceMut<'_>> = buffers
+            .iter_mut()
+            .map(|b| std::io::IoSliceMut::new(b))
+            .collect();
+        let count = match gro.recv((&sink).into(), &mut slices, &mut metas) {
+            Ok(count) => count,
+            Err(_) => {
+                std::thread::sleep(Duration::from_micros(20));
+                continue;
+            }
+        };
+        idle_since = Instant::now();
+        let now_ns = epoch.elapsed().as_nanos() as u64;
+        for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
+            for record in buffer[..meta.len].chunks(meta.stride.max(1)) {
+                if record.len() < 16 {
+                    continue;
+                }
+                let seq = u64::from_le_bytes(record[..8].try_into().unwrap());
+                let sent = u64::from_le_bytes(record[8..16].try_into().unwrap());
+                if let Some(slot) = seen.get_mut(seq as usize) {
+                    *slot = true;
+                }
+                latencies_us.push(now_ns.saturating_sub(sent) / 1000);
+            }
         }
     }
     generator.join().unwrap();
@@ -369,7 +388,10 @@ fn small_records() {
             .unwrap_or(0)
     };
     let wire = pair.sender.metric("diode_link_bytes_sent_total");
-    println!("\nsmall: 100-byte records into the UDP source at {per_sec}/s for {seconds} s, UDP sink out, flush 5 ms");
+    println!(
+        "\nsmall: 100-byte records into the UDP source at {per_sec}/s for {seconds} s, UDP sink out, flush {} ms",
+        env_or("DIODE_BENCH_FLUSH_MS", 5)
+    );
     println!("  delivered {delivered} of {total}");
     println!(
         "  wire overhead {:.3} x payload (parity, headers, IP/UDP included)",
