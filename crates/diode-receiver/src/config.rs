@@ -105,8 +105,10 @@ fn default_max_topics() -> usize {
 fn default_queue_records() -> usize {
     100_000
 }
+/// A sink stalled for 60 ms at 1 GB/s; past it records are dropped (counted) until sinks get
+/// their disk buffers.
 fn default_queue_bytes() -> usize {
-    32 << 20
+    64 << 20
 }
 
 /// A route ready to run.
