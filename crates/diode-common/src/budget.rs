@@ -20,6 +20,11 @@ impl ByteBudget {
         }
     }
 
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.total - self.permits.available_permits()
+    }
+
     /// A record larger than the whole budget takes all of it, so it can still pass alone.
     fn share(&self, len: usize) -> u32 {
         len.clamp(1, self.total).min(u32::MAX as usize) as u32

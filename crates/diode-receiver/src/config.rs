@@ -49,10 +49,8 @@ pub struct RouteConfig {
     /// MQTT-style filters: `+` one level, `#` the rest.
     pub topics: Vec<String>,
     pub sink: SinkConfig,
-    /// Records waiting for this sink, at most; past it they are dropped and counted.
-    #[serde(default = "default_queue_records")]
-    pub queue_records: usize,
-    /// Bytes of records waiting for this sink, at most; past it they are dropped and counted.
+    /// Bytes of records waiting for this sink, at most (each record counts 64 bytes on top of
+    /// its payload); past it they are dropped and counted.
     #[serde(default = "default_queue_bytes")]
     pub queue_bytes: usize,
 }
@@ -102,9 +100,6 @@ fn default_max_record_bytes() -> usize {
 fn default_max_topics() -> usize {
     4096
 }
-fn default_queue_records() -> usize {
-    100_000
-}
 /// A sink stalled for 60 ms at 1 GB/s; past it records are dropped (counted) until sinks get
 /// their disk buffers.
 fn default_queue_bytes() -> usize {
@@ -117,7 +112,6 @@ pub struct Route {
     pub name: String,
     pub filters: Vec<TopicFilter>,
     pub sink: SinkConfig,
-    pub queue_records: usize,
     pub queue_bytes: usize,
 }
 
@@ -172,9 +166,6 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                     .map_err(|e| source.invalid(&format!("route[{i}].topics[{j}]"), e))?,
             );
         }
-        if route.queue_records == 0 {
-            return Err(source.invalid(&format!("route[{i}].queue_records"), "must be at least 1"));
-        }
         let mut sink = route.sink.clone();
         match &mut sink {
             SinkConfig::File { path } => *path = source.resolve(path),
@@ -185,6 +176,11 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                 source.socket_addr(&format!("route[{i}].sink.connect"), connect)?;
             }
             SinkConfig::Stdout {} => {}
+        }
+        if route.queue_bytes < 65_536 {
+            return Err(
+                source.invalid(&format!("route[{i}].queue_bytes"), "must be at least 65536")
+            );
         }
         let name = route
             .name
@@ -200,7 +196,6 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             name,
             filters,
             sink,
-            queue_records: route.queue_records,
             queue_bytes: route.queue_bytes,
         });
     }

@@ -107,8 +107,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     let mut routes = Vec::new();
     let mut sinks = Vec::new();
     for route in loaded.routes {
-        let (tx, rx) = flume::bounded(route.queue_records);
-        let route_metrics = metrics.route(&route.name);
+        // Bounded by the route's byte budget, not by the channel: each delivery holds permits.
+        let (tx, rx) = flume::unbounded();
+        let budget = diode_common::budget::ByteBudget::new(route.queue_bytes);
+        let route_metrics = metrics.route(&route.name, budget.clone());
         sinks.push(tokio::spawn(sinks::run(
             route.sink.clone(),
             rx,
@@ -119,7 +121,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             name: route.name,
             filters: route.filters,
             queue: tx,
-            budget: diode_common::budget::ByteBudget::new(route.queue_bytes),
+            budget,
+            pending: Vec::new(),
             metrics: route_metrics,
         });
     }

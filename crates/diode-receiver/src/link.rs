@@ -29,11 +29,18 @@ pub struct Queued {
     pub _budget: OwnedSemaphorePermit,
 }
 
+/// What a queued record costs on top of its payload, in the route's byte budget.
+const QUEUED_RECORD_OVERHEAD_BYTES: usize = 64;
+
 pub struct RouteHandle {
     pub name: String,
     pub filters: Vec<TopicFilter>,
-    pub queue: flume::Sender<Queued>,
+    /// Deliveries: the records of one pass over the reassembler's events, so that a block's
+    /// records reach the sink with one queue operation and one wake-up.
+    pub queue: flume::Sender<Vec<Queued>>,
     pub budget: ByteBudget,
+    /// Records of the current pass, not yet handed over.
+    pub pending: Vec<Queued>,
     pub metrics: RouteMetrics,
 }
 
@@ -165,6 +172,12 @@ impl LinkThread {
                 &mut scratch.sender,
             );
         }
+        for route in &mut self.routes {
+            if !route.pending.is_empty() {
+                // A sink gone (shutting down) leaves nothing to do with them.
+                let _ = route.queue.send(std::mem::take(&mut route.pending));
+            }
+        }
         let stats = self.reassembler.stats();
         if stats != &scratch.last_stats {
             self.metrics.add_stats(stats, &scratch.last_stats);
@@ -214,17 +227,14 @@ impl LinkThread {
                     return;
                 }
                 for &i in routes.iter() {
-                    let route = &self.routes[i];
-                    let queued = route
-                        .budget
-                        .try_acquire(record.payload.len())
-                        .map(|budget| Queued {
+                    let route = &mut self.routes[i];
+                    let cost = record.payload.len() + QUEUED_RECORD_OVERHEAD_BYTES;
+                    match route.budget.try_acquire(cost) {
+                        Some(budget) => route.pending.push(Queued {
                             record: record.clone(),
                             _budget: budget,
-                        });
-                    match queued.map(|q| route.queue.try_send(q)) {
-                        Some(Ok(())) => {}
-                        _ => {
+                        }),
+                        None => {
                             if route.metrics.dropped.inc() % 10_000 == 0 {
                                 tracing::warn!(
                                     route = %route.name,

@@ -48,7 +48,7 @@ pub struct ReceiverMetrics {
     pub sink_delivered: Family<RouteLabels, Counter>,
     pub sink_dropped: Family<RouteLabels, Counter>,
     pub sink_errors: Family<RouteLabels, Counter>,
-    pub sink_queue_records: Family<RouteLabels, Gauge>,
+    pub sink_queue_bytes: Family<RouteLabels, Gauge>,
 }
 
 impl ReceiverMetrics {
@@ -77,7 +77,7 @@ impl ReceiverMetrics {
             sink_delivered: Family::default(),
             sink_dropped: Family::default(),
             sink_errors: Family::default(),
-            sink_queue_records: Family::default(),
+            sink_queue_bytes: Family::default(),
         };
         let r = registry;
         r.register(
@@ -196,9 +196,9 @@ impl ReceiverMetrics {
             m.sink_errors.clone(),
         );
         r.register(
-            "diode_sink_queue_records",
-            "Records waiting for a sink",
-            m.sink_queue_records.clone(),
+            "diode_sink_queue_bytes",
+            "Bytes of records waiting for a sink (payloads plus 64 bytes each)",
+            m.sink_queue_bytes.clone(),
         );
         // Every reason exists from the start, at 0, so alerts can be written against it.
         for reason in Rejected::ALL {
@@ -238,7 +238,7 @@ impl ReceiverMetrics {
         self.sessions.inc_by(stats.sessions - last.sessions);
     }
 
-    pub fn route(&self, route: &str) -> RouteMetrics {
+    pub fn route(&self, route: &str, budget: diode_common::budget::ByteBudget) -> RouteMetrics {
         let labels = RouteLabels {
             route: route.to_owned(),
         };
@@ -246,7 +246,8 @@ impl ReceiverMetrics {
             delivered: self.sink_delivered.get_or_create_owned(&labels),
             dropped: self.sink_dropped.get_or_create_owned(&labels),
             errors: self.sink_errors.get_or_create_owned(&labels),
-            queue: self.sink_queue_records.get_or_create_owned(&labels),
+            queue: self.sink_queue_bytes.get_or_create_owned(&labels),
+            budget,
         }
     }
 }
@@ -256,7 +257,9 @@ pub struct RouteMetrics {
     pub delivered: Counter,
     pub dropped: Counter,
     pub errors: Counter,
+    /// Bytes waiting for the sink, as held in `budget`.
     pub queue: Gauge,
+    pub budget: diode_common::budget::ByteBudget,
 }
 
 /// One topic's delivery counters, resolved once.

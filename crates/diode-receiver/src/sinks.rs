@@ -72,7 +72,7 @@ fn format_rfc3339(time: SystemTime) -> String {
 
 pub async fn run(
     config: SinkConfig,
-    queue: flume::Receiver<Queued>,
+    queue: flume::Receiver<Vec<Queued>>,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -86,15 +86,15 @@ pub async fn run(
     }
 }
 
-/// Waits for a record, then takes what else is queued, up to a batch.
-async fn next_batch(queue: &flume::Receiver<Queued>, batch: &mut Vec<Queued>) -> bool {
+/// Waits for a delivery, then takes what else is queued, up to about a batch.
+async fn next_batch(queue: &flume::Receiver<Vec<Queued>>, batch: &mut Vec<Queued>) -> bool {
     match queue.recv_async().await {
-        Ok(record) => batch.push(record),
+        Ok(delivery) => batch.extend(delivery),
         Err(_) => return false,
     }
     while batch.len() < BATCH {
         match queue.try_recv() {
-            Ok(record) => batch.push(record),
+            Ok(delivery) => batch.extend(delivery),
             Err(_) => break,
         }
     }
@@ -116,7 +116,7 @@ async fn write_json_batch<W: AsyncWrite + Unpin>(
 
 async fn run_file(
     path: PathBuf,
-    queue: flume::Receiver<Queued>,
+    queue: flume::Receiver<Vec<Queued>>,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -129,7 +129,7 @@ async fn run_file(
         if batch.is_empty() && !next_batch(&queue, &mut batch).await {
             return;
         }
-        metrics.queue.set(queue.len() as i64);
+        metrics.queue.set(metrics.budget.used() as i64);
         if file.is_none() {
             if let Some(dir) = path.parent() {
                 let _ = tokio::fs::create_dir_all(dir).await;
@@ -168,12 +168,12 @@ async fn run_file(
     }
 }
 
-async fn run_stdout(queue: flume::Receiver<Queued>, metrics: RouteMetrics) {
+async fn run_stdout(queue: flume::Receiver<Vec<Queued>>, metrics: RouteMetrics) {
     let mut batch = Vec::new();
     let mut buf = Vec::new();
     let mut out = tokio::io::stdout();
     while next_batch(&queue, &mut batch).await {
-        metrics.queue.set(queue.len() as i64);
+        metrics.queue.set(metrics.budget.used() as i64);
         match write_json_batch(&mut out, &batch, &mut buf).await {
             Ok(()) => {
                 metrics.delivered.inc_by(batch.len() as u64);
@@ -188,7 +188,7 @@ async fn run_stdout(queue: flume::Receiver<Queued>, metrics: RouteMetrics) {
 
 async fn run_udp(
     target: String,
-    queue: flume::Receiver<Queued>,
+    queue: flume::Receiver<Vec<Queued>>,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -227,7 +227,7 @@ async fn run_udp(
     let mut batch = Vec::new();
     let mut contents = Vec::with_capacity(64 * 1024);
     while next_batch(&queue, &mut batch).await {
-        metrics.queue.set(queue.len() as i64);
+        metrics.queue.set(metrics.budget.used() as i64);
         // Runs of records of one size go out as one GSO send: a block's worth of telemetry
         // leaves in a few system calls instead of one per record.
         let mut rest = &batch[..];
@@ -285,7 +285,7 @@ async fn run_udp(
 async fn run_tcp(
     connect: String,
     framing: Framing,
-    queue: flume::Receiver<Queued>,
+    queue: flume::Receiver<Vec<Queued>>,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -298,7 +298,7 @@ async fn run_tcp(
         if batch.is_empty() && !next_batch(&queue, &mut batch).await {
             break;
         }
-        metrics.queue.set(queue.len() as i64);
+        metrics.queue.set(metrics.budget.used() as i64);
         if conn.is_none() {
             match TcpStream::connect(&connect).await {
                 Ok(stream) => {
