@@ -324,12 +324,13 @@ fn small_records() {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut record = [b'.'; 100];
         let started = Instant::now();
-        let per_ms = per_sec / 1000;
+        // Keep to the schedule a tenth of a millisecond at a time, sleeping between: a spinning
+        // generator would take a core from the services it measures, and coarser bursts would
+        // line up with the flush deadline and lengthen every record's wait.
+        let per_tick = (per_sec / 10_000).max(1);
         for seq in 0..total {
-            // Keep to the schedule a millisecond at a time, sleeping between: a spinning
-            // generator would take a core from the services it measures.
-            if seq % per_ms == 0 {
-                let due = started + Duration::from_millis(seq / per_ms);
+            if seq % per_tick == 0 {
+                let due = started + Duration::from_micros(seq / per_tick * 100);
                 if let Some(pause) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(pause);
                 }
