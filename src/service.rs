@@ -28,6 +28,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Writes a new random link key, readable by its owner only; give the same file to both sides.
+    Keygen {
+        #[arg(long, short)]
+        out: PathBuf,
+    },
 }
 
 pub struct Service<L> {
@@ -57,6 +62,22 @@ impl<L> Service<L> {
         };
         diode_common::init_logging();
         let (path, check) = match (args.command, args.config) {
+            (Some(Command::Keygen { out }), _) => {
+                return match diode_common::keyfile::generate(&out) {
+                    Ok(key) => {
+                        println!(
+                            "wrote {} (key id {}): copy it to both sides, mode 0600",
+                            out.display(),
+                            diode_wire::LinkKey::new(&key).id()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             (Some(Command::Check { config }), _) => (config, true),
             (None, Some(config)) => (config, false),
             (None, None) => {

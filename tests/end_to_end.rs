@@ -516,3 +516,102 @@ fn the_documented_metrics_are_exported() {
     let first = &read_jsonl(&out)[0];
     assert_eq!(first["payload_base64"], "/wA=");
 }
+
+#[test]
+fn an_authenticated_link_rejects_forgeries_and_loose_key_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("link.key");
+    let output = std::process::Command::new(SEND)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A key file others can read is refused at start-up.
+    let loose = dir.path().join("loose.key");
+    std::fs::copy(&key, &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let config = dir.path().join("loose.toml");
+    std::fs::write(&config, "[link]\nlisten = \"127.0.0.1:0\"\nkey_file = \"loose.key\"\n[[route]]\ntopics = [\"#\"]\nsink = { kind = \"stdout\" }\n").unwrap();
+    let output = std::process::Command::new(RECV)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`link.key_file`") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let pair = Pair::start_with(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+        dir,
+        "key_file = \"link.key\"",
+        "key_file = \"link.key\"",
+    );
+    send_lines(
+        format!("127.0.0.1:{tcp}").parse().unwrap(),
+        (0..2000).map(|i| format!("event {i}")),
+    );
+
+    // Forgeries with valid CRCs at the receiver's port: unauthenticated, and signed with another key.
+    let noise = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for key in [None, Some(diode_wire::LinkKey::new(&[9u8; 32]))] {
+        let now = std::time::Instant::now();
+        let config = diode_wire::EncoderConfig {
+            session_id: u64::MAX >> 1,
+            mtu_bytes: 1500,
+            data_shards: 32,
+            parity_shards: 8,
+            interleave_depth: 4,
+            flush_interval: Duration::from_millis(5),
+            heartbeat_interval: Duration::from_millis(500),
+            session_start_time_us: 0,
+            key,
+        };
+        let mut forger = diode_wire::Encoder::new(config, now).unwrap();
+        let topic = forger.add_topic("historian/events").unwrap();
+        for i in 0..100 {
+            forger
+                .push(now, topic, 0, format!("forged {i}").into())
+                .unwrap();
+        }
+        forger.finish(now, 0);
+        while let Some(d) = forger.poll_transmit(now) {
+            noise.send_to(&d, ("127.0.0.1", pair.link_port)).unwrap();
+        }
+    }
+    let out = pair.path("out/records.jsonl");
+    assert!(
+        wait_for(Duration::from_secs(10), || line_count(&out) >= 2000),
+        "{}",
+        pair.receiver.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let records = &by_topic(&read_jsonl(&out))["historian/events"];
+    assert_eq!(records.len(), 2000, "forged records were delivered");
+    for (seq, payload) in records {
+        assert_eq!(payload, &format!("event {seq}"));
+    }
+    assert!(
+        pair.receiver
+            .metric("diode_datagrams_rejected_total", &["reason=\"auth\""])
+            >= 4.0
+    );
+    assert_eq!(
+        pair.receiver.metric("diode_sessions_total", &[]),
+        1.0,
+        "a forger started a session"
+    );
+    pair.assert_one_way();
+}

@@ -132,7 +132,25 @@ pub const RECV: &str = env!("CARGO_BIN_EXE_diode-recv");
 impl Pair {
     /// `sender_topics` and `receiver_routes` are the `[[topic]]` and `[[route]]` tables.
     pub fn start(relay: RelayConfig, sender_topics: &str, receiver_routes: &str) -> Pair {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with(
+            relay,
+            sender_topics,
+            receiver_routes,
+            tempfile::tempdir().unwrap(),
+            "",
+            "",
+        )
+    }
+
+    /// As `start`, in `dir`, with more `[link]` keys for each side.
+    pub fn start_with(
+        relay: RelayConfig,
+        sender_topics: &str,
+        receiver_routes: &str,
+        dir: tempfile::TempDir,
+        sender_link: &str,
+        receiver_link: &str,
+    ) -> Pair {
         let link_port = free_udp_port();
         let receiver_metrics: SocketAddr =
             format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
@@ -140,7 +158,7 @@ impl Pair {
         std::fs::write(
             &receiver_toml,
             format!(
-                "[link]\nlisten = \"127.0.0.1:{link_port}\"\n\n[metrics]\nlisten = \"{receiver_metrics}\"\n\n{receiver_routes}"
+                "[link]\nlisten = \"127.0.0.1:{link_port}\"\n{receiver_link}\n\n[metrics]\nlisten = \"{receiver_metrics}\"\n\n{receiver_routes}"
             ),
         )
         .unwrap();
@@ -156,7 +174,7 @@ impl Pair {
         std::fs::write(
             &sender_toml,
             format!(
-                "[link]\ndestination = \"{}\"\nrate_mbps = 200\nheartbeat_interval_ms = 200\n\n[metrics]\nlisten = \"{sender_metrics}\"\n\n{sender_topics}",
+                "[link]\ndestination = \"{}\"\nrate_mbps = 200\nheartbeat_interval_ms = 200\n{sender_link}\n\n[metrics]\nlisten = \"{sender_metrics}\"\n\n{sender_topics}",
                 relay.listen_addr
             ),
         )

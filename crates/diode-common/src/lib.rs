@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod keyfile;
 pub mod metrics;
 pub mod net;
 pub mod shutdown;

@@ -38,6 +38,13 @@ pub struct LinkConfig {
     pub max_record_bytes: usize,
     #[serde(default = "default_max_topics")]
     pub max_topics: usize,
+    /// The link key the sender uses, relative to this file: only datagrams it authenticates are
+    /// accepted (docs/wire-format.md §2.1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The key before it, accepted too while senders move to the new one.
+    #[serde(default)]
+    pub previous_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +127,8 @@ pub struct Loaded {
     pub config: ReceiverConfig,
     pub listen: SocketAddr,
     pub routes: Vec<Route>,
+    /// Accepted link keys, current first.
+    pub keys: Vec<[u8; 32]>,
 }
 
 impl LinkConfig {
@@ -144,6 +153,29 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     }
     if !(1..=256 << 20).contains(&link.max_record_bytes) {
         return Err(source.invalid("link.max_record_bytes", "must be between 1 and 268435456"));
+    }
+    let mut keys = Vec::new();
+    for (name, file) in [
+        ("key_file", &link.key_file),
+        ("previous_key_file", &link.previous_key_file),
+    ] {
+        if let Some(file) = file {
+            let key = diode_common::keyfile::load(&source.resolve(file))
+                .map_err(|e| source.invalid(&format!("link.{name}"), e.to_string()))?;
+            keys.push(key);
+        }
+    }
+    if link.previous_key_file.is_some() && link.key_file.is_none() {
+        return Err(source.invalid("link.previous_key_file", "needs link.key_file too"));
+    }
+    if let [current, previous] = &keys[..] {
+        if diode_wire::LinkKey::new(current).id() == diode_wire::LinkKey::new(previous).id() {
+            return Err(source.invalid(
+                "link.previous_key_file",
+                "both keys have the same key id, so datagrams could not tell them apart: \
+                 generate another new key",
+            ));
+        }
     }
     if link.max_topics == 0 {
         return Err(source.invalid("link.max_topics", "must be at least 1"));
@@ -203,6 +235,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         config,
         listen,
         routes,
+        keys,
     })
 }
 

@@ -133,6 +133,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             block_timeout: link.block_timeout(),
             max_record_bytes: link.max_record_bytes,
             max_topics: link.max_topics,
+            keys: loaded.keys.iter().map(diode_wire::LinkKey::new).collect(),
             ..ReassemblerConfig::default()
         }),
         socket,
@@ -144,7 +145,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     };
     // When the loop ends it drops the route queues, which lets the sinks drain and stop.
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
-    tracing::info!(listen = %link_addr, "receiver started");
+    tracing::info!(listen = %link_addr, authenticated = !loaded.keys.is_empty(), "receiver started");
     Ok(RunningReceiver {
         link_addr,
         metrics_addr,
@@ -162,6 +163,17 @@ pub fn describe(loaded: &Loaded) -> String {
          incomplete blocks given up after {} ms\n",
         loaded.listen, link.receive_buffer_bytes, link.max_inflight_bytes, link.block_timeout_ms
     );
+    out += &match &loaded.keys[..] {
+        [] => "auth: none: anyone who can reach the receiver's port can send it datagrams\n"
+            .to_owned(),
+        keys => format!(
+            "auth: HMAC-SHA256, accepting key ids {}\n",
+            keys.iter()
+                .map(|k| diode_wire::LinkKey::new(k).id().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ),
+    };
     if let Some(m) = &loaded.config.metrics {
         out += &format!("metrics: http://{}/metrics\n", m.listen);
     }

@@ -60,6 +60,10 @@ pub struct LinkConfig {
     /// `max_queued_bytes`, what bounds the sender's memory.
     #[serde(default = "default_queue_bytes")]
     pub queue_bytes: usize,
+    /// The link key (`diode-send keygen --out FILE`), relative to this file: every datagram is
+    /// then authenticated (docs/wire-format.md §2.1). The receiver needs the same key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
     /// Largest record accepted from any source.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
@@ -157,6 +161,8 @@ pub struct Loaded {
     pub bind: SocketAddr,
     /// Where each topic was defined, for messages.
     pub topic_origins: Vec<String>,
+    /// The link key, when `link.key_file` is set.
+    pub key: Option<[u8; 32]>,
 }
 
 impl LinkConfig {
@@ -242,6 +248,13 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     if let Some(metrics) = &config.metrics {
         source.socket_addr("metrics.listen", &metrics.listen)?;
     }
+    let key = match &config.link.key_file {
+        Some(file) => Some(
+            diode_common::keyfile::load(&source.resolve(file))
+                .map_err(|e| source.invalid("link.key_file", e.to_string()))?,
+        ),
+        None => None,
+    };
     let destination = source.socket_addr("link.destination", &config.link.destination)?;
     let bind = source.socket_addr("link.bind", &config.link.bind)?;
     Ok(Loaded {
@@ -249,6 +262,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         destination,
         bind,
         topic_origins: origins,
+        key,
     })
 }
 

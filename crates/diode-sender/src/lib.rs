@@ -64,7 +64,10 @@ impl RunningSender {
 pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, StartError> {
     let config = loaded.config;
     let link = &config.link;
-    let session_id = rand::random::<u64>() | 1;
+    // Later sessions have larger ids: start time in milliseconds, then 20 random bits
+    // (wire-format.md §1), so an authenticated receiver never goes back to an older one.
+    let start_ms = (unix_time_us() / 1000).max(1) as u64;
+    let session_id = (start_ms << 20) | (rand::random::<u64>() & 0xF_FFFF);
     let now = Instant::now();
     let start_us = unix_time_us();
     let mut encoder = Encoder::new(
@@ -77,6 +80,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             flush_interval: link.flush_interval(),
             heartbeat_interval: link.heartbeat_interval(),
             session_start_time_us: start_us,
+            key: loaded.key.as_ref().map(diode_wire::LinkKey::new),
         },
         now,
     )?;
@@ -177,6 +181,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         destination = %loaded.destination,
         rate_mbps = link.rate_mbps,
         topics = config.topics.len(),
+        authenticated = loaded.key.is_some(),
         "sender started"
     );
     Ok(RunningSender {
@@ -233,6 +238,13 @@ pub fn describe(loaded: &Loaded) -> String {
         link.flush_interval_ms,
         link.heartbeat_interval_ms,
     );
+    out += &match &loaded.key {
+        Some(key) => format!(
+            "auth: HMAC-SHA256 on every datagram, key id {}\n",
+            diode_wire::LinkKey::new(key).id()
+        ),
+        None => "auth: none (set link.key_file: see docs/wire-format.md §2.1)\n".to_owned(),
+    };
     if let Some(m) = &loaded.config.metrics {
         out += &format!("metrics: http://{}/metrics\n", m.listen);
     }

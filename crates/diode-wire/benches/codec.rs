@@ -21,6 +21,7 @@ fn encoder(now: Instant) -> Encoder {
             flush_interval: Duration::from_millis(5),
             heartbeat_interval: Duration::from_secs(3600),
             session_start_time_us: 0,
+            key: None,
         },
         now,
     )

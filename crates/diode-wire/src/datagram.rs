@@ -2,8 +2,12 @@
 
 use thiserror::Error;
 
+use crate::auth::{LinkKey, TAG_LEN, TRAILER_LEN};
+
 pub const MAGIC: [u8; 2] = [0xD1, 0x0D];
 pub const VERSION: u8 = 1;
+/// Flag bit 0: the datagram carries a key id and a tag (§2.1).
+pub const FLAG_AUTHENTICATED: u8 = 0x01;
 pub const HEADER_LEN: usize = 26;
 pub const CRC_LEN: usize = 4;
 /// Header plus CRC: what a datagram costs on top of its shard.
@@ -33,10 +37,14 @@ pub enum Rejected {
     Inconsistent,
     #[error("pending-block memory cap reached")]
     Overload,
+    #[error("not authenticated, unknown key or wrong tag")]
+    Auth,
+    #[error("a genuine but old datagram: retired or older session, or a block long gone")]
+    Replay,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 8] = [
+    pub const ALL: [Rejected; 10] = [
         Rejected::Truncated,
         Rejected::Crc,
         Rejected::Version,
@@ -45,6 +53,8 @@ impl Rejected {
         Rejected::Duplicate,
         Rejected::Inconsistent,
         Rejected::Overload,
+        Rejected::Auth,
+        Rejected::Replay,
     ];
 
     /// The metric label value.
@@ -58,6 +68,8 @@ impl Rejected {
             Rejected::Duplicate => "duplicate",
             Rejected::Inconsistent => "inconsistent",
             Rejected::Overload => "overload",
+            Rejected::Auth => "auth",
+            Rejected::Replay => "replay",
         }
     }
 }
@@ -76,13 +88,14 @@ impl BlockGeometry {
         self.data_shards as usize + self.parity_shards as usize
     }
 
-    pub fn datagram_len(&self) -> usize {
-        DATAGRAM_OVERHEAD + self.shard_len as usize
+    pub fn datagram_len(&self, authenticated: bool) -> usize {
+        DATAGRAM_OVERHEAD + self.shard_len as usize + if authenticated { TRAILER_LEN } else { 0 }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    pub authenticated: bool,
     pub session_id: u64,
     pub block: u64,
     pub shard_index: u8,
@@ -94,7 +107,11 @@ impl Header {
     pub fn write(&self, out: &mut [u8]) {
         out[0..2].copy_from_slice(&MAGIC);
         out[2] = VERSION;
-        out[3] = 0;
+        out[3] = if self.authenticated {
+            FLAG_AUTHENTICATED
+        } else {
+            0
+        };
         out[4..12].copy_from_slice(&self.session_id.to_be_bytes());
         out[12..20].copy_from_slice(&self.block.to_be_bytes());
         out[20] = self.shard_index;
@@ -105,15 +122,23 @@ impl Header {
     }
 }
 
-/// Seals a datagram laid out as header, shard, CRC space: fills the CRC (§2).
-pub fn seal(datagram: &mut [u8]) {
+/// Seals a datagram laid out as header, shard, [trailer space,] CRC space: fills the key id and
+/// tag when `key` is given (§2.1), then the CRC (§2).
+pub fn seal(datagram: &mut [u8], key: Option<&LinkKey>) {
     let body = datagram.len() - CRC_LEN;
+    if let Some(key) = key {
+        let tag_at = body - TAG_LEN;
+        datagram[tag_at - 1] = key.id();
+        let tag = key.tag(&datagram[..tag_at]);
+        datagram[tag_at..body].copy_from_slice(&tag);
+    }
     let crc = crc32fast::hash(&datagram[..body]);
     datagram[body..].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Checks a received datagram in the order of wire-format.md §2 and returns its header and shard.
-pub fn parse(datagram: &[u8]) -> Result<(Header, &[u8]), Rejected> {
+/// With `keys`, only datagrams authenticated by one of them pass; without, only unauthenticated.
+pub fn parse<'a>(datagram: &'a [u8], keys: &[LinkKey]) -> Result<(Header, &'a [u8]), Rejected> {
     if datagram.len() < DATAGRAM_OVERHEAD {
         return Err(Rejected::Truncated);
     }
@@ -122,11 +147,32 @@ pub fn parse(datagram: &[u8]) -> Result<(Header, &[u8]), Rejected> {
     if crc32fast::hash(&datagram[..body]) != expected {
         return Err(Rejected::Crc);
     }
-    if datagram[0..2] != MAGIC || datagram[2] != VERSION || datagram[3] != 0 {
+    if datagram[0..2] != MAGIC || datagram[2] != VERSION || datagram[3] & !FLAG_AUTHENTICATED != 0 {
         return Err(Rejected::Version);
+    }
+    let authenticated = datagram[3] & FLAG_AUTHENTICATED != 0;
+    // With keys only authenticated datagrams pass; without, authenticated ones cannot be checked.
+    let keys_configured = !keys.is_empty();
+    if authenticated != keys_configured {
+        return Err(Rejected::Auth);
+    }
+    if authenticated {
+        if datagram.len() < DATAGRAM_OVERHEAD + TRAILER_LEN {
+            return Err(Rejected::Malformed);
+        }
+        let tag_at = body - TAG_LEN;
+        let key_id = datagram[tag_at - 1];
+        let verified = keys
+            .iter()
+            .find(|k| k.id() == key_id)
+            .is_some_and(|k| k.verify(&datagram[..tag_at], &datagram[tag_at..body]));
+        if !verified {
+            return Err(Rejected::Auth);
+        }
     }
     let be_u64 = |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
     let header = Header {
+        authenticated,
         session_id: be_u64(4),
         block: be_u64(12),
         shard_index: datagram[20],
@@ -144,11 +190,14 @@ pub fn parse(datagram: &[u8]) -> Result<(Header, &[u8]), Rejected> {
         && g.shard_len >= 1
         && g.total_shards() <= MAX_TOTAL_SHARDS
         && (header.shard_index as usize) < g.total_shards()
-        && datagram.len() == g.datagram_len();
+        && datagram.len() == g.datagram_len(authenticated);
     if !valid {
         return Err(Rejected::Malformed);
     }
-    Ok((header, &datagram[HEADER_LEN..body]))
+    Ok((
+        header,
+        &datagram[HEADER_LEN..HEADER_LEN + g.shard_len as usize],
+    ))
 }
 
 #[cfg(test)]
@@ -156,7 +205,12 @@ mod tests {
     use super::*;
 
     fn sample(shard: &[u8]) -> Vec<u8> {
+        sample_with(shard, None)
+    }
+
+    fn sample_with(shard: &[u8], key: Option<&LinkKey>) -> Vec<u8> {
         let header = Header {
+            authenticated: key.is_some(),
             session_id: 7,
             block: 42,
             shard_index: 3,
@@ -167,17 +221,17 @@ mod tests {
                 shard_len: shard.len() as u16,
             },
         };
-        let mut dgram = vec![0u8; DATAGRAM_OVERHEAD + shard.len()];
+        let mut dgram = vec![0u8; header.geometry.datagram_len(key.is_some())];
         header.write(&mut dgram);
         dgram[HEADER_LEN..HEADER_LEN + shard.len()].copy_from_slice(shard);
-        seal(&mut dgram);
+        seal(&mut dgram, key);
         dgram
     }
 
     #[test]
     fn round_trip() {
         let dgram = sample(b"hello");
-        let (header, shard) = parse(&dgram).unwrap();
+        let (header, shard) = parse(&dgram, &[]).unwrap();
         assert_eq!(header.block, 42);
         assert_eq!(header.shard_index, 3);
         assert_eq!(shard, b"hello");
@@ -189,7 +243,7 @@ mod tests {
         for bit in 0..dgram.len() * 8 {
             let mut bad = dgram.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(parse(&bad).is_err(), "bit {bit} flipped and accepted");
+            assert!(parse(&bad, &[]).is_err(), "bit {bit} flipped and accepted");
         }
     }
 
@@ -197,20 +251,56 @@ mod tests {
     fn truncation_is_rejected() {
         let dgram = sample(b"some shard bytes");
         for len in 0..dgram.len() {
-            assert!(parse(&dgram[..len]).is_err());
+            assert!(parse(&dgram[..len], &[]).is_err());
         }
-        assert_eq!(parse(&dgram[..10]), Err(Rejected::Truncated));
+        assert_eq!(parse(&dgram[..10], &[]), Err(Rejected::Truncated));
     }
 
     #[test]
     fn valid_crc_with_bad_fields_is_malformed() {
         let mut dgram = sample(b"xyz");
         dgram[20] = 200; // shard index beyond k + m
-        seal(&mut dgram);
-        assert_eq!(parse(&dgram), Err(Rejected::Malformed));
+        seal(&mut dgram, None);
+        assert_eq!(parse(&dgram, &[]), Err(Rejected::Malformed));
         let mut dgram = sample(b"xyz");
-        dgram[3] = 1; // unknown flag
-        seal(&mut dgram);
-        assert_eq!(parse(&dgram), Err(Rejected::Version));
+        dgram[3] = 2; // unknown flag
+        seal(&mut dgram, None);
+        assert_eq!(parse(&dgram, &[]), Err(Rejected::Version));
+    }
+
+    #[test]
+    fn authentication() {
+        let key = LinkKey::new(&[1u8; 32]);
+        let other = LinkKey::new(&[2u8; 32]);
+        let dgram = sample_with(b"hello", Some(&key));
+        let (header, shard) = parse(&dgram, std::slice::from_ref(&key)).unwrap();
+        assert!(header.authenticated);
+        assert_eq!(shard, b"hello");
+        // Either of two keys, for rotation.
+        assert!(parse(&dgram, &[other.clone(), key.clone()]).is_ok());
+        assert_eq!(
+            parse(&dgram, std::slice::from_ref(&other)),
+            Err(Rejected::Auth)
+        );
+        // A receiver with keys refuses unauthenticated datagrams, one without keys authenticated ones.
+        assert_eq!(
+            parse(&sample(b"hello"), std::slice::from_ref(&key)),
+            Err(Rejected::Auth)
+        );
+        assert_eq!(parse(&dgram, &[]), Err(Rejected::Auth));
+        // Any change, with the CRC recomputed by a forger, fails the tag.
+        for at in 0..dgram.len() - CRC_LEN {
+            let mut forged = dgram.clone();
+            forged[at] ^= 0x40;
+            let body = forged.len() - CRC_LEN;
+            let crc = crc32fast::hash(&forged[..body]);
+            forged[body..].copy_from_slice(&crc.to_be_bytes());
+            assert!(
+                parse(&forged, std::slice::from_ref(&key)).is_err(),
+                "byte {at} changed and accepted"
+            );
+        }
+        assert_ne!(format!("{key:?}"), "", "Debug does not show the secret");
+        assert!(!format!("{key:?}").contains("01"));
     }
 }

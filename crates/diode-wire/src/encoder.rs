@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use thiserror::Error;
 
+use crate::auth::{LinkKey, TRAILER_LEN};
 use crate::datagram::{
     self, BlockGeometry, Header, DATAGRAM_OVERHEAD, HEADER_LEN, IP_UDP_OVERHEAD, MAX_TOTAL_SHARDS,
 };
@@ -39,12 +40,15 @@ pub struct EncoderConfig {
     pub heartbeat_interval: Duration,
     /// Microseconds since the Unix epoch when the sender started, announced in heartbeats.
     pub session_start_time_us: i64,
+    /// Authenticates every datagram (wire-format.md §2.1).
+    pub key: Option<LinkKey>,
 }
 
 impl EncoderConfig {
     pub fn max_shard_len(&self) -> usize {
+        let trailer = if self.key.is_some() { TRAILER_LEN } else { 0 };
         self.mtu_bytes
-            .saturating_sub(IP_UDP_OVERHEAD + DATAGRAM_OVERHEAD)
+            .saturating_sub(IP_UDP_OVERHEAD + DATAGRAM_OVERHEAD + trailer)
     }
 
     /// Bytes of frames a full block holds.
@@ -681,7 +685,13 @@ impl Encoder {
             self.config.data_shards,
             self.config.parity_shards,
         );
-        let stride = DATAGRAM_OVERHEAD + shard_len;
+        let geometry = BlockGeometry {
+            data_shards: k as u8,
+            parity_shards: m as u8,
+            interleave_depth: self.config.interleave_depth as u8,
+            shard_len: shard_len as u16,
+        };
+        let stride = geometry.datagram_len(self.config.key.is_some());
         let mut datagrams = BytesMut::zeroed((k + m) * stride);
         for (i, chunk) in content.chunks(shard_len).enumerate() {
             let at = i * stride + HEADER_LEN;
@@ -691,21 +701,16 @@ impl Encoder {
             let codec = self.codecs.get(k, m);
             fec::encode_strided(&codec, &mut datagrams, k, stride, HEADER_LEN, shard_len);
         }
-        let geometry = BlockGeometry {
-            data_shards: k as u8,
-            parity_shards: m as u8,
-            interleave_depth: self.config.interleave_depth as u8,
-            shard_len: shard_len as u16,
-        };
         for (index, slot) in datagrams.chunks_mut(stride).enumerate() {
             Header {
+                authenticated: self.config.key.is_some(),
                 session_id: self.config.session_id,
                 block: self.next_block,
                 shard_index: index as u8,
                 geometry,
             }
             .write(slot);
-            datagram::seal(slot);
+            datagram::seal(slot, self.config.key.as_ref());
         }
         self.next_block += 1;
         self.stats.blocks_sealed += 1;

@@ -9,6 +9,7 @@
 //! - [`Pacer`]: the rate ceiling the sender's I/O loop keeps to.
 //! - [`sim`]: an impaired in-memory link for tests.
 
+pub mod auth;
 pub mod datagram;
 pub mod encoder;
 pub mod fec;
@@ -17,6 +18,7 @@ pub mod pacer;
 pub mod reassembler;
 pub mod sim;
 
+pub use auth::LinkKey;
 pub use datagram::Rejected;
 pub use encoder::{Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, TopicId};
 pub use frames::{is_valid_topic, proto};

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use prost::Message;
 
+use crate::auth::LinkKey;
 use crate::datagram::{self, BlockGeometry, Header, Rejected};
 use crate::fec::{self, CodecCache};
 use crate::frames::{self, proto};
@@ -39,6 +40,8 @@ pub struct ReassemblerConfig {
     pub max_topics: usize,
     /// Silence that means link down before a heartbeat has announced the sender's interval.
     pub initial_link_timeout: Duration,
+    /// With keys, only datagrams authenticated by one of them are accepted (wire-format.md §2.1).
+    pub keys: Vec<LinkKey>,
 }
 
 impl Default for ReassemblerConfig {
@@ -49,6 +52,7 @@ impl Default for ReassemblerConfig {
             max_record_bytes: 16 << 20,
             max_topics: 4096,
             initial_link_timeout: Duration::from_secs(2),
+            keys: Vec::new(),
         }
     }
 }
@@ -262,7 +266,7 @@ impl Reassembler {
     }
 
     fn accept(&mut self, now: Instant, datagram: &[u8]) -> Result<(), Rejected> {
-        let (header, shard) = datagram::parse(datagram)?;
+        let (header, shard) = datagram::parse(datagram, &self.config.keys)?;
         self.enter_session(now, &header)?;
         self.last_valid = Some(now);
         if !self.link_up {
@@ -276,7 +280,7 @@ impl Reassembler {
                 self.stats.datagrams_unneeded += 1;
                 Ok(())
             } else {
-                Err(Rejected::Stale)
+                Err(old_datagram(&header))
             };
         }
         // §6.3: a datagram this far ahead proves that earlier blocks were sent in full.
@@ -290,11 +294,15 @@ impl Reassembler {
         self.store_shard(now, &header, shard)
     }
 
-    /// §6.1: follows sender restarts and rejects retired sessions.
+    /// §6.1: follows sender restarts and rejects retired sessions, and on an authenticated link
+    /// any older one.
     fn enter_session(&mut self, now: Instant, header: &Header) -> Result<(), Rejected> {
         let previous = match &self.session {
             Some(s) if s.id == header.session_id => return Ok(()),
-            _ if self.retired.contains(&header.session_id) => return Err(Rejected::Stale),
+            _ if self.retired.contains(&header.session_id) => return Err(old_datagram(header)),
+            Some(s) if header.authenticated && header.session_id < s.id => {
+                return Err(Rejected::Replay)
+            }
             Some(s) => Some(s.id),
             None => None,
         };
@@ -732,5 +740,14 @@ impl Reassembler {
         };
         self.stats.records_lost = self.stats.records_lost.saturating_add(gap.len());
         self.events.push_back(Event::Gap(gap));
+    }
+}
+
+/// Genuine but old datagrams are replays on an authenticated link, merely stale otherwise (§6.1).
+fn old_datagram(header: &Header) -> Rejected {
+    if header.authenticated {
+        Rejected::Replay
+    } else {
+        Rejected::Stale
     }
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use diode_wire::datagram;
 use diode_wire::sim::{Impairments, SimLink, SimRng};
-use diode_wire::{Encoder, EncoderConfig, Event, Reassembler, ReassemblerConfig, TopicId};
+use diode_wire::{
+    Encoder, EncoderConfig, Event, LinkKey, Reassembler, ReassemblerConfig, Rejected, TopicId,
+};
 use proptest::prelude::*;
 
 /// Decides per datagram whether the link carries it.
@@ -31,6 +33,7 @@ fn encoder_config(session_id: u64) -> EncoderConfig {
         flush_interval: Duration::from_millis(5),
         heartbeat_interval: Duration::from_millis(500),
         session_start_time_us: 1_700_000_000_000_000,
+        key: None,
     }
 }
 
@@ -53,9 +56,24 @@ struct Harness {
 
 impl Harness {
     fn new(impairments: Impairments, seed: u64) -> Self {
+        Self::with_keys(impairments, seed, None, Vec::new())
+    }
+
+    /// The sender signs with `key`; the receiver accepts `receiver_keys`.
+    fn with_keys(
+        impairments: Impairments,
+        seed: u64,
+        key: Option<LinkKey>,
+        receiver_keys: Vec<LinkKey>,
+    ) -> Self {
         let now = Instant::now();
-        let session = 0x5E55_0000 + seed + 1;
-        let mut encoder = Encoder::new(encoder_config(session), now).unwrap();
+        // Non-zero, and with room for the larger ids of restarted senders.
+        let session = 0x5E55_0000 + seed % (1 << 40) + 1;
+        let config = EncoderConfig {
+            key,
+            ..encoder_config(session)
+        };
+        let mut encoder = Encoder::new(config, now).unwrap();
         let topics = TOPICS
             .iter()
             .map(|t| encoder.add_topic(t).unwrap())
@@ -63,7 +81,10 @@ impl Harness {
         Harness {
             encoder,
             topics,
-            receiver: Reassembler::new(ReassemblerConfig::default()),
+            receiver: Reassembler::new(ReassemblerConfig {
+                keys: receiver_keys,
+                ..ReassemblerConfig::default()
+            }),
             link: SimLink::new(impairments, seed),
             now,
             sent: HashMap::new(),
@@ -468,7 +489,7 @@ fn lose_at_most_parity_per_block(seed: u64) {
     let mut choice = SimRng::new(seed ^ 0x5EED);
     let mut dropped_per_block: HashMap<u64, usize> = HashMap::new();
     h.drop_filter = Some(Box::new(move |d: &[u8]| {
-        let (header, _) = datagram::parse(d).unwrap();
+        let (header, _) = datagram::parse(d, &[]).unwrap();
         let m = header.geometry.parity_shards as usize;
         let n = dropped_per_block.entry(header.block).or_default();
         let left = header.geometry.total_shards() - header.shard_index as usize;
@@ -488,7 +509,133 @@ fn lose_at_most_parity_per_block(seed: u64) {
     assert!(h.receiver.stats().blocks_recovered > 20);
 }
 
+fn key(byte: u8) -> LinkKey {
+    LinkKey::new(&[byte; 32])
+}
+
+/// A new sender session signing with `key`, with a larger session id as a restarted sender has.
+fn restart_sender(h: &mut Harness, key: Option<LinkKey>) {
+    h.encoder.flush(h.now);
+    h.step(Duration::from_millis(10));
+    h.session += 1000;
+    h.encoder = Encoder::new(
+        EncoderConfig {
+            key,
+            ..encoder_config(h.session)
+        },
+        h.now,
+    )
+    .unwrap();
+    h.topics = TOPICS
+        .iter()
+        .map(|t| h.encoder.add_topic(t).unwrap())
+        .collect();
+}
+
+#[test]
+fn an_authenticated_link_delivers_and_forgeries_are_rejected() {
+    let mut h = Harness::with_keys(Impairments::default(), 11, Some(key(1)), vec![key(1)]);
+    let mut rng = SimRng::new(11);
+    drive(&mut h, &mut rng, 200);
+    // Forgeries with valid CRCs: unauthenticated, under an unknown key, and tampered genuine ones.
+    let mut forger = Encoder::new(
+        EncoderConfig {
+            key: Some(key(9)),
+            ..encoder_config(h.session)
+        },
+        h.now,
+    )
+    .unwrap();
+    let mut plain = Encoder::new(encoder_config(h.session + 5), h.now).unwrap();
+    for enc in [&mut forger, &mut plain] {
+        let topic = enc.add_topic(TOPICS[0]).unwrap();
+        enc.push(h.now, topic, 0, Bytes::from_static(b"forged"))
+            .unwrap();
+        enc.flush(h.now);
+        enc.handle_timeout(h.now, 0);
+        while let Some(d) = enc.poll_transmit(h.now) {
+            assert_eq!(h.receiver.handle_datagram(h.now, &d), Err(Rejected::Auth));
+        }
+    }
+    h.settle();
+    h.check_accounting(h.session, true);
+    assert_eq!(h.lost_records(), 0);
+    assert!(h.receiver.stats().rejected(Rejected::Auth) >= 4);
+}
+
+#[test]
+fn keys_rotate_without_a_gap() {
+    // The receiver holds the old and the new key; the sender moves to the new one on restart.
+    let mut h = Harness::with_keys(
+        Impairments::default(),
+        12,
+        Some(key(1)),
+        vec![key(1), key(2)],
+    );
+    let mut rng = SimRng::new(12);
+    drive(&mut h, &mut rng, 100);
+    let old = h.session;
+    restart_sender(&mut h, Some(key(2)));
+    drive(&mut h, &mut rng, 100);
+    h.settle();
+    h.check_accounting(old, true);
+    h.check_accounting(h.session, true);
+    assert_eq!(h.lost_records(), 0);
+}
+
+#[test]
+fn old_sessions_cannot_be_replayed() {
+    let mut h = Harness::with_keys(Impairments::default(), 13, Some(key(1)), vec![key(1)]);
+    let mut rng = SimRng::new(13);
+    let mut captured = Vec::new();
+    h.drop_filter = None;
+    // Capture a first session's datagrams as an attacker on the IT side would.
+    for _ in 0..20 {
+        h.push(0, payload(&mut rng, 100));
+        h.now += Duration::from_millis(6);
+        h.encoder.handle_timeout(h.now, 0);
+        while let Some(d) = h.encoder.poll_transmit(h.now) {
+            captured.push(d.to_vec());
+            let _ = h.receiver.handle_datagram(h.now, &d);
+        }
+        h.collect();
+    }
+    // More restarts than the receiver remembers retired sessions.
+    for _ in 0..20 {
+        restart_sender(&mut h, Some(key(1)));
+        drive(&mut h, &mut rng, 5);
+    }
+    let session = h.receiver.session_id();
+    let delivered = h.receiver.stats().records_out;
+    for d in &captured {
+        assert_eq!(h.receiver.handle_datagram(h.now, d), Err(Rejected::Replay));
+    }
+    h.collect();
+    assert_eq!(
+        h.receiver.session_id(),
+        session,
+        "a replayed session took over"
+    );
+    assert_eq!(h.receiver.stats().records_out, delivered);
+}
+
 proptest! {
+    /// Authentication changes nothing of the guarantees on an impaired link.
+    #[test]
+    fn authenticated_impaired_links_keep_exact_accounting(
+        seed in any::<u64>(),
+        drop_rate in 0.0f64..0.2,
+        corrupt_rate in 0.0f64..0.05,
+        duplicate_rate in 0.0f64..0.05,
+    ) {
+        let impairments = Impairments { drop_rate, corrupt_rate, duplicate_rate, ..Impairments::default() };
+        let mut h = Harness::with_keys(impairments, seed, Some(key(3)), vec![key(7), key(3)]);
+        let mut rng = SimRng::new(seed);
+        drive(&mut h, &mut rng, 100);
+        h.settle();
+        h.check_accounting(h.session, true);
+    }
+
     /// Every block that lost at most `parity_shards` of its datagrams is rebuilt.
     #[test]
     fn loss_within_parity_is_always_repaired(seed in any::<u64>()) {
@@ -561,6 +708,7 @@ proptest! {
             let m = rng.below(20) as u8;
             let len = 1 + rng.below(1400) as usize;
             let header = datagram::Header {
+                authenticated: false,
                 session_id: 1 + rng.below(3),
                 block: if rng.chance(0.1) { rng.next_u64() } else { rng.below(64) },
                 shard_index: rng.below(k as u64 + m as u64) as u8,
@@ -569,7 +717,7 @@ proptest! {
                     interleave_depth: 1 + rng.below(8) as u8, shard_len: len as u16,
                 },
             };
-            let mut d = vec![0u8; datagram::DATAGRAM_OVERHEAD + len];
+            let mut d = vec![0u8; header.geometry.datagram_len(false)];
             header.write(&mut d);
             for b in &mut d[datagram::HEADER_LEN..datagram::HEADER_LEN + len] {
                 *b = rng.next_u64() as u8;
@@ -579,7 +727,7 @@ proptest! {
                 let n = rng.below(len as u64) as u32;
                 d[datagram::HEADER_LEN..datagram::HEADER_LEN + 4].copy_from_slice(&n.to_be_bytes());
             }
-            datagram::seal(&mut d);
+            datagram::seal(&mut d, None);
             let _ = receiver.handle_datagram(now, &d);
             prop_assert!(receiver.inflight_bytes() <= 1 << 20);
             now += Duration::from_micros(rng.below(300_000));
