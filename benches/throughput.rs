@@ -11,7 +11,8 @@
 //! Knobs: `DIODE_BENCH_BULK_MIB` (2048), `DIODE_BENCH_BULK_MBPS` (the bulk sender's ceiling,
 //! 100000: unpaced), `DIODE_BENCH_SMALL_SECS` (20), `DIODE_BENCH_RCVBUF_BYTES` (the receiver's
 //! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max),
-//! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5).
+//! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_KEY` (1: an
+//! authenticated link).
 //!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
@@ -170,11 +171,18 @@ impl Pair {
     fn start(rate_mbps: u32, source: &str, sink: &str, destination: Option<SocketAddr>) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let link = free_port();
+        // With DIODE_BENCH_KEY=1 both sides authenticate every datagram.
+        let key_line = if env_or("DIODE_BENCH_KEY", 0) == 1 {
+            diode_common::keyfile::generate(&dir.path().join("link.key")).unwrap();
+            "key_file = \"link.key\"\n"
+        } else {
+            ""
+        };
         let (rm, sm) = (free_port(), free_port());
         let receiver_toml = dir.path().join("receiver.toml");
         std::fs::write(
             &receiver_toml,
-            format!("[link]\nlisten = \"127.0.0.1:{link}\"\nreceive_buffer_bytes = {}\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n", env_or("DIODE_BENCH_RCVBUF_BYTES", 128 << 20)),
+            format!("[link]\nlisten = \"127.0.0.1:{link}\"\n{key_line}receive_buffer_bytes = {}\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n", env_or("DIODE_BENCH_RCVBUF_BYTES", 128 << 20)),
         )
         .unwrap();
         let receiver = Service::start(
@@ -186,7 +194,7 @@ impl Pair {
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,
-            format!("[link]\ndestination = \"{destination}\"\nrate_mbps = {rate_mbps}\nflush_interval_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5)),
+            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5)),
         )
         .unwrap();
         let sender = Service::start(
