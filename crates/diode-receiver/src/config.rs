@@ -138,7 +138,11 @@ impl LinkConfig {
 }
 
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let source = ConfigSource::read(path)?;
+    load_source(ConfigSource::read(path)?)
+}
+
+/// Loads and checks a configuration already read (the fuzzer feeds it arbitrary text).
+pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     let config: ReceiverConfig = source.parse()?;
     let listen = source.socket_addr("link.listen", &config.link.listen)?;
     let link = &config.link;

@@ -186,7 +186,13 @@ impl LinkConfig {
 }
 
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let source = ConfigSource::read(path)?;
+    load_source(ConfigSource::read(path)?)
+}
+
+/// Loads and checks a configuration already read (the fuzzer feeds it arbitrary text).
+pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
+    let path = source.path().to_owned();
+    let path = path.as_path();
     let mut config: SenderConfig = source.parse()?;
     let mut origins: Vec<String> = (0..config.topics.len())
         .map(|i| format!("{}: topic[{i}]", path.display()))
