@@ -87,7 +87,7 @@ impl ReceiverMetrics {
         );
         r.register(
             "diode_datagrams_rejected",
-            "Datagrams dropped, by reason (truncated, crc, version, malformed, stale, duplicate, inconsistent, overload)",
+            "Datagrams dropped, by reason (truncated, crc, version, auth, malformed, stale, replay, unconfirmed, duplicate, inconsistent, overload)",
             m.datagrams_rejected.clone(),
         );
         r.register(

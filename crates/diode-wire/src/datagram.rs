@@ -41,10 +41,12 @@ pub enum Rejected {
     Auth,
     #[error("a genuine but old datagram: retired or older session, or a block long gone")]
     Replay,
+    #[error("from a new session that has not yet shown a heartbeat")]
+    Unconfirmed,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 10] = [
+    pub const ALL: [Rejected; 11] = [
         Rejected::Truncated,
         Rejected::Crc,
         Rejected::Version,
@@ -55,6 +57,7 @@ impl Rejected {
         Rejected::Overload,
         Rejected::Auth,
         Rejected::Replay,
+        Rejected::Unconfirmed,
     ];
 
     /// The metric label value.
@@ -70,6 +73,7 @@ impl Rejected {
             Rejected::Overload => "overload",
             Rejected::Auth => "auth",
             Rejected::Replay => "replay",
+            Rejected::Unconfirmed => "unconfirmed",
         }
     }
 }

@@ -29,6 +29,9 @@ const JOIN_FROM_START_BLOCKS: u64 = 16;
 const UNNEEDED_WINDOW_BLOCKS: u64 = 1024;
 /// Reordering slack on top of the interleave depth (§6.3).
 const REORDER_SLACK_BLOCKS: u64 = 2;
+/// Candidate sessions held at once, and the bytes of datagrams each may hold (§6.1).
+const MAX_CANDIDATES: usize = 4;
+const CANDIDATE_BYTES: usize = 256 * 1024;
 /// Heartbeat intervals of silence before the link is called down (§6.5).
 const LINK_DOWN_HEARTBEATS: u32 = 4;
 
@@ -168,13 +171,25 @@ struct Session {
     /// Per topic the next expected sequence number; `None` until known when joined mid-stream.
     topics: HashMap<Arc<str>, Option<u64>>,
     mid_stream: bool,
+    /// A block of this session has decoded: from now on only a new session that proves itself
+    /// with a heartbeat replaces it (§6.1).
+    confirmed: bool,
     partial: Option<PartialRecord>,
+}
+
+/// Datagrams of an unknown session held until one of its blocks yields a heartbeat (§6.1).
+struct Candidate {
+    id: u64,
+    datagrams: Vec<Vec<u8>>,
+    bytes: usize,
+    last_seen: Instant,
 }
 
 pub struct Reassembler {
     config: ReassemblerConfig,
     session: Option<Session>,
     retired: VecDeque<u64>,
+    candidates: Vec<Candidate>,
     codecs: CodecCache,
     events: VecDeque<Event>,
     stats: ReassemblerStats,
@@ -190,6 +205,7 @@ impl Reassembler {
             config,
             session: None,
             retired: VecDeque::new(),
+            candidates: Vec::new(),
             codecs: CodecCache::default(),
             events: VecDeque::new(),
             stats: ReassemblerStats::default(),
@@ -267,6 +283,9 @@ impl Reassembler {
 
     fn accept(&mut self, now: Instant, datagram: &[u8]) -> Result<(), Rejected> {
         let (header, shard) = datagram::parse(datagram, &self.config.keys)?;
+        if self.needs_proof(&header) {
+            return self.hold_candidate(now, &header, datagram);
+        }
         self.enter_session(now, &header)?;
         self.last_valid = Some(now);
         if !self.link_up {
@@ -294,18 +313,134 @@ impl Reassembler {
         self.store_shard(now, &header, shard)
     }
 
+    /// An unknown, unauthenticated session while the current one is confirmed must prove itself
+    /// before it replaces it (§6.1). Authenticated sessions are genuine: newer ones switch at once.
+    fn needs_proof(&self, header: &Header) -> bool {
+        !header.authenticated
+            && !self.retired.contains(&header.session_id)
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.confirmed && s.id != header.session_id)
+    }
+
+    /// Holds a candidate session's datagram; promotes the candidate once a block of it rebuilds
+    /// to content holding a heartbeat, then takes in everything it held.
+    fn hold_candidate(
+        &mut self,
+        now: Instant,
+        header: &Header,
+        datagram: &[u8],
+    ) -> Result<(), Rejected> {
+        let index = match self
+            .candidates
+            .iter()
+            .position(|c| c.id == header.session_id)
+        {
+            Some(index) => index,
+            None => {
+                if self.candidates.len() == MAX_CANDIDATES {
+                    let stalest = (0..self.candidates.len())
+                        .min_by_key(|&i| self.candidates[i].last_seen)
+                        .expect("full");
+                    self.candidates.swap_remove(stalest);
+                }
+                self.candidates.push(Candidate {
+                    id: header.session_id,
+                    datagrams: Vec::new(),
+                    bytes: 0,
+                    last_seen: now,
+                });
+                self.candidates.len() - 1
+            }
+        };
+        let candidate = &mut self.candidates[index];
+        candidate.last_seen = now;
+        if candidate.bytes + datagram.len() > CANDIDATE_BYTES {
+            return Err(Rejected::Unconfirmed);
+        }
+        candidate.bytes += datagram.len();
+        candidate.datagrams.push(datagram.to_vec());
+        if !self.candidate_proves_itself(index, header) {
+            return Err(Rejected::Unconfirmed);
+        }
+        let candidate = self.candidates.swap_remove(index);
+        // The held datagrams now belong to the session they start; the earliest block first so
+        // that a sender's start is recognised as such.
+        let mut held = candidate.datagrams;
+        held.sort_by_key(|d| {
+            datagram::parse(d, &self.config.keys).map_or(u64::MAX, |(h, _)| h.block)
+        });
+        let first = datagram::parse(&held[0], &self.config.keys)
+            .map(|(h, _)| h)
+            .unwrap_or(*header);
+        self.force_session(now, &first);
+        for d in &held {
+            let _ = self.handle_datagram(now, d);
+        }
+        // This datagram was counted as accepted by the replay above, not here.
+        self.stats.datagrams_accepted = self.stats.datagrams_accepted.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Whether the block of `header` among the candidate's datagrams rebuilds to content holding
+    /// a heartbeat frame.
+    fn candidate_proves_itself(&mut self, index: usize, header: &Header) -> bool {
+        let g = header.geometry;
+        let (k, m, len) = (
+            g.data_shards as usize,
+            g.parity_shards as usize,
+            g.shard_len as usize,
+        );
+        let mut data = vec![0u8; k * len];
+        let mut parity = vec![0u8; m * len];
+        let mut present = vec![false; k + m];
+        for d in &self.candidates[index].datagrams {
+            let Ok((h, shard)) = datagram::parse(d, &self.config.keys) else {
+                continue;
+            };
+            if h.block != header.block || h.geometry != g || present[h.shard_index as usize] {
+                continue;
+            }
+            let i = h.shard_index as usize;
+            present[i] = true;
+            if i < k {
+                data[i * len..(i + 1) * len].copy_from_slice(shard);
+            } else {
+                parity[(i - k) * len..(i - k + 1) * len].copy_from_slice(shard);
+            }
+        }
+        if present.iter().filter(|p| **p).count() < k {
+            return false;
+        }
+        if present[..k].iter().any(|p| !p) {
+            let codec = self.codecs.get(k, m);
+            if fec::reconstruct(&codec, &mut data, &mut parity, len, &present).is_err() {
+                return false;
+            }
+        }
+        contains_heartbeat(&data)
+    }
+
     /// §6.1: follows sender restarts and rejects retired sessions, and on an authenticated link
     /// any older one.
     fn enter_session(&mut self, now: Instant, header: &Header) -> Result<(), Rejected> {
-        let previous = match &self.session {
+        match &self.session {
             Some(s) if s.id == header.session_id => return Ok(()),
             _ if self.retired.contains(&header.session_id) => return Err(old_datagram(header)),
             Some(s) if header.authenticated && header.session_id < s.id => {
                 return Err(Rejected::Replay)
             }
-            Some(s) => Some(s.id),
-            None => None,
-        };
+            _ => {}
+        }
+        self.force_session(now, header);
+        Ok(())
+    }
+
+    /// Retires the current session, if any, and starts the one `header` belongs to.
+    fn force_session(&mut self, now: Instant, header: &Header) {
+        let previous = self.session.as_ref().map(|s| s.id);
+        self.candidates.retain(|c| c.id != header.session_id);
         if let Some(old) = previous {
             // Deliver what the old session completed, count the rest as lost.
             let end = self
@@ -330,6 +465,7 @@ impl Reassembler {
             head_since: now,
             topics: HashMap::new(),
             mid_stream,
+            confirmed: false,
             partial: None,
         });
         self.stats.sessions += 1;
@@ -338,7 +474,6 @@ impl Reassembler {
             previous,
             mid_stream,
         });
-        Ok(())
     }
 
     fn store_shard(&mut self, now: Instant, header: &Header, shard: &[u8]) -> Result<(), Rejected> {
@@ -554,7 +689,12 @@ impl Reassembler {
         let mut frames = content.slice(4..4 + frames_len);
         while frames.has_remaining() {
             let frame = match proto::Frame::decode_length_delimited(&mut frames) {
-                Ok(frame) => frame,
+                Ok(frame) => {
+                    if let Some(session) = self.session.as_mut() {
+                        session.confirmed = true;
+                    }
+                    frame
+                }
                 Err(_) => {
                     // Lengths can no longer be trusted: the rest of the block is unreadable.
                     self.stats.malformed_frames += 1;
@@ -750,4 +890,27 @@ fn old_datagram(header: &Header) -> Rejected {
     } else {
         Rejected::Stale
     }
+}
+
+/// Whether rebuilt block content (wire-format.md §4.1) holds a heartbeat frame.
+fn contains_heartbeat(content: &[u8]) -> bool {
+    let Some(len) = content
+        .get(..4)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+    else {
+        return false;
+    };
+    let Some(mut frames) = content.get(4..4usize.saturating_add(len)) else {
+        return false;
+    };
+    while !frames.is_empty() {
+        match proto::Frame::decode_length_delimited(&mut frames) {
+            Ok(proto::Frame {
+                body: Some(proto::frame::Body::Heartbeat(_)),
+            }) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
 }

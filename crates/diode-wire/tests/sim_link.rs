@@ -619,6 +619,63 @@ fn old_sessions_cannot_be_replayed() {
     assert_eq!(h.receiver.stats().records_out, delivered);
 }
 
+#[test]
+fn stray_datagrams_of_another_session_cannot_take_a_working_link() {
+    let mut h = Harness::new(Impairments::default(), 14);
+    let mut rng = SimRng::new(14);
+    drive(&mut h, &mut rng, 100);
+    let session = h.receiver.session_id();
+    // Another session's record blocks without its heartbeat (block 0 withheld), and valid-CRC
+    // junk with plausible headers: neither may move the receiver.
+    let mut stray = Encoder::new(encoder_config(h.session + 77), h.now).unwrap();
+    let topic = stray.add_topic(TOPICS[0]).unwrap();
+    stray.handle_timeout(h.now, 0);
+    while stray.poll_transmit(h.now).is_some() {}
+    for i in 0..200 {
+        stray
+            .push(h.now, topic, 0, Bytes::from(format!("stray {i}")))
+            .unwrap();
+    }
+    stray.flush(h.now);
+    while let Some(d) = stray.poll_transmit(h.now) {
+        assert_eq!(
+            h.receiver.handle_datagram(h.now, &d),
+            Err(Rejected::Unconfirmed)
+        );
+    }
+    for _ in 0..500 {
+        let len = 1 + rng.below(200) as usize;
+        let header = datagram::Header {
+            authenticated: false,
+            session_id: rng.next_u64() | 1,
+            block: rng.below(100),
+            shard_index: 0,
+            geometry: datagram::BlockGeometry {
+                data_shards: 1,
+                parity_shards: 1,
+                interleave_depth: 4,
+                shard_len: len as u16,
+            },
+        };
+        let mut d = vec![0u8; header.geometry.datagram_len(false)];
+        header.write(&mut d);
+        for b in &mut d[datagram::HEADER_LEN..datagram::HEADER_LEN + len] {
+            *b = rng.next_u64() as u8;
+        }
+        datagram::seal(&mut d, None);
+        assert!(h.receiver.handle_datagram(h.now, &d).is_err());
+    }
+    drive(&mut h, &mut rng, 100);
+    h.settle();
+    assert_eq!(
+        h.receiver.session_id(),
+        session,
+        "a stray session took over"
+    );
+    h.check_accounting(h.session, true);
+    assert_eq!(h.lost_records(), 0);
+}
+
 proptest! {
     /// Authentication changes nothing of the guarantees on an impaired link.
     #[test]
