@@ -237,6 +237,22 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// Offers a TCP source more than any link takes, until the flag is set.
+fn flood_tcp(port: u16, seed: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let chunk = random_bytes(1 << 20, seed);
+        while !flag.load(Ordering::Relaxed) {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    (stop, handle)
+}
+
 fn bulk() {
     let mib: usize = std::env::var("DIODE_BENCH_BULK_MIB")
         .ok()
@@ -429,19 +445,7 @@ fn pacing() {
         "{ kind = \"stdout\" }",
         Some(watch.local_addr().unwrap()),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut s = TcpStream::connect(("127.0.0.1", tcp_in)).unwrap();
-            let chunk = random_bytes(1 << 20, 2);
-            while !stop.load(Ordering::Relaxed) {
-                if s.write_all(&chunk).is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    let (stop, flood) = flood_tcp(tcp_in, 2);
     // Skip the first second (queues filling), then record 10 s of arrivals.
     let mut buf = vec![0u8; 65_536];
     let warm = Instant::now() + Duration::from_secs(1);
@@ -495,19 +499,7 @@ fn paced_pair() {
         ),
         None,
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut s = TcpStream::connect(("127.0.0.1", tcp_in)).unwrap();
-            let chunk = random_bytes(1 << 20, 3);
-            while !stop.load(Ordering::Relaxed) {
-                if s.write_all(&chunk).is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    let (stop, flood) = flood_tcp(tcp_in, 3);
     let (mut conn, _) = sink.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
