@@ -392,6 +392,17 @@ impl Reassembler {
             g.parity_shards as usize,
             g.shard_len as usize,
         );
+        // Count before allocating: k shards actually held bound the buffers by CANDIDATE_BYTES,
+        // whatever geometry a hostile header claims.
+        let held = self.candidates[index]
+            .datagrams
+            .iter()
+            .filter_map(|d| datagram::parse(d, &self.config.keys).ok())
+            .filter(|(h, _)| h.block == header.block && h.geometry == g)
+            .count();
+        if held < k {
+            return false;
+        }
         let mut data = vec![0u8; k * len];
         let mut parity = vec![0u8; m * len];
         let mut present = vec![false; k + m];
