@@ -50,3 +50,42 @@ fn systemd_units_verify_and_are_hardened() {
         );
     }
 }
+
+/// The configuration examples in the README are what a new user copies first: each must pass
+/// `check` as written.
+#[test]
+fn the_readme_config_examples_pass_check() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("topics.d")).unwrap();
+    let mut checked = 0;
+    for block in blocks {
+        let binary = if block.contains("destination =") {
+            env!("CARGO_BIN_EXE_diode-send")
+        } else if block.contains("[[route]]") {
+            env!("CARGO_BIN_EXE_diode-recv")
+        } else {
+            continue;
+        };
+        let path = dir.path().join(format!("example-{checked}.toml"));
+        std::fs::write(&path, block).unwrap();
+        let output = Command::new(binary)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "README example fails check:\n{block}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "the README's sender and receiver examples");
+}
