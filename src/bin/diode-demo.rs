@@ -2,7 +2,7 @@
 //! them, showing live throughput, repairs and losses, then an exact account of every record.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -155,7 +155,7 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
         counters.clone(),
     ));
     let outages = tokio::spawn(schedule_outages(
-        relay_dark_switch(&relay),
+        relay.dark_handle(),
         Duration::from_secs(args.outage_every_secs),
         Duration::from_millis(args.outage_ms),
     ));
@@ -291,21 +291,15 @@ fn write(path: &Path, text: &str) -> anyhow::Result<PathBuf> {
     Ok(path.to_owned())
 }
 
-type DarkSwitch = Box<dyn Fn(bool) + Send>;
-
-fn relay_dark_switch(relay: &Relay) -> DarkSwitch {
-    let dark = relay.dark_handle();
-    Box::new(move |on| dark.store(on, Ordering::Relaxed))
-}
-
-async fn schedule_outages(set_dark: DarkSwitch, every: Duration, length: Duration) {
+/// Every `every`, the relay goes dark for `length`.
+async fn schedule_outages(dark: Arc<AtomicBool>, every: Duration, length: Duration) {
     if every.is_zero() {
         return;
     }
     loop {
         tokio::time::sleep(every.saturating_sub(length)).await;
-        set_dark(true);
+        dark.store(true, Ordering::Relaxed);
         tokio::time::sleep(length).await;
-        set_dark(false);
+        dark.store(false, Ordering::Relaxed);
     }
 }
