@@ -14,6 +14,8 @@ use quinn_udp::{Transmit, UdpSocketState};
 use crate::metrics::{SenderMetrics, TopicMetrics};
 use crate::sources::Ingest;
 
+/// How often the sources' drop and error counts are copied into the encoder for heartbeats.
+const COUNTER_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// How long a clean stop may take to send what is queued.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -45,6 +47,7 @@ impl LinkThread {
         let mut noted_errors = 0u64;
         let mut last_stats = self.encoder.stats().clone();
         let mut stopping_since: Option<Instant> = None;
+        let mut next_counter_sync = Instant::now();
         loop {
             let now = Instant::now();
             let mut disconnected = false;
@@ -58,18 +61,25 @@ impl LinkThread {
                     }
                 }
             }
-            // Drops at the sources go into heartbeats, so the IT side sees OT-side loss.
-            for (i, topic) in self.topics.iter().enumerate() {
-                let dropped = topic.dropped_total();
-                if dropped > noted_drops[i] {
-                    self.encoder
-                        .note_dropped(diode_wire::TopicId::from_index(i), dropped - noted_drops[i]);
-                    noted_drops[i] = dropped;
+            // Drops at the sources go into heartbeats, so the IT side sees OT-side loss. Heartbeats
+            // are hundreds of milliseconds apart: this need not run for every record.
+            if now >= next_counter_sync || stopping_since.is_none() && self.shutdown.is_triggered()
+            {
+                next_counter_sync = now + COUNTER_SYNC_INTERVAL;
+                for (i, topic) in self.topics.iter().enumerate() {
+                    let dropped = topic.dropped_total();
+                    if dropped > noted_drops[i] {
+                        self.encoder.note_dropped(
+                            diode_wire::TopicId::from_index(i),
+                            dropped - noted_drops[i],
+                        );
+                        noted_drops[i] = dropped;
+                    }
                 }
+                let errors: u64 = self.topics.iter().map(TopicMetrics::errors_total).sum();
+                self.encoder.note_source_errors(errors - noted_errors);
+                noted_errors = errors;
             }
-            let errors: u64 = self.topics.iter().map(TopicMetrics::errors_total).sum();
-            self.encoder.note_source_errors(errors - noted_errors);
-            noted_errors = errors;
 
             if (disconnected || self.shutdown.is_triggered()) && stopping_since.is_none() {
                 stopping_since = Some(now);
