@@ -1,6 +1,49 @@
-//! What deploy/ ships: the systemd units verify, and say what the hardening promises.
+//! What deploy/ ships and the README shows: configs that pass `check`, systemd units that verify
+//! and say what the hardening promises.
 
+use std::path::Path;
 use std::process::Command;
+
+const SEND: &str = env!("CARGO_BIN_EXE_diode-send");
+const RECV: &str = env!("CARGO_BIN_EXE_diode-recv");
+
+/// `binary check --config path` succeeds.
+fn assert_check_passes(binary: &str, path: &Path, what: &str) {
+    let output = Command::new(binary)
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{what} fails check: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn every_config_under_deploy_loads_and_checks() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(".toml") {
+            continue;
+        }
+        let binary = if name.starts_with("sender") {
+            diode_sender::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            SEND
+        } else if name.starts_with("receiver") {
+            diode_receiver::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            RECV
+        } else {
+            panic!("{name}: deploy configs are named sender*.toml or receiver*.toml");
+        };
+        assert_check_passes(binary, &path, &name);
+        checked += 1;
+    }
+    assert!(checked >= 2);
+}
 
 #[test]
 fn systemd_units_verify_and_are_hardened() {
@@ -13,10 +56,7 @@ fn systemd_units_verify_and_are_hardened() {
         "systemd-analyze not found: `apt-get install systemd` (scripts/test does it)"
     );
     let dir = tempfile::tempdir().unwrap();
-    for (unit, binary) in [
-        ("diode-send.service", env!("CARGO_BIN_EXE_diode-send")),
-        ("diode-recv.service", env!("CARGO_BIN_EXE_diode-recv")),
-    ] {
+    for (unit, binary) in [("diode-send.service", SEND), ("diode-recv.service", RECV)] {
         let text = std::fs::read_to_string(format!(
             "{}/deploy/systemd/{unit}",
             env!("CARGO_MANIFEST_DIR")
@@ -67,24 +107,15 @@ fn the_readme_config_examples_pass_check() {
     let mut checked = 0;
     for block in blocks {
         let binary = if block.contains("destination =") {
-            env!("CARGO_BIN_EXE_diode-send")
+            SEND
         } else if block.contains("[[route]]") {
-            env!("CARGO_BIN_EXE_diode-recv")
+            RECV
         } else {
             continue;
         };
         let path = dir.path().join(format!("example-{checked}.toml"));
         std::fs::write(&path, block).unwrap();
-        let output = Command::new(binary)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "README example fails check:\n{block}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_check_passes(binary, &path, &format!("README example:\n{block}\n"));
         checked += 1;
     }
     assert_eq!(checked, 2, "the README's sender and receiver examples");
