@@ -110,7 +110,11 @@ impl LinkThread {
                 .unwrap_or(now + Duration::from_millis(100))
                 .min(now + Duration::from_millis(100));
             let queue_open = !disconnected && self.encoder.queued_bytes() < self.max_queued_bytes;
-            if queue_open {
+            // A record only needs this thread at once when it opens a block (its arrival starts
+            // the flush deadline); while a block is open, later records wait in the queue until
+            // the next timer and are taken in together, rather than waking the thread one by one.
+            let waiting_for_first_record = !self.encoder.has_open_block();
+            if queue_open && waiting_for_first_record {
                 match self.queue.recv_deadline(wake) {
                     Ok(ingest) => self.push(Instant::now(), ingest),
                     Err(flume::RecvTimeoutError::Timeout) => {}

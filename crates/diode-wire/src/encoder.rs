@@ -488,6 +488,11 @@ impl Encoder {
         self.flush(now);
     }
 
+    /// Whether a block is being filled (and so has a flush deadline).
+    pub fn has_open_block(&self) -> bool {
+        !self.open.is_empty()
+    }
+
     /// True when nothing is left to send.
     pub fn is_idle(&self) -> bool {
         self.open.is_empty()
