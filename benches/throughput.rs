@@ -70,12 +70,19 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A port free for TCP and UDP, below the kernel's ephemeral range so that no outgoing connection
+/// takes it between the pick and the service's bind.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let block = 10_000 + (std::process::id() % 400) as u16 * 50;
+    loop {
+        let port = block + NEXT.fetch_add(1, Ordering::Relaxed) % 50;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// A service process and what it cost.

@@ -154,6 +154,11 @@ fn a_flood_of_hostile_datagrams_during_real_traffic() {
     let tcp = free_tcp_port();
     let pair = pair(tcp);
     let link = pair.link_port;
+    // The link is working (a heartbeat decoded) before the flood begins: the flood tests that it
+    // cannot be taken away, not the instant before it exists (wire-format.md §6.1).
+    assert!(wait_for(Duration::from_secs(5), || {
+        pair.receiver.metric("diode_last_heartbeat_seconds", &[]) > 0.0
+    }));
     let flood = std::thread::spawn(move || {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut rng = SimRng::new(77);

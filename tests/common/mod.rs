@@ -6,25 +6,35 @@
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use diode_gateway::relay::{Relay, RelayConfig};
 use diode_gateway::scrape;
 
+/// A port free for both TCP and UDP, for a service to bind. Taken below the kernel's ephemeral
+/// range (32768 and up by default): a port picked there by binding port 0 and letting it go can
+/// be handed to any outgoing connection before the service binds it. Each test process gets its
+/// own block, by pid, so that parallel tests and test binaries do not pick the same one.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let block = 10_000 + (std::process::id() % 400) as u16 * 50;
+    loop {
+        let port = block + NEXT.fetch_add(1, Ordering::Relaxed) % 50;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+}
+
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port()
 }
 
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port()
 }
 
 /// Polls `check` until it holds or `timeout` passes; returns whether it held.
