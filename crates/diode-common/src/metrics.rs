@@ -20,7 +20,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds `listen` now (so a taken port fails start-up) and serves until shutdown.
 pub async fn serve(
-    listen: &str,
+    listen: SocketAddr,
     registry: Arc<Registry>,
     shutdown: Shutdown,
 ) -> std::io::Result<SocketAddr> {
@@ -112,9 +112,13 @@ mod tests {
         registry.register("diode_things", "Things", counter.clone());
         counter.inc_by(3);
         let shutdown = Shutdown::new();
-        let addr = serve("127.0.0.1:0", Arc::new(registry), shutdown.clone())
-            .await
-            .unwrap();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(registry),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")

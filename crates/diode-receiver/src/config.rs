@@ -129,6 +129,8 @@ pub struct Loaded {
     pub routes: Vec<Route>,
     /// Accepted link keys, current first.
     pub keys: Vec<[u8; 32]>,
+    /// `metrics.listen`, resolved.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl LinkConfig {
@@ -184,9 +186,10 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     if link.max_topics == 0 {
         return Err(source.invalid("link.max_topics", "must be at least 1"));
     }
-    if let Some(m) = &config.metrics {
-        source.socket_addr("metrics.listen", &m.listen)?;
-    }
+    let metrics_listen = match &config.metrics {
+        Some(m) => Some(source.socket_addr("metrics.listen", &m.listen)?),
+        None => None,
+    };
     if config.routes.is_empty() {
         return Err(source.invalid("route", "no routes: records would have nowhere to go"));
     }
@@ -240,6 +243,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         listen,
         routes,
         keys,
+        metrics_listen,
     })
 }
 

@@ -88,16 +88,13 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     let mut registry = Registry::default();
     let metrics = ReceiverMetrics::new(&mut registry);
     let registry = Arc::new(registry);
-    let metrics_addr = match &loaded.config.metrics {
-        Some(m) => Some(
-            diode_common::metrics::serve(&m.listen, registry.clone(), shutdown.clone())
+    let metrics_addr = match loaded.metrics_listen {
+        Some(addr) => Some(
+            diode_common::metrics::serve(addr, registry.clone(), shutdown.clone())
                 .await
                 .map_err(|source| StartError::Bind {
                     what: "the metrics endpoint".into(),
-                    addr: m
-                        .listen
-                        .parse()
-                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    addr,
                     source,
                 })?,
         ),

@@ -163,6 +163,10 @@ pub struct Loaded {
     pub topic_origins: Vec<String>,
     /// The link key, when `link.key_file` is set.
     pub key: Option<[u8; 32]>,
+    /// `metrics.listen`, resolved.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Each topic's `source.listen`, resolved, in topic order.
+    pub source_listens: Vec<SocketAddr>,
 }
 
 impl LinkConfig {
@@ -198,8 +202,9 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         .map(|i| format!("{}: topic[{i}]", path.display()))
         .collect();
     validate_link(&source, &config.link)?;
+    let mut source_listens = Vec::new();
     for (i, topic) in config.topics.iter().enumerate() {
-        validate_topic(&source, &format!("topic[{i}]"), topic)?;
+        source_listens.push(validate_topic(&source, &format!("topic[{i}]"), topic)?);
     }
     if let Some(dir) = &config.topics_dir {
         let dir = source.resolve(dir);
@@ -214,7 +219,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         for file in files {
             let topic_source = ConfigSource::read(&file)?;
             let topic: TopicConfig = topic_source.parse()?;
-            validate_topic(&topic_source, "", &topic)?;
+            source_listens.push(validate_topic(&topic_source, "", &topic)?);
             origins.push(file.display().to_string());
             config.topics.push(topic);
         }
@@ -251,9 +256,10 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             ));
         }
     }
-    if let Some(metrics) = &config.metrics {
-        source.socket_addr("metrics.listen", &metrics.listen)?;
-    }
+    let metrics_listen = match &config.metrics {
+        Some(metrics) => Some(source.socket_addr("metrics.listen", &metrics.listen)?),
+        None => None,
+    };
     let key = match &config.link.key_file {
         Some(file) => Some(
             diode_common::keyfile::load(&source.resolve(file))
@@ -269,6 +275,8 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         bind,
         topic_origins: origins,
         key,
+        metrics_listen,
+        source_listens,
     })
 }
 
@@ -347,11 +355,12 @@ fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigE
     )
 }
 
+/// Checks a topic and returns its source address, resolved.
 fn validate_topic(
     source: &ConfigSource,
     prefix: &str,
     topic: &TopicConfig,
-) -> Result<(), ConfigError> {
+) -> Result<SocketAddr, ConfigError> {
     let key = |k: &str| {
         if prefix.is_empty() {
             k.to_owned()
@@ -368,7 +377,7 @@ fn validate_topic(
             ),
         ));
     }
-    source.socket_addr(&key("source.listen"), topic.source.listen())?;
+    let listen = source.socket_addr(&key("source.listen"), topic.source.listen())?;
     if let SourceConfig::Tcp {
         max_connections, ..
     } = topic.source
@@ -377,7 +386,7 @@ fn validate_topic(
             return Err(source.invalid(&key("source.max_connections"), "must be at least 1"));
         }
     }
-    Ok(())
+    Ok(listen)
 }
 
 #[cfg(test)]

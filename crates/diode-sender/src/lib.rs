@@ -93,11 +93,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 
     let mut topic_metrics = Vec::new();
     let mut bound = Vec::new();
-    for topic in &config.topics {
+    for (topic, &addr) in config.topics.iter().zip(&loaded.source_listens) {
         let id = encoder
             .add_topic(&topic.name)
             .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
-        let addr = resolve_listen(&topic.source)?;
         let source = BoundSource::bind(&topic.source, addr).map_err(|source| StartError::Bind {
             what: format!("the {} source of topic {}", topic.source.kind(), topic.name),
             addr,
@@ -128,19 +127,16 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     socket.set_nonblocking(false).map_err(link_socket_error)?;
 
     let registry = Arc::new(registry);
-    let metrics_addr = match &config.metrics {
-        Some(m) => {
-            let addr = resolve_addr(&m.listen)?;
-            Some(
-                diode_common::metrics::serve(&m.listen, registry.clone(), shutdown.clone())
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        what: "the metrics endpoint".into(),
-                        addr,
-                        source,
-                    })?,
-            )
-        }
+    let metrics_addr = match loaded.metrics_listen {
+        Some(addr) => Some(
+            diode_common::metrics::serve(addr, registry.clone(), shutdown.clone())
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "the metrics endpoint".into(),
+                    addr,
+                    source,
+                })?,
+        ),
         None => None,
     };
 
@@ -191,26 +187,6 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         registry,
         done,
     })
-}
-
-fn resolve_addr(addr: &str) -> Result<SocketAddr, StartError> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| StartError::Bind {
-            what: format!("address {addr}"),
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "does not resolve"),
-        })
-}
-
-fn resolve_listen(source: &config::SourceConfig) -> Result<SocketAddr, StartError> {
-    match source {
-        config::SourceConfig::Udp { listen, .. } | config::SourceConfig::Tcp { listen, .. } => {
-            resolve_addr(listen)
-        }
-    }
 }
 
 /// A readable summary of what a configuration would do, for `diode-send check`.
