@@ -5,6 +5,7 @@ pub mod budget;
 pub mod config;
 pub mod keyfile;
 pub mod metrics;
+pub mod mqtt;
 pub mod net;
 pub mod shutdown;
 
@@ -43,4 +44,23 @@ pub fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// RFC 3339 with microseconds, UTC, for a time in microseconds since the Unix epoch; a time
+/// outside years 0000-9999 (a broken clock) shows as the epoch.
+pub fn format_rfc3339_us(time_us: i64) -> String {
+    use std::time::{Duration, UNIX_EPOCH};
+    let time = if time_us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(time_us as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(time_us.unsigned_abs())
+    };
+    if time
+        .duration_since(UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() < 253_402_300_800)
+    {
+        humantime::format_rfc3339_micros(time).to_string()
+    } else {
+        "1970-01-01T00:00:00.000000Z".to_owned()
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use diode_common::config::Framing;
@@ -22,8 +22,9 @@ const BATCH: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// One JSON line: `topic`, `seq`, `time` (RFC 3339, when the sender took it in), and `payload`
-/// (UTF-8) or `payload_base64`.
+/// One JSON line: `topic`, `seq`, `time` (RFC 3339, when the sender took it in), `origin` when
+/// the source gave one (`{"topic", "qos", "retain"}`, wire-format.md §5.4), and `payload` (UTF-8)
+/// or `payload_base64`.
 pub fn json_line(record: &Record, out: &mut Vec<u8>) {
     #[derive(serde::Serialize)]
     struct Line<'a> {
@@ -31,15 +32,18 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
         seq: u64,
         time: String,
         #[serde(skip_serializing_if = "Option::is_none")]
+        origin: Option<Origin<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         payload: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         payload_base64: Option<String>,
     }
-    let time = if record.time_us >= 0 {
-        UNIX_EPOCH + Duration::from_micros(record.time_us as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros(record.time_us.unsigned_abs())
-    };
+    #[derive(serde::Serialize)]
+    struct Origin<'a> {
+        topic: &'a str,
+        qos: u32,
+        retain: bool,
+    }
     let (payload, payload_base64) = match std::str::from_utf8(&record.payload) {
         Ok(text) => (Some(text), None),
         Err(_) => (
@@ -50,24 +54,17 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
     let line = Line {
         topic: &record.topic,
         seq: record.seq,
-        time: format_rfc3339(time),
+        time: diode_common::format_rfc3339_us(record.time_us),
+        origin: record.origin.as_ref().map(|o| Origin {
+            topic: &o.topic,
+            qos: o.qos,
+            retain: o.retain,
+        }),
         payload,
         payload_base64,
     };
     serde_json::to_writer(&mut *out, &line).expect("serialising to a Vec cannot fail");
     out.push(b'\n');
-}
-
-fn format_rfc3339(time: SystemTime) -> String {
-    // humantime covers years 0000-9999; anything else is a broken sender clock.
-    if time
-        .duration_since(UNIX_EPOCH)
-        .is_ok_and(|d| d.as_secs() < 253_402_300_800)
-    {
-        humantime::format_rfc3339_micros(time).to_string()
-    } else {
-        "1970-01-01T00:00:00.000000Z".to_owned()
-    }
 }
 
 pub async fn run(
@@ -366,6 +363,7 @@ mod tests {
             topic: "line3/telemetry".into(),
             seq: 7,
             time_us: 1_764_100_000_123_456,
+            origin: None,
             payload: Bytes::from_static(b"{\"t\":21.5}"),
         };
         json_line(&record, &mut out);
@@ -383,5 +381,20 @@ mod tests {
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(line["payload_base64"], "/wA=");
         assert!(line.get("payload").is_none());
+        assert!(line.get("origin").is_none());
+        let from_mqtt = Record {
+            origin: Some(diode_wire::proto::Origin {
+                topic: "plant/line3/speed".into(),
+                qos: 1,
+                retain: true,
+            }),
+            ..binary
+        };
+        out.clear();
+        json_line(&from_mqtt, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["origin"]["topic"], "plant/line3/speed");
+        assert_eq!(line["origin"]["qos"], 1);
+        assert_eq!(line["origin"]["retain"], true);
     }
 }

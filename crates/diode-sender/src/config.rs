@@ -22,6 +22,30 @@ pub struct SenderConfig {
     pub topics_dir: Option<PathBuf>,
     #[serde(default, rename = "topic")]
     pub topics: Vec<TopicConfig>,
+    #[serde(default)]
+    pub safety: SafetyConfig,
+}
+
+/// `[safety]`: the site's limits on how hard the sender may ask plant devices, kept apart from the
+/// per-device tables so that a topic file cannot loosen them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetyConfig {
+    /// No device is polled more often than this; a faster `poll_interval_ms` is refused at load.
+    #[serde(default = "default_min_poll_interval_ms")]
+    pub min_poll_interval_ms: u64,
+}
+
+impl Default for SafetyConfig {
+    fn default() -> Self {
+        SafetyConfig {
+            min_poll_interval_ms: default_min_poll_interval_ms(),
+        }
+    }
+}
+
+fn default_min_poll_interval_ms() -> u64 {
+    100
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +117,59 @@ pub enum SourceConfig {
         #[serde(default = "default_max_connections")]
         max_connections: usize,
     },
+    /// Subscribes to an MQTT broker; each message is one record carrying its MQTT topic, QoS and
+    /// retain flag (wire-format.md §5.4).
+    Mqtt {
+        broker: String,
+        subscribe: Vec<String>,
+        #[serde(default = "default_mqtt_qos")]
+        qos: u8,
+        client_id: String,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password: Option<String>,
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+        #[serde(default)]
+        tls: Option<diode_common::mqtt::MqttTls>,
+    },
+    /// Polls a Modbus TCP device with read function codes only; each poll is one JSON record.
+    Modbus {
+        address: String,
+        #[serde(default = "default_unit_id")]
+        unit_id: u8,
+        poll_interval_ms: u64,
+        #[serde(default = "default_modbus_timeout_ms")]
+        timeout_ms: u64,
+        registers: Vec<crate::sources::modbus::RegisterConfig>,
+    },
+    /// Syslog (RFC 5424 and RFC 3164) over UDP, or TCP with octet counting or newlines.
+    Syslog {
+        listen: String,
+        #[serde(default)]
+        protocol: SyslogProtocol,
+        #[serde(default = "default_max_connections")]
+        max_connections: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyslogProtocol {
+    #[default]
+    Udp,
+    Tcp,
+}
+
+fn default_mqtt_qos() -> u8 {
+    1
+}
+fn default_unit_id() -> u8 {
+    1
+}
+fn default_modbus_timeout_ms() -> u64 {
+    1000
 }
 
 impl SourceConfig {
@@ -100,14 +177,37 @@ impl SourceConfig {
         match self {
             SourceConfig::Udp { .. } => "udp",
             SourceConfig::Tcp { .. } => "tcp",
+            SourceConfig::Mqtt { .. } => "mqtt",
+            SourceConfig::Modbus { .. } => "modbus",
+            SourceConfig::Syslog { .. } => "syslog",
         }
     }
 
-    fn listen(&self) -> &str {
+    /// The local socket this source listens on, as (protocol, address), if it listens.
+    fn listen(&self) -> Option<(&'static str, &str)> {
         match self {
-            SourceConfig::Udp { listen, .. } | SourceConfig::Tcp { listen, .. } => listen,
+            SourceConfig::Udp { listen, .. } => Some(("udp", listen)),
+            SourceConfig::Tcp { listen, .. } => Some(("tcp", listen)),
+            SourceConfig::Syslog {
+                listen, protocol, ..
+            } => Some((
+                match protocol {
+                    SyslogProtocol::Udp => "udp",
+                    SyslogProtocol::Tcp => "tcp",
+                },
+                listen,
+            )),
+            SourceConfig::Mqtt { .. } | SourceConfig::Modbus { .. } => None,
         }
     }
+}
+
+/// Where a source takes its data from, resolved and checked at load.
+#[derive(Debug, Clone)]
+pub enum SourceEndpoint {
+    Listen(SocketAddr),
+    Mqtt(Box<rumqttc::MqttOptions>),
+    Modbus(SocketAddr),
 }
 
 fn default_bind() -> String {
@@ -165,8 +265,8 @@ pub struct Loaded {
     pub key: Option<[u8; 32]>,
     /// `metrics.listen`, resolved.
     pub metrics_listen: Option<SocketAddr>,
-    /// Each topic's `source.listen`, resolved, in topic order.
-    pub source_listens: Vec<SocketAddr>,
+    /// Each topic's source endpoint, resolved, in topic order.
+    pub source_endpoints: Vec<SourceEndpoint>,
 }
 
 impl LinkConfig {
@@ -202,9 +302,20 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         .map(|i| format!("{}: topic[{i}]", path.display()))
         .collect();
     validate_link(&source, &config.link)?;
-    let mut source_listens = Vec::new();
+    let mut source_endpoints = Vec::new();
+    let link = config.link.clone();
+    let safety = config.safety.clone();
+    if safety.min_poll_interval_ms == 0 {
+        return Err(source.invalid("safety.min_poll_interval_ms", "must be at least 1"));
+    }
     for (i, topic) in config.topics.iter().enumerate() {
-        source_listens.push(validate_topic(&source, &format!("topic[{i}]"), topic)?);
+        source_endpoints.push(validate_topic(
+            &source,
+            &format!("topic[{i}]"),
+            topic,
+            &link,
+            &safety,
+        )?);
     }
     if let Some(dir) = &config.topics_dir {
         let dir = source.resolve(dir);
@@ -219,7 +330,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         for file in files {
             let topic_source = ConfigSource::read(&file)?;
             let topic: TopicConfig = topic_source.parse()?;
-            source_listens.push(validate_topic(&topic_source, "", &topic)?);
+            source_endpoints.push(validate_topic(&topic_source, "", &topic, &link, &safety)?);
             origins.push(file.display().to_string());
             config.topics.push(topic);
         }
@@ -229,6 +340,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     }
     let mut seen_names: HashMap<&str, usize> = HashMap::new();
     let mut seen_listens: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut seen_client_ids: HashMap<(&str, &str), usize> = HashMap::new();
     for (i, topic) in config.topics.iter().enumerate() {
         if let Some(first) = seen_names.insert(&topic.name, i) {
             return Err(source.invalid(
@@ -239,19 +351,30 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 ),
             ));
         }
-        let protocol = match topic.source {
-            SourceConfig::Udp { .. } => "udp",
-            SourceConfig::Tcp { .. } => "tcp",
+        if let SourceConfig::Mqtt {
+            broker, client_id, ..
+        } = &topic.source
+        {
+            // Two clients with one id would throw each other off the broker in turn.
+            if let Some(first) = seen_client_ids.insert((broker, client_id), i) {
+                return Err(source.invalid(
+                    "topic",
+                    format!(
+                        "MQTT client id {client_id:?} on {broker} is used by two topics: {} and {}",
+                        origins[first], origins[i]
+                    ),
+                ));
+            }
+        }
+        let Some((protocol, listen)) = topic.source.listen() else {
+            continue;
         };
-        if let Some(first) = seen_listens.insert((protocol, topic.source.listen()), i) {
+        if let Some(first) = seen_listens.insert((protocol, listen), i) {
             return Err(source.invalid(
                 "topic",
                 format!(
                     "{} {} is the source of two topics: {} and {}",
-                    protocol,
-                    topic.source.listen(),
-                    origins[first],
-                    origins[i]
+                    protocol, listen, origins[first], origins[i]
                 ),
             ));
         }
@@ -276,7 +399,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         topic_origins: origins,
         key,
         metrics_listen,
-        source_listens,
+        source_endpoints,
     })
 }
 
@@ -355,12 +478,14 @@ fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigE
     )
 }
 
-/// Checks a topic and returns its source address, resolved.
+/// Checks a topic and returns its source endpoint, resolved.
 fn validate_topic(
     source: &ConfigSource,
     prefix: &str,
     topic: &TopicConfig,
-) -> Result<SocketAddr, ConfigError> {
+    link: &LinkConfig,
+    safety: &SafetyConfig,
+) -> Result<SourceEndpoint, ConfigError> {
     let key = |k: &str| {
         if prefix.is_empty() {
             k.to_owned()
@@ -377,16 +502,105 @@ fn validate_topic(
             ),
         ));
     }
-    let listen = source.socket_addr(&key("source.listen"), topic.source.listen())?;
-    if let SourceConfig::Tcp {
-        max_connections, ..
-    } = topic.source
-    {
-        if max_connections == 0 {
-            return Err(source.invalid(&key("source.max_connections"), "must be at least 1"));
+    match &topic.source {
+        SourceConfig::Udp { listen, .. } => Ok(SourceEndpoint::Listen(
+            source.socket_addr(&key("source.listen"), listen)?,
+        )),
+        SourceConfig::Tcp {
+            listen,
+            max_connections,
+            ..
+        }
+        | SourceConfig::Syslog {
+            listen,
+            max_connections,
+            ..
+        } => {
+            if *max_connections == 0 {
+                return Err(source.invalid(&key("source.max_connections"), "must be at least 1"));
+            }
+            Ok(SourceEndpoint::Listen(
+                source.socket_addr(&key("source.listen"), listen)?,
+            ))
+        }
+        SourceConfig::Mqtt {
+            broker,
+            subscribe,
+            qos,
+            client_id,
+            username,
+            password,
+            password_file,
+            tls,
+        } => {
+            if subscribe.is_empty() {
+                return Err(source.invalid(
+                    &key("source.subscribe"),
+                    "subscribe to at least one topic filter",
+                ));
+            }
+            for filter in subscribe {
+                if !rumqttc::valid_filter(filter) {
+                    return Err(source.invalid(
+                        &key("source.subscribe"),
+                        format!("{filter:?} is not a valid MQTT topic filter"),
+                    ));
+                }
+            }
+            if *qos > 1 {
+                return Err(source.invalid(
+                    &key("source.qos"),
+                    format!("{qos}: 0 or 1 (QoS 2 buys nothing here: the link is at most once)"),
+                ));
+            }
+            let options = diode_common::mqtt::options(
+                source,
+                &key("source"),
+                &diode_common::mqtt::MqttClient {
+                    broker,
+                    client_id,
+                    username: username.as_deref(),
+                    password: password.as_deref(),
+                    password_file: password_file.as_ref(),
+                    tls: tls.as_ref(),
+                    // The broker keeps QoS 1 messages for this client while the sender is away.
+                    clean_session: false,
+                    max_packet_bytes: link.max_record_bytes + 65_536 + 16,
+                },
+            )?;
+            Ok(SourceEndpoint::Mqtt(Box::new(options)))
+        }
+        SourceConfig::Modbus {
+            address,
+            poll_interval_ms,
+            timeout_ms,
+            registers,
+            ..
+        } => {
+            if *poll_interval_ms < safety.min_poll_interval_ms {
+                return Err(source.invalid(
+                    &key("source.poll_interval_ms"),
+                    format!(
+                        "{poll_interval_ms} ms is below the site's floor of {} ms \
+                         (safety.min_poll_interval_ms): polling faster could load the device",
+                        safety.min_poll_interval_ms
+                    ),
+                ));
+            }
+            if !(1..=60_000).contains(timeout_ms) {
+                return Err(source.invalid(
+                    &key("source.timeout_ms"),
+                    format!("{timeout_ms} is outside 1..=60000"),
+                ));
+            }
+            crate::sources::modbus::validate_registers(registers).map_err(|(i, message)| {
+                source.invalid(&key(&format!("source.registers[{i}]")), message)
+            })?;
+            Ok(SourceEndpoint::Modbus(
+                source.socket_addr(&key("source.address"), address)?,
+            ))
         }
     }
-    Ok(listen)
 }
 
 #[cfg(test)]
@@ -493,5 +707,99 @@ source = { kind = "tcp", listen = "127.0.0.1:5141", framing = "lines" }  # one l
             .unwrap_err()
             .to_string();
         assert!(err.contains("source of two topics"), "{err}");
+    }
+
+    const PLANT_TOPICS: &str = r#"
+[[topic]]
+name = "plant/mqtt"
+source = { kind = "mqtt", broker = "127.0.0.1:1883", subscribe = ["plant/#"], qos = 1, client_id = "diode-send-1" }
+
+[[topic]]
+name = "line3/plc7"
+source = { kind = "modbus", address = "127.0.0.1:5020", unit_id = 1, poll_interval_ms = 200, registers = [
+  { name = "motor_speed", table = "holding", address = 100, type = "u16", scale = 0.1, unit = "rpm" },
+  { name = "tank_level",  table = "input",   address = 10,  type = "f32", word_order = "big" },
+  { name = "pump_on",     table = "coil",    address = 5 },
+] }
+
+[[topic]]
+name = "security/syslog"
+source = { kind = "syslog", listen = "127.0.0.1:5514", protocol = "udp" }
+"#;
+
+    #[test]
+    fn the_plant_source_examples_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{ISSUE_EXAMPLE}{PLANT_TOPICS}");
+        let loaded = load(&write(dir.path(), "sender.toml", &text)).unwrap();
+        assert_eq!(loaded.config.topics.len(), 5);
+        assert!(matches!(
+            loaded.source_endpoints[2],
+            SourceEndpoint::Mqtt(_)
+        ));
+        assert!(matches!(
+            loaded.source_endpoints[3],
+            SourceEndpoint::Modbus(_)
+        ));
+        let described = crate::describe(&loaded);
+        assert!(
+            described.contains("3 values in 3 read requests every 200 ms (read only)"),
+            "{described}"
+        );
+    }
+
+    #[test]
+    fn polling_below_the_safety_floor_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fast = PLANT_TOPICS.replace("poll_interval_ms = 200", "poll_interval_ms = 50");
+        let err = load(&write(
+            dir.path(),
+            "s.toml",
+            &format!("{ISSUE_EXAMPLE}{fast}"),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`topic[3].source.poll_interval_ms`")
+                && err.contains("safety.min_poll_interval_ms"),
+            "{err}"
+        );
+        // The site may lower its floor, in its own table.
+        let text = format!("[safety]\nmin_poll_interval_ms = 20\n{ISSUE_EXAMPLE}{fast}");
+        load(&write(dir.path(), "s.toml", &text)).unwrap();
+        // No key of any kind asks the device to write.
+        let write_attempt = PLANT_TOPICS.replace("unit_id = 1,", "unit_id = 1, function_code = 6,");
+        let err = load(&write(
+            dir.path(),
+            "s.toml",
+            &format!("{ISSUE_EXAMPLE}{write_attempt}"),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("function_code"), "{err}");
+    }
+
+    #[test]
+    fn mqtt_source_mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for (from, to, key) in [
+            (
+                "subscribe = [\"plant/#\"]",
+                "subscribe = [\"plant/#/x\"]",
+                "topic[2].source.subscribe",
+            ),
+            ("qos = 1", "qos = 2", "topic[2].source.qos"),
+            ("127.0.0.1:1883", "127.0.0.1", "topic[2].source.broker"),
+        ] {
+            let bad = PLANT_TOPICS.replace(from, to);
+            let err = load(&write(
+                dir.path(),
+                "s.toml",
+                &format!("{ISSUE_EXAMPLE}{bad}"),
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
     }
 }

@@ -34,6 +34,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start {what}: {source}")]
+    Source {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("link settings: {0}")]
     Encoder(#[from] diode_wire::EncoderConfigError),
     #[error("topic {0}: {1}")]
@@ -46,7 +52,7 @@ pub enum StartError {
 pub struct RunningSender {
     pub session_id: u64,
     pub metrics_addr: Option<SocketAddr>,
-    /// Each topic's source address as bound (useful when configured with port 0).
+    /// Each listening topic's source address as bound (useful when configured with port 0).
     pub source_addrs: Vec<(String, SocketAddr)>,
     pub registry: Arc<Registry>,
     done: tokio::sync::oneshot::Receiver<()>,
@@ -93,16 +99,16 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 
     let mut topic_metrics = Vec::new();
     let mut bound = Vec::new();
-    for (topic, &addr) in config.topics.iter().zip(&loaded.source_listens) {
+    for (topic, endpoint) in config.topics.iter().zip(&loaded.source_endpoints) {
         let id = encoder
             .add_topic(&topic.name)
             .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
-        let source = BoundSource::bind(&topic.source, addr).map_err(|source| StartError::Bind {
-            what: format!("the {} source of topic {}", topic.source.kind(), topic.name),
-            addr,
-            source,
-        })?;
-        let local = source.local_addr().unwrap_or(addr);
+        let source =
+            BoundSource::bind(&topic.source, endpoint).map_err(|source| StartError::Source {
+                what: format!("the {} source of topic {}", topic.source.kind(), topic.name),
+                source,
+            })?;
+        let local = source.local_addr();
         let tm = metrics.topic(&topic.name);
         topic_metrics.push(tm.clone());
         bound.push((topic.name.clone(), local, source, id, tm));
@@ -142,7 +148,9 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 
     let mut source_addrs = Vec::new();
     for (name, local, source, id, tm) in bound {
-        source_addrs.push((name.clone(), local));
+        if let Some(local) = local {
+            source_addrs.push((name.clone(), local));
+        }
         let ctx = SourceContext {
             topic: id,
             name: Arc::from(name.as_str()),
@@ -233,6 +241,32 @@ pub fn describe(loaded: &Loaded) -> String {
             config::SourceConfig::Tcp {
                 listen, framing, ..
             } => format!("tcp {listen}, framing {framing:?}").to_lowercase(),
+            config::SourceConfig::Syslog {
+                listen, protocol, ..
+            } => format!("syslog over {protocol:?} {listen}, RFC 5424 and 3164").to_lowercase(),
+            config::SourceConfig::Mqtt {
+                broker,
+                subscribe,
+                qos,
+                client_id,
+                tls,
+                ..
+            } => format!(
+                "mqtt {}{broker} as {client_id:?}, subscribed to {} at QoS {qos}, persistent session",
+                if tls.is_some() { "tls://" } else { "" },
+                subscribe.join(", ")
+            ),
+            config::SourceConfig::Modbus {
+                address,
+                unit_id,
+                poll_interval_ms,
+                registers,
+                ..
+            } => format!(
+                "modbus {address} unit {unit_id}, {} values in {} read requests every {poll_interval_ms} ms (read only)",
+                registers.len(),
+                sources::modbus::plan_reads(registers).len()
+            ),
         };
         out += &format!("  {:<24} {source}   ({origin})\n", topic.name);
     }

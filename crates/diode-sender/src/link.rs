@@ -131,7 +131,13 @@ impl LinkThread {
         // The record's budget returns to the sources once the encoder holds it.
         if self
             .encoder
-            .push(now, ingest.topic, ingest.time_us, ingest.payload)
+            .push_with_origin(
+                now,
+                ingest.topic,
+                ingest.time_us,
+                ingest.origin,
+                ingest.payload,
+            )
             .is_ok()
         {
             self.topics[topic].records_in.inc();

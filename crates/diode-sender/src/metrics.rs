@@ -23,6 +23,8 @@ pub struct SenderMetrics {
     pub records_dropped: Family<TopicReasonLabels, Counter>,
     pub source_errors: Family<TopicReasonLabels, Counter>,
     pub source_connections: Family<TopicLabels, Gauge>,
+    pub source_unparsed: Family<TopicLabels, Counter>,
+    pub source_polls: Family<TopicLabels, Counter>,
     pub datagrams_sent: Counter,
     pub link_bytes_sent: Counter,
     pub blocks_sent: Counter,
@@ -40,6 +42,15 @@ pub struct TopicMetrics {
     pub dropped_oversize: Counter,
     pub errors_io: Counter,
     pub errors_framing: Counter,
+    /// A peer this source connects to (MQTT broker, Modbus device) could not be reached.
+    pub errors_connect: Counter,
+    /// A polled device did not answer in time.
+    pub errors_timeout: Counter,
+    /// A polled device answered with a Modbus exception.
+    pub errors_exception: Counter,
+    /// Messages that did not parse as their protocol (syslog) and were passed on as raw text.
+    pub unparsed: Counter,
+    pub polls: Counter,
     pub connections: Gauge,
 }
 
@@ -49,7 +60,11 @@ impl TopicMetrics {
     }
 
     pub fn errors_total(&self) -> u64 {
-        self.errors_io.get() + self.errors_framing.get()
+        self.errors_io.get()
+            + self.errors_framing.get()
+            + self.errors_connect.get()
+            + self.errors_timeout.get()
+            + self.errors_exception.get()
     }
 }
 
@@ -60,6 +75,8 @@ impl SenderMetrics {
             records_dropped: Family::default(),
             source_errors: Family::default(),
             source_connections: Family::default(),
+            source_unparsed: Family::default(),
+            source_polls: Family::default(),
             datagrams_sent: Counter::default(),
             link_bytes_sent: Counter::default(),
             blocks_sent: Counter::default(),
@@ -80,13 +97,23 @@ impl SenderMetrics {
         );
         registry.register(
             "diode_source_errors",
-            "Source I/O and framing errors",
+            "Source errors (io, framing; connect: broker or device unreachable; timeout and exception: Modbus polls)",
             m.source_errors.clone(),
         );
         registry.register(
             "diode_source_connections",
-            "Open TCP source connections",
+            "Open source connections: TCP clients, or 1 while connected to a broker or device",
             m.source_connections.clone(),
+        );
+        registry.register(
+            "diode_source_unparsed_records",
+            "Messages passed on as raw text because they did not parse (syslog)",
+            m.source_unparsed.clone(),
+        );
+        registry.register(
+            "diode_source_polls",
+            "Polls of a device that returned every configured value (Modbus)",
+            m.source_polls.clone(),
         );
         registry.register(
             "diode_datagrams_sent",
@@ -144,6 +171,11 @@ impl SenderMetrics {
                 .get_or_create_owned(&reason("oversize")),
             errors_io: self.source_errors.get_or_create_owned(&reason("io")),
             errors_framing: self.source_errors.get_or_create_owned(&reason("framing")),
+            errors_connect: self.source_errors.get_or_create_owned(&reason("connect")),
+            errors_timeout: self.source_errors.get_or_create_owned(&reason("timeout")),
+            errors_exception: self.source_errors.get_or_create_owned(&reason("exception")),
+            unparsed: self.source_unparsed.get_or_create_owned(&labels),
+            polls: self.source_polls.get_or_create_owned(&labels),
             connections: self.source_connections.get_or_create_owned(&labels),
         }
     }

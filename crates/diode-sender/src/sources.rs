@@ -1,8 +1,15 @@
 //! Sources: each turns what a plant system sends into records of one topic.
 //!
-//! Sources only listen: they never connect out, never scan, never answer with anything but what
-//! their protocol requires. A full queue towards the link slows TCP senders (TCP flow control) and
-//! drops UDP datagrams, counted (`diode_records_dropped_total{reason="queue_full"}`).
+//! Listening sources (udp, tcp, syslog) never connect out and never answer with anything but
+//! what their protocol requires. The MQTT source connects to the one broker it is given; the
+//! Modbus source polls the one device it is given, at its configured rate, with read function
+//! codes only. Nothing scans. A full queue towards the link slows TCP senders (TCP flow control)
+//! and MQTT brokers (unacknowledged messages wait there), and drops UDP datagrams, counted
+//! (`diode_records_dropped_total{reason="queue_full"}`).
+
+pub mod modbus;
+pub mod mqtt;
+pub mod syslog;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,12 +18,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use diode_common::budget::ByteBudget;
 use diode_common::net::{udp_socket, Buffer};
 use diode_common::{unix_time_us, Shutdown};
+use diode_wire::proto::Origin;
 use diode_wire::TopicId;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{Framing, SourceConfig};
+use crate::config::{Framing, SourceConfig, SourceEndpoint, SyslogProtocol};
 use crate::metrics::TopicMetrics;
 
 /// A record on its way from a source to the link thread. It holds its share of the queue's
@@ -24,6 +32,7 @@ use crate::metrics::TopicMetrics;
 pub struct Ingest {
     pub topic: TopicId,
     pub time_us: i64,
+    pub origin: Option<Origin>,
     pub payload: Bytes,
     pub _budget: OwnedSemaphorePermit,
 }
@@ -51,61 +60,145 @@ pub enum BoundSource {
         framing: Framing,
         max_connections: usize,
     },
+    SyslogUdp(UdpSocket),
+    SyslogTcp {
+        listener: TcpListener,
+        max_connections: usize,
+    },
+    Mqtt(Box<mqtt::MqttSource>),
+    Modbus(modbus::ModbusPoller),
+}
+
+/// How each message of a listening source becomes a record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cutting {
+    Framed(Framing),
+    Syslog,
 }
 
 impl BoundSource {
     /// Must be called inside the runtime.
-    pub fn bind(config: &SourceConfig, addr: SocketAddr) -> std::io::Result<Self> {
+    pub fn bind(config: &SourceConfig, endpoint: &SourceEndpoint) -> std::io::Result<Self> {
+        let listen = |endpoint: &SourceEndpoint| match endpoint {
+            SourceEndpoint::Listen(addr) => Ok(*addr),
+            _ => Err(std::io::Error::other(
+                "a listening source needs a listen address",
+            )),
+        };
+        let tcp = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+            let listener = std::net::TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)
+        };
+        let udp = |addr: SocketAddr, buffer: usize| -> std::io::Result<UdpSocket> {
+            let socket = udp_socket(addr, Buffer::Receive, buffer)?;
+            socket.set_nonblocking(true)?;
+            UdpSocket::from_std(socket)
+        };
         match config {
             SourceConfig::Udp {
                 receive_buffer_bytes,
                 ..
-            } => {
-                let socket = udp_socket(addr, Buffer::Receive, *receive_buffer_bytes)?;
-                socket.set_nonblocking(true)?;
-                Ok(BoundSource::Udp(UdpSocket::from_std(socket)?))
-            }
+            } => Ok(BoundSource::Udp(udp(
+                listen(endpoint)?,
+                *receive_buffer_bytes,
+            )?)),
             SourceConfig::Tcp {
                 framing,
                 max_connections,
                 ..
-            } => {
-                let listener = std::net::TcpListener::bind(addr)?;
-                listener.set_nonblocking(true)?;
-                Ok(BoundSource::Tcp {
-                    listener: TcpListener::from_std(listener)?,
-                    framing: *framing,
-                    // A raw stream is one ordered byte stream: one connection at a time.
-                    max_connections: if *framing == Framing::Raw {
-                        1
+            } => Ok(BoundSource::Tcp {
+                listener: tcp(listen(endpoint)?)?,
+                framing: *framing,
+                // A raw stream is one ordered byte stream: one connection at a time.
+                max_connections: if *framing == Framing::Raw {
+                    1
+                } else {
+                    *max_connections
+                },
+            }),
+            SourceConfig::Syslog {
+                protocol: SyslogProtocol::Udp,
+                ..
+            } => Ok(BoundSource::SyslogUdp(udp(listen(endpoint)?, 4 << 20)?)),
+            SourceConfig::Syslog {
+                protocol: SyslogProtocol::Tcp,
+                max_connections,
+                ..
+            } => Ok(BoundSource::SyslogTcp {
+                listener: tcp(listen(endpoint)?)?,
+                max_connections: *max_connections,
+            }),
+            SourceConfig::Mqtt { subscribe, qos, .. } => {
+                let SourceEndpoint::Mqtt(options) = endpoint else {
+                    return Err(std::io::Error::other(
+                        "an MQTT source needs its client options",
+                    ));
+                };
+                Ok(BoundSource::Mqtt(Box::new(mqtt::MqttSource {
+                    options: (**options).clone(),
+                    subscribe: subscribe.clone(),
+                    qos: if *qos == 0 {
+                        rumqttc::QoS::AtMostOnce
                     } else {
-                        *max_connections
+                        rumqttc::QoS::AtLeastOnce
                     },
-                })
+                })))
+            }
+            SourceConfig::Modbus {
+                unit_id,
+                poll_interval_ms,
+                timeout_ms,
+                registers,
+                ..
+            } => {
+                let SourceEndpoint::Modbus(address) = endpoint else {
+                    return Err(std::io::Error::other(
+                        "a Modbus source needs a device address",
+                    ));
+                };
+                Ok(BoundSource::Modbus(modbus::ModbusPoller {
+                    address: *address,
+                    unit_id: *unit_id,
+                    poll_interval: std::time::Duration::from_millis(*poll_interval_ms),
+                    timeout: std::time::Duration::from_millis(*timeout_ms),
+                    registers: registers.clone(),
+                }))
             }
         }
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    /// The local address a listening source is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {
-            BoundSource::Udp(socket) => socket.local_addr(),
-            BoundSource::Tcp { listener, .. } => listener.local_addr(),
+            BoundSource::Udp(socket) | BoundSource::SyslogUdp(socket) => socket.local_addr().ok(),
+            BoundSource::Tcp { listener, .. } | BoundSource::SyslogTcp { listener, .. } => {
+                listener.local_addr().ok()
+            }
+            BoundSource::Mqtt(_) | BoundSource::Modbus(_) => None,
         }
     }
 
     pub async fn run(self, ctx: SourceContext) {
         match self {
-            BoundSource::Udp(socket) => run_udp(socket, ctx).await,
+            BoundSource::Udp(socket) => run_udp(socket, false, ctx).await,
+            BoundSource::SyslogUdp(socket) => run_udp(socket, true, ctx).await,
             BoundSource::Tcp {
                 listener,
                 framing,
                 max_connections,
-            } => run_tcp(listener, framing, max_connections, ctx).await,
+            } => run_tcp(listener, Cutting::Framed(framing), max_connections, ctx).await,
+            BoundSource::SyslogTcp {
+                listener,
+                max_connections,
+            } => run_tcp(listener, Cutting::Syslog, max_connections, ctx).await,
+            BoundSource::Mqtt(source) => source.run(ctx).await,
+            BoundSource::Modbus(poller) => poller.run(ctx).await,
         }
     }
 }
 
-async fn run_udp(socket: UdpSocket, ctx: SourceContext) {
+async fn run_udp(socket: UdpSocket, syslog: bool, ctx: SourceContext) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let received = tokio::select! {
@@ -117,7 +210,16 @@ async fn run_udp(socket: UdpSocket, ctx: SourceContext) {
                 ctx.metrics.dropped_oversize.inc();
             }
             Ok((len, _)) => {
-                let Some(budget) = ctx.budget.try_acquire(len) else {
+                let payload = if syslog {
+                    let (record, parsed) = syslog::to_record(&buf[..len]);
+                    if !parsed {
+                        ctx.metrics.unparsed.inc();
+                    }
+                    record
+                } else {
+                    Bytes::copy_from_slice(&buf[..len])
+                };
+                let Some(budget) = ctx.budget.try_acquire(payload.len()) else {
                     if ctx.metrics.dropped_queue_full.inc() % 10_000 == 0 {
                         tracing::warn!(topic = %ctx.name, "link queue full: dropping UDP records (see diode_records_dropped_total)");
                     }
@@ -126,7 +228,8 @@ async fn run_udp(socket: UdpSocket, ctx: SourceContext) {
                 let ingest = Ingest {
                     topic: ctx.topic,
                     time_us: unix_time_us(),
-                    payload: Bytes::copy_from_slice(&buf[..len]),
+                    origin: None,
+                    payload,
                     _budget: budget,
                 };
                 match ctx.queue.try_send(ingest) {
@@ -149,7 +252,7 @@ async fn run_udp(socket: UdpSocket, ctx: SourceContext) {
 
 async fn run_tcp(
     listener: TcpListener,
-    framing: Framing,
+    cutting: Cutting,
     max_connections: usize,
     ctx: SourceContext,
 ) {
@@ -179,7 +282,7 @@ async fn run_tcp(
             tracing::debug!(topic = %ctx.name, %peer, "tcp source connection");
             let result = tokio::select! {
                 _ = ctx.shutdown.wait() => Ok(()),
-                result = read_records(stream, framing, &ctx) => result,
+                result = read_records(stream, cutting, &ctx) => result,
             };
             if let Err(e) = result {
                 tracing::warn!(topic = %ctx.name, %peer, error = %e, "tcp source connection closed");
@@ -196,17 +299,31 @@ enum ConnectionError {
     Io(#[from] std::io::Error),
     #[error("length prefix {0} is above max_record_bytes; the stream cannot be resynchronised")]
     Oversize(usize),
+    #[error("syslog octet count is malformed or above max_record_bytes; the stream cannot be resynchronised")]
+    SyslogFraming,
     #[error("the link queue is closed")]
     QueueClosed,
 }
 
+impl From<QueueClosed> for ConnectionError {
+    fn from(_: QueueClosed) -> Self {
+        ConnectionError::QueueClosed
+    }
+}
+
 async fn read_records(
     mut stream: TcpStream,
-    framing: Framing,
+    cutting: Cutting,
     ctx: &SourceContext,
 ) -> Result<(), ConnectionError> {
     let mut buf = BytesMut::with_capacity(RAW_CHUNK_BYTES);
     let mut lines = LineCutter::new(ctx.max_record_bytes);
+    let mut syslog_frames = syslog::TcpFramer::new(ctx.max_record_bytes);
+    let framing = match cutting {
+        Cutting::Framed(framing) => framing,
+        // Only compared with Raw and Length below; syslog has its own branch.
+        Cutting::Syslog => Framing::Lines,
+    };
     loop {
         if framing == Framing::Raw {
             buf.reserve(RAW_CHUNK_BYTES);
@@ -215,16 +332,40 @@ async fn read_records(
             ctx.metrics.errors_io.inc();
         })?;
         let eof = read == 0;
+        if cutting == Cutting::Syslog {
+            while let Some(frame) = syslog_frames.next(&mut buf, eof) {
+                match frame {
+                    syslog::Frame::Message(raw) => {
+                        let (record, parsed) = syslog::to_record(&raw);
+                        if !parsed {
+                            ctx.metrics.unparsed.inc();
+                        }
+                        emit(ctx, unix_time_us(), None, record).await?;
+                    }
+                    syslog::Frame::Oversize { fatal } => {
+                        ctx.metrics.dropped_oversize.inc();
+                        if fatal {
+                            ctx.metrics.errors_framing.inc();
+                            return Err(ConnectionError::SyslogFraming);
+                        }
+                    }
+                }
+            }
+            if eof {
+                return Ok(());
+            }
+            continue;
+        }
         match framing {
             Framing::Raw => {
                 if !buf.is_empty() {
-                    emit(ctx, buf.split().freeze()).await?;
+                    emit(ctx, unix_time_us(), None, buf.split().freeze()).await?;
                 }
             }
             Framing::Lines => {
                 while let Some(cut) = lines.next(&mut buf, eof) {
                     match cut {
-                        Cut::Record(line) => emit(ctx, line).await?,
+                        Cut::Record(line) => emit(ctx, unix_time_us(), None, line).await?,
                         Cut::Oversize => {
                             ctx.metrics.dropped_oversize.inc();
                         }
@@ -246,7 +387,7 @@ async fn read_records(
                     break;
                 }
                 buf.advance(4);
-                emit(ctx, buf.split_to(len).freeze()).await?;
+                emit(ctx, unix_time_us(), None, buf.split_to(len).freeze()).await?;
             },
         }
         if eof {
@@ -258,19 +399,27 @@ async fn read_records(
     }
 }
 
-async fn emit(ctx: &SourceContext, payload: Bytes) -> Result<(), ConnectionError> {
+/// The link thread has stopped: the sender is shutting down.
+#[derive(Debug)]
+pub(crate) struct QueueClosed;
+
+/// Queues one record, waiting for room: the caller stops reading its peer meanwhile, which slows
+/// a TCP sender by flow control and leaves MQTT messages with their broker.
+pub(crate) async fn emit(
+    ctx: &SourceContext,
+    time_us: i64,
+    origin: Option<Origin>,
+    payload: Bytes,
+) -> Result<(), QueueClosed> {
     let budget = ctx.budget.acquire(payload.len()).await;
     let ingest = Ingest {
         topic: ctx.topic,
-        time_us: unix_time_us(),
+        time_us,
+        origin,
         payload,
         _budget: budget,
     };
-    // Waiting here stops reading the socket: TCP flow control slows the plant-side sender.
-    ctx.queue
-        .send_async(ingest)
-        .await
-        .map_err(|_| ConnectionError::QueueClosed)
+    ctx.queue.send_async(ingest).await.map_err(|_| QueueClosed)
 }
 
 enum Cut {

@@ -152,8 +152,11 @@ struct OpenBatch {
     last_time_us: i64,
     time_deltas_us: Vec<i64>,
     payloads: Vec<Bytes>,
+    /// Empty, or one per payload (wire-format.md §5.4).
+    origins: Vec<proto::Origin>,
     deltas_len: usize,
     payloads_len: usize,
+    origins_len: usize,
 }
 
 impl OpenBatch {
@@ -163,6 +166,7 @@ impl OpenBatch {
             + frames::scalar_len(self.first_time_us as u64)
             + frames::packed_len(self.deltas_len)
             + self.payloads_len
+            + self.origins_len
     }
 }
 
@@ -173,6 +177,7 @@ struct Fragment {
     total_len: usize,
     offset: usize,
     data: Bytes,
+    origin: Option<proto::Origin>,
 }
 
 /// The block being filled (wire-format.md §4.3 gives the order of its frames).
@@ -302,6 +307,18 @@ impl Encoder {
         time_us: i64,
         payload: Bytes,
     ) -> Result<u64, PushError> {
+        self.push_with_origin(now, topic, time_us, None, payload)
+    }
+
+    /// Takes one record that carries where it came from inside its source (wire-format.md §5.4).
+    pub fn push_with_origin(
+        &mut self,
+        now: Instant,
+        topic: TopicId,
+        time_us: i64,
+        origin: Option<proto::Origin>,
+        payload: Bytes,
+    ) -> Result<u64, PushError> {
         let t = self
             .topics
             .get_mut(topic.index())
@@ -310,7 +327,8 @@ impl Encoder {
         t.next_seq += 1;
         self.stats.records_in += 1;
         self.stats.payload_bytes_in += payload.len() as u64;
-        self.place_record(now, topic, seq, time_us, payload);
+        let origin = origin.filter(|o| !o.topic.is_empty());
+        self.place_record(now, topic, seq, time_us, origin, payload);
         Ok(seq)
     }
 
@@ -320,25 +338,33 @@ impl Encoder {
         topic: TopicId,
         seq: u64,
         time_us: i64,
+        origin: Option<proto::Origin>,
         payload: Bytes,
     ) {
-        if self.try_add_to_batch(now, topic, seq, time_us, &payload) {
+        if self.try_add_to_batch(now, topic, seq, time_us, &origin, &payload) {
             return;
         }
         // Small records are never cut: a record of up to one shard that does not fit closes the
         // block (wasting less than a shard) and opens the next one.
-        let alone =
-            CONTENT_HEADER_LEN + self.new_batch_stream_len(topic, seq, time_us, payload.len());
+        let alone = CONTENT_HEADER_LEN
+            + self.new_batch_stream_len(topic, seq, time_us, &origin, payload.len());
         if payload.len() <= self.max_shard_len && alone <= self.capacity && !self.open.is_empty() {
             self.seal(now);
-            if self.try_add_to_batch(now, topic, seq, time_us, &payload) {
+            if self.try_add_to_batch(now, topic, seq, time_us, &origin, &payload) {
                 return;
             }
         }
-        self.place_fragments(now, topic, seq, time_us, payload);
+        self.place_fragments(now, topic, seq, time_us, origin, payload);
     }
 
-    fn new_batch_stream_len(&self, topic: TopicId, seq: u64, time_us: i64, len: usize) -> usize {
+    fn new_batch_stream_len(
+        &self,
+        topic: TopicId,
+        seq: u64,
+        time_us: i64,
+        origin: &Option<proto::Origin>,
+        len: usize,
+    ) -> usize {
         let batch = OpenBatch {
             topic,
             first_seq: seq,
@@ -346,8 +372,10 @@ impl Encoder {
             last_time_us: time_us,
             time_deltas_us: Vec::new(),
             payloads: Vec::new(),
+            origins: Vec::new(),
             deltas_len: 1,
             payloads_len: frames::repeated_bytes_elem_len(len),
+            origins_len: origin.as_ref().map_or(0, frames::origin_field_len),
         };
         frames::frame_stream_len(batch.body_len(self.topics[topic.index()].name.len()))
     }
@@ -359,6 +387,7 @@ impl Encoder {
         topic: TopicId,
         seq: u64,
         time_us: i64,
+        origin: &Option<proto::Origin>,
         payload: &Bytes,
     ) -> bool {
         let topic_len = self.topics[topic.index()].name.len();
@@ -367,15 +396,34 @@ impl Encoder {
             Some(index) => {
                 let batch = &self.open.batches[index];
                 let delta = time_us.wrapping_sub(batch.last_time_us);
+                // Origins are all or none in a batch: a record without one takes an empty
+                // element, and the first record with one gives empty elements to those before.
+                let empty_origin = frames::origin_field_len(&proto::Origin::default());
+                let origins_added = match (origin, batch.origins_len > 0) {
+                    (None, false) => 0,
+                    (None, true) => empty_origin,
+                    (Some(o), true) => frames::origin_field_len(o),
+                    (Some(o), false) => {
+                        frames::origin_field_len(o) + batch.payloads.len() * empty_origin
+                    }
+                };
                 let old = frames::frame_stream_len(batch.body_len(topic_len));
                 let new_body = batch.body_len(topic_len) - frames::packed_len(batch.deltas_len)
                     + frames::packed_len(batch.deltas_len + frames::zigzag_len(delta))
-                    + elem_len;
+                    + elem_len
+                    + origins_added;
                 let grown = frames::frame_stream_len(new_body) - old;
                 if self.open.content_len + grown > self.capacity {
                     return false;
                 }
                 let batch = &mut self.open.batches[index];
+                if origins_added > 0 {
+                    batch
+                        .origins
+                        .resize(batch.payloads.len(), proto::Origin::default());
+                    batch.origins.push(origin.clone().unwrap_or_default());
+                    batch.origins_len += origins_added;
+                }
                 batch.deltas_len += frames::zigzag_len(delta);
                 batch.payloads_len += elem_len;
                 batch.time_deltas_us.push(delta);
@@ -384,7 +432,7 @@ impl Encoder {
                 self.open.content_len += grown;
             }
             None => {
-                let added = self.new_batch_stream_len(topic, seq, time_us, payload.len());
+                let added = self.new_batch_stream_len(topic, seq, time_us, origin, payload.len());
                 if self.open.content_len + added > self.capacity {
                     return false;
                 }
@@ -396,8 +444,10 @@ impl Encoder {
                     last_time_us: time_us,
                     time_deltas_us: vec![0],
                     payloads: vec![payload.clone()],
+                    origins: origin.iter().cloned().collect(),
                     deltas_len: 1,
                     payloads_len: elem_len,
+                    origins_len: origin.as_ref().map_or(0, frames::origin_field_len),
                 });
                 self.open.content_len += added;
             }
@@ -417,6 +467,7 @@ impl Encoder {
         topic: TopicId,
         seq: u64,
         time_us: i64,
+        mut origin: Option<proto::Origin>,
         payload: Bytes,
     ) {
         let topic_len = self.topics[topic.index()].name.len();
@@ -424,8 +475,15 @@ impl Encoder {
         let mut offset = 0;
         loop {
             let room = self.capacity - self.open.content_len;
+            // Only the first piece carries the origin.
+            let origin_len = if offset == 0 {
+                origin.as_ref().map_or(0, frames::origin_field_len)
+            } else {
+                0
+            };
             let data_len = frames::max_fragment_data(
                 room,
+                origin_len,
                 topic_len,
                 seq,
                 time_us,
@@ -439,8 +497,9 @@ impl Encoder {
                 self.seal(now);
                 continue;
             }
-            let body =
-                frames::fragment_body_len(topic_len, seq, time_us, total_len, offset, data_len);
+            let body = frames::fragment_body_len(
+                origin_len, topic_len, seq, time_us, total_len, offset, data_len,
+            );
             let fragment = Fragment {
                 topic,
                 seq,
@@ -448,6 +507,7 @@ impl Encoder {
                 total_len,
                 offset,
                 data: payload.slice(offset..offset + data_len),
+                origin: if offset == 0 { origin.take() } else { None },
             };
             self.open.content_len += frames::frame_stream_len(body);
             self.open
@@ -642,6 +702,7 @@ impl Encoder {
                 total_len: f.total_len as u64,
                 offset: f.offset as u64,
                 data: f.data,
+                origin: f.origin,
             })),
         };
         let encode = |frame: proto::Frame, content: &mut Vec<u8>| {
@@ -663,6 +724,7 @@ impl Encoder {
                         first_time_us: batch.first_time_us,
                         time_deltas_us: batch.time_deltas_us,
                         payloads: batch.payloads,
+                        origins: batch.origins,
                     })),
                 },
                 content,

@@ -59,8 +59,17 @@ pub(crate) fn frame_stream_len(body_len: usize) -> usize {
     varint_len(frame_len as u64) + frame_len
 }
 
-/// Size of a `RecordFragment` body.
+/// Bytes an `Origin` takes as an element of a repeated field or as a present message field.
+pub(crate) fn origin_field_len(origin: &proto::Origin) -> usize {
+    use prost::Message;
+    let len = origin.encoded_len();
+    1 + varint_len(len as u64) + len
+}
+
+/// Size of a `RecordFragment` body; `origin_len` is 0 or what `origin_field_len` gives.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fragment_body_len(
+    origin_len: usize,
     topic_len: usize,
     seq: u64,
     time_us: i64,
@@ -74,11 +83,14 @@ pub(crate) fn fragment_body_len(
         + scalar_len(total_len as u64)
         + scalar_len(offset as u64)
         + bytes_field_len(data_len)
+        + origin_len
 }
 
 /// The largest fragment payload whose frame fits in `room` bytes, if any.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn max_fragment_data(
     room: usize,
+    origin_len: usize,
     topic_len: usize,
     seq: u64,
     time_us: i64,
@@ -86,15 +98,23 @@ pub(crate) fn max_fragment_data(
     offset: usize,
     remaining: usize,
 ) -> usize {
-    let fixed = fragment_body_len(topic_len, seq, time_us, total_len, offset, 0);
+    let fixed = fragment_body_len(origin_len, topic_len, seq, time_us, total_len, offset, 0);
     // Upper bound of the framing around the data: tag, two lengths prefixes and the oneof tag.
     let mut data = room.saturating_sub(fixed + 1 + 3 * 5).min(remaining);
     while data > 0 {
-        let body = fragment_body_len(topic_len, seq, time_us, total_len, offset, data);
+        let body = fragment_body_len(origin_len, topic_len, seq, time_us, total_len, offset, data);
         if frame_stream_len(body) <= room {
             // Grow back what the conservative bound took, one byte at a time (at most ~15).
             while data < remaining {
-                let body = fragment_body_len(topic_len, seq, time_us, total_len, offset, data + 1);
+                let body = fragment_body_len(
+                    origin_len,
+                    topic_len,
+                    seq,
+                    time_us,
+                    total_len,
+                    offset,
+                    data + 1,
+                );
                 if frame_stream_len(body) > room {
                     break;
                 }
@@ -128,12 +148,28 @@ mod tests {
                     total_len: total as u64,
                     offset: offset as u64,
                     data: vec![1u8; len].into(),
+                    origin: None,
                 })),
             };
-            let body = fragment_body_len(10, seq, time, total, offset, len);
+            let body = fragment_body_len(0, 10, seq, time, total, offset, len);
             assert_eq!(
                 frame_stream_len(body),
                 frame.encode_length_delimited_to_vec().len()
+            );
+            let origin = Origin {
+                topic: "plant/line3/plc7/speed".into(),
+                qos: 1,
+                retain: true,
+            };
+            let mut with_origin = frame.clone();
+            if let Some(frame::Body::Fragment(f)) = with_origin.body.as_mut() {
+                f.origin = Some(origin.clone());
+            }
+            let body =
+                fragment_body_len(origin_field_len(&origin), 10, seq, time, total, offset, len);
+            assert_eq!(
+                frame_stream_len(body),
+                with_origin.encode_length_delimited_to_vec().len()
             );
         }
     }
@@ -141,11 +177,12 @@ mod tests {
     #[test]
     fn max_fragment_fills_exactly() {
         for room in 20..3000 {
-            let data = max_fragment_data(room, 12, 99, 1, 1 << 20, 5000, usize::MAX);
+            let data = max_fragment_data(room, 0, 12, 99, 1, 1 << 20, 5000, usize::MAX);
             if data > 0 {
-                let used = frame_stream_len(fragment_body_len(12, 99, 1, 1 << 20, 5000, data));
+                let used = frame_stream_len(fragment_body_len(0, 12, 99, 1, 1 << 20, 5000, data));
                 assert!(used <= room);
-                let more = frame_stream_len(fragment_body_len(12, 99, 1, 1 << 20, 5000, data + 1));
+                let more =
+                    frame_stream_len(fragment_body_len(0, 12, 99, 1, 1 << 20, 5000, data + 1));
                 assert!(more > room, "room {room}: {data} could grow");
             }
         }

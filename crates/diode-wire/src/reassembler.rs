@@ -66,6 +66,8 @@ pub struct Record {
     pub seq: u64,
     /// Microseconds since the Unix epoch, when the sender took the record in.
     pub time_us: i64,
+    /// Where the record came from inside its source, when the source said (wire-format.md §5.4).
+    pub origin: Option<proto::Origin>,
     pub payload: Bytes,
 }
 
@@ -157,6 +159,7 @@ struct PartialRecord {
     seq: u64,
     time_us: i64,
     total_len: usize,
+    origin: Option<proto::Origin>,
     data: Vec<u8>,
 }
 
@@ -727,6 +730,7 @@ impl Reassembler {
         if !frames::is_valid_topic(&batch.topic)
             || batch.payloads.is_empty()
             || batch.payloads.len() != batch.time_deltas_us.len()
+            || !(batch.origins.is_empty() || batch.origins.len() == batch.payloads.len())
             || batch.first_seq.checked_add(count).is_none()
         {
             self.stats.malformed_frames += 1;
@@ -737,6 +741,7 @@ impl Reassembler {
             return;
         };
         let mut time_us = batch.first_time_us;
+        let mut origins = batch.origins.into_iter();
         for (i, (delta, payload)) in batch.time_deltas_us.iter().zip(batch.payloads).enumerate() {
             time_us = time_us.wrapping_add(*delta);
             // A small record must not pin its whole block in memory while sinks hold it.
@@ -751,6 +756,7 @@ impl Reassembler {
                     topic: topic.clone(),
                     seq: batch.first_seq + i as u64,
                     time_us,
+                    origin: origins.next().filter(|o| !o.topic.is_empty()),
                     payload,
                 },
             );
@@ -783,6 +789,7 @@ impl Reassembler {
                 seq: fragment.seq,
                 time_us: fragment.time_us,
                 total_len: total as usize,
+                origin: fragment.origin.clone().filter(|o| !o.topic.is_empty()),
                 data: Vec::with_capacity(fragment.data.len()),
             });
         }
@@ -813,6 +820,7 @@ impl Reassembler {
                 topic: topic.clone(),
                 seq: done.seq,
                 time_us: done.time_us,
+                origin: done.origin,
                 payload: Bytes::from(done.data),
             },
         );

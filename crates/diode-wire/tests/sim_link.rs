@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use diode_wire::datagram;
+use diode_wire::proto::Origin;
 use diode_wire::sim::{Impairments, SimLink, SimRng};
 use diode_wire::{
     Encoder, EncoderConfig, Event, LinkKey, Reassembler, ReassemblerConfig, Rejected, TopicId,
@@ -43,8 +44,8 @@ struct Harness {
     receiver: Reassembler,
     link: SimLink,
     now: Instant,
-    /// (session, topic) -> seq -> payload
-    sent: HashMap<(u64, String), BTreeMap<u64, Bytes>>,
+    /// (session, topic) -> seq -> (origin, payload)
+    sent: HashMap<(u64, String), BTreeMap<u64, (Option<Origin>, Bytes)>>,
     delivered: HashMap<(u64, String), Vec<u64>>,
     gaps: HashMap<(u64, String), Vec<(u64, u64)>>,
     events: Vec<Event>,
@@ -101,20 +102,30 @@ impl Harness {
         1_700_000_000_000_000
     }
 
+    /// Records of every topic carry an origin, except every third one: batches and fragments
+    /// with and without origins, in every mix, cross every test.
     fn push(&mut self, topic: usize, payload: Bytes) {
+        let key = (self.session, TOPICS[topic].to_owned());
+        let next = self.sent.get(&key).map_or(0, |s| s.len() as u64);
+        let origin = ((next + topic as u64) % 3 != 0).then(|| Origin {
+            topic: format!("plant/{topic}/device{}", next % 7),
+            qos: (next % 3) as u32,
+            retain: next % 2 == 0,
+        });
         let seq = self
             .encoder
-            .push(
+            .push_with_origin(
                 self.now,
                 self.topics[topic],
                 self.wall_us(),
+                origin.clone(),
                 payload.clone(),
             )
             .unwrap();
         self.sent
-            .entry((self.session, TOPICS[topic].to_owned()))
+            .entry(key)
             .or_default()
-            .insert(seq, payload);
+            .insert(seq, (origin, payload));
     }
 
     /// Advances the virtual clock, moving everything the encoder has through the link.
@@ -165,7 +176,7 @@ impl Harness {
                     let expected = self.sent.get(&key).and_then(|s| s.get(&r.seq));
                     assert_eq!(
                         expected,
-                        Some(&r.payload),
+                        Some(&(r.origin.clone(), r.payload.clone())),
                         "wrong record {}#{}",
                         r.topic,
                         r.seq

@@ -1,0 +1,230 @@
+//! Real protocol peers for the tests, installed by `scripts/test`: mosquitto (Debian), and a
+//! Python virtualenv with pymodbus. A peer that is missing fails the test with the command that
+//! installs it; nothing is skipped silently.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use super::wait_for;
+
+/// The path of `program`, or a panic saying how to install it.
+pub fn require(program: &str, install: &str) -> PathBuf {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
+        let path = Path::new(dir).join(program);
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!("this test needs `{program}`: {install} (scripts/test installs it when run as root)");
+}
+
+/// The Python of the test virtualenv that `scripts/test` makes (target/test-venv).
+pub fn test_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "this test needs the test virtualenv: run scripts/test, or \
+         python3 -m venv target/test-venv && target/test-venv/bin/pip install -r tests/peers/requirements.txt"
+    );
+    python
+}
+
+fn stop_child(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A mosquitto broker on loopback with its own persistence directory, so a restart keeps the
+/// sessions and queued messages it had.
+pub struct Mosquitto {
+    pub port: u16,
+    conf: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path, port: u16) -> Mosquitto {
+        let binary = require("mosquitto", "apt-get install mosquitto mosquitto-clients");
+        let data = dir.join(format!("mosquitto-{port}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let conf = data.join("mosquitto.conf");
+        // As root, mosquitto would switch to its own user, which cannot write the test's files.
+        let user = if unsafe_is_root() { "user root\n" } else { "" };
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                 persistence_location {}/\nmax_queued_messages 0\nlog_dest stderr\n\
+                 log_type error\nlog_type warning\nlog_type notice\n{user}",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut broker = Mosquitto {
+            port,
+            conf,
+            log: data.join("mosquitto.log"),
+            child: None,
+        };
+        broker.child = Some(broker.spawn(&binary));
+        broker
+    }
+
+    fn spawn(&self, binary: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting mosquitto");
+        let port = self.port;
+        assert!(
+            wait_for(Duration::from_secs(10), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "mosquitto did not listen on {port}: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        child
+    }
+
+    /// Stops the broker cleanly (it saves its state) and starts it again on the same port.
+    pub fn restart(&mut self, down_for: Duration) {
+        self.stop();
+        std::thread::sleep(down_for);
+        let binary = require("mosquitto", "apt-get install mosquitto");
+        self.child = Some(self.spawn(&binary));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
+        }
+    }
+
+    /// Publishes each line as one message on `topic`, with mosquitto_pub, and waits until the
+    /// broker has acknowledged them all.
+    pub fn publish_lines(&self, topic: &str, qos: u8, lines: &[String]) {
+        let binary = require("mosquitto_pub", "apt-get install mosquitto-clients");
+        let mut child = Command::new(binary)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-q", &qos.to_string(), "-t", topic, "-l"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        for line in lines {
+            writeln!(stdin, "{line}").unwrap();
+        }
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_pub failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// The pymodbus PLC of tests/peers/modbus_plc.py, driven through its stdin.
+pub struct Plc {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Plc {
+    pub fn start(port: u16) -> Plc {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/modbus_plc.py");
+        let mut child = Command::new(test_python())
+            .arg(script)
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the PLC did not start");
+        Plc {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn command(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
+    /// Sets 16-bit words (or bits) of a table from `address` on.
+    pub fn set(&mut self, table: &str, address: u16, words: &[u16]) {
+        let words: Vec<String> = words.iter().map(u16::to_string).collect();
+        let reply = self.command(&format!("set {table} {address} {}", words.join(" ")));
+        assert_eq!(reply.trim(), "ok");
+    }
+
+    /// Every function code the PLC was asked for.
+    pub fn function_codes(&mut self) -> Vec<u8> {
+        let reply: serde_json::Value = serde_json::from_str(&self.command("codes")).unwrap();
+        serde_json::from_value(reply["codes"].clone()).unwrap()
+    }
+
+    pub fn stop(mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+impl Drop for Plc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
