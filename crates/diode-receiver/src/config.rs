@@ -60,13 +60,57 @@ pub struct RouteConfig {
     /// its payload); past it they are dropped and counted.
     #[serde(default = "default_queue_bytes")]
     pub queue_bytes: usize,
+    /// This route's on-disk buffer (relative to this file): every record is written there first
+    /// and read back by the sink, so a sink that is down or slow loses nothing and a restart
+    /// replays what was not delivered.
+    #[serde(default)]
+    pub buffer_dir: Option<PathBuf>,
+    #[serde(default = "default_buffer_max_bytes")]
+    pub buffer_max_bytes: u64,
+    /// What a full buffer gives up: `drop_oldest` (default) or `drop_newest`.
+    #[serde(default)]
+    pub buffer_full: crate::buffer::FullPolicy,
+}
+
+fn default_buffer_max_bytes() -> u64 {
+    1 << 30
+}
+
+/// How the file sink writes records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// One JSON object per line: `topic`, `seq`, `time`, `origin`, `payload` or `payload_base64`.
+    #[default]
+    Json,
+    /// The payloads alone, back to back, byte for byte (a stream or file sent with raw framing).
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyslogProtocol {
+    /// RFC 5425-style octet counting on a TCP stream (RFC 6587 §3.4.1).
+    #[default]
+    Tcp,
+    Udp,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
-    /// JSON lines: `topic`, `seq`, `time` (RFC 3339), `payload` or `payload_base64`.
-    File { path: PathBuf },
+    /// JSON lines (or raw payloads), rotated by size and by age.
+    File {
+        path: PathBuf,
+        #[serde(default)]
+        format: FileFormat,
+        /// Start a new file once this one holds this many bytes.
+        #[serde(default)]
+        rotate_bytes: Option<u64>,
+        /// Start a new file once this one is this old.
+        #[serde(default)]
+        rotate_interval_ms: Option<u64>,
+    },
     /// The same JSON lines on standard output.
     Stdout {},
     /// One datagram per record, the payload alone.
@@ -77,6 +121,34 @@ pub enum SinkConfig {
         #[serde(default)]
         framing: Framing,
     },
+    /// Publishes each record to an MQTT broker under `topic_prefix` + its MQTT topic when it came
+    /// from an MQTT source, else + its diode topic.
+    Mqtt {
+        broker: String,
+        #[serde(default)]
+        topic_prefix: String,
+        #[serde(default = "default_sink_qos")]
+        qos: u8,
+        client_id: String,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password: Option<String>,
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+        #[serde(default)]
+        tls: Option<diode_common::mqtt::MqttTls>,
+    },
+    /// RFC 5424 messages for a SIEM, over TCP (octet counting) or UDP.
+    Syslog {
+        target: String,
+        #[serde(default)]
+        protocol: SyslogProtocol,
+    },
+}
+
+fn default_sink_qos() -> u8 {
+    1
 }
 
 impl SinkConfig {
@@ -86,6 +158,8 @@ impl SinkConfig {
             SinkConfig::Stdout {} => "stdout",
             SinkConfig::Udp { .. } => "udp",
             SinkConfig::Tcp { .. } => "tcp",
+            SinkConfig::Mqtt { .. } => "mqtt",
+            SinkConfig::Syslog { .. } => "syslog",
         }
     }
 }
@@ -120,6 +194,10 @@ pub struct Route {
     pub filters: Vec<TopicFilter>,
     pub sink: SinkConfig,
     pub queue_bytes: usize,
+    /// The route's disk buffer, resolved: (directory, most bytes, policy).
+    pub buffer: Option<(PathBuf, u64, crate::buffer::FullPolicy)>,
+    /// Client options of an MQTT sink, checked at load.
+    pub mqtt: Option<Box<rumqttc::MqttOptions>>,
 }
 
 #[derive(Debug, Clone)]
@@ -206,8 +284,67 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             );
         }
         let mut sink = route.sink.clone();
+        let mut mqtt = None;
         match &mut sink {
-            SinkConfig::File { path } => *path = source.resolve(path),
+            SinkConfig::File {
+                path,
+                rotate_bytes,
+                rotate_interval_ms,
+                ..
+            } => {
+                *path = source.resolve(path);
+                if rotate_bytes.is_some_and(|b| b < 4096) {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.rotate_bytes"),
+                        "must be at least 4096",
+                    ));
+                }
+                if rotate_interval_ms.is_some_and(|ms| ms < 1000) {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.rotate_interval_ms"),
+                        "must be at least 1000",
+                    ));
+                }
+            }
+            SinkConfig::Mqtt {
+                broker,
+                topic_prefix,
+                qos,
+                client_id,
+                username,
+                password,
+                password_file,
+                tls,
+            } => {
+                if *qos > 1 {
+                    return Err(
+                        source.invalid(&format!("route[{i}].sink.qos"), format!("{qos}: 0 or 1"))
+                    );
+                }
+                if topic_prefix.contains(['+', '#']) {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.topic_prefix"),
+                        "must not contain MQTT wildcards",
+                    ));
+                }
+                mqtt = Some(Box::new(diode_common::mqtt::options(
+                    &source,
+                    &format!("route[{i}].sink"),
+                    &diode_common::mqtt::MqttClient {
+                        broker,
+                        client_id,
+                        username: username.as_deref(),
+                        password: password.as_deref(),
+                        password_file: password_file.as_ref(),
+                        tls: tls.as_ref(),
+                        clean_session: false,
+                        max_packet_bytes: link.max_record_bytes + 65_536 + 16,
+                    },
+                )?));
+            }
+            SinkConfig::Syslog { target, .. } => {
+                source.socket_addr(&format!("route[{i}].sink.target"), target)?;
+            }
             SinkConfig::Udp { target } => {
                 source.socket_addr(&format!("route[{i}].sink.target"), target)?;
             }
@@ -231,11 +368,35 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 format!("{name:?} is used twice"),
             ));
         }
+        let buffer = match &route.buffer_dir {
+            Some(dir) => {
+                if route.buffer_max_bytes < 1 << 20 {
+                    return Err(source.invalid(
+                        &format!("route[{i}].buffer_max_bytes"),
+                        "must be at least 1048576",
+                    ));
+                }
+                let dir = source.resolve(dir);
+                if routes
+                    .iter()
+                    .any(|r: &Route| r.buffer.as_ref().is_some_and(|b| b.0 == dir))
+                {
+                    return Err(source.invalid(
+                        &format!("route[{i}].buffer_dir"),
+                        format!("{} is the buffer of another route", dir.display()),
+                    ));
+                }
+                Some((dir, route.buffer_max_bytes, route.buffer_full))
+            }
+            None => None,
+        };
         routes.push(Route {
             name,
             filters,
             sink,
             queue_bytes: route.queue_bytes,
+            buffer,
+            mqtt,
         });
     }
     Ok(Loaded {
@@ -273,7 +434,7 @@ sink = { kind = "file", path = "out/records.jsonl" }
         assert_eq!(loaded.routes[0].name, "0-file");
         assert!(loaded.routes[0].filters[0].matches("line3/telemetry"));
         // Relative sink paths are relative to the configuration file.
-        let SinkConfig::File { path: out } = &loaded.routes[0].sink else {
+        let SinkConfig::File { path: out, .. } = &loaded.routes[0].sink else {
             panic!()
         };
         assert_eq!(out, &dir.path().join("out/records.jsonl"));

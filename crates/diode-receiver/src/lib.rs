@@ -5,6 +5,7 @@
 //! diode ─► UDP socket ─► link thread: Reassembler ─► routes (topic filters) ─► bounded queue ─► sink task
 //! ```
 
+pub mod buffer;
 pub mod config;
 pub mod filter;
 pub mod link;
@@ -39,6 +40,12 @@ pub enum StartError {
     },
     #[error("cannot start the link thread: {0}")]
     Thread(std::io::Error),
+    #[error("route {route}: cannot open its disk buffer: {source}")]
+    Buffer {
+        route: String,
+        #[source]
+        source: buffer::BufferError,
+    },
 }
 
 pub struct RunningReceiver {
@@ -108,9 +115,30 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         let (tx, rx) = flume::unbounded();
         let budget = diode_common::budget::ByteBudget::new(route.queue_bytes);
         let route_metrics = metrics.route(&route.name, budget.clone());
-        sinks.push(tokio::spawn(sinks::run(
-            route.sink.clone(),
+        // A buffer that cannot be opened stops the service: running without it would drop
+        // records the operator asked to keep.
+        let buffer = match &route.buffer {
+            Some((dir, max_bytes, policy)) => {
+                let buffer =
+                    buffer::DiskBuffer::open(dir, *max_bytes, *policy).map_err(|source| {
+                        StartError::Buffer {
+                            route: route.name.clone(),
+                            source,
+                        }
+                    })?;
+                if buffer.unread_records() > 0 {
+                    tracing::info!(route = %route.name, records = buffer.unread_records(),
+                        bytes = buffer.unread_bytes(), "replaying what the disk buffer kept");
+                }
+                Some(buffer)
+            }
+            None => None,
+        };
+        let sink = sinks::Sink::new(&route.sink, route.mqtt.as_deref(), &route.name);
+        sinks.push(tokio::spawn(sinks::run_route(
+            sink,
             rx,
+            buffer,
             route_metrics.clone(),
             route.name.clone(),
         )));
@@ -177,7 +205,38 @@ pub fn describe(loaded: &Loaded) -> String {
     out += &format!("routes ({}):\n", loaded.routes.len());
     for (route, raw) in loaded.routes.iter().zip(&loaded.config.routes) {
         let sink = match &route.sink {
-            config::SinkConfig::File { path } => format!("file {} (JSON lines)", path.display()),
+            config::SinkConfig::File {
+                path,
+                format,
+                rotate_bytes,
+                rotate_interval_ms,
+            } => format!(
+                "file {} ({}){}{}",
+                path.display(),
+                match format {
+                    config::FileFormat::Json => "JSON lines",
+                    config::FileFormat::Raw => "raw payloads",
+                },
+                rotate_bytes
+                    .map(|b| format!(", rotated at {b} bytes"))
+                    .unwrap_or_default(),
+                rotate_interval_ms
+                    .map(|ms| format!(", rotated every {} s", ms / 1000))
+                    .unwrap_or_default()
+            ),
+            config::SinkConfig::Mqtt {
+                broker,
+                topic_prefix,
+                qos,
+                tls,
+                ..
+            } => format!(
+                "mqtt {}{broker}, topics under {topic_prefix:?}, QoS {qos}",
+                if tls.is_some() { "tls://" } else { "" }
+            ),
+            config::SinkConfig::Syslog { target, protocol } => {
+                format!("syslog RFC 5424 over {protocol:?} to {target}").to_lowercase()
+            }
             config::SinkConfig::Stdout {} => "stdout (JSON lines)".into(),
             config::SinkConfig::Udp { target } => format!("udp {target}"),
             config::SinkConfig::Tcp { connect, framing } => {
@@ -185,6 +244,16 @@ pub fn describe(loaded: &Loaded) -> String {
             }
         };
         out += &format!("  {:<10} {} -> {sink}\n", route.name, raw.topics.join(", "));
+        out += &match &route.buffer {
+            Some((dir, max, policy)) => format!(
+                "             disk buffer {} up to {max} bytes, when full {policy:?}\n",
+                dir.display()
+            ),
+            None => format!(
+                "             no disk buffer: past {} bytes queued, records are dropped\n",
+                route.queue_bytes
+            ),
+        };
     }
     out
 }

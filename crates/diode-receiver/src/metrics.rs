@@ -49,6 +49,7 @@ pub struct ReceiverMetrics {
     pub sink_dropped: Family<RouteLabels, Counter>,
     pub sink_errors: Family<RouteLabels, Counter>,
     pub sink_queue_bytes: Family<RouteLabels, Gauge>,
+    pub sink_backlog_bytes: Family<RouteLabels, Gauge>,
 }
 
 impl ReceiverMetrics {
@@ -78,6 +79,7 @@ impl ReceiverMetrics {
             sink_dropped: Family::default(),
             sink_errors: Family::default(),
             sink_queue_bytes: Family::default(),
+            sink_backlog_bytes: Family::default(),
         };
         let r = registry;
         r.register(
@@ -200,6 +202,11 @@ impl ReceiverMetrics {
             "Bytes of records waiting for a sink (payloads plus 64 bytes each)",
             m.sink_queue_bytes.clone(),
         );
+        r.register(
+            "diode_sink_backlog_bytes",
+            "Bytes in a route's disk buffer not yet delivered",
+            m.sink_backlog_bytes.clone(),
+        );
         // Every reason exists from the start, at 0, so alerts can be written against it.
         for reason in Rejected::ALL {
             let _ = m.datagrams_rejected.get_or_create(&ReasonLabels {
@@ -247,6 +254,7 @@ impl ReceiverMetrics {
             dropped: self.sink_dropped.get_or_create_owned(&labels),
             errors: self.sink_errors.get_or_create_owned(&labels),
             queue: self.sink_queue_bytes.get_or_create_owned(&labels),
+            backlog: self.sink_backlog_bytes.get_or_create_owned(&labels),
             budget,
         }
     }
@@ -259,6 +267,8 @@ pub struct RouteMetrics {
     pub errors: Counter,
     /// Bytes waiting for the sink, as held in `budget`.
     pub queue: Gauge,
+    /// Bytes in the route's disk buffer not yet delivered.
+    pub backlog: Gauge,
     pub budget: diode_common::budget::ByteBudget,
 }
 

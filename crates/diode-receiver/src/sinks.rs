@@ -1,5 +1,10 @@
 //! Sinks: where records leave the receiver. Each route has its own queue and task, so a slow or
-//! absent sink never stalls the link or other routes.
+//! absent sink never stalls the link or other routes. A route with a disk buffer writes every
+//! record there first and its sink reads them back (buffer.rs): the sink being down or slow then
+//! costs disk space, not records.
+
+pub mod mqtt;
+pub mod syslog;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +14,7 @@ use base64::Engine;
 use diode_common::config::Framing;
 use diode_wire::Record;
 use quinn_udp::{Transmit, UdpSocketState};
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpStream, UdpSocket};
 
 use crate::config::SinkConfig;
@@ -67,20 +72,292 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-pub async fn run(
-    config: SinkConfig,
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the broker has not acknowledged for {0:?}")]
+    AckTimeout(Duration),
+    #[error("the MQTT client stopped")]
+    ClientGone,
+}
+
+/// A sink, ready to deliver batches. Connections are made on first use and again after a failure.
+pub enum Sink {
+    File(FileSink),
+    Stdout(tokio::io::Stdout),
+    Udp(UdpSink),
+    Tcp(TcpSink),
+    Mqtt(mqtt::MqttSink),
+    Syslog(syslog::SyslogSink),
+}
+
+impl Sink {
+    pub fn new(
+        config: &SinkConfig,
+        mqtt_options: Option<&rumqttc::MqttOptions>,
+        route: &str,
+    ) -> Sink {
+        match config {
+            SinkConfig::File {
+                path,
+                format,
+                rotate_bytes,
+                rotate_interval_ms,
+            } => Sink::File(FileSink {
+                path: path.clone(),
+                format: *format,
+                rotate_bytes: *rotate_bytes,
+                rotate_interval: rotate_interval_ms.map(Duration::from_millis),
+                file: None,
+                written: 0,
+                opened: std::time::Instant::now(),
+                buf: Vec::new(),
+            }),
+            SinkConfig::Stdout {} => Sink::Stdout(tokio::io::stdout()),
+            SinkConfig::Udp { target } => Sink::Udp(UdpSink {
+                target: target.clone(),
+                socket: None,
+                contents: Vec::new(),
+            }),
+            SinkConfig::Tcp { connect, framing } => Sink::Tcp(TcpSink {
+                connect: connect.clone(),
+                framing: *framing,
+                conn: None,
+                buf: Vec::new(),
+            }),
+            SinkConfig::Mqtt {
+                topic_prefix, qos, ..
+            } => Sink::Mqtt(mqtt::MqttSink::new(
+                mqtt_options
+                    .expect("the config loader builds MQTT options")
+                    .clone(),
+                topic_prefix.clone(),
+                *qos,
+                route,
+            )),
+            SinkConfig::Syslog { target, protocol } => {
+                Sink::Syslog(syslog::SyslogSink::new(target.clone(), *protocol))
+            }
+        }
+    }
+
+    /// Delivers the whole batch or fails; a failed batch is offered again whole, so a sink may
+    /// see records twice after a failure (at least once), never lose them.
+    pub async fn deliver(
+        &mut self,
+        records: &[Record],
+        metrics: &RouteMetrics,
+    ) -> Result<(), SinkError> {
+        match self {
+            Sink::File(sink) => sink.deliver(records).await,
+            Sink::Stdout(out) => {
+                let mut buf = Vec::new();
+                for record in records {
+                    json_line(record, &mut buf);
+                }
+                out.write_all(&buf).await?;
+                out.flush().await?;
+                Ok(())
+            }
+            Sink::Udp(sink) => sink.deliver(records, metrics).await,
+            Sink::Tcp(sink) => sink.deliver(records).await,
+            Sink::Mqtt(sink) => sink.deliver(records).await,
+            Sink::Syslog(sink) => sink.deliver(records).await,
+        }
+    }
+
+    /// Called after a failed delivery, so the next one starts on a fresh connection.
+    fn reset(&mut self) {
+        match self {
+            Sink::File(sink) => sink.file = None,
+            Sink::Tcp(sink) => sink.conn = None,
+            Sink::Syslog(sink) => sink.reset(),
+            Sink::Stdout(_) | Sink::Udp(_) | Sink::Mqtt(_) => {}
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Sink::Tcp(sink) => {
+                if let Some(mut conn) = sink.conn.take() {
+                    let _ = conn.shutdown().await;
+                }
+            }
+            Sink::Mqtt(sink) => sink.close().await,
+            _ => {}
+        }
+    }
+}
+
+/// Runs one route: takes deliveries off its queue (through its disk buffer, if it has one) and
+/// hands them to its sink, retrying with backoff until they are taken.
+pub async fn run_route(
+    mut sink: Sink,
     queue: flume::Receiver<Vec<Queued>>,
+    buffer: Option<crate::buffer::DiskBuffer>,
     metrics: RouteMetrics,
     route: String,
 ) {
-    match config {
-        SinkConfig::File { path } => run_file(path, queue, metrics, route).await,
-        SinkConfig::Stdout {} => run_stdout(queue, metrics).await,
-        SinkConfig::Udp { target } => run_udp(target, queue, metrics, route).await,
-        SinkConfig::Tcp { connect, framing } => {
-            run_tcp(connect, framing, queue, metrics, route).await
+    match buffer {
+        None => {
+            let mut batch = Vec::new();
+            while next_batch(&queue, &mut batch).await {
+                metrics.queue.set(metrics.budget.used() as i64);
+                let records: Vec<Record> = batch.iter().map(|q| q.record.clone()).collect();
+                // Without a disk buffer, the memory queue is what holds records while the sink
+                // retries; when it is full the link thread drops, counted.
+                deliver_with_retry(&mut sink, &records, &metrics, &route).await;
+                batch.clear();
+            }
+        }
+        Some(buffer) => run_buffered(&mut sink, queue, buffer, &metrics, &route).await,
+    }
+    sink.close().await;
+}
+
+async fn deliver_with_retry(
+    sink: &mut Sink,
+    records: &[Record],
+    metrics: &RouteMetrics,
+    route: &str,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut failures = 0u32;
+    loop {
+        match sink.deliver(records, metrics).await {
+            Ok(()) => {
+                metrics.delivered.inc_by(records.len() as u64);
+                if failures > 0 {
+                    tracing::info!(%route, failures, "sink delivers again");
+                }
+                return;
+            }
+            Err(e) => {
+                metrics.errors.inc();
+                if failures == 0 || backoff == BACKOFF_MAX && failures % 12 == 0 {
+                    tracing::warn!(%route, error = %e, records = records.len(), "sink delivery failed; retrying");
+                }
+                failures += 1;
+                sink.reset();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
         }
     }
+}
+
+/// Records read back from the disk buffer per delivery.
+const BUFFER_BATCH_RECORDS: usize = 1024;
+const BUFFER_BATCH_BYTES: u64 = 4 << 20;
+
+async fn run_buffered(
+    sink: &mut Sink,
+    queue: flume::Receiver<Vec<Queued>>,
+    buffer: crate::buffer::DiskBuffer,
+    metrics: &RouteMetrics,
+    route: &str,
+) {
+    use std::sync::{Arc, Mutex};
+    let buffer = Arc::new(Mutex::new(buffer));
+    let appended = Arc::new(tokio::sync::Notify::new());
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    metrics
+        .backlog
+        .set(buffer.lock().expect("not poisoned").unread_bytes() as i64);
+    // The spooler writes every delivery to disk as it comes, whatever the sink is doing.
+    let spooler = {
+        let buffer = buffer.clone();
+        let appended = appended.clone();
+        let closed = closed.clone();
+        let metrics = metrics.clone();
+        let route = route.to_owned();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            let mut records = Vec::new();
+            let mut last_warning: Option<std::time::Instant> = None;
+            let mut unreported = crate::buffer::Dropped::new();
+            while next_batch(&queue, &mut batch).await {
+                records.clear();
+                records.extend(batch.drain(..).map(|q| q.record));
+                let result = {
+                    let mut buffer = buffer.lock().expect("not poisoned");
+                    let result = buffer.append(&records);
+                    metrics.backlog.set(buffer.unread_bytes() as i64);
+                    result
+                };
+                metrics.queue.set(metrics.budget.used() as i64);
+                match result {
+                    Ok(dropped) if dropped.is_empty() => {}
+                    Ok(dropped) => {
+                        metrics
+                            .dropped
+                            .inc_by(dropped.values().map(|d| d.2).sum::<u64>());
+                        crate::buffer::merge_dropped(&mut unreported, dropped);
+                        if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            last_warning = Some(std::time::Instant::now());
+                            for (topic, (first, last, count)) in std::mem::take(&mut unreported) {
+                                tracing::warn!(%route, %topic, first_seq = first, last_seq = last, records = count,
+                                    "disk buffer full: records dropped (see diode_sink_dropped_total)");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // The disk refused (full, read-only): these records cannot be kept.
+                        metrics.errors.inc();
+                        metrics.dropped.inc_by(records.len() as u64);
+                        let first = records.first().map(|r| (r.topic.clone(), r.seq));
+                        tracing::error!(%route, error = %e, records = records.len(), first = ?first,
+                            "cannot write to the disk buffer: records dropped");
+                    }
+                }
+                appended.notify_one();
+            }
+            for (topic, (first, last, count)) in unreported {
+                tracing::warn!(%route, %topic, first_seq = first, last_seq = last, records = count,
+                    "disk buffer full: records dropped (see diode_sink_dropped_total)");
+            }
+            closed.store(true, std::sync::atomic::Ordering::Release);
+            appended.notify_one();
+        })
+    };
+    loop {
+        let next = {
+            let mut buffer = buffer.lock().expect("not poisoned");
+            buffer.peek(BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES)
+        };
+        match next {
+            Ok(Some((records, position))) => {
+                deliver_with_retry(sink, &records, metrics, route).await;
+                let mut buffer = buffer.lock().expect("not poisoned");
+                if let Err(e) = buffer.commit(records.len(), position) {
+                    metrics.errors.inc();
+                    tracing::error!(%route, error = %e, "cannot update the disk buffer's cursor");
+                }
+                metrics.backlog.set(buffer.unread_bytes() as i64);
+            }
+            Ok(None) => {
+                // Read again after a wake-up: an append may land between the read and the wait,
+                // and Notify keeps that one permit for us.
+                if closed.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                appended.notified().await;
+            }
+            Err(e) => {
+                metrics.errors.inc();
+                tracing::error!(%route, error = %e, "cannot read the disk buffer; retrying");
+                tokio::time::sleep(BACKOFF_MAX).await;
+            }
+        }
+    }
+    let _ = spooler.await;
 }
 
 /// Waits for a delivery, then takes what else is queued, up to about a batch.
@@ -98,138 +375,118 @@ async fn next_batch(queue: &flume::Receiver<Vec<Queued>>, batch: &mut Vec<Queued
     true
 }
 
-async fn write_json_batch<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    batch: &[Queued],
-    buf: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    buf.clear();
-    for queued in batch {
-        json_line(&queued.record, buf);
-    }
-    writer.write_all(buf).await?;
-    writer.flush().await
+pub struct FileSink {
+    path: PathBuf,
+    format: crate::config::FileFormat,
+    rotate_bytes: Option<u64>,
+    rotate_interval: Option<Duration>,
+    file: Option<tokio::fs::File>,
+    written: u64,
+    opened: std::time::Instant,
+    buf: Vec<u8>,
 }
 
-async fn run_file(
-    path: PathBuf,
-    queue: flume::Receiver<Vec<Queued>>,
-    metrics: RouteMetrics,
-    route: String,
-) {
-    let mut batch = Vec::new();
-    let mut buf = Vec::new();
-    let mut file: Option<tokio::fs::File> = None;
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        // A batch that failed is kept and retried before anything new is taken.
-        if batch.is_empty() && !next_batch(&queue, &mut batch).await {
-            return;
+impl FileSink {
+    async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+        let due = self.rotate_bytes.is_some_and(|max| self.written >= max)
+            || self
+                .rotate_interval
+                .is_some_and(|age| self.opened.elapsed() >= age && self.written > 0);
+        if due {
+            self.rotate().await?;
         }
-        metrics.queue.set(metrics.budget.used() as i64);
-        if file.is_none() {
-            if let Some(dir) = path.parent() {
-                let _ = tokio::fs::create_dir_all(dir).await;
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                tokio::fs::create_dir_all(dir).await?;
             }
-            match tokio::fs::OpenOptions::new()
+            let file = tokio::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
-                .await
-            {
-                Ok(f) => file = Some(f),
-                Err(e) => {
-                    metrics.errors.inc();
-                    tracing::warn!(%route, path = %path.display(), error = %e, "file sink cannot open its file; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
+                .open(&self.path)
+                .await?;
+            self.written = file.metadata().await?.len();
+            if self.written == 0 {
+                self.opened = std::time::Instant::now();
+            }
+            self.file = Some(file);
+        }
+        self.buf.clear();
+        for record in records {
+            match self.format {
+                crate::config::FileFormat::Json => json_line(record, &mut self.buf),
+                crate::config::FileFormat::Raw => self.buf.extend_from_slice(&record.payload),
             }
         }
-        let f = file.as_mut().expect("opened above");
-        match write_json_batch(f, &batch, &mut buf).await {
-            Ok(()) => {
-                metrics.delivered.inc_by(batch.len() as u64);
-                batch.clear();
-                backoff = BACKOFF_MIN;
-            }
-            Err(e) => {
-                metrics.errors.inc();
-                tracing::warn!(%route, path = %path.display(), error = %e, "file sink write failed; retrying");
-                file = None;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
+        let file = self.file.as_mut().expect("opened above");
+        file.write_all(&self.buf).await?;
+        file.flush().await?;
+        self.written += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Renames the current file to `<path>.<UTC time>` and starts a new one.
+    async fn rotate(&mut self) -> Result<(), SinkError> {
+        self.file = None;
+        let stamp = diode_common::format_rfc3339_us(diode_common::unix_time_us())
+            .replace([':', '-'], "")
+            .replace('.', "-");
+        let mut target = self.path.with_extension(format!(
+            "{}{}",
+            self.path
+                .extension()
+                .map(|e| format!("{}.", e.to_string_lossy()))
+                .unwrap_or_default(),
+            stamp
+        ));
+        let mut n = 1;
+        while tokio::fs::try_exists(&target).await.unwrap_or(false) {
+            target = PathBuf::from(format!("{}.{n}", target.display()));
+            n += 1;
         }
+        tokio::fs::rename(&self.path, &target).await?;
+        tracing::info!(from = %self.path.display(), to = %target.display(), "file sink rotated");
+        self.written = 0;
+        self.opened = std::time::Instant::now();
+        Ok(())
     }
 }
 
-async fn run_stdout(queue: flume::Receiver<Vec<Queued>>, metrics: RouteMetrics) {
-    let mut batch = Vec::new();
-    let mut buf = Vec::new();
-    let mut out = tokio::io::stdout();
-    while next_batch(&queue, &mut batch).await {
-        metrics.queue.set(metrics.budget.used() as i64);
-        match write_json_batch(&mut out, &batch, &mut buf).await {
-            Ok(()) => {
-                metrics.delivered.inc_by(batch.len() as u64);
-            }
-            Err(_) => {
-                metrics.errors.inc();
-            }
-        }
-        batch.clear();
-    }
-}
-
-async fn run_udp(
+pub struct UdpSink {
     target: String,
-    queue: flume::Receiver<Vec<Queued>>,
-    metrics: RouteMetrics,
-    route: String,
-) {
-    let target: SocketAddr = match tokio::net::lookup_host(&target)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-    {
-        Some(addr) => addr,
-        None => {
-            tracing::error!(%route, %target, "udp sink target does not resolve");
-            return;
+    socket: Option<(UdpSocket, UdpSocketState, SocketAddr)>,
+    contents: Vec<u8>,
+}
+
+impl UdpSink {
+    async fn deliver(
+        &mut self,
+        records: &[Record],
+        metrics: &RouteMetrics,
+    ) -> Result<(), SinkError> {
+        if self.socket.is_none() {
+            let target = tokio::net::lookup_host(&self.target)
+                .await?
+                .next()
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("{} resolves to nothing", self.target))
+                })?;
+            let bind: SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .expect("literal");
+            let socket = UdpSocket::bind(bind).await?;
+            let state = UdpSocketState::new((&socket).into())?;
+            self.socket = Some((socket, state, target));
         }
-    };
-    let bind: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("literal");
-    let socket = match UdpSocket::bind(bind).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(%route, error = %e, "udp sink cannot bind");
-            return;
-        }
-    };
-    let gso = match UdpSocketState::new((&socket).into()) {
-        Ok(state) => state,
-        Err(e) => {
-            tracing::error!(%route, error = %e, "udp sink cannot set up its socket");
-            return;
-        }
-    };
-    let mut batch = Vec::new();
-    let mut contents = Vec::with_capacity(64 * 1024);
-    while next_batch(&queue, &mut batch).await {
-        metrics.queue.set(metrics.budget.used() as i64);
+        let (socket, gso, target) = self.socket.as_ref().expect("set above");
         // Runs of records of one size go out as one GSO send: a block's worth of telemetry
         // leaves in a few system calls instead of one per record.
-        let mut rest = &batch[..];
+        let mut rest = records;
         while let Some(first) = rest.first() {
-            let size = first.record.payload.len();
+            let size = first.payload.len();
             let max = gso
                 .max_gso_segments()
                 .clamp(1, 32)
@@ -237,23 +494,23 @@ async fn run_udp(
             let run = rest
                 .iter()
                 .take(max)
-                .take_while(|q| q.record.payload.len() == size)
+                .take_while(|r| r.payload.len() == size)
                 .count()
                 .max(1);
-            contents.clear();
-            for q in &rest[..run] {
-                contents.extend_from_slice(&q.record.payload);
+            self.contents.clear();
+            for r in &rest[..run] {
+                self.contents.extend_from_slice(&r.payload);
             }
             let transmit = Transmit {
-                destination: target,
+                destination: *target,
                 ecn: None,
-                contents: &contents,
+                contents: &self.contents,
                 segment_size: (run > 1).then_some(size),
                 src_ip: None,
             };
             let sent = loop {
                 match socket.try_io(tokio::io::Interest::WRITABLE, || {
-                    gso.try_send((&socket).into(), &transmit)
+                    gso.try_send(socket.into(), &transmit)
                 }) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if socket.writable().await.is_err() {
@@ -263,91 +520,58 @@ async fn run_udp(
                     result => break result,
                 }
             };
-            match sent {
-                Ok(()) => {
-                    metrics.delivered.inc_by(run as u64);
-                }
-                Err(e) => {
-                    if metrics.errors.inc() % 1000 == 0 {
-                        tracing::warn!(%route, %target, error = %e, "udp sink send failed");
-                    }
+            // A datagram the network refuses is gone either way: counted, not retried.
+            if let Err(e) = sent {
+                if metrics.errors.inc() % 1000 == 0 {
+                    tracing::warn!(target = %target, error = %e, "udp sink send failed");
                 }
             }
             rest = &rest[run..];
         }
-        batch.clear();
+        Ok(())
     }
 }
 
-async fn run_tcp(
+pub struct TcpSink {
     connect: String,
     framing: Framing,
-    queue: flume::Receiver<Vec<Queued>>,
-    metrics: RouteMetrics,
-    route: String,
-) {
-    let mut batch: Vec<Queued> = Vec::new();
-    let mut buf = Vec::new();
-    let mut conn: Option<BufWriter<TcpStream>> = None;
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        // A batch whose write failed is sent again whole after reconnecting: at least once.
-        if batch.is_empty() && !next_batch(&queue, &mut batch).await {
-            break;
+    conn: Option<BufWriter<TcpStream>>,
+    buf: Vec<u8>,
+}
+
+impl TcpSink {
+    async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+        if self.conn.is_none() {
+            let stream =
+                TcpStream::connect(&self.connect)
+                    .await
+                    .map_err(|source| SinkError::Connect {
+                        target: self.connect.clone(),
+                        source,
+                    })?;
+            let _ = stream.set_nodelay(true);
+            tracing::info!(connect = %self.connect, "tcp sink connected");
+            self.conn = Some(BufWriter::with_capacity(256 * 1024, stream));
         }
-        metrics.queue.set(metrics.budget.used() as i64);
-        if conn.is_none() {
-            match TcpStream::connect(&connect).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    tracing::info!(%route, %connect, "tcp sink connected");
-                    conn = Some(BufWriter::with_capacity(256 * 1024, stream));
-                    backoff = BACKOFF_MIN;
+        let writer = self.conn.as_mut().expect("connected above");
+        for record in records {
+            self.buf.clear();
+            match self.framing {
+                Framing::Lines => {
+                    self.buf.extend_from_slice(&record.payload);
+                    self.buf.push(b'\n');
                 }
-                Err(e) => {
-                    if metrics.errors.inc() == 1 || backoff == BACKOFF_MAX {
-                        tracing::warn!(%route, %connect, error = %e, "tcp sink cannot connect; retrying");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
+                Framing::Length => {
+                    self.buf
+                        .extend_from_slice(&(record.payload.len() as u32).to_be_bytes());
+                    self.buf.extend_from_slice(&record.payload);
                 }
+                Framing::Raw => self.buf.extend_from_slice(&record.payload),
             }
+            writer.write_all(&self.buf).await?;
         }
-        let writer = conn.as_mut().expect("connected above");
-        let result = async {
-            for Queued { record, .. } in &batch {
-                buf.clear();
-                match framing {
-                    Framing::Lines => {
-                        buf.extend_from_slice(&record.payload);
-                        buf.push(b'\n');
-                    }
-                    Framing::Length => {
-                        buf.extend_from_slice(&(record.payload.len() as u32).to_be_bytes());
-                        buf.extend_from_slice(&record.payload);
-                    }
-                    Framing::Raw => buf.extend_from_slice(&record.payload),
-                }
-                writer.write_all(&buf).await?;
-            }
-            writer.flush().await
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                metrics.delivered.inc_by(batch.len() as u64);
-                batch.clear();
-            }
-            Err(e) => {
-                metrics.errors.inc();
-                tracing::warn!(%route, %connect, error = %e, "tcp sink connection lost; reconnecting");
-                conn = None;
-            }
-        }
-    }
-    if let Some(mut writer) = conn {
-        let _ = writer.shutdown().await;
+        writer.flush().await?;
+        Ok(())
     }
 }
 

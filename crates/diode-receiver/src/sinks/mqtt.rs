@@ -1,0 +1,131 @@
+//! The MQTT sink: republishes records to a broker under `topic_prefix` + the record's MQTT topic
+//! (when it came from an MQTT source, wire-format.md §5.4) or + its diode topic. At QoS 1 a batch
+//! counts as delivered only once the broker has acknowledged every message of it.
+
+use std::time::Duration;
+
+use diode_wire::Record;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+
+use super::SinkError;
+
+/// A batch whose acknowledgements stop coming for this long is offered again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct MqttSink {
+    client: AsyncClient,
+    prefix: String,
+    qos: QoS,
+    /// PUBACKs received, counted by the event loop task.
+    acked: watch::Receiver<u64>,
+    /// QoS 1 messages handed to the client whose acknowledgement we wait for.
+    published: u64,
+    events: tokio::task::JoinHandle<()>,
+    route: String,
+}
+
+impl MqttSink {
+    /// Must be called inside the runtime: it starts the client's event loop.
+    pub fn new(mut options: MqttOptions, prefix: String, qos: u8, route: &str) -> MqttSink {
+        options.set_request_channel_capacity(4096);
+        options.set_inflight(1000);
+        let (client, mut eventloop) = AsyncClient::new(options, 4096);
+        let (acked_tx, acked) = watch::channel(0u64);
+        let route_name = route.to_owned();
+        let events = tokio::spawn(async move {
+            let mut backoff = Duration::ZERO;
+            let mut connected = false;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked_tx.send_modify(|n| *n += 1);
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        tracing::info!(route = %route_name, "mqtt sink connected");
+                        connected = true;
+                        backoff = Duration::ZERO;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if connected || backoff.is_zero() {
+                            tracing::warn!(route = %route_name, error = %e, "mqtt sink: broker unreachable; retrying");
+                        }
+                        connected = false;
+                        backoff = diode_common::mqtt::next_backoff(backoff);
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+            }
+        });
+        MqttSink {
+            client,
+            prefix,
+            qos: if qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+            acked,
+            published: 0,
+            events,
+            route: route.to_owned(),
+        }
+    }
+
+    fn topic_for(&self, record: &Record) -> String {
+        match &record.origin {
+            // The link does not check origins (§5.4): a topic the broker would refuse falls back
+            // to the diode topic rather than stalling the route.
+            Some(origin) if valid_topic(&origin.topic) => {
+                format!("{}{}", self.prefix, origin.topic)
+            }
+            _ => format!("{}{}", self.prefix, record.topic),
+        }
+    }
+
+    pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+        for record in records {
+            let retain = record.origin.as_ref().is_some_and(|o| o.retain);
+            self.client
+                .publish_bytes(
+                    self.topic_for(record),
+                    self.qos,
+                    retain,
+                    record.payload.clone(),
+                )
+                .await
+                .map_err(|_| SinkError::ClientGone)?;
+            if self.qos == QoS::AtLeastOnce {
+                self.published += 1;
+            }
+        }
+        loop {
+            let acked = *self.acked.borrow_and_update();
+            if acked >= self.published {
+                return Ok(());
+            }
+            match tokio::time::timeout(ACK_TIMEOUT, self.acked.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(SinkError::ClientGone),
+                Err(_) => {
+                    // Whatever is still unacknowledged is sent again with the batch.
+                    tracing::warn!(route = %self.route, waiting = self.published - acked, "mqtt sink: acknowledgements stopped");
+                    self.published = acked;
+                    return Err(SinkError::AckTimeout(ACK_TIMEOUT));
+                }
+            }
+        }
+    }
+
+    pub async fn close(&mut self) {
+        let _ = self.client.try_disconnect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.events.abort();
+    }
+}
+
+/// A topic a broker accepts for PUBLISH: 1 to 65535 bytes, no wildcards, no NUL.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+}

@@ -1,0 +1,195 @@
+//! The syslog sink: RFC 5424 messages for a SIEM, over TCP with octet counting (RFC 6587 §3.4.1)
+//! or UDP. A record that came from the sender's syslog source keeps its facility, severity, host,
+//! application and message; any other record is sent as local0.notice from `diode`, with its
+//! topic and sequence number as structured data so the SIEM can trace it.
+
+use diode_wire::Record;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::SinkError;
+use crate::config::SyslogProtocol;
+
+pub struct SyslogSink {
+    target: String,
+    protocol: SyslogProtocol,
+    tcp: Option<BufWriter<TcpStream>>,
+    udp: Option<UdpSocket>,
+    hostname: String,
+    buf: Vec<u8>,
+}
+
+impl SyslogSink {
+    pub fn new(target: String, protocol: SyslogProtocol) -> SyslogSink {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty() && h.is_ascii() && !h.contains(' '))
+            .unwrap_or_else(|| "-".into());
+        SyslogSink {
+            target,
+            protocol,
+            tcp: None,
+            udp: None,
+            hostname,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.tcp = None;
+        self.udp = None;
+    }
+
+    pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+        let connect_error = |target: &str| {
+            let target = target.to_owned();
+            move |source| SinkError::Connect { target, source }
+        };
+        match self.protocol {
+            SyslogProtocol::Tcp => {
+                if self.tcp.is_none() {
+                    let stream = TcpStream::connect(&self.target)
+                        .await
+                        .map_err(connect_error(&self.target))?;
+                    let _ = stream.set_nodelay(true);
+                    self.tcp = Some(BufWriter::with_capacity(256 << 10, stream));
+                }
+                let mut message = Vec::new();
+                for record in records {
+                    message.clear();
+                    format_5424(record, &self.hostname, &mut message);
+                    self.buf.clear();
+                    self.buf
+                        .extend_from_slice(format!("{} ", message.len()).as_bytes());
+                    self.buf.extend_from_slice(&message);
+                    let conn = self.tcp.as_mut().expect("connected above");
+                    conn.write_all(&self.buf).await?;
+                }
+                self.tcp.as_mut().expect("connected above").flush().await?;
+            }
+            SyslogProtocol::Udp => {
+                if self.udp.is_none() {
+                    let socket = UdpSocket::bind("0.0.0.0:0").await?;
+                    socket
+                        .connect(&self.target)
+                        .await
+                        .map_err(connect_error(&self.target))?;
+                    self.udp = Some(socket);
+                }
+                let socket = self.udp.as_ref().expect("bound above");
+                for record in records {
+                    self.buf.clear();
+                    format_5424(record, &self.hostname, &mut self.buf);
+                    socket.send(&self.buf).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `<PRI>1 TIMESTAMP HOST APP PROCID MSGID [diode@32473 topic=".." seq=".."] MSG` (RFC 5424 §6).
+pub fn format_5424(record: &Record, hostname: &str, out: &mut Vec<u8>) {
+    // The sender's syslog source sends JSON with these fields (crates/diode-sender syslog.rs).
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&record.payload)
+        .ok()
+        .filter(|v: &serde_json::Value| v.get("format").is_some() && v.get("raw").is_some());
+    let field = |name: &str, max: usize| -> String {
+        parsed
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .and_then(|v| v.as_str())
+            .map(|s| header_field(s, max))
+            .unwrap_or_else(|| "-".into())
+    };
+    let number = |name: &str, default: u64, max: u64| {
+        parsed
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .and_then(|v| v.as_u64())
+            .filter(|n| *n <= max)
+            .unwrap_or(default)
+    };
+    let pri = number("facility", 16, 23) * 8 + number("severity", 5, 7);
+    let (host, app) = match &parsed {
+        Some(_) => (field("host", 255), field("app", 48)),
+        None => (header_field(hostname, 255), "diode".to_owned()),
+    };
+    let time = diode_common::format_rfc3339_us(record.time_us);
+    out.extend_from_slice(
+        format!(
+            "<{pri}>1 {time} {host} {app} {} {} [diode@32473 topic=\"{}\" seq=\"{}\"] ",
+            field("procid", 128),
+            field("msgid", 32),
+            sd_escape(&record.topic),
+            record.seq
+        )
+        .as_bytes(),
+    );
+    match parsed
+        .as_ref()
+        .and_then(|p| p.get("message"))
+        .and_then(|m| m.as_str())
+    {
+        Some(message) => out.extend_from_slice(message.as_bytes()),
+        None => out.extend_from_slice(String::from_utf8_lossy(&record.payload).as_bytes()),
+    }
+}
+
+/// A header field: printable ASCII without spaces, at most `max` characters, `-` if empty.
+fn header_field(s: &str, max: usize) -> String {
+    let cleaned: String = s
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(max)
+        .collect();
+    if cleaned.is_empty() {
+        "-".into()
+    } else {
+        cleaned
+    }
+}
+
+fn sd_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace(']', "\\]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn record(payload: &[u8]) -> Record {
+        Record {
+            topic: "security/syslog".into(),
+            seq: 42,
+            time_us: 1_764_100_000_123_456,
+            origin: None,
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    #[test]
+    fn plain_records_become_local0_notice_from_diode() {
+        let mut out = Vec::new();
+        format_5424(&record(b"door opened"), "gw1", &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "<133>1 2025-11-25T19:46:40.123456Z gw1 diode - - [diode@32473 topic=\"security/syslog\" seq=\"42\"] door opened"
+        );
+    }
+
+    #[test]
+    fn syslog_records_keep_their_fields() {
+        let json = br#"{"format":"rfc3164","facility":4,"severity":2,"timestamp":"Nov 25 22:55:01","host":"scada01","app":"sshd","procid":"4242","message":"Failed password","raw":"x"}"#;
+        let mut out = Vec::new();
+        format_5424(&record(json), "gw1", &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "<34>1 2025-11-25T19:46:40.123456Z scada01 sshd 4242 - [diode@32473 topic=\"security/syslog\" seq=\"42\"] Failed password"
+        );
+    }
+}

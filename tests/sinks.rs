@@ -1,0 +1,313 @@
+//! The IT sinks against real peers (mosquitto and mosquitto_sub, a syslog socket, files), and the
+//! disk buffers that keep records while a sink is down or the receiver restarts.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::peers::{require, Mosquitto};
+use common::*;
+use diode_gateway::relay::RelayConfig;
+
+fn udp_topic(name: &str, port: u16) -> String {
+    format!(
+        "[[topic]]\nname = \"{name}\"\nsource = {{ kind = \"udp\", listen = \"127.0.0.1:{port}\" }}\n"
+    )
+}
+
+/// A consumer process, killed however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Numbers seen in first-arrival order, and how many arrived more than once.
+fn first_arrivals(values: impl IntoIterator<Item = u64>) -> (Vec<u64>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut order = Vec::new();
+    let mut again = 0;
+    for v in values {
+        if seen.insert(v) {
+            order.push(v);
+        } else {
+            again += 1;
+        }
+    }
+    (order, again)
+}
+
+#[test]
+fn mqtt_sink_keeps_every_record_through_a_ten_second_broker_outage() {
+    let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path(), free_tcp_port());
+    // The consumer keeps a persistent session too, so it misses nothing across the restart.
+    let mut consumer = KillOnDrop(
+        Command::new(sub)
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(["-t", "ot/#", "-q", "1", "-v", "-c", "-i", "it-analytics"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let received = received.clone();
+        let stdout = consumer.0.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                received.lock().unwrap().push(line);
+            }
+        });
+    }
+    let source_port = free_port();
+    let routes = format!(
+        r#"[[route]]
+name = "it-broker"
+topics = ["plant/#"]
+sink = {{ kind = "mqtt", broker = "127.0.0.1:{}", topic_prefix = "ot/", qos = 1, client_id = "diode-recv-test" }}
+buffer_dir = "buffer/it-broker"
+"#,
+        broker.port
+    );
+    let pair = Pair::start_with(
+        RelayConfig::default(),
+        &udp_topic("plant/line3", source_port),
+        &routes,
+        dir,
+        "",
+        "",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let total = 10_000u64;
+    let sender = std::thread::spawn(move || {
+        for chunk in 0..20 {
+            let payloads = (chunk * 500..(chunk + 1) * 500).map(|n| format!("n={n}").into_bytes());
+            send_udp(source, payloads, 50);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    broker.stop();
+    let backlog = |pair: &Pair| {
+        pair.receiver
+            .metric("diode_sink_backlog_bytes", &["route=\"it-broker\""])
+    };
+    sender.join().unwrap();
+    let buffered = backlog(&pair);
+    std::thread::sleep(Duration::from_secs(8));
+    broker.restart(Duration::ZERO);
+    let complete = wait_for(Duration::from_secs(60), || {
+        received.lock().unwrap().len() as u64 >= total && backlog(&pair) == 0.0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = received.lock().unwrap().clone();
+    let numbers = lines.iter().map(|l| {
+        let (topic, payload) = l.split_once(' ').unwrap();
+        assert_eq!(topic, "ot/plant/line3");
+        payload.strip_prefix("n=").unwrap().parse::<u64>().unwrap()
+    });
+    let (order, again) = first_arrivals(numbers);
+    assert!(
+        complete && order.len() as u64 == total,
+        "{} of {total} records reached the consumer; receiver log:\n{}",
+        order.len(),
+        pair.receiver.log_text()
+    );
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(order, sorted, "out of order");
+    assert!(buffered > 0.0, "the outage never reached the disk buffer");
+    assert_eq!(pair.receiver.metric("diode_sink_dropped_total", &[]), 0.0);
+    println!("mqtt sink: {total} records, {again} sent twice after the outage, {buffered} bytes buffered");
+    drop(consumer);
+    pair.assert_one_way();
+}
+
+#[test]
+fn a_buffered_route_replays_after_a_receiver_restart() {
+    let target_port = free_tcp_port();
+    let source_port = free_port();
+    let routes = format!(
+        r##"[[route]]
+name = "historian"
+topics = ["#"]
+sink = {{ kind = "tcp", connect = "127.0.0.1:{target_port}", framing = "lines" }}
+buffer_dir = "buffer/historian"
+buffer_max_bytes = 16777216
+"##
+    );
+    let mut pair = Pair::start(
+        RelayConfig::default(),
+        &udp_topic("historian/events", source_port),
+        &routes,
+    );
+    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    // The historian is down: everything goes to disk.
+    send_udp(
+        source,
+        (0..3000).map(|n| format!("event {n}").into_bytes()),
+        100,
+    );
+    assert!(wait_for(Duration::from_secs(10), || pair
+        .receiver
+        .metric("diode_records_out_total", &[])
+        == 3000.0));
+    pair.receiver.stop();
+    let metrics = pair.receiver.metrics;
+    pair.receiver = Service::start(
+        RECV,
+        &pair.receiver_toml,
+        pair.path("receiver2.log"),
+        metrics,
+    );
+    send_udp(
+        source,
+        (3000..4000).map(|n| format!("event {n}").into_bytes()),
+        100,
+    );
+    // Now the historian comes up and gets everything, in order.
+    let listener = TcpListener::bind(("127.0.0.1", target_port)).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 65536];
+    while text.lines().count() < 4000 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.push_str(std::str::from_utf8(&buf[..n]).unwrap()),
+        }
+    }
+    let numbers = text
+        .lines()
+        .map(|l| l.strip_prefix("event ").unwrap().parse::<u64>().unwrap());
+    let (order, again) = first_arrivals(numbers);
+    assert_eq!(order, (0..4000).collect::<Vec<_>>(), "{again} repeated");
+    assert!(pair
+        .receiver
+        .log_text()
+        .contains("replaying what the disk buffer kept"));
+    pair.assert_one_way();
+}
+
+#[test]
+fn syslog_sink_frames_rfc5424_with_octet_counting() {
+    let siem = TcpListener::bind("127.0.0.1:0").unwrap();
+    let siem_addr = siem.local_addr().unwrap();
+    let source_port = free_port();
+    let routes = format!(
+        "[[route]]\ntopics = [\"security/#\"]\nsink = {{ kind = \"syslog\", target = \"{siem_addr}\", protocol = \"tcp\" }}\n"
+    );
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &udp_topic("security/door", source_port),
+        &routes,
+    );
+    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    send_udp(
+        source,
+        (0..20).map(|n| format!("door {n} opened").into_bytes()),
+        100,
+    );
+    let (mut conn, _) = siem.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut stream = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut messages = Vec::new();
+    while messages.len() < 20 {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the sink closed the connection");
+        stream.extend_from_slice(&buf[..n]);
+        // Octet counting: "LEN SP MSG", LEN the exact byte length of MSG.
+        while let Some(space) = stream.iter().position(|&b| b == b' ') {
+            let len: usize = std::str::from_utf8(&stream[..space])
+                .unwrap()
+                .parse()
+                .unwrap();
+            if stream.len() < space + 1 + len {
+                break;
+            }
+            messages.push(String::from_utf8(stream[space + 1..space + 1 + len].to_vec()).unwrap());
+            stream.drain(..space + 1 + len);
+        }
+    }
+    for (n, message) in messages.iter().enumerate() {
+        assert!(message.starts_with("<133>1 "), "{message}");
+        let fields: Vec<&str> = message.splitn(7, ' ').collect();
+        assert!(fields[1].ends_with('Z'), "timestamp {message}");
+        assert_eq!(fields[3], "diode");
+        assert!(
+            message.ends_with(&format!(
+                "[diode@32473 topic=\"security/door\" seq=\"{n}\"] door {n} opened"
+            )),
+            "{message}"
+        );
+    }
+    pair.assert_one_way();
+}
+
+#[test]
+fn file_sink_rotates_and_raw_mode_is_byte_exact() {
+    let source_port = free_port();
+    let routes = "[[route]]\ntopics = [\"#\"]\nsink = { kind = \"file\", path = \"raw/stream.bin\", format = \"raw\", rotate_bytes = 4096 }\n";
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &udp_topic("files/stream", source_port),
+        routes,
+    );
+    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let payloads: Vec<Vec<u8>> = (0..400u32)
+        .map(|n| (0..100).map(|i| (n * 7 + i) as u8).collect())
+        .collect();
+    // Slowly enough that deliveries are many, so rotation has places to cut.
+    for chunk in payloads.chunks(20) {
+        send_udp(source, chunk.to_vec(), 100);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let dir = pair.path("raw");
+    let total = || -> u64 {
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || total() == 40_000),
+        "{} bytes",
+        total()
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(files.len() >= 5, "rotated into {} files", files.len());
+    // Rotated files carry the time they were closed; the live file comes last.
+    files.sort();
+    let live = dir.join("stream.bin");
+    files.retain(|f| f != &live);
+    files.push(live);
+    let joined: Vec<u8> = files
+        .iter()
+        .flat_map(|f| std::fs::read(f).unwrap())
+        .collect();
+    assert_eq!(joined, payloads.concat());
+    for f in &files[..files.len() - 1] {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len >= 4096, "{} rotated at {len} bytes", f.display());
+    }
+}
