@@ -311,3 +311,44 @@ fn file_sink_rotates_and_raw_mode_is_byte_exact() {
         assert!(len >= 4096, "{} rotated at {len} bytes", f.display());
     }
 }
+
+#[test]
+fn the_embedded_broker_serves_records_to_mqtt_clients() {
+    let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
+    let broker_port = free_tcp_port();
+    let source_port = free_port();
+    let routes = format!(
+        "[[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"mqtt_broker\", listen = \"127.0.0.1:{broker_port}\", topic_prefix = \"ot/\" }}\n"
+    );
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &udp_topic("plant/line1", source_port),
+        &routes,
+    );
+    let mut consumer = KillOnDrop(
+        Command::new(sub)
+            .args(["-h", "127.0.0.1", "-p", &broker_port.to_string()])
+            .args(["-t", "ot/#", "-q", "1", "-v", "-C", "500", "-W", "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    send_udp(source, (0..500).map(|n| format!("v={n}").into_bytes()), 50);
+    let stdout = consumer.0.stdout.take().unwrap();
+    let lines: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take(500)
+        .collect();
+    let expected: Vec<String> = (0..500).map(|n| format!("ot/plant/line1 v={n}")).collect();
+    assert_eq!(
+        lines,
+        expected,
+        "receiver log:\n{}",
+        pair.receiver.log_text()
+    );
+    pair.assert_one_way();
+}

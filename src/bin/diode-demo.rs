@@ -34,6 +34,9 @@ struct Args {
     telemetry_per_sec: u32,
     #[arg(long, default_value_t = 40.0)]
     rate_mbps: f64,
+    /// The embedded MQTT broker the receiver serves the telemetry on ("" for none).
+    #[arg(long, default_value = "127.0.0.1:11883")]
+    mqtt_listen: String,
     /// Where configs and received records go.
     #[arg(long, default_value = "demo-out")]
     out: PathBuf,
@@ -60,9 +63,18 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     let records_path = out.join("records.jsonl");
 
+    let broker_route = if args.mqtt_listen.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\n[[route]]\ntopics = [\"line3/#\"]\nsink = {{ kind = \"mqtt_broker\", listen = \"{}\", topic_prefix = \"ot/\" }}\n",
+            args.mqtt_listen
+        )
+    };
     let receiver_toml = write(
         &out.join("receiver.toml"),
-        r#"# Written by diode-demo: the IT side.
+        &format!(
+            r#"# Written by diode-demo: the IT side.
 [link]
 listen = "127.0.0.1:0"
 
@@ -71,8 +83,10 @@ listen = "127.0.0.1:0"
 
 [[route]]
 topics = ["line3/#", "historian/#"]
-sink = { kind = "file", path = "records.jsonl" }
-"#,
+sink = {{ kind = "file", path = "records.jsonl" }}
+buffer_dir = "buffer/records"
+{broker_route}"#
+        ),
     )?;
     let receiver_stop = Shutdown::new();
     let receiver = diode_receiver::start(
@@ -171,6 +185,9 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
     );
     if let (Some(s), Some(r)) = (sender.metrics_addr, receiver.metrics_addr) {
         println!("metrics: http://{s}/metrics (sender), http://{r}/metrics (receiver)");
+    }
+    if let Some((host, port)) = args.mqtt_listen.rsplit_once(':') {
+        println!("telemetry over MQTT: mosquitto_sub -h {host} -p {port} -t 'ot/#' -v");
     }
     println!();
     println!(

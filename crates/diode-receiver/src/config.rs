@@ -139,6 +139,13 @@ pub enum SinkConfig {
         #[serde(default)]
         tls: Option<diode_common::mqtt::MqttTls>,
     },
+    /// An MQTT broker inside the receiver (rumqttd), serving the records to any MQTT client:
+    /// a first deployment needs no broker of its own. Topics as for `mqtt`.
+    MqttBroker {
+        listen: String,
+        #[serde(default)]
+        topic_prefix: String,
+    },
     /// RFC 5424 messages for a SIEM, over TCP (octet counting) or UDP.
     Syslog {
         target: String,
@@ -159,6 +166,7 @@ impl SinkConfig {
             SinkConfig::Udp { .. } => "udp",
             SinkConfig::Tcp { .. } => "tcp",
             SinkConfig::Mqtt { .. } => "mqtt",
+            SinkConfig::MqttBroker { .. } => "mqtt_broker",
             SinkConfig::Syslog { .. } => "syslog",
         }
     }
@@ -344,6 +352,26 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             }
             SinkConfig::Syslog { target, .. } => {
                 source.socket_addr(&format!("route[{i}].sink.target"), target)?;
+            }
+            SinkConfig::MqttBroker {
+                listen,
+                topic_prefix,
+            } => {
+                source.socket_addr(&format!("route[{i}].sink.listen"), listen)?;
+                if topic_prefix.contains(['+', '#']) {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.topic_prefix"),
+                        "must not contain MQTT wildcards",
+                    ));
+                }
+                if let Some(first) = config.routes[..i].iter().position(|r| {
+                    matches!(&r.sink, SinkConfig::MqttBroker { listen: other, .. } if other == listen)
+                }) {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.listen"),
+                        format!("route[{first}] runs a broker on {listen} already: give both routes' topics to one route"),
+                    ));
+                }
             }
             SinkConfig::Udp { target } => {
                 source.socket_addr(&format!("route[{i}].sink.target"), target)?;

@@ -40,6 +40,12 @@ pub enum StartError {
     },
     #[error("cannot start the link thread: {0}")]
     Thread(std::io::Error),
+    #[error("route {route}: cannot start its sink: {source}")]
+    Sink {
+        route: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("route {route}: cannot open its disk buffer: {source}")]
     Buffer {
         route: String,
@@ -134,7 +140,16 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             }
             None => None,
         };
-        let sink = sinks::Sink::new(&route.sink, route.mqtt.as_deref(), &route.name);
+        let sink = sinks::Sink::new(
+            &route.sink,
+            route.mqtt.as_deref(),
+            &route.name,
+            link.max_record_bytes,
+        )
+        .map_err(|source| StartError::Sink {
+            route: route.name.clone(),
+            source,
+        })?;
         sinks.push(tokio::spawn(sinks::run_route(
             sink,
             rx,
@@ -234,6 +249,10 @@ pub fn describe(loaded: &Loaded) -> String {
                 "mqtt {}{broker}, topics under {topic_prefix:?}, QoS {qos}",
                 if tls.is_some() { "tls://" } else { "" }
             ),
+            config::SinkConfig::MqttBroker {
+                listen,
+                topic_prefix,
+            } => format!("embedded MQTT broker on {listen}, topics under {topic_prefix:?}"),
             config::SinkConfig::Syslog { target, protocol } => {
                 format!("syslog RFC 5424 over {protocol:?} to {target}").to_lowercase()
             }

@@ -3,6 +3,7 @@
 //! record there first and its sink reads them back (buffer.rs): the sink being down or slow then
 //! costs disk space, not records.
 
+pub mod broker;
 pub mod mqtt;
 pub mod syslog;
 
@@ -95,16 +96,34 @@ pub enum Sink {
     Udp(UdpSink),
     Tcp(TcpSink),
     Mqtt(mqtt::MqttSink),
+    Broker(broker::BrokerSink),
     Syslog(syslog::SyslogSink),
 }
 
 impl Sink {
+    /// Must be called inside the runtime. Fails only for a sink that listens (the embedded broker).
     pub fn new(
         config: &SinkConfig,
         mqtt_options: Option<&rumqttc::MqttOptions>,
         route: &str,
-    ) -> Sink {
-        match config {
+        max_record_bytes: usize,
+    ) -> std::io::Result<Sink> {
+        Ok(match config {
+            SinkConfig::MqttBroker {
+                listen,
+                topic_prefix,
+            } => {
+                let addr = listen.parse().or_else(|_| {
+                    std::net::ToSocketAddrs::to_socket_addrs(listen.as_str())?
+                        .next()
+                        .ok_or_else(|| std::io::Error::other("resolves to nothing"))
+                })?;
+                Sink::Broker(broker::BrokerSink::start(
+                    addr,
+                    topic_prefix.clone(),
+                    max_record_bytes,
+                )?)
+            }
             SinkConfig::File {
                 path,
                 format,
@@ -145,7 +164,7 @@ impl Sink {
             SinkConfig::Syslog { target, protocol } => {
                 Sink::Syslog(syslog::SyslogSink::new(target.clone(), *protocol))
             }
-        }
+        })
     }
 
     /// Delivers the whole batch or fails; a failed batch is offered again whole, so a sink may
@@ -169,6 +188,7 @@ impl Sink {
             Sink::Udp(sink) => sink.deliver(records, metrics).await,
             Sink::Tcp(sink) => sink.deliver(records).await,
             Sink::Mqtt(sink) => sink.deliver(records).await,
+            Sink::Broker(sink) => sink.deliver(records),
             Sink::Syslog(sink) => sink.deliver(records).await,
         }
     }
@@ -179,7 +199,7 @@ impl Sink {
             Sink::File(sink) => sink.file = None,
             Sink::Tcp(sink) => sink.conn = None,
             Sink::Syslog(sink) => sink.reset(),
-            Sink::Stdout(_) | Sink::Udp(_) | Sink::Mqtt(_) => {}
+            Sink::Stdout(_) | Sink::Udp(_) | Sink::Mqtt(_) | Sink::Broker(_) => {}
         }
     }
 
