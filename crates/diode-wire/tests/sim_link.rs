@@ -19,6 +19,9 @@ use diode_wire::{
 };
 use proptest::prelude::*;
 
+/// A record as the encoder took it: its origin and payload.
+type SentRecord = (Option<Origin>, Bytes);
+
 /// Decides per datagram whether the link carries it.
 type DropFilter = Box<dyn FnMut(&[u8]) -> bool>;
 
@@ -45,7 +48,7 @@ struct Harness {
     link: SimLink,
     now: Instant,
     /// (session, topic) -> seq -> (origin, payload)
-    sent: HashMap<(u64, String), BTreeMap<u64, (Option<Origin>, Bytes)>>,
+    sent: HashMap<(u64, String), BTreeMap<u64, SentRecord>>,
     delivered: HashMap<(u64, String), Vec<u64>>,
     gaps: HashMap<(u64, String), Vec<(u64, u64)>>,
     events: Vec<Event>,
