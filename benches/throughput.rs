@@ -11,7 +11,7 @@
 //! Knobs: `DIODE_BENCH_BULK_MIB` (2048), `DIODE_BENCH_BULK_MBPS` (the bulk sender's ceiling,
 //! 100000: unpaced), `DIODE_BENCH_SMALL_SECS` (20), `DIODE_BENCH_RCVBUF_BYTES` (the receiver's
 //! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max),
-//! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_KEY` (1: an
+//! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_KEY` (2: encrypted too; 1: an
 //! authenticated link).
 //!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
@@ -179,11 +179,17 @@ impl Pair {
         let dir = tempfile::tempdir().unwrap();
         let link = free_port();
         // With DIODE_BENCH_KEY=1 both sides authenticate every datagram.
-        let key_line = if env_or("DIODE_BENCH_KEY", 0) == 1 {
-            diode_common::keyfile::generate(&dir.path().join("link.key")).unwrap();
-            "key_file = \"link.key\"\n"
-        } else {
-            ""
+        // DIODE_BENCH_KEY=2 encrypts the blocks as well.
+        let key_line = match env_or("DIODE_BENCH_KEY", 0) {
+            0 => "",
+            mode => {
+                diode_common::keyfile::generate(&dir.path().join("link.key")).unwrap();
+                if mode == 2 {
+                    "key_file = \"link.key\"\nencrypt = true\n"
+                } else {
+                    "key_file = \"link.key\"\n"
+                }
+            }
         };
         let (rm, sm) = (free_port(), free_port());
         let receiver_toml = dir.path().join("receiver.toml");

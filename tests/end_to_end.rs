@@ -485,7 +485,7 @@ fn the_documented_metrics_are_exported() {
 }
 
 #[test]
-fn an_authenticated_link_rejects_forgeries_and_loose_key_files() {
+fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("link.key");
     let output = std::process::Command::new(SEND)
@@ -523,8 +523,9 @@ fn an_authenticated_link_rejects_forgeries_and_loose_key_files() {
         &topics_udp_and_lines(udp, tcp),
         FILE_ROUTE,
         dir,
-        "key_file = \"link.key\"",
-        "key_file = \"link.key\"",
+        // Encrypted as well (wire-format.md §4.4): records cross whole, forgeries still fail.
+        "key_file = \"link.key\"\nencrypt = true",
+        "key_file = \"link.key\"\nencrypt = true",
     );
     send_lines(
         format!("127.0.0.1:{tcp}").parse().unwrap(),
@@ -545,6 +546,7 @@ fn an_authenticated_link_rejects_forgeries_and_loose_key_files() {
             heartbeat_interval: Duration::from_millis(500),
             session_start_time_us: 0,
             key,
+            encrypt: false,
         };
         let mut forger = diode_wire::Encoder::new(config, now).unwrap();
         let topic = forger.add_topic("historian/events").unwrap();

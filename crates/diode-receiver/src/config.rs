@@ -45,6 +45,10 @@ pub struct LinkConfig {
     /// The key before it, accepted too while senders move to the new one.
     #[serde(default)]
     pub previous_key_file: Option<PathBuf>,
+    /// Accept only encrypted blocks (docs/wire-format.md §4.4): a sender left unencrypted by
+    /// mistake is refused (`auth`), not silently accepted.
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -268,6 +272,12 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                  generate another new key",
             ));
         }
+    }
+    if link.encrypt && keys.is_empty() {
+        return Err(source.invalid(
+            "link.encrypt",
+            "encryption derives its keys from the link key: set link.key_file too",
+        ));
     }
     if link.max_topics == 0 {
         return Err(source.invalid("link.max_topics", "must be at least 1"));

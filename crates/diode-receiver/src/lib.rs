@@ -174,6 +174,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             max_record_bytes: link.max_record_bytes,
             max_topics: link.max_topics,
             keys: loaded.keys.iter().map(diode_wire::LinkKey::new).collect(),
+            require_encryption: link.encrypt,
             ..ReassemblerConfig::default()
         }),
         socket,

@@ -88,6 +88,10 @@ pub struct LinkConfig {
     /// then authenticated (docs/wire-format.md §2.1). The receiver needs the same key.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// Encrypt every block's records with AES-256-GCM under a key derived from the link key
+    /// (docs/wire-format.md §4.4), for links that cross untrusted segments.
+    #[serde(default)]
+    pub encrypt: bool,
     /// Largest record accepted from any source.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
@@ -283,7 +287,8 @@ impl LinkConfig {
         self.mtu_bytes
     }
 
-    /// Payload bytes one full block carries.
+    /// Payload bytes one full block carries (an upper bound: authentication and encryption take
+    /// a little of it).
     pub fn block_capacity_bytes(&self) -> usize {
         self.data_shards * (self.mtu_bytes - IP_UDP_OVERHEAD - DATAGRAM_OVERHEAD)
     }
@@ -390,6 +395,12 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         ),
         None => None,
     };
+    if config.link.encrypt && key.is_none() {
+        return Err(source.invalid(
+            "link.encrypt",
+            "encryption derives its keys from the link key: set link.key_file too",
+        ));
+    }
     let destination = source.socket_addr("link.destination", &config.link.destination)?;
     let bind = source.socket_addr("link.bind", &config.link.bind)?;
     Ok(Loaded {

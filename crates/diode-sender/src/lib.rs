@@ -87,6 +87,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             heartbeat_interval: link.heartbeat_interval(),
             session_start_time_us: start_us,
             key: loaded.key.as_ref().map(diode_wire::LinkKey::new),
+            encrypt: link.encrypt,
         },
         now,
     )?;
@@ -224,8 +225,13 @@ pub fn describe(loaded: &Loaded) -> String {
     );
     out += &match &loaded.key {
         Some(key) => format!(
-            "auth: HMAC-SHA256 on every datagram, key id {}\n",
-            diode_wire::LinkKey::new(key).id()
+            "auth: HMAC-SHA256 on every datagram, key id {}{}\n",
+            diode_wire::LinkKey::new(key).id(),
+            if link.encrypt {
+                "; blocks encrypted with AES-256-GCM"
+            } else {
+                ""
+            }
         ),
         None => "auth: none (set link.key_file: see docs/wire-format.md §2.1)\n".to_owned(),
     };

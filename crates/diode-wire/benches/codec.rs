@@ -22,6 +22,7 @@ fn encoder(now: Instant) -> Encoder {
             heartbeat_interval: Duration::from_secs(3600),
             session_start_time_us: 0,
             key: None,
+            encrypt: false,
         },
         now,
     )

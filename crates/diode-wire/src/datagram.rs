@@ -8,6 +8,8 @@ pub const MAGIC: [u8; 2] = [0xD1, 0x0D];
 pub const VERSION: u8 = 1;
 /// Flag bit 0: the datagram carries a key id and a tag (§2.1).
 pub const FLAG_AUTHENTICATED: u8 = 0x01;
+/// The block's frames are encrypted (wire-format.md §4.4); only with `FLAG_AUTHENTICATED`.
+pub const FLAG_ENCRYPTED: u8 = 0x02;
 pub const HEADER_LEN: usize = 26;
 pub const CRC_LEN: usize = 4;
 /// Header plus CRC: what a datagram costs on top of its shard.
@@ -100,6 +102,7 @@ impl BlockGeometry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub authenticated: bool,
+    pub encrypted: bool,
     pub session_id: u64,
     pub block: u64,
     pub shard_index: u8,
@@ -115,7 +118,7 @@ impl Header {
             FLAG_AUTHENTICATED
         } else {
             0
-        };
+        } | if self.encrypted { FLAG_ENCRYPTED } else { 0 };
         out[4..12].copy_from_slice(&self.session_id.to_be_bytes());
         out[12..20].copy_from_slice(&self.block.to_be_bytes());
         out[20] = self.shard_index;
@@ -151,10 +154,19 @@ pub fn parse<'a>(datagram: &'a [u8], keys: &[LinkKey]) -> Result<(Header, &'a [u
     if crc32fast::hash(&datagram[..body]) != expected {
         return Err(Rejected::Crc);
     }
-    if datagram[0..2] != MAGIC || datagram[2] != VERSION || datagram[3] & !FLAG_AUTHENTICATED != 0 {
+    if datagram[0..2] != MAGIC
+        || datagram[2] != VERSION
+        || datagram[3] & !(FLAG_AUTHENTICATED | FLAG_ENCRYPTED) != 0
+    {
         return Err(Rejected::Version);
     }
     let authenticated = datagram[3] & FLAG_AUTHENTICATED != 0;
+    let encrypted = datagram[3] & FLAG_ENCRYPTED != 0;
+    // Encryption without authentication would let anyone flip ciphertext bits undetected by the
+    // CRC-protected header: the format does not have it.
+    if encrypted && !authenticated {
+        return Err(Rejected::Version);
+    }
     // With keys only authenticated datagrams pass; without, authenticated ones cannot be checked.
     let keys_configured = !keys.is_empty();
     if authenticated != keys_configured {
@@ -177,6 +189,7 @@ pub fn parse<'a>(datagram: &'a [u8], keys: &[LinkKey]) -> Result<(Header, &'a [u
     let be_u64 = |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
     let header = Header {
         authenticated,
+        encrypted,
         session_id: be_u64(4),
         block: be_u64(12),
         shard_index: datagram[20],
@@ -215,6 +228,7 @@ mod tests {
     fn sample_with(shard: &[u8], key: Option<&LinkKey>) -> Vec<u8> {
         let header = Header {
             authenticated: key.is_some(),
+            encrypted: false,
             session_id: 7,
             block: 42,
             shard_index: 3,

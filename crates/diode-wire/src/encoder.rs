@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use thiserror::Error;
 
-use crate::auth::{LinkKey, TRAILER_LEN};
+use crate::auth::{BlockCipher, LinkKey, SEAL_TAG_LEN, TRAILER_LEN};
 use crate::datagram::{
     self, BlockGeometry, Header, DATAGRAM_OVERHEAD, HEADER_LEN, IP_UDP_OVERHEAD, MAX_TOTAL_SHARDS,
 };
@@ -42,6 +42,8 @@ pub struct EncoderConfig {
     pub session_start_time_us: i64,
     /// Authenticates every datagram (wire-format.md §2.1).
     pub key: Option<LinkKey>,
+    /// Encrypts every block's frames with a key derived from `key` (wire-format.md §4.4).
+    pub encrypt: bool,
 }
 
 impl EncoderConfig {
@@ -51,9 +53,10 @@ impl EncoderConfig {
             .saturating_sub(IP_UDP_OVERHEAD + DATAGRAM_OVERHEAD + trailer)
     }
 
-    /// Bytes of frames a full block holds.
+    /// Bytes of block content (§4.1) a full block holds; an encrypted block keeps room for its tag.
     pub fn block_capacity(&self) -> usize {
-        self.data_shards * self.max_shard_len()
+        let tag = if self.encrypt { SEAL_TAG_LEN } else { 0 };
+        (self.data_shards * self.max_shard_len()).saturating_sub(tag)
     }
 
     pub fn validate(&self) -> Result<(), EncoderConfigError> {
@@ -75,12 +78,17 @@ impl EncoderConfig {
         if self.heartbeat_interval.is_zero() {
             return Err(EncoderConfigError::HeartbeatInterval);
         }
+        if self.encrypt && self.key.is_none() {
+            return Err(EncoderConfigError::EncryptWithoutKey);
+        }
         Ok(())
     }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum EncoderConfigError {
+    #[error("encryption needs a link key")]
+    EncryptWithoutKey,
     #[error("session id must be non-zero")]
     ZeroSessionId,
     #[error("mtu_bytes {0} is outside 576..=65535")]
@@ -221,6 +229,8 @@ pub struct Encoder {
     next_heartbeat: Instant,
     catalogue_cursor: usize,
     codecs: CodecCache,
+    /// Set when the link is encrypted.
+    cipher: Option<BlockCipher>,
     scratch: Vec<u8>,
     stats: EncoderStats,
 }
@@ -231,7 +241,12 @@ impl Encoder {
         config.validate()?;
         let max_shard_len = config.max_shard_len();
         Ok(Encoder {
-            capacity: config.data_shards * max_shard_len,
+            capacity: config.block_capacity(),
+            cipher: config
+                .key
+                .as_ref()
+                .filter(|_| config.encrypt)
+                .map(|key| key.block_cipher(config.session_id)),
             max_shard_len,
             config,
             topics: Vec::new(),
@@ -745,6 +760,15 @@ impl Encoder {
         debug_assert!(content.len() <= self.capacity);
         let frames_len = (content.len() - CONTENT_HEADER_LEN) as u32;
         content[..CONTENT_HEADER_LEN].copy_from_slice(&frames_len.to_be_bytes());
+        if let Some(cipher) = &self.cipher {
+            // §4.4: the frames are sealed before FEC; their length stays clear, bound as AAD.
+            let tag = cipher.seal(
+                self.config.session_id,
+                self.next_block,
+                &mut content[CONTENT_HEADER_LEN..],
+            );
+            content.extend_from_slice(&tag);
+        }
 
         let (k, m, shard_len) = fec::geometry_for(
             content.len(),
@@ -771,6 +795,7 @@ impl Encoder {
         for (index, slot) in datagrams.chunks_mut(stride).enumerate() {
             Header {
                 authenticated: self.config.key.is_some(),
+                encrypted: self.cipher.is_some(),
                 session_id: self.config.session_id,
                 block: self.next_block,
                 shard_index: index as u8,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use prost::Message;
 
-use crate::auth::LinkKey;
+use crate::auth::{BlockCipher, LinkKey, SEAL_TAG_LEN};
 use crate::datagram::{self, BlockGeometry, Header, Rejected};
 use crate::fec::{self, CodecCache};
 use crate::frames::{self, proto};
@@ -45,6 +45,8 @@ pub struct ReassemblerConfig {
     pub initial_link_timeout: Duration,
     /// With keys, only datagrams authenticated by one of them are accepted (wire-format.md §2.1).
     pub keys: Vec<LinkKey>,
+    /// Accept only encrypted blocks (wire-format.md §4.4); others are rejected as `auth`.
+    pub require_encryption: bool,
 }
 
 impl Default for ReassemblerConfig {
@@ -56,6 +58,7 @@ impl Default for ReassemblerConfig {
             max_topics: 4096,
             initial_link_timeout: Duration::from_secs(2),
             keys: Vec::new(),
+            require_encryption: false,
         }
     }
 }
@@ -120,6 +123,8 @@ pub struct ReassemblerStats {
     pub blocks_recovered: u64,
     pub blocks_lost: u64,
     pub malformed_blocks: u64,
+    /// Authenticated blocks no configured key could decrypt (§4.4).
+    pub undecryptable_blocks: u64,
     pub malformed_frames: u64,
     pub records_out: u64,
     pub records_lost: u64,
@@ -194,6 +199,8 @@ pub struct Reassembler {
     retired: VecDeque<u64>,
     candidates: Vec<Candidate>,
     codecs: CodecCache,
+    /// Block ciphers of the current session, one per configured key (§4.4).
+    ciphers: Option<(u64, Vec<BlockCipher>)>,
     events: VecDeque<Event>,
     stats: ReassemblerStats,
     last_valid: Option<Instant>,
@@ -210,6 +217,7 @@ impl Reassembler {
             retired: VecDeque::new(),
             candidates: Vec::new(),
             codecs: CodecCache::default(),
+            ciphers: None,
             events: VecDeque::new(),
             stats: ReassemblerStats::default(),
             last_valid: None,
@@ -286,6 +294,9 @@ impl Reassembler {
 
     fn accept(&mut self, now: Instant, datagram: &[u8]) -> Result<(), Rejected> {
         let (header, shard) = datagram::parse(datagram, &self.config.keys)?;
+        if self.config.require_encryption && !header.encrypted {
+            return Err(Rejected::Auth);
+        }
         if self.needs_proof(&header) {
             return self.hold_candidate(now, &header, datagram);
         }
@@ -432,6 +443,9 @@ impl Reassembler {
             if fec::reconstruct(&codec, &mut data, &mut parity, len, &present).is_err() {
                 return false;
             }
+        }
+        if header.encrypted && !self.decrypt(header.session_id, header.block, &mut data) {
+            return false;
         }
         contains_heartbeat(&data)
     }
@@ -586,7 +600,16 @@ impl Reassembler {
             self.stats.blocks_recovered += 1;
         }
         self.stats.blocks_complete += 1;
-        let content = Bytes::from(std::mem::take(data));
+        let mut data = std::mem::take(data);
+        if header.encrypted && !self.decrypt(header.session_id, block, &mut data) {
+            // Authenticated yet undecryptable: a sender with another key or a broken one. The
+            // block's records are reported lost through the gap it leaves.
+            self.stats.undecryptable_blocks += 1;
+            data.clear();
+        }
+        let session = self.session.as_mut().expect("entered");
+        let pending = session.pending.get_mut(&block).expect("inserted above");
+        let content = Bytes::from(data);
         let released = m * len;
         pending.state = BlockState::Complete(content);
         pending.charged -= released;
@@ -684,6 +707,51 @@ impl Reassembler {
             session.head_since = now;
             if let BlockState::Complete(content) = pending.state {
                 self.process_block(content);
+            }
+        }
+    }
+
+    /// Decrypts a rebuilt block's frames in place (§4.4); false if no key opens them.
+    fn decrypt(&mut self, session_id: u64, block: u64, content: &mut [u8]) -> bool {
+        let Some(frames_len) = content
+            .get(..4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+        else {
+            return false;
+        };
+        let Some(sealed) = frames_len
+            .checked_add(4 + SEAL_TAG_LEN)
+            .and_then(|end| content.get_mut(4..end))
+        else {
+            return false;
+        };
+        if self
+            .ciphers
+            .as_ref()
+            .is_none_or(|(id, _)| *id != session_id)
+        {
+            let ciphers = self
+                .config
+                .keys
+                .iter()
+                .map(|k| k.block_cipher(session_id))
+                .collect();
+            self.ciphers = Some((session_id, ciphers));
+        }
+        let (_, ciphers) = self.ciphers.as_ref().expect("set above");
+        match ciphers.as_slice() {
+            [only] => only.open(session_id, block, sealed),
+            several => {
+                // While keys rotate: a failed attempt leaves the buffer unspecified, so each
+                // key tries a copy.
+                let original = sealed.to_vec();
+                for cipher in several {
+                    sealed.copy_from_slice(&original);
+                    if cipher.open(session_id, block, sealed) {
+                        return true;
+                    }
+                }
+                false
             }
         }
     }
