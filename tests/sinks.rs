@@ -352,3 +352,58 @@ fn the_embedded_broker_serves_records_to_mqtt_clients() {
     );
     pair.assert_one_way();
 }
+
+#[test]
+fn kafka_sink_produces_keyed_ordered_records_an_independent_client_reads() {
+    let broker = common::peers::Tansu::start(free_tcp_port());
+    let (a, b) = (free_port(), free_port());
+    let topics = format!(
+        "{}{}",
+        udp_topic("line3/plc7", a),
+        udp_topic("line3/plc8", b)
+    );
+    let routes = format!(
+        r#"[[route]]
+name = "kafka"
+topics = ["line3/#"]
+sink = {{ kind = "kafka", brokers = ["127.0.0.1:{}"], topic = "ot.{{topic}}" }}
+buffer_dir = "buffer/kafka"
+"#,
+        broker.port
+    );
+    let pair = Pair::start(RelayConfig::default(), &topics, &routes);
+    for (port, device) in [(a, "plc7"), (b, "plc8")] {
+        let source = format!("127.0.0.1:{port}").parse().unwrap();
+        send_udp(
+            source,
+            (0..1000).map(|n| format!("{device} {n}").into_bytes()),
+            100,
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || pair
+            .receiver
+            .metric("diode_sink_delivered_total", &["route=\"kafka\""])
+            >= 2000.0),
+        "receiver log:\n{}",
+        pair.receiver.log_text()
+    );
+    for device in ["plc7", "plc8"] {
+        let messages = broker.consume(&format!("ot.line3.{device}"), 1000);
+        assert_eq!(messages.len(), 1000, "{device}");
+        for (n, m) in messages.iter().enumerate() {
+            assert_eq!(m["key"], format!("line3/{device}"));
+            assert_eq!(m["value"], format!("{device} {n}"), "in order");
+            assert_eq!(m["headers"]["diode-seq"], n.to_string());
+            assert!(
+                m["headers"]["diode-time-us"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<i64>()
+                    .unwrap()
+                    > 0
+            );
+        }
+    }
+    pair.assert_one_way();
+}

@@ -228,3 +228,85 @@ impl Drop for Plc {
         let _ = self.child.wait();
     }
 }
+
+/// Where `scripts/test` installs tools built from crates.io (tansu).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("DIODE_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/diode-tools")
+        })
+}
+
+/// tansu, a Kafka-compatible broker, with in-memory storage.
+pub struct Tansu {
+    pub port: u16,
+    child: Child,
+}
+
+impl Tansu {
+    pub fn start(port: u16) -> Tansu {
+        let installed = tools_dir().join("bin/tansu");
+        let binary = if installed.is_file() {
+            installed
+        } else {
+            require(
+                "tansu",
+                "cargo install tansu --version 0.6.0 --features dynostore --locked --root ~/.cache/diode-tools",
+            )
+        };
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting tansu");
+        assert!(
+            wait_for(Duration::from_secs(20), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "tansu did not listen on {port}"
+        );
+        Tansu { port, child }
+    }
+
+    /// Reads `count` messages of `topic` from the start with kafka-python.
+    pub fn consume(&self, topic: &str, count: usize) -> Vec<serde_json::Value> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/kafka_consume.py");
+        let out = Command::new(test_python())
+            .arg(script)
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(topic)
+            .arg(count.to_string())
+            .arg("30")
+            .output()
+            .expect("running the Kafka consumer");
+        assert!(
+            out.status.success(),
+            "kafka consumer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}

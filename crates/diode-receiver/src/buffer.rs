@@ -324,24 +324,16 @@ impl DiskBuffer {
         let mut records = Vec::new();
         let mut bytes = 0;
         loop {
-            let Some(segment) = self.segments.iter().find(|s| s.id == position.segment) else {
-                // The position's segment was never written: move to the next one there is.
-                match self.segments.iter().find(|s| s.id > position.segment) {
-                    Some(next) => {
-                        position = Position {
-                            segment: next.id,
-                            offset: 0,
-                        };
-                        continue;
-                    }
-                    None => break,
+            // At the end of a segment (or at one never written), go on with the next one there is.
+            let segment_len = self
+                .segments
+                .iter()
+                .find(|s| s.id == position.segment)
+                .map(|s| s.len);
+            if segment_len.is_none_or(|len| position.offset >= len) {
+                if one_segment && segment_len.is_some() {
+                    break;
                 }
-            };
-            let segment_len = segment.len;
-            if position.offset >= segment_len && one_segment {
-                break;
-            }
-            if position.offset >= segment_len {
                 match self.segments.iter().find(|s| s.id > position.segment) {
                     Some(next) => {
                         position = Position {
@@ -353,6 +345,7 @@ impl DiskBuffer {
                     None => break,
                 }
             }
+            let segment_len = segment_len.expect("checked above");
             if records.len() >= max_records || bytes >= max_bytes {
                 break;
             }

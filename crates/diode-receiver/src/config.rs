@@ -150,6 +150,18 @@ pub enum SinkConfig {
         #[serde(default)]
         topic_prefix: String,
     },
+    /// Produces each record to Kafka: the diode topic is the message key (one partition per
+    /// diode topic, so its order holds), sequence number, ingest time and MQTT origin are headers.
+    /// `topic` may contain `{topic}`: the diode topic with `/` as `.`.
+    Kafka {
+        brokers: Vec<String>,
+        topic: String,
+        #[serde(default = "default_kafka_client_id")]
+        client_id: String,
+        /// Partitions of a topic this sink creates when it does not exist (0: never create).
+        #[serde(default = "default_kafka_create_partitions")]
+        create_partitions: i32,
+    },
     /// RFC 5424 messages for a SIEM, over TCP (octet counting) or UDP.
     Syslog {
         target: String,
@@ -159,6 +171,12 @@ pub enum SinkConfig {
 }
 
 fn default_sink_qos() -> u8 {
+    1
+}
+fn default_kafka_client_id() -> String {
+    "diode-recv".into()
+}
+fn default_kafka_create_partitions() -> i32 {
     1
 }
 
@@ -171,6 +189,7 @@ impl SinkConfig {
             SinkConfig::Tcp { .. } => "tcp",
             SinkConfig::Mqtt { .. } => "mqtt",
             SinkConfig::MqttBroker { .. } => "mqtt_broker",
+            SinkConfig::Kafka { .. } => "kafka",
             SinkConfig::Syslog { .. } => "syslog",
         }
     }
@@ -362,6 +381,42 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             }
             SinkConfig::Syslog { target, .. } => {
                 source.socket_addr(&format!("route[{i}].sink.target"), target)?;
+            }
+            SinkConfig::Kafka {
+                brokers,
+                topic,
+                create_partitions,
+                ..
+            } => {
+                if brokers.is_empty() {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.brokers"),
+                        "list at least one bootstrap broker",
+                    ));
+                }
+                for broker in brokers.iter() {
+                    if diode_common::mqtt::split_host_port(broker).is_none() {
+                        return Err(source.invalid(
+                            &format!("route[{i}].sink.brokers"),
+                            format!("{broker:?} is not host:port"),
+                        ));
+                    }
+                }
+                let sample = crate::sinks::kafka::kafka_topic(topic, "line3/plc7");
+                if !crate::sinks::kafka::valid_kafka_topic(&sample) {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.topic"),
+                        format!(
+                            "{topic:?} gives Kafka topic names such as {sample:?}: 1 to 249 of a-z A-Z 0-9 . _ -"
+                        ),
+                    ));
+                }
+                if *create_partitions < 0 {
+                    return Err(source.invalid(
+                        &format!("route[{i}].sink.create_partitions"),
+                        "must be 0 (never create topics) or more",
+                    ));
+                }
             }
             SinkConfig::MqttBroker {
                 listen,

@@ -254,6 +254,12 @@ pub fn describe(loaded: &Loaded) -> String {
                 listen,
                 topic_prefix,
             } => format!("embedded MQTT broker on {listen}, topics under {topic_prefix:?}"),
+            config::SinkConfig::Kafka { brokers, topic, .. } => {
+                format!(
+                    "kafka {} topic {topic:?}, keyed by diode topic",
+                    brokers.join(",")
+                )
+            }
             config::SinkConfig::Syslog { target, protocol } => {
                 format!("syslog RFC 5424 over {protocol:?} to {target}").to_lowercase()
             }

@@ -4,6 +4,7 @@
 //! costs disk space, not records.
 
 pub mod broker;
+pub mod kafka;
 pub mod mqtt;
 pub mod syslog;
 
@@ -87,6 +88,8 @@ pub enum SinkError {
     AckTimeout(Duration),
     #[error("the MQTT client stopped")]
     ClientGone,
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 /// A sink, ready to deliver batches. Connections are made on first use and again after a failure.
@@ -97,6 +100,7 @@ pub enum Sink {
     Tcp(TcpSink),
     Mqtt(mqtt::MqttSink),
     Broker(broker::BrokerSink),
+    Kafka(kafka::KafkaSink),
     Syslog(syslog::SyslogSink),
 }
 
@@ -164,6 +168,17 @@ impl Sink {
             SinkConfig::Syslog { target, protocol } => {
                 Sink::Syslog(syslog::SyslogSink::new(target.clone(), *protocol))
             }
+            SinkConfig::Kafka {
+                brokers,
+                topic,
+                client_id,
+                create_partitions,
+            } => Sink::Kafka(kafka::KafkaSink::new(
+                brokers.clone(),
+                topic.clone(),
+                client_id.clone(),
+                *create_partitions,
+            )),
         })
     }
 
@@ -189,6 +204,7 @@ impl Sink {
             Sink::Tcp(sink) => sink.deliver(records).await,
             Sink::Mqtt(sink) => sink.deliver(records).await,
             Sink::Broker(sink) => sink.deliver(records),
+            Sink::Kafka(sink) => sink.deliver(records).await,
             Sink::Syslog(sink) => sink.deliver(records).await,
         }
     }
@@ -199,6 +215,7 @@ impl Sink {
             Sink::File(sink) => sink.file = None,
             Sink::Tcp(sink) => sink.conn = None,
             Sink::Syslog(sink) => sink.reset(),
+            Sink::Kafka(sink) => sink.reset(),
             Sink::Stdout(_) | Sink::Udp(_) | Sink::Mqtt(_) | Sink::Broker(_) => {}
         }
     }

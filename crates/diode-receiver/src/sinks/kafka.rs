@@ -1,0 +1,193 @@
+//! The Kafka sink (rskafka): how a site that outgrows one machine scales, since consumers scale in
+//! Kafka. Each record is produced with its diode topic as the key, to one partition per diode
+//! topic (chosen by a stable hash), so a topic's records stay in order; its sequence number,
+//! ingest time and MQTT origin travel as headers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use diode_wire::Record;
+use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder};
+
+use super::SinkError;
+
+/// How long one produce may retry inside the client before the batch counts as failed (and the
+/// route's own retry, with its counter and log line, takes over).
+const PRODUCE_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The Kafka topic for a diode topic: `{topic}` in the pattern becomes the diode topic with `/`
+/// as `.`, and any character Kafka does not allow as `_`.
+pub fn kafka_topic(pattern: &str, diode_topic: &str) -> String {
+    pattern
+        .replace("{topic}", &diode_topic.replace('/', "."))
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub fn valid_kafka_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+pub struct KafkaSink {
+    brokers: Vec<String>,
+    pattern: String,
+    client_id: String,
+    create_partitions: i32,
+    client: Option<Client>,
+    /// Per Kafka topic, a client for each of its partitions.
+    partitions: HashMap<String, Vec<PartitionClient>>,
+}
+
+impl KafkaSink {
+    pub fn new(
+        brokers: Vec<String>,
+        pattern: String,
+        client_id: String,
+        create_partitions: i32,
+    ) -> KafkaSink {
+        KafkaSink {
+            brokers,
+            pattern,
+            client_id,
+            create_partitions,
+            client: None,
+            partitions: HashMap::new(),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.client = None;
+        self.partitions.clear();
+    }
+
+    fn error(e: impl std::fmt::Display) -> SinkError {
+        SinkError::Kafka(e.to_string())
+    }
+
+    pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+        if self.client.is_none() {
+            let client = ClientBuilder::new(self.brokers.clone())
+                .client_id(self.client_id.as_str())
+                .backoff_config(rskafka::BackoffConfig {
+                    deadline: Some(PRODUCE_DEADLINE),
+                    max_backoff: Duration::from_secs(2),
+                    ..rskafka::BackoffConfig::default()
+                })
+                .build()
+                .await
+                .map_err(Self::error)?;
+            self.client = Some(client);
+        }
+        // Records grouped by (Kafka topic, partition), each group in arrival order.
+        let mut groups: BTreeMap<(String, usize), Vec<rskafka::record::Record>> = BTreeMap::new();
+        for record in records {
+            let topic = kafka_topic(&self.pattern, &record.topic);
+            let partitions = self.partitions_of(&topic).await?;
+            let partition = crc32fast::hash(record.topic.as_bytes()) as usize % partitions;
+            groups
+                .entry((topic, partition))
+                .or_default()
+                .push(to_kafka(record));
+        }
+        for ((topic, partition), batch) in groups {
+            let client = &self.partitions[&topic][partition];
+            client
+                .produce(batch, Compression::NoCompression)
+                .await
+                .map_err(Self::error)?;
+        }
+        Ok(())
+    }
+
+    /// The number of partitions of `topic`, creating the topic if it is missing and allowed.
+    async fn partitions_of(&mut self, topic: &str) -> Result<usize, SinkError> {
+        if let Some(clients) = self.partitions.get(topic) {
+            return Ok(clients.len());
+        }
+        let client = self.client.as_ref().expect("connected by the caller");
+        let mut existing = client
+            .list_topics()
+            .await
+            .map_err(Self::error)?
+            .into_iter()
+            .find(|t| t.name == topic)
+            .map(|t| t.partitions);
+        if existing.is_none() && self.create_partitions > 0 {
+            client
+                .controller_client()
+                .map_err(Self::error)?
+                .create_topic(topic, self.create_partitions, 1, 5_000)
+                .await
+                .map_err(Self::error)?;
+            tracing::info!(%topic, partitions = self.create_partitions, "kafka sink created its topic");
+            existing = Some((0..self.create_partitions).collect());
+        }
+        let Some(partitions) = existing.filter(|p| !p.is_empty()) else {
+            return Err(SinkError::Kafka(format!(
+                "topic {topic} does not exist and create_partitions is 0"
+            )));
+        };
+        let mut clients = Vec::new();
+        for partition in partitions {
+            clients.push(
+                client
+                    .partition_client(topic, partition, UnknownTopicHandling::Retry)
+                    .await
+                    .map_err(Self::error)?,
+            );
+        }
+        let count = clients.len();
+        self.partitions.insert(topic.to_owned(), clients);
+        Ok(count)
+    }
+}
+
+fn to_kafka(record: &Record) -> rskafka::record::Record {
+    let mut headers = BTreeMap::new();
+    headers.insert("diode-seq".to_owned(), record.seq.to_string().into_bytes());
+    headers.insert(
+        "diode-time-us".to_owned(),
+        record.time_us.to_string().into_bytes(),
+    );
+    if let Some(origin) = &record.origin {
+        headers.insert("mqtt-topic".to_owned(), origin.topic.clone().into_bytes());
+    }
+    let timestamp =
+        rskafka::chrono::DateTime::from_timestamp_micros(record.time_us).unwrap_or_default();
+    rskafka::record::Record {
+        key: Some(record.topic.as_bytes().to_vec()),
+        value: Some(record.payload.to_vec()),
+        headers,
+        timestamp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert_eq!(kafka_topic("ot-telemetry", "line3/plc7"), "ot-telemetry");
+        assert_eq!(kafka_topic("ot.{topic}", "line3/plc7"), "ot.line3.plc7");
+        assert_eq!(kafka_topic("{topic}", "plant/Ünit 2"), "plant._nit_2");
+        assert!(valid_kafka_topic("ot.line3.plc7"));
+        assert!(!valid_kafka_topic(""));
+        assert!(!valid_kafka_topic(".."));
+        assert!(!valid_kafka_topic(&"x".repeat(250)));
+    }
+}
