@@ -12,7 +12,7 @@
 //! 100000: unpaced), `DIODE_BENCH_SMALL_SECS` (20), `DIODE_BENCH_RCVBUF_BYTES` (the receiver's
 //! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max),
 //! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_KEY` (2: encrypted too; 1: an
-//! authenticated link).
+//! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer).
 //!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
@@ -191,11 +191,17 @@ impl Pair {
                 }
             }
         };
+        // DIODE_BENCH_BUFFER=1 gives the route a disk buffer: every record goes through it.
+        let buffer_line = if env_or("DIODE_BENCH_BUFFER", 0) == 1 {
+            "buffer_dir = \"buffer\"\nbuffer_max_bytes = 4294967296\n"
+        } else {
+            ""
+        };
         let (rm, sm) = (free_port(), free_port());
         let receiver_toml = dir.path().join("receiver.toml");
         std::fs::write(
             &receiver_toml,
-            format!("[link]\nlisten = \"127.0.0.1:{link}\"\n{key_line}receive_buffer_bytes = {}\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n", env_or("DIODE_BENCH_RCVBUF_BYTES", 128 << 20)),
+            format!("[link]\nlisten = \"127.0.0.1:{link}\"\n{key_line}receive_buffer_bytes = {}\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n{buffer_line}", env_or("DIODE_BENCH_RCVBUF_BYTES", 128 << 20)),
         )
         .unwrap();
         let receiver = Service::start(

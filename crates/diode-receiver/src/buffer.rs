@@ -26,6 +26,7 @@ use thiserror::Error;
 const FRAME_HEADER_BYTES: u64 = 8;
 const SEGMENT_MAX_BYTES: u64 = 64 << 20;
 const SEGMENT_MIN_BYTES: u64 = 1 << 20;
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
 
 /// What to give up when the buffer is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -101,6 +102,8 @@ pub struct DiskBuffer {
     unread_bytes: u64,
     unread_records: u64,
     frame: Vec<u8>,
+    /// Frames being appended, kept between calls.
+    scratch: Vec<u8>,
     /// Frames that failed their CRC or did not decode (a torn write, a damaged disk).
     pub corrupt_frames: u64,
 }
@@ -133,6 +136,7 @@ impl DiskBuffer {
             unread_bytes: 0,
             unread_records: 0,
             frame: Vec::new(),
+            scratch: Vec::new(),
             corrupt_frames: 0,
         };
         for id in ids {
@@ -191,7 +195,8 @@ impl DiskBuffer {
     /// policy and returned, by topic, for the caller to count and log.
     pub fn append(&mut self, records: &[Record]) -> Result<Dropped, BufferError> {
         let mut dropped = Dropped::new();
-        let mut bytes = Vec::new();
+        let mut bytes = std::mem::take(&mut self.scratch);
+        bytes.clear();
         let mut written = 0;
         for record in records {
             let start = bytes.len();
@@ -208,10 +213,25 @@ impl DiskBuffer {
                     break;
                 }
             }
+            // Written out in pieces: a delivery of large records must not be held whole twice.
+            if bytes.len() >= WRITE_CHUNK_BYTES {
+                self.write_out(&bytes)?;
+                self.unread_records += std::mem::take(&mut written);
+                bytes.clear();
+            }
         }
-        if bytes.is_empty() {
-            return Ok(dropped);
+        if !bytes.is_empty() {
+            self.write_out(&bytes)?;
         }
+        self.unread_records += written;
+        bytes.clear();
+        self.scratch = bytes;
+        Ok(dropped)
+    }
+
+    /// Appends whole frames to the last segment, starting a new one when it is full (or was
+    /// left by an earlier run: its tail may be torn).
+    fn write_out(&mut self, bytes: &[u8]) -> Result<(), BufferError> {
         let roll = match self.segments.back() {
             None => true,
             Some(last) => last.len >= self.segment_bytes || self.writer.is_none() && last.len > 0,
@@ -241,12 +261,11 @@ impl DiskBuffer {
         self.writer
             .as_mut()
             .expect("opened above")
-            .write_all(&bytes)
+            .write_all(bytes)
             .map_err(io_error(&path))?;
         last.len += bytes.len() as u64;
         self.unread_bytes += bytes.len() as u64;
-        self.unread_records += written;
-        Ok(dropped)
+        Ok(())
     }
 
     fn drop_oldest_segment(&mut self, dropped: &mut Dropped) -> Result<(), BufferError> {

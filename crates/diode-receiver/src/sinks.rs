@@ -321,14 +321,18 @@ async fn run_buffered(
             let mut last_warning: Option<std::time::Instant> = None;
             let mut unreported = crate::buffer::Dropped::new();
             while next_batch(&queue, &mut batch).await {
+                // The records keep their share of the route's memory budget until they are on
+                // disk: a slow disk then slows the link thread's hand-over (counted drops there)
+                // instead of letting memory grow.
                 records.clear();
-                records.extend(batch.drain(..).map(|q| q.record));
+                records.extend(batch.iter().map(|q| q.record.clone()));
                 let result = {
                     let mut buffer = buffer.lock().expect("not poisoned");
                     let result = buffer.append(&records);
                     metrics.backlog.set(buffer.unread_bytes() as i64);
                     result
                 };
+                batch.clear();
                 metrics.queue.set(metrics.budget.used() as i64);
                 match result {
                     Ok(dropped) if dropped.is_empty() => {}
