@@ -137,6 +137,7 @@ fn modbus_values_are_polled_typed_and_scaled_and_nothing_is_written() {
     // u32 0x0001_E240 = 123456 with the low word first; i16 -2.
     plc.set("holding", 200, &[0xE240, 0x0001]);
     plc.set("holding", 300, &[0xFFFE]);
+    plc.set("input", 2990, &[4242]);
     let topics = format!(
         r#"[[topic]]
 name = "line3/plc7"
@@ -146,6 +147,8 @@ source = {{ kind = "modbus", address = "127.0.0.1:{plc_port}", unit_id = 1, poll
   {{ name = "pump_on",     table = "coil",    address = 5 }},
   {{ name = "counter",     table = "holding", address = 200, type = "u32", word_order = "little" }},
   {{ name = "offset",      table = "holding", address = 300, type = "i16" }},
+  {{ name = "beyond",      table = "input",   address = 2990 }},
+  {{ name = "missing",     table = "input",   address = 3050 }},
 ] }}
 "#
     );
@@ -156,8 +159,11 @@ source = {{ kind = "modbus", address = "127.0.0.1:{plc_port}", unit_id = 1, poll
             serde_json::from_str::<serde_json::Value>(l["payload"].as_str().unwrap()).unwrap()
         })
     };
+    // "missing" is past the end of the PLC's input registers: the coalesced read 2990-3050 is
+    // refused, split, and from then on only "missing" is reported, with the reason.
     let expect = serde_json::json!({
-        "motor_speed": 1234.5, "tank_level": 42.25, "pump_on": true, "counter": 123456, "offset": -2
+        "motor_speed": 1234.5, "tank_level": 42.25, "pump_on": true, "counter": 123456, "offset": -2,
+        "beyond": 4242
     });
     assert!(
         wait_for(Duration::from_secs(15), || latest()
@@ -167,6 +173,20 @@ source = {{ kind = "modbus", address = "127.0.0.1:{plc_port}", unit_id = 1, poll
         pair.sender.log_text()
     );
     let record = latest().unwrap();
+    assert_eq!(
+        record["errors"],
+        serde_json::json!({"missing": "exception 0x02 (illegal data address)"})
+    );
+    assert!(
+        pair.sender.metric(
+            "diode_source_errors_total",
+            &["topic=\"line3/plc7\"", "reason=\"exception\""]
+        ) >= 2.0
+    );
+    assert!(pair
+        .sender
+        .log_text()
+        .contains("reading its values one by one"));
     assert_eq!(record["units"]["motor_speed"], "rpm");
     assert!(record["ts"].as_str().unwrap().ends_with('Z'));
 

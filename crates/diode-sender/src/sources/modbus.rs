@@ -298,6 +298,60 @@ pub fn extract(register: &RegisterConfig, read: &Read, data: &[u8]) -> Option<se
     )
 }
 
+/// Modbus exception 0x02: the device has no such address.
+const ILLEGAL_DATA_ADDRESS: u8 = 0x02;
+
+fn exception_name(code: u8) -> &'static str {
+    match code {
+        0x01 => "illegal function",
+        0x02 => "illegal data address",
+        0x03 => "illegal data value",
+        0x04 => "server device failure",
+        0x05 => "acknowledge",
+        0x06 => "server device busy",
+        0x0A => "gateway path unavailable",
+        0x0B => "gateway target device failed to respond",
+        _ => "unknown",
+    }
+}
+
+/// The indexes of the registers a read covers.
+fn covered<'a>(
+    registers: &'a [RegisterConfig],
+    read: &'a Read,
+) -> impl Iterator<Item = usize> + 'a {
+    registers.iter().enumerate().filter_map(move |(i, r)| {
+        (r.table == read.table
+            && r.address >= read.start
+            && u32::from(r.address) + u32::from(r.width())
+                <= u32::from(read.start) + u32::from(read.quantity))
+        .then_some(i)
+    })
+}
+
+/// The plan with `read` replaced by one read per value it covered.
+pub fn split_read(reads: &[Read], read: &Read, registers: &[RegisterConfig]) -> Vec<Read> {
+    let mut out = Vec::with_capacity(reads.len());
+    for r in reads {
+        if r == read {
+            out.extend(covered(registers, read).map(|i| Read {
+                table: read.table,
+                start: registers[i].address,
+                quantity: registers[i].width(),
+            }));
+        } else {
+            out.push(*r);
+        }
+    }
+    out
+}
+
+/// What one poll got: values, and the reads the device answered with an exception.
+struct PollResult {
+    values: Vec<(usize, serde_json::Value)>,
+    refused: Vec<(Read, u8)>,
+}
+
 #[derive(Debug, Error)]
 enum PollError {
     #[error("cannot connect: {0}")]
@@ -324,7 +378,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl ModbusPoller {
     pub async fn run(self, ctx: SourceContext) {
-        let reads = plan_reads(&self.registers);
+        let mut reads = plan_reads(&self.registers);
         tracing::info!(topic = %ctx.name, device = %self.address, unit = self.unit_id, reads = reads.len(),
             interval_ms = self.poll_interval.as_millis() as u64, "modbus polling");
         let mut connection: Option<TcpStream> = None;
@@ -343,14 +397,35 @@ impl ModbusPoller {
             let result = self
                 .poll(&mut connection, &mut transaction, &reads, &mut data)
                 .await;
+            // A read refused for all of it was sent for the last time if other reads answer:
+            // the values it covers are reported missing, and a coalesced read that hit an
+            // address the device does not have is split into one read per value from now on.
+            let result = result.and_then(|poll| {
+                if poll.values.is_empty() && !poll.refused.is_empty() {
+                    return Err(PollError::Response(ResponseError::Exception(
+                        poll.refused[0].1,
+                    )));
+                }
+                Ok(poll)
+            });
+            if let Ok(poll) = &result {
+                for (read, code) in &poll.refused {
+                    ctx.metrics.errors_exception.inc();
+                    if *code == ILLEGAL_DATA_ADDRESS && covered(&self.registers, read).count() > 1 {
+                        tracing::warn!(topic = %ctx.name, device = %self.address, ?read,
+                            "the device refused a coalesced read (illegal data address): reading its values one by one");
+                        reads = split_read(&reads, read, &self.registers);
+                    }
+                }
+            }
             match result {
-                Ok(values) => {
+                Ok(PollResult { values, refused }) => {
                     if failures > 0 {
                         tracing::info!(topic = %ctx.name, device = %self.address, "modbus device answers again");
                     }
                     failures = 0;
                     ctx.metrics.polls.inc();
-                    let payload = self.record(time_us, values);
+                    let payload = self.record(time_us, values, &refused);
                     if super::emit(&ctx, time_us, None, payload).await.is_err() {
                         return;
                     }
@@ -393,7 +468,7 @@ impl ModbusPoller {
         transaction: &mut u16,
         reads: &[Read],
         data: &mut Vec<u8>,
-    ) -> Result<Vec<(usize, serde_json::Value)>, PollError> {
+    ) -> Result<PollResult, PollError> {
         if connection.is_none() {
             let stream = tokio::time::timeout(self.timeout, TcpStream::connect(self.address))
                 .await
@@ -404,6 +479,7 @@ impl ModbusPoller {
         }
         let stream = connection.as_mut().expect("connected above");
         let mut values = Vec::with_capacity(self.registers.len());
+        let mut refused = Vec::new();
         for read in reads {
             *transaction = transaction.wrapping_add(1);
             let request = encode_read(*transaction, self.unit_id, read);
@@ -430,23 +506,31 @@ impl ModbusPoller {
             })
             .await
             .map_err(|_| PollError::Timeout)??;
-            let bytes = decode_response(data, read)?;
-            for (i, register) in self.registers.iter().enumerate() {
-                if register.table == read.table
-                    && register.address >= read.start
-                    && register.address + register.width() <= read.start + read.quantity
-                {
-                    if let Some(value) = extract(register, read, bytes) {
-                        values.push((i, value));
-                    }
+            let bytes = match decode_response(data, read) {
+                Ok(bytes) => bytes,
+                Err(ResponseError::Exception(code)) => {
+                    refused.push((*read, code));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for i in covered(&self.registers, read) {
+                if let Some(value) = extract(&self.registers[i], read, bytes) {
+                    values.push((i, value));
                 }
             }
         }
-        Ok(values)
+        Ok(PollResult { values, refused })
     }
 
-    /// `{"ts": RFC 3339, "values": {name: value}, "units": {name: unit}}`, names in config order.
-    fn record(&self, time_us: i64, mut values: Vec<(usize, serde_json::Value)>) -> Bytes {
+    /// `{"ts": RFC 3339, "values": {name: value}, "units": {name: unit}, "errors": {name: why}}`,
+    /// names in config order; `errors` only for values the device refused this time.
+    fn record(
+        &self,
+        time_us: i64,
+        mut values: Vec<(usize, serde_json::Value)>,
+        refused: &[(Read, u8)],
+    ) -> Bytes {
         values.sort_by_key(|(i, _)| *i);
         let mut map = serde_json::Map::new();
         for (i, value) in values {
@@ -462,6 +546,18 @@ impl ModbusPoller {
             .collect();
         if !units.is_empty() {
             record.insert("units".into(), units.into());
+        }
+        let mut errors = serde_json::Map::new();
+        for (read, code) in refused {
+            for i in covered(&self.registers, read) {
+                errors.insert(
+                    self.registers[i].name.clone(),
+                    format!("exception {code:#04x} ({})", exception_name(*code)).into(),
+                );
+            }
+        }
+        if !errors.is_empty() {
+            record.insert("errors".into(), errors.into());
         }
         Bytes::from(serde_json::to_vec(&record).expect("JSON values serialise"))
     }
@@ -523,6 +619,39 @@ mod tests {
                 Read {
                     table: Table::Holding,
                     start: 225,
+                    quantity: 1
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_coalesced_read_splits_into_one_read_per_value() {
+        let registers = vec![
+            reg("a", Table::Input, 10, Some(ValueType::F32)),
+            reg("b", Table::Input, 20, None),
+            reg("c", Table::Holding, 1, None),
+        ];
+        let reads = plan_reads(&registers);
+        let input = reads.iter().find(|r| r.table == Table::Input).unwrap();
+        assert_eq!(input.quantity, 11);
+        let split = split_read(&reads, input, &registers);
+        assert_eq!(
+            split,
+            vec![
+                Read {
+                    table: Table::Input,
+                    start: 10,
+                    quantity: 2
+                },
+                Read {
+                    table: Table::Input,
+                    start: 20,
+                    quantity: 1
+                },
+                Read {
+                    table: Table::Holding,
+                    start: 1,
                     quantity: 1
                 },
             ]
