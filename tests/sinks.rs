@@ -407,3 +407,66 @@ buffer_dir = "buffer/kafka"
     }
     pair.assert_one_way();
 }
+
+#[test]
+fn mqtt_over_tls_with_client_certificates_and_passwords_both_ways() {
+    let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::peers::Pki::generate(dir.path());
+    let broker = Mosquitto::start_secure(dir.path(), free_tcp_port(), &pki, "diode", "s3cret pass");
+    std::fs::write(dir.path().join("mqtt.pass"), "s3cret pass\n").unwrap();
+    let tls = format!(
+        "tls = {{ ca_file = \"{}\", cert_file = \"{}\", key_file = \"{}\" }}",
+        pki.ca.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    // The same broker stands for the plant's (source) and the IT side's (sink).
+    let topics = format!(
+        "[[topic]]\nname = \"plant/mqtt\"\nsource = {{ kind = \"mqtt\", broker = \"127.0.0.1:{}\", subscribe = [\"plant/#\"], qos = 1, client_id = \"diode-send-tls\", username = \"diode\", password_file = \"mqtt.pass\", {tls} }}\n",
+        broker.port
+    );
+    let routes = format!(
+        "[[route]]\ntopics = [\"plant/#\"]\nsink = {{ kind = \"mqtt\", broker = \"127.0.0.1:{}\", topic_prefix = \"it/\", qos = 1, client_id = \"diode-recv-tls\", username = \"diode\", password = \"s3cret pass\", {tls} }}\n",
+        broker.port
+    );
+    let pair = Pair::start_with(RelayConfig::default(), &topics, &routes, dir, "", "");
+    assert!(
+        wait_for(Duration::from_secs(20), || pair
+            .sender
+            .metric("diode_source_connections", &["topic=\"plant/mqtt\""])
+            == 1.0),
+        "{}",
+        pair.sender.log_text()
+    );
+    let mut consumer = KillOnDrop(
+        Command::new(sub)
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(&broker.client_args)
+            .args(["-t", "it/#", "-q", "1", "-v", "-C", "200", "-W", "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let lines: Vec<String> = (0..200).map(|n| format!("reading {n}")).collect();
+    broker.publish_lines("plant/line1/temp", 1, &lines);
+    let stdout = consumer.0.stdout.take().unwrap();
+    let got: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    let expected: Vec<String> = lines
+        .iter()
+        .map(|l| format!("it/plant/line1/temp {l}"))
+        .collect();
+    assert_eq!(
+        got,
+        expected,
+        "sender log:\n{}\nreceiver log:\n{}",
+        pair.sender.log_text(),
+        pair.receiver.log_text()
+    );
+    pair.assert_one_way();
+}

@@ -56,6 +56,8 @@ fn stop_child(child: &mut Child) {
 /// sessions and queued messages it had.
 pub struct Mosquitto {
     pub port: u16,
+    /// Extra arguments for mosquitto_pub and mosquitto_sub (TLS files, credentials).
+    pub client_args: Vec<String>,
     conf: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -63,6 +65,50 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path, port: u16) -> Mosquitto {
+        Self::start_with(dir, port, "allow_anonymous true\n", Vec::new())
+    }
+
+    /// A broker that takes TLS with client certificates and passwords only: `user`/`password`.
+    pub fn start_secure(dir: &Path, port: u16, pki: &Pki, user: &str, password: &str) -> Mosquitto {
+        let passwd = dir.join(format!("mosquitto-{port}.passwd"));
+        let status = Command::new(require("mosquitto_passwd", "apt-get install mosquitto"))
+            .arg("-c")
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, password])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let conf = format!(
+            "allow_anonymous false\npassword_file {}\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            passwd.display(),
+            pki.ca.display(),
+            pki.server_cert.display(),
+            pki.server_key.display()
+        );
+        let args = [
+            "--cafile",
+            &pki.ca.display().to_string(),
+            "--cert",
+            &pki.client_cert.display().to_string(),
+            "--key",
+            &pki.client_key.display().to_string(),
+            "-u",
+            user,
+            "-P",
+            password,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Self::start_with(dir, port, &conf, args)
+    }
+
+    fn start_with(
+        dir: &Path,
+        port: u16,
+        listener_conf: &str,
+        client_args: Vec<String>,
+    ) -> Mosquitto {
         let binary = require("mosquitto", "apt-get install mosquitto mosquitto-clients");
         let data = dir.join(format!("mosquitto-{port}"));
         std::fs::create_dir_all(&data).unwrap();
@@ -72,7 +118,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\n{listener_conf}persistence true\n\
                  persistence_location {}/\nmax_queued_messages 0\nlog_dest stderr\n\
                  log_type error\nlog_type warning\nlog_type notice\n{user}",
                 data.display()
@@ -81,6 +127,7 @@ impl Mosquitto {
         .unwrap();
         let mut broker = Mosquitto {
             port,
+            client_args,
             conf,
             log: data.join("mosquitto.log"),
             child: None,
@@ -135,6 +182,7 @@ impl Mosquitto {
         let binary = require("mosquitto_pub", "apt-get install mosquitto-clients");
         let mut child = Command::new(binary)
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.client_args)
             .args(["-q", &qos.to_string(), "-t", topic, "-l"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
@@ -308,5 +356,50 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         stop_child(&mut self.child);
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    pub fn generate(dir: &Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "diode test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let leaf = |names: Vec<String>, cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            (
+                params.signed_by(&key, &ca).unwrap().pem(),
+                key.serialize_pem(),
+            )
+        };
+        let (server_cert, server_key) =
+            leaf(vec!["127.0.0.1".into(), "localhost".into()], "broker");
+        let (client_cert, client_key) = leaf(vec!["diode".into()], "diode");
+        Pki {
+            ca: write("ca.pem", ca.pem()),
+            server_cert: write("server.pem", server_cert),
+            server_key: write("server.key", server_key),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client.key", client_key),
+        }
     }
 }
