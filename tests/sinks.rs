@@ -449,7 +449,8 @@ fn mqtt_over_tls_with_client_certificates_and_passwords_both_ways() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // mosquitto_sub says nothing when it has subscribed: give it a moment.
+    std::thread::sleep(Duration::from_secs(1));
     let lines: Vec<String> = (0..200).map(|n| format!("reading {n}")).collect();
     broker.publish_lines("plant/line1/temp", 1, &lines);
     let stdout = consumer.0.stdout.take().unwrap();

@@ -99,9 +99,12 @@ source = {{ kind = "mqtt", broker = "127.0.0.1:{}", subscribe = ["plant/#"], qos
     let duplicates = lines.len() - distinct.len();
     assert!(
         complete,
-        "{} of {expected} messages arrived ({duplicates} duplicates); sender log:\n{}",
+        "{} of {expected} messages arrived ({duplicates} duplicates); sender log:\n{}\nfirst sender log:\n{}\nreceiver log:\n{}\nreceiver metrics:\n{}",
         distinct.len(),
-        pair.sender.log_text()
+        pair.sender.log_text(),
+        std::fs::read_to_string(pair.path("sender.log")).unwrap_or_default(),
+        pair.receiver.log_text(),
+        pair.receiver.metrics_text()
     );
     // Per MQTT topic, first deliveries are in publishing order.
     for (topic, order) in &seen {

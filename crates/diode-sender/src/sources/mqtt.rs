@@ -43,7 +43,6 @@ impl MqttSource {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     tracing::info!(topic = %ctx.name, %broker, session_present = ack.session_present, "mqtt source connected");
                     connected = true;
-                    ctx.metrics.connections.set(1);
                     backoff = Duration::ZERO;
                     // Subscribing again to a kept session is harmless, and needed on a new one.
                     let filters = self
@@ -63,6 +62,10 @@ impl MqttSource {
                         ctx.metrics.errors_connect.inc();
                         tracing::error!(topic = %ctx.name, %broker, filters = ?self.subscribe,
                             "the broker refused a subscription (check its ACL)");
+                    } else {
+                        // Counted as connected only once subscribed: from here on the broker
+                        // keeps for us whatever matches, even while we are away.
+                        ctx.metrics.connections.set(1);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
