@@ -1,7 +1,9 @@
 //! The embedded broker sink: rumqttd inside the receiver, so the demo and a first deployment can
 //! hand records to MQTT clients without running a broker. Records are published into it through
-//! a local link; clients subscribe over MQTT 3.1.1. It keeps messages in memory only (a bounded
-//! log per topic filter): for durability behind an outage, use the `mqtt` sink to a real broker.
+//! a local link; clients subscribe over MQTT 3.1.1. It keeps messages in memory only, a log of at
+//! most 2 MiB per topic (rumqttd keeps one per topic, so a plant tree of many MQTT topics costs
+//! that much each at worst), and does not keep retain flags: for durability behind an outage and
+//! for large topic trees, use the `mqtt` sink to a real broker.
 
 use std::net::SocketAddr;
 
@@ -30,8 +32,8 @@ impl BrokerSink {
 id = 0
 max_connections = 1000
 max_outgoing_packet_count = 200
-max_segment_size = 16777216
-max_segment_count = 4
+max_segment_size = 1048576
+max_segment_count = 2
 
 [v4.1]
 name = "diode"
