@@ -126,7 +126,7 @@ fn parse_3164<'a>(raw: &'a str, facility: u8, severity: u8, rest: &'a str) -> Op
     ];
     let timestamp = rest.get(..15)?;
     let b = timestamp.as_bytes();
-    let valid_time = MONTHS.contains(&&timestamp[..3])
+    let valid_time = timestamp.get(..3).is_some_and(|m| MONTHS.contains(&m))
         && b[3] == b' '
         && (b[4] == b' ' || b[4].is_ascii_digit())
         && b[5].is_ascii_digit()
@@ -307,6 +307,8 @@ mod tests {
             b"<13>yesterday host app: hi",
             b"<13>1 2026-11-25T22:14:15Z host app - - [unclosed",
             b"\xff\xfe binary",
+            // Multi-byte characters where a timestamp's month would be (found by reading).
+            "<13>\u{e9}\u{e9}abcdefghijk host app: x".as_bytes(),
         ] {
             let (record, parsed) = to_record(raw);
             assert!(!parsed, "{raw:?}");
