@@ -369,10 +369,11 @@ impl DiskBuffer {
                 break;
             }
             let mut frame = std::mem::take(&mut self.frame);
-            let read = read_frame(self.reader_at(position)?, &mut frame);
+            let left = segment_len - position.offset;
+            let read = read_frame(self.reader_at(position)?, &mut frame, left);
             self.frame = frame;
             match read {
-                Ok(Some(record)) => {
+                Ok(record) => {
                     let len = FRAME_HEADER_BYTES + self.frame.len() as u64;
                     position.offset += len;
                     bytes += len;
@@ -381,7 +382,7 @@ impl DiskBuffer {
                     }
                     records.push(record);
                 }
-                Ok(None) | Err(_) => {
+                Err(_) => {
                     // A torn or damaged frame: the rest of this segment cannot be framed.
                     self.corrupt_frames += 1;
                     self.reader = None;
@@ -480,19 +481,14 @@ fn encode_frame(record: &Record, out: &mut Vec<u8>) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
 }
 
-/// `Ok(None)` at a clean end of data; an error for a torn or damaged frame.
-fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<Option<Record>> {
+/// One frame of a segment with `left` bytes from here to its end; an error for a torn or damaged
+/// frame. A damaged length cannot make it allocate more than what is left of the segment.
+fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>, left: u64) -> std::io::Result<Record> {
     let mut header = [0u8; 8];
-    match reader.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(std::io::ErrorKind::UnexpectedEof.into())
-        }
-        Err(e) => return Err(e),
-    }
+    reader.read_exact(&mut header)?;
     let len = u32::from_be_bytes(header[..4].try_into().expect("4")) as usize;
     let crc = u32::from_be_bytes(header[4..].try_into().expect("4"));
-    if len > 512 << 20 {
+    if len as u64 > left.saturating_sub(FRAME_HEADER_BYTES) {
         return Err(std::io::ErrorKind::InvalidData.into());
     }
     body.resize(len, 0);
@@ -507,7 +503,7 @@ fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<Opt
         .into_iter()
         .next()
         .ok_or(std::io::ErrorKind::InvalidData)?;
-    Ok(Some(Record {
+    Ok(Record {
         topic: Arc::from(batch.topic.as_str()),
         seq: batch.first_seq,
         time_us: batch.first_time_us,
@@ -517,7 +513,7 @@ fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<Opt
             .next()
             .filter(|o| !o.topic.is_empty()),
         payload,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -617,6 +613,25 @@ mod tests {
         assert_eq!(last + 1, kept.first().unwrap().seq);
         assert_eq!(count as usize + kept.len(), 12_000);
         assert_eq!(kept.last().unwrap().seq, 11_999);
+    }
+
+    #[test]
+    fn a_damaged_length_skips_its_segment_without_a_large_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
+        buffer
+            .append(&(0..5).map(|i| record("t", i, 100)).collect::<Vec<_>>())
+            .unwrap();
+        drop(buffer);
+        let segment = dir.path().join(format!("{:020}.seg", 0));
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        std::fs::write(&segment, bytes).unwrap();
+        let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
+        assert_eq!(buffer.unread_records(), 0);
+        assert!(buffer.corrupt_frames > 0);
+        buffer.append(&[record("t", 5, 100)]).unwrap();
+        assert_eq!(drain(&mut buffer, 10).len(), 1);
     }
 
     #[test]
