@@ -340,3 +340,58 @@ source = {{ kind = "syslog", listen = "127.0.0.1:{tcp_port}", protocol = "tcp" }
     );
     pair.assert_one_way();
 }
+
+#[test]
+fn a_topic_over_its_rate_ceiling_cannot_take_the_link_from_the_others() {
+    let (limited, free) = (free_port(), free_port());
+    let topics = format!(
+        r#"[[topic]]
+name = "plant/chatty"
+rate_mbps = 0.8
+source = {{ kind = "udp", listen = "127.0.0.1:{limited}" }}
+
+[[topic]]
+name = "plant/alarms"
+source = {{ kind = "udp", listen = "127.0.0.1:{free}" }}
+"#
+    );
+    let pair = Pair::start(RelayConfig::default(), &topics, FILE_ROUTE);
+    let send = |port: u16| {
+        let to = format!("127.0.0.1:{port}").parse().unwrap();
+        send_udp(to, (0..2000).map(|n| format!("{n:0500}").into_bytes()), 200);
+    };
+    // 1 MB offered at once to a topic allowed 100 kB/s (64 KiB of burst), and as much to another.
+    send(limited);
+    send(free);
+    let dropped = || {
+        pair.sender.metric(
+            "diode_records_dropped_total",
+            &["topic=\"plant/chatty\"", "reason=\"rate\""],
+        )
+    };
+    let out = pair.path("out.jsonl");
+    let count = |topic: &str| {
+        read_jsonl(&out)
+            .iter()
+            .filter(|l| l["topic"] == topic)
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || count("plant/alarms") == 2000
+            && count("plant/chatty") as f64 + dropped() == 2000.0),
+        "alarms {}, chatty {} + {} dropped",
+        count("plant/alarms"),
+        count("plant/chatty"),
+        dropped()
+    );
+    assert!(
+        count("plant/chatty") < 1000,
+        "the ceiling held back nothing"
+    );
+    // The IT side sees the OT side's drops too, through the heartbeats.
+    assert!(wait_for(Duration::from_secs(5), || pair.receiver.metric(
+        "diode_sender_records_dropped_total",
+        &["topic=\"plant/chatty\""]
+    ) == dropped()));
+    pair.assert_one_way();
+}

@@ -102,6 +102,10 @@ pub struct LinkConfig {
 pub struct TopicConfig {
     pub name: String,
     pub source: SourceConfig,
+    /// This topic's ceiling in megabits per second of record payload, so that it cannot take the
+    /// link from the others: sources that can wait are slowed, UDP sources drop (counted).
+    #[serde(default)]
+    pub rate_mbps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -513,6 +517,23 @@ fn validate_topic(
             ),
         ));
     }
+    if let Some(rate) = topic.rate_mbps {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(source.invalid(
+                &key("rate_mbps"),
+                format!("{rate} must be a positive number of megabits per second"),
+            ));
+        }
+        if rate > link.rate_mbps {
+            return Err(source.invalid(
+                &key("rate_mbps"),
+                format!(
+                    "{rate} is above the link's own ceiling ({} Mb/s)",
+                    link.rate_mbps
+                ),
+            ));
+        }
+    }
     match &topic.source {
         SourceConfig::Udp { listen, .. } => Ok(SourceEndpoint::Listen(
             source.socket_addr(&key("source.listen"), listen)?,
@@ -801,6 +822,11 @@ source = { kind = "syslog", listen = "127.0.0.1:5514", protocol = "udp" }
             ),
             ("qos = 1", "qos = 2", "topic[2].source.qos"),
             ("127.0.0.1:1883", "127.0.0.1", "topic[2].source.broker"),
+            (
+                "name = \"plant/mqtt\"",
+                "name = \"plant/mqtt\"\nrate_mbps = 41",
+                "topic[2].rate_mbps",
+            ),
         ] {
             let bad = PLANT_TOPICS.replace(from, to);
             let err = load(&write(

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod link;
 pub mod metrics;
+pub mod rate;
 pub mod sources;
 
 use std::net::SocketAddr;
@@ -112,7 +113,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         let local = source.local_addr();
         let tm = metrics.topic(&topic.name);
         topic_metrics.push(tm.clone());
-        bound.push((topic.name.clone(), local, source, id, tm));
+        bound.push((topic.name.clone(), local, source, id, tm, topic.rate_mbps));
     }
 
     let socket =
@@ -148,7 +149,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     };
 
     let mut source_addrs = Vec::new();
-    for (name, local, source, id, tm) in bound {
+    for (name, local, source, id, tm, rate) in bound {
         if let Some(local) = local {
             source_addrs.push((name.clone(), local));
         }
@@ -158,6 +159,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             queue: queue_tx.clone(),
             budget: budget.clone(),
             metrics: tm,
+            rate: rate.map(|mbps| Arc::new(rate::TopicRate::new(mbps))),
             max_record_bytes: link.max_record_bytes,
             shutdown: shutdown.clone(),
         };
@@ -274,7 +276,11 @@ pub fn describe(loaded: &Loaded) -> String {
                 sources::modbus::plan_reads(registers).len()
             ),
         };
-        out += &format!("  {:<24} {source}   ({origin})\n", topic.name);
+        let ceiling = topic
+            .rate_mbps
+            .map(|r| format!(", at most {r} Mb/s"))
+            .unwrap_or_default();
+        out += &format!("  {:<24} {source}{ceiling}   ({origin})\n", topic.name);
     }
     out
 }

@@ -40,6 +40,8 @@ pub struct TopicMetrics {
     pub records_in: Counter,
     pub dropped_queue_full: Counter,
     pub dropped_oversize: Counter,
+    /// Over the topic's own `rate_mbps` (UDP sources, which cannot wait).
+    pub dropped_rate: Counter,
     pub errors_io: Counter,
     pub errors_framing: Counter,
     /// A peer this source connects to (MQTT broker, Modbus device) could not be reached.
@@ -56,7 +58,7 @@ pub struct TopicMetrics {
 
 impl TopicMetrics {
     pub fn dropped_total(&self) -> u64 {
-        self.dropped_queue_full.get() + self.dropped_oversize.get()
+        self.dropped_queue_full.get() + self.dropped_oversize.get() + self.dropped_rate.get()
     }
 
     pub fn errors_total(&self) -> u64 {
@@ -92,7 +94,7 @@ impl SenderMetrics {
         );
         registry.register(
             "diode_records_dropped",
-            "Records not taken in (queue_full: the link is saturated; oversize: above max_record_bytes)",
+            "Records not taken in (queue_full: the link is saturated; oversize: above max_record_bytes; rate: above the topic's rate_mbps)",
             m.records_dropped.clone(),
         );
         registry.register(
@@ -169,6 +171,7 @@ impl SenderMetrics {
             dropped_oversize: self
                 .records_dropped
                 .get_or_create_owned(&reason("oversize")),
+            dropped_rate: self.records_dropped.get_or_create_owned(&reason("rate")),
             errors_io: self.source_errors.get_or_create_owned(&reason("io")),
             errors_framing: self.source_errors.get_or_create_owned(&reason("framing")),
             errors_connect: self.source_errors.get_or_create_owned(&reason("connect")),

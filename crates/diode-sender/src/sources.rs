@@ -45,6 +45,8 @@ pub struct SourceContext {
     pub queue: flume::Sender<Ingest>,
     pub budget: ByteBudget,
     pub metrics: TopicMetrics,
+    /// The topic's own ceiling, if it has one.
+    pub rate: Option<Arc<crate::rate::TopicRate>>,
     pub max_record_bytes: usize,
     pub shutdown: Shutdown,
 }
@@ -219,6 +221,16 @@ async fn run_udp(socket: UdpSocket, syslog: bool, ctx: SourceContext) {
                 } else {
                     Bytes::copy_from_slice(&buf[..len])
                 };
+                if ctx
+                    .rate
+                    .as_ref()
+                    .is_some_and(|r| !r.try_acquire(payload.len()))
+                {
+                    if ctx.metrics.dropped_rate.inc() % 10_000 == 0 {
+                        tracing::warn!(topic = %ctx.name, "topic above its rate_mbps: dropping UDP records (see diode_records_dropped_total)");
+                    }
+                    continue;
+                }
                 let Some(budget) = ctx.budget.try_acquire(payload.len()) else {
                     if ctx.metrics.dropped_queue_full.inc() % 10_000 == 0 {
                         tracing::warn!(topic = %ctx.name, "link queue full: dropping UDP records (see diode_records_dropped_total)");
@@ -411,6 +423,9 @@ pub(crate) async fn emit(
     origin: Option<Origin>,
     payload: Bytes,
 ) -> Result<(), QueueClosed> {
+    if let Some(rate) = &ctx.rate {
+        rate.acquire(payload.len()).await;
+    }
     let budget = ctx.budget.acquire(payload.len()).await;
     let ingest = Ingest {
         topic: ctx.topic,
