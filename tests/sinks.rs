@@ -471,3 +471,37 @@ fn mqtt_over_tls_with_client_certificates_and_passwords_both_ways() {
     );
     pair.assert_one_way();
 }
+
+#[test]
+fn syslog_sink_over_udp_sends_one_message_a_datagram() {
+    let siem = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    siem.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let source_port = free_port();
+    let routes = format!(
+        "[[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"syslog\", target = \"{}\", protocol = \"udp\" }}\n",
+        siem.local_addr().unwrap()
+    );
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &udp_topic("security/fw", source_port),
+        &routes,
+    );
+    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    send_udp(
+        source,
+        (0..5).map(|n| format!("deny {n}").into_bytes()),
+        100,
+    );
+    let mut buf = [0u8; 2048];
+    for n in 0..5 {
+        let len = siem.recv(&mut buf).expect("a syslog datagram");
+        let message = std::str::from_utf8(&buf[..len]).unwrap();
+        assert!(message.starts_with("<133>1 "), "{message}");
+        assert!(
+            message.ends_with(&format!("seq=\"{n}\"] deny {n}")),
+            "{message}"
+        );
+    }
+    pair.assert_one_way();
+}

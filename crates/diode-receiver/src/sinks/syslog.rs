@@ -70,9 +70,22 @@ impl SyslogSink {
             }
             SyslogProtocol::Udp => {
                 if self.udp.is_none() {
-                    let socket = UdpSocket::bind("0.0.0.0:0").await?;
+                    let target = tokio::net::lookup_host(&self.target)
+                        .await
+                        .and_then(|mut addrs| {
+                            addrs
+                                .next()
+                                .ok_or_else(|| std::io::Error::other("resolves to no address"))
+                        })
+                        .map_err(connect_error(&self.target))?;
+                    let socket = UdpSocket::bind(if target.is_ipv4() {
+                        "0.0.0.0:0"
+                    } else {
+                        "[::]:0"
+                    })
+                    .await?;
                     socket
-                        .connect(&self.target)
+                        .connect(target)
                         .await
                         .map_err(connect_error(&self.target))?;
                     self.udp = Some(socket);
