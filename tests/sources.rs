@@ -153,15 +153,28 @@ source = {{ kind = "modbus", address = "127.0.0.1:{plc_port}", unit_id = 1, poll
   {{ name = "beyond",      table = "input",   address = 2990 }},
   {{ name = "missing",     table = "input",   address = 3050 }},
 ] }}
+
+# A device whose only (coalesced) read is refused at first: it must still split and recover.
+[[topic]]
+name = "line3/plc7-edge"
+source = {{ kind = "modbus", address = "127.0.0.1:{plc_port}", poll_interval_ms = 100, registers = [
+  {{ name = "beyond",      table = "input",   address = 2990 }},
+  {{ name = "missing",     table = "input",   address = 3050 }},
+] }}
 "#
     );
     let pair = Pair::start(RelayConfig::default(), &topics, FILE_ROUTE);
     let out = pair.path("out.jsonl");
-    let latest = || {
-        read_jsonl(&out).last().map(|l| {
-            serde_json::from_str::<serde_json::Value>(l["payload"].as_str().unwrap()).unwrap()
-        })
+    let latest_of = |topic: &str| {
+        read_jsonl(&out)
+            .iter()
+            .rev()
+            .find(|l| l["topic"] == topic)
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l["payload"].as_str().unwrap()).unwrap()
+            })
     };
+    let latest = || latest_of("line3/plc7");
     // "missing" is past the end of the PLC's input registers: the coalesced read 2990-3050 is
     // refused, split, and from then on only "missing" is reported, with the reason.
     let expect = serde_json::json!({
@@ -190,6 +203,14 @@ source = {{ kind = "modbus", address = "127.0.0.1:{plc_port}", unit_id = 1, poll
         .sender
         .log_text()
         .contains("reading its values one by one"));
+    assert!(
+        wait_for(Duration::from_secs(10), || latest_of("line3/plc7-edge")
+            .is_some_and(|r| r["values"]
+                == serde_json::json!({"beyond": 4242})
+                && r["errors"]["missing"].is_string())),
+        "{:?}",
+        latest_of("line3/plc7-edge")
+    );
     assert_eq!(record["units"]["motor_speed"], "rpm");
     assert!(record["ts"].as_str().unwrap().ends_with('Z'));
 

@@ -364,6 +364,8 @@ enum PollError {
     Response(#[from] ResponseError),
     #[error("response for another transaction or unit")]
     Mismatch,
+    #[error("every read refused, the first with exception {0:#04x}")]
+    AllRefused(u8),
 }
 
 pub struct ModbusPoller {
@@ -397,17 +399,9 @@ impl ModbusPoller {
             let result = self
                 .poll(&mut connection, &mut transaction, &reads, &mut data)
                 .await;
-            // A read refused for all of it was sent for the last time if other reads answer:
-            // the values it covers are reported missing, and a coalesced read that hit an
-            // address the device does not have is split into one read per value from now on.
-            let result = result.and_then(|poll| {
-                if poll.values.is_empty() && !poll.refused.is_empty() {
-                    return Err(PollError::Response(ResponseError::Exception(
-                        poll.refused[0].1,
-                    )));
-                }
-                Ok(poll)
-            });
+            // A refused read costs only its own values, reported missing in the record; a
+            // coalesced read that hit an address the device does not have is split into one read
+            // per value from now on, so only what really is not there stays missing.
             if let Ok(poll) = &result {
                 for (read, code) in &poll.refused {
                     ctx.metrics.errors_exception.inc();
@@ -418,6 +412,10 @@ impl ModbusPoller {
                     }
                 }
             }
+            let result = result.and_then(|poll| match poll.refused.first() {
+                Some((_, code)) if poll.values.is_empty() => Err(PollError::AllRefused(*code)),
+                _ => Ok(poll),
+            });
             match result {
                 Ok(PollResult { values, refused }) => {
                     if failures > 0 {
@@ -434,14 +432,13 @@ impl ModbusPoller {
                     match &e {
                         PollError::Connect(_) => ctx.metrics.errors_connect.inc(),
                         PollError::Timeout => ctx.metrics.errors_timeout.inc(),
-                        PollError::Response(ResponseError::Exception(_)) => {
-                            ctx.metrics.errors_exception.inc()
-                        }
+                        // Counted per read above.
+                        PollError::AllRefused(_) => 0,
                         _ => ctx.metrics.errors_io.inc(),
                     };
-                    // After anything but an exception the stream may hold a late or partial
+                    // After anything but exceptions the stream may hold a late or partial
                     // answer: start again on a fresh connection.
-                    if !matches!(e, PollError::Response(ResponseError::Exception(_))) {
+                    if !matches!(e, PollError::AllRefused(_)) {
                         connection = None;
                     }
                     failures += 1;
