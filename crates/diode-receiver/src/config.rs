@@ -212,8 +212,8 @@ fn default_max_record_bytes() -> usize {
 fn default_max_topics() -> usize {
     4096
 }
-/// A sink stalled for 60 ms at 1 GB/s; past it records are dropped (counted) until sinks get
-/// their disk buffers.
+/// A sink stalled for 60 ms at 1 GB/s; past it a route without a disk buffer drops records
+/// (counted), and a buffered route's spooler has fallen that far behind its disk.
 fn default_queue_bytes() -> usize {
     64 << 20
 }
@@ -229,6 +229,8 @@ pub struct Route {
     pub buffer: Option<(PathBuf, u64, crate::buffer::FullPolicy)>,
     /// Client options of an MQTT sink, checked at load.
     pub mqtt: Option<Box<rumqttc::MqttOptions>>,
+    /// Where a sink that listens (the embedded broker) binds, resolved at load.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -322,6 +324,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         }
         let mut sink = route.sink.clone();
         let mut mqtt = None;
+        let mut listen_addr = None;
         match &mut sink {
             SinkConfig::File {
                 path,
@@ -422,7 +425,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 listen,
                 topic_prefix,
             } => {
-                source.socket_addr(&format!("route[{i}].sink.listen"), listen)?;
+                listen_addr = Some(source.socket_addr(&format!("route[{i}].sink.listen"), listen)?);
                 if topic_prefix.contains(['+', '#']) {
                     return Err(source.invalid(
                         &format!("route[{i}].sink.topic_prefix"),
@@ -490,6 +493,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             queue_bytes: route.queue_bytes,
             buffer,
             mqtt,
+            listen: listen_addr,
         });
     }
     Ok(Loaded {

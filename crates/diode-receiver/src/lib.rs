@@ -140,16 +140,11 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             }
             None => None,
         };
-        let sink = sinks::Sink::new(
-            &route.sink,
-            route.mqtt.as_deref(),
-            &route.name,
-            link.max_record_bytes,
-        )
-        .map_err(|source| StartError::Sink {
-            route: route.name.clone(),
-            source,
-        })?;
+        let sink =
+            sinks::Sink::new(&route, link.max_record_bytes).map_err(|source| StartError::Sink {
+                route: route.name.clone(),
+                source,
+            })?;
         sinks.push(tokio::spawn(sinks::run_route(
             sink,
             rx,

@@ -106,28 +106,15 @@ pub enum Sink {
 
 impl Sink {
     /// Must be called inside the runtime. Fails only for a sink that listens (the embedded broker).
-    pub fn new(
-        config: &SinkConfig,
-        mqtt_options: Option<&rumqttc::MqttOptions>,
-        route: &str,
-        max_record_bytes: usize,
-    ) -> std::io::Result<Sink> {
-        Ok(match config {
-            SinkConfig::MqttBroker {
-                listen,
-                topic_prefix,
-            } => {
-                let addr = listen.parse().or_else(|_| {
-                    std::net::ToSocketAddrs::to_socket_addrs(listen.as_str())?
-                        .next()
-                        .ok_or_else(|| std::io::Error::other("resolves to nothing"))
-                })?;
-                Sink::Broker(broker::BrokerSink::start(
-                    addr,
-                    topic_prefix.clone(),
-                    max_record_bytes,
-                )?)
-            }
+    pub fn new(route: &crate::config::Route, max_record_bytes: usize) -> std::io::Result<Sink> {
+        Ok(match &route.sink {
+            SinkConfig::MqttBroker { topic_prefix, .. } => Sink::Broker(broker::BrokerSink::start(
+                route
+                    .listen
+                    .expect("the config loader resolves a broker's listen address"),
+                topic_prefix.clone(),
+                max_record_bytes,
+            )?),
             SinkConfig::File {
                 path,
                 format,
@@ -158,12 +145,14 @@ impl Sink {
             SinkConfig::Mqtt {
                 topic_prefix, qos, ..
             } => Sink::Mqtt(mqtt::MqttSink::new(
-                mqtt_options
-                    .expect("the config loader builds MQTT options")
-                    .clone(),
+                (**route
+                    .mqtt
+                    .as_ref()
+                    .expect("the config loader builds MQTT options"))
+                .clone(),
                 topic_prefix.clone(),
                 *qos,
-                route,
+                &route.name,
             )),
             SinkConfig::Syslog { target, protocol } => {
                 Sink::Syslog(syslog::SyslogSink::new(target.clone(), *protocol))

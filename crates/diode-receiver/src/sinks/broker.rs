@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use diode_wire::Record;
 use rumqttd::local::LinkTx;
 
-use super::mqtt::valid_topic;
+use super::mqtt::republish_topic;
 use super::SinkError;
 
 pub struct BrokerSink {
@@ -63,12 +63,7 @@ dynamic_filters = true
 
     pub fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
         for record in records {
-            let topic = match &record.origin {
-                Some(origin) if valid_topic(&origin.topic) => {
-                    format!("{}{}", self.prefix, origin.topic)
-                }
-                _ => format!("{}{}", self.prefix, record.topic),
-            };
+            let topic = republish_topic(&self.prefix, record);
             self.link
                 .publish(topic, record.payload.clone())
                 .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;

@@ -73,23 +73,12 @@ impl MqttSink {
         }
     }
 
-    fn topic_for(&self, record: &Record) -> String {
-        match &record.origin {
-            // The link does not check origins (§5.4): a topic the broker would refuse falls back
-            // to the diode topic rather than stalling the route.
-            Some(origin) if valid_topic(&origin.topic) => {
-                format!("{}{}", self.prefix, origin.topic)
-            }
-            _ => format!("{}{}", self.prefix, record.topic),
-        }
-    }
-
     pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
         for record in records {
             let retain = record.origin.as_ref().is_some_and(|o| o.retain);
             self.client
                 .publish_bytes(
-                    self.topic_for(record),
+                    republish_topic(&self.prefix, record),
                     self.qos,
                     retain,
                     record.payload.clone(),
@@ -122,6 +111,17 @@ impl MqttSink {
         let _ = self.client.try_disconnect();
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.events.abort();
+    }
+}
+
+/// Where an MQTT sink or the embedded broker publishes a record: `prefix` + its MQTT topic when
+/// it came from an MQTT source, else + its diode topic.
+pub fn republish_topic(prefix: &str, record: &Record) -> String {
+    match &record.origin {
+        // The link does not check origins (§5.4): a topic the broker would refuse falls back to
+        // the diode topic rather than stalling the route.
+        Some(origin) if valid_topic(&origin.topic) => format!("{prefix}{}", origin.topic),
+        _ => format!("{prefix}{}", record.topic),
     }
 }
 
