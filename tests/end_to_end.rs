@@ -385,7 +385,7 @@ fn sender_restart_starts_a_new_session_and_receiver_restart_joins() {
         }
     });
     std::thread::sleep(Duration::from_millis(800));
-    pair.restart_receiver();
+    pair.restart_receiver(true);
     sender_thread.join().unwrap();
     assert!(wait_for(Duration::from_secs(10), || {
         read_jsonl(&out)

@@ -163,14 +163,7 @@ buffer_max_bytes = 16777216
         .receiver
         .metric("diode_records_out_total", &[])
         == 3000.0));
-    pair.receiver.stop();
-    let metrics = pair.receiver.metrics;
-    pair.receiver = Service::start(
-        RECV,
-        &pair.receiver_toml,
-        pair.path("receiver2.log"),
-        metrics,
-    );
+    pair.restart_receiver(false);
     send_udp(
         source,
         (3000..4000).map(|n| format!("event {n}").into_bytes()),

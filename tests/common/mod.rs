@@ -51,6 +51,23 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
+/// SIGTERM, then SIGKILL if `child` has not exited after `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A running service process, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Service {
     pub child: Option<Child>,
@@ -96,19 +113,7 @@ impl Service {
     /// A clean stop, as systemd would do it; waits for the process to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(&mut child, Duration::from_secs(15));
         }
     }
 
@@ -222,8 +227,12 @@ impl Pair {
         self.sender = Service::start(SEND, &self.sender_toml, self.path("sender2.log"), metrics);
     }
 
-    pub fn restart_receiver(&mut self) {
-        self.receiver.kill();
+    pub fn restart_receiver(&mut self, crash: bool) {
+        if crash {
+            self.receiver.kill();
+        } else {
+            self.receiver.stop();
+        }
         let metrics = self.receiver.metrics;
         self.receiver = Service::start(
             RECV,

@@ -36,22 +36,6 @@ pub fn test_python() -> PathBuf {
     python
 }
 
-fn stop_child(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// A mosquitto broker on loopback with its own persistence directory, so a restart keeps the
 /// sessions and queued messages it had.
 pub struct Mosquitto {
@@ -114,7 +98,7 @@ impl Mosquitto {
         std::fs::create_dir_all(&data).unwrap();
         let conf = data.join("mosquitto.conf");
         // As root, mosquitto would switch to its own user, which cannot write the test's files.
-        let user = if unsafe_is_root() { "user root\n" } else { "" };
+        let user = if running_as_root() { "user root\n" } else { "" };
         std::fs::write(
             &conf,
             format!(
@@ -172,7 +156,7 @@ impl Mosquitto {
 
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
+            super::terminate(&mut child, Duration::from_secs(10));
         }
     }
 
@@ -208,7 +192,7 @@ impl Drop for Mosquitto {
     }
 }
 
-fn unsafe_is_root() -> bool {
+fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -266,7 +250,7 @@ impl Plc {
     }
 
     pub fn stop(mut self) {
-        stop_child(&mut self.child);
+        super::terminate(&mut self.child, Duration::from_secs(10));
     }
 }
 
@@ -355,7 +339,7 @@ impl Tansu {
 
 impl Drop for Tansu {
     fn drop(&mut self) {
-        stop_child(&mut self.child);
+        super::terminate(&mut self.child, Duration::from_secs(10));
     }
 }
 

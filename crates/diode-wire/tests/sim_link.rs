@@ -132,6 +132,15 @@ impl Harness {
             .insert(seq, (origin, payload));
     }
 
+    /// Replaces the sender with one built from `config`, with the same topics.
+    fn replace_encoder(&mut self, config: EncoderConfig) {
+        self.encoder = Encoder::new(config, self.now).unwrap();
+        self.topics = TOPICS
+            .iter()
+            .map(|t| self.encoder.add_topic(t).unwrap())
+            .collect();
+    }
+
     /// Advances the virtual clock, moving everything the encoder has through the link.
     fn step(&mut self, dt: Duration) {
         self.now += dt;
@@ -337,18 +346,10 @@ fn bursts_are_spread_by_interleaving() {
     );
     // Without interleaving the same bursts would cost whole blocks: a control run with depth 1.
     let mut control = Harness::new(Impairments::default(), 4);
-    control.encoder = Encoder::new(
-        EncoderConfig {
-            interleave_depth: 1,
-            ..encoder_config(control.session)
-        },
-        control.now,
-    )
-    .unwrap();
-    control.topics = TOPICS
-        .iter()
-        .map(|t| control.encoder.add_topic(t).unwrap())
-        .collect();
+    control.replace_encoder(EncoderConfig {
+        interleave_depth: 1,
+        ..encoder_config(control.session)
+    });
     let mut position = 0u64;
     control.drop_filter = Some(Box::new(move |_: &[u8]| {
         position += 1;
@@ -429,11 +430,7 @@ fn sender_restart_starts_a_new_session() {
     h.step(Duration::from_millis(10));
     let old = h.session;
     h.session = old + 1000;
-    h.encoder = Encoder::new(encoder_config(h.session), h.now).unwrap();
-    h.topics = TOPICS
-        .iter()
-        .map(|t| h.encoder.add_topic(t).unwrap())
-        .collect();
+    h.replace_encoder(encoder_config(h.session));
     drive(&mut h, &mut rng, 100);
     h.settle();
     h.check_accounting(old, true);
@@ -533,18 +530,10 @@ fn restart_sender(h: &mut Harness, key: Option<LinkKey>) {
     h.encoder.flush(h.now);
     h.step(Duration::from_millis(10));
     h.session += 1000;
-    h.encoder = Encoder::new(
-        EncoderConfig {
-            key,
-            ..encoder_config(h.session)
-        },
-        h.now,
-    )
-    .unwrap();
-    h.topics = TOPICS
-        .iter()
-        .map(|t| h.encoder.add_topic(t).unwrap())
-        .collect();
+    h.replace_encoder(EncoderConfig {
+        key,
+        ..encoder_config(h.session)
+    });
 }
 
 #[test]
@@ -586,19 +575,11 @@ fn encrypted_harness(
     require_encryption: bool,
 ) -> Harness {
     let mut h = Harness::with_keys(impairments, seed, Some(key(1)), Vec::new());
-    h.encoder = Encoder::new(
-        EncoderConfig {
-            key: Some(key(1)),
-            encrypt: true,
-            ..encoder_config(h.session)
-        },
-        h.now,
-    )
-    .unwrap();
-    h.topics = TOPICS
-        .iter()
-        .map(|t| h.encoder.add_topic(t).unwrap())
-        .collect();
+    h.replace_encoder(EncoderConfig {
+        key: Some(key(1)),
+        encrypt: true,
+        ..encoder_config(h.session)
+    });
     h.receiver = Reassembler::new(ReassemblerConfig {
         keys: receiver_keys,
         require_encryption,
