@@ -490,31 +490,27 @@ impl Encoder {
         let mut offset = 0;
         loop {
             let room = self.capacity - self.open.content_len;
-            // Only the first piece carries the origin.
-            let origin_len = if offset == 0 {
-                origin.as_ref().map_or(0, frames::origin_field_len)
-            } else {
-                0
-            };
-            let data_len = frames::max_fragment_data(
-                room,
-                origin_len,
+            let head = frames::FragmentHead {
+                // Only the first piece carries the origin.
+                origin_len: if offset == 0 {
+                    origin.as_ref().map_or(0, frames::origin_field_len)
+                } else {
+                    0
+                },
                 topic_len,
                 seq,
                 time_us,
                 total_len,
                 offset,
-                total_len - offset,
-            );
+            };
+            let data_len = head.max_data(room, total_len - offset);
             let ends_record = offset + data_len == total_len;
             if data_len == 0 && !(ends_record && self.open.is_empty()) {
                 // Not even one byte fits: start on a fresh block.
                 self.seal(now);
                 continue;
             }
-            let body = frames::fragment_body_len(
-                origin_len, topic_len, seq, time_us, total_len, offset, data_len,
-            );
+            let body = head.body_len(data_len);
             let fragment = Fragment {
                 topic,
                 seq,

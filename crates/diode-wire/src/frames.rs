@@ -66,65 +66,49 @@ pub(crate) fn origin_field_len(origin: &proto::Origin) -> usize {
     1 + varint_len(len as u64) + len
 }
 
-/// Size of a `RecordFragment` body; `origin_len` is 0 or what `origin_field_len` gives.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn fragment_body_len(
-    origin_len: usize,
-    topic_len: usize,
-    seq: u64,
-    time_us: i64,
-    total_len: usize,
-    offset: usize,
-    data_len: usize,
-) -> usize {
-    bytes_field_len(topic_len)
-        + scalar_len(seq)
-        + scalar_len(time_us as u64)
-        + scalar_len(total_len as u64)
-        + scalar_len(offset as u64)
-        + bytes_field_len(data_len)
-        + origin_len
+/// Everything a `RecordFragment` carries besides its data, as the sizes that decide its length.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FragmentHead {
+    /// 0, or what `origin_field_len` gives (only a record's first fragment has an origin).
+    pub origin_len: usize,
+    pub topic_len: usize,
+    pub seq: u64,
+    pub time_us: i64,
+    pub total_len: usize,
+    pub offset: usize,
 }
 
-/// The largest fragment payload whose frame fits in `room` bytes, if any.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn max_fragment_data(
-    room: usize,
-    origin_len: usize,
-    topic_len: usize,
-    seq: u64,
-    time_us: i64,
-    total_len: usize,
-    offset: usize,
-    remaining: usize,
-) -> usize {
-    let fixed = fragment_body_len(origin_len, topic_len, seq, time_us, total_len, offset, 0);
-    // Upper bound of the framing around the data: tag, two lengths prefixes and the oneof tag.
-    let mut data = room.saturating_sub(fixed + 1 + 3 * 5).min(remaining);
-    while data > 0 {
-        let body = fragment_body_len(origin_len, topic_len, seq, time_us, total_len, offset, data);
-        if frame_stream_len(body) <= room {
-            // Grow back what the conservative bound took, one byte at a time (at most ~15).
-            while data < remaining {
-                let body = fragment_body_len(
-                    origin_len,
-                    topic_len,
-                    seq,
-                    time_us,
-                    total_len,
-                    offset,
-                    data + 1,
-                );
-                if frame_stream_len(body) > room {
-                    break;
-                }
-                data += 1;
-            }
-            return data;
-        }
-        data -= 1;
+impl FragmentHead {
+    /// Size of the fragment's body with `data_len` bytes of data.
+    pub(crate) fn body_len(&self, data_len: usize) -> usize {
+        bytes_field_len(self.topic_len)
+            + scalar_len(self.seq)
+            + scalar_len(self.time_us as u64)
+            + scalar_len(self.total_len as u64)
+            + scalar_len(self.offset as u64)
+            + bytes_field_len(data_len)
+            + self.origin_len
     }
-    0
+
+    /// The largest data, at most `remaining`, whose frame fits in `room` bytes (0 if none).
+    pub(crate) fn max_data(&self, room: usize, remaining: usize) -> usize {
+        let fits = |data: usize| frame_stream_len(self.body_len(data)) <= room;
+        // Upper bound of the framing around the data: tag, two lengths prefixes and the oneof tag.
+        let mut data = room
+            .saturating_sub(self.body_len(0) + 1 + 3 * 5)
+            .min(remaining);
+        while data > 0 {
+            if fits(data) {
+                // Grow back what the conservative bound took, one byte at a time (at most ~15).
+                while data < remaining && fits(data + 1) {
+                    data += 1;
+                }
+                return data;
+            }
+            data -= 1;
+        }
+        0
+    }
 }
 
 #[cfg(test)]
@@ -151,7 +135,15 @@ mod tests {
                     origin: None,
                 })),
             };
-            let body = fragment_body_len(0, 10, seq, time, total, offset, len);
+            let head = FragmentHead {
+                origin_len: 0,
+                topic_len: 10,
+                seq,
+                time_us: time,
+                total_len: total,
+                offset,
+            };
+            let body = head.body_len(len);
             assert_eq!(
                 frame_stream_len(body),
                 frame.encode_length_delimited_to_vec().len()
@@ -165,8 +157,11 @@ mod tests {
             if let Some(frame::Body::Fragment(f)) = with_origin.body.as_mut() {
                 f.origin = Some(origin.clone());
             }
-            let body =
-                fragment_body_len(origin_field_len(&origin), 10, seq, time, total, offset, len);
+            let body = FragmentHead {
+                origin_len: origin_field_len(&origin),
+                ..head
+            }
+            .body_len(len);
             assert_eq!(
                 frame_stream_len(body),
                 with_origin.encode_length_delimited_to_vec().len()
@@ -176,13 +171,20 @@ mod tests {
 
     #[test]
     fn max_fragment_fills_exactly() {
+        let head = FragmentHead {
+            origin_len: 0,
+            topic_len: 12,
+            seq: 99,
+            time_us: 1,
+            total_len: 1 << 20,
+            offset: 5000,
+        };
         for room in 20..3000 {
-            let data = max_fragment_data(room, 0, 12, 99, 1, 1 << 20, 5000, usize::MAX);
+            let data = head.max_data(room, usize::MAX);
             if data > 0 {
-                let used = frame_stream_len(fragment_body_len(0, 12, 99, 1, 1 << 20, 5000, data));
+                let used = frame_stream_len(head.body_len(data));
                 assert!(used <= room);
-                let more =
-                    frame_stream_len(fragment_body_len(0, 12, 99, 1, 1 << 20, 5000, data + 1));
+                let more = frame_stream_len(head.body_len(data + 1));
                 assert!(more > room, "room {room}: {data} could grow");
             }
         }
