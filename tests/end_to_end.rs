@@ -77,17 +77,14 @@ fn records_arrive_intact_in_order_once_over_an_impaired_link() {
         seed: 7,
     };
     let pair = Pair::start(relay, &topics_udp_and_lines(udp, tcp), FILE_ROUTE);
-    let udp_addr: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
+    let udp_addr: SocketAddr = loopback(udp);
     // 100-byte records, as plant telemetry typically is.
     send_udp(
         udp_addr,
         (0..5000).map(|i| format!("telemetry {i} {PAD}").into_bytes()),
         200,
     );
-    send_lines(
-        format!("127.0.0.1:{tcp}").parse().unwrap(),
-        (0..5000).map(|i| format!("event {i} {PAD}")),
-    );
+    send_lines(loopback(tcp), (0..5000).map(|i| format!("event {i} {PAD}")));
     // Noise straight at the receiver's port while real traffic flows.
     let noise = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = SimRng::new(1);
@@ -169,10 +166,7 @@ fn a_clean_link_loses_nothing() {
         &topics_udp_and_lines(udp, tcp),
         FILE_ROUTE,
     );
-    send_lines(
-        format!("127.0.0.1:{tcp}").parse().unwrap(),
-        (0..20_000).map(|i| format!("event {i}")),
-    );
+    send_lines(loopback(tcp), (0..20_000).map(|i| format!("event {i}")));
     let out = pair.path("out/records.jsonl");
     assert!(wait_for(Duration::from_secs(30), || line_count(&out) >= 20_000));
     let topics = by_topic(&read_jsonl(&out));
@@ -191,7 +185,7 @@ fn an_outage_is_reported_as_exact_gaps_and_link_down() {
         &topics_udp_and_lines(udp, tcp),
         FILE_ROUTE,
     );
-    let tcp_addr: SocketAddr = format!("127.0.0.1:{tcp}").parse().unwrap();
+    let tcp_addr: SocketAddr = loopback(tcp);
     let mut stream = TcpStream::connect(tcp_addr).unwrap();
     let mut sent = 0;
     let mut send_for = |stream: &mut TcpStream, ms: u64| {
@@ -312,7 +306,7 @@ sink = {{ kind = "udp", target = "{}" }}
         .write_all(&framed)
         .unwrap();
     send_udp(
-        format!("127.0.0.1:{udp_in}").parse().unwrap(),
+        loopback(udp_in),
         (0..100).map(|i| format!("u{i}").into_bytes()),
         50,
     );
@@ -354,7 +348,7 @@ fn sender_restart_starts_a_new_session_and_receiver_restart_joins() {
         &topics_udp_and_lines(udp, tcp),
         FILE_ROUTE,
     );
-    let tcp_addr: SocketAddr = format!("127.0.0.1:{tcp}").parse().unwrap();
+    let tcp_addr: SocketAddr = loopback(tcp);
     let out = pair.path("out/records.jsonl");
     send_lines(tcp_addr, (0..1000).map(|i| format!("first {i}")));
     assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 1000));
@@ -402,37 +396,32 @@ fn sender_restart_starts_a_new_session_and_receiver_restart_joins() {
 #[test]
 fn a_bad_config_stops_the_service_naming_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sender.toml");
-    std::fs::write(
-        &path,
+    // The service's stderr, after checking it refused to start with status 2.
+    let refused = |binary: &str, name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let output = std::process::Command::new(binary)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = refused(
+        SEND,
+        "sender.toml",
         "[link]\ndestination = \"127.0.0.1:47000\"\nmtu_bytes = 1500\nrate_mbps = -4\n\n[[topic]]\nname = \"a\"\nsource = { kind = \"udp\", listen = \"127.0.0.1:0\" }\n",
-    )
-    .unwrap();
-    let output = std::process::Command::new(SEND)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    );
     assert!(
         stderr.contains("sender.toml:4: `link.rate_mbps`"),
         "{stderr}"
     );
-
-    let path = dir.path().join("receiver.toml");
-    std::fs::write(
-        &path,
+    let stderr = refused(
+        RECV,
+        "receiver.toml",
         "[link]\nlisten = \"127.0.0.1:47000\"\nlisten_port = 3\n",
-    )
-    .unwrap();
-    let output = std::process::Command::new(RECV)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    );
     assert!(
         stderr.contains("receiver.toml:3:") && stderr.contains("listen_port"),
         "{stderr}"
@@ -447,11 +436,7 @@ fn the_documented_metrics_are_exported() {
         &topics_udp_and_lines(udp, tcp),
         FILE_ROUTE,
     );
-    send_udp(
-        format!("127.0.0.1:{udp}").parse().unwrap(),
-        (0..10).map(|i| vec![0xff, i]),
-        10,
-    );
+    send_udp(loopback(udp), (0..10).map(|i| vec![0xff, i]), 10);
     let out = pair.path("out/records.jsonl");
     assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 10));
     let sender = pair.sender.metrics_text();
@@ -527,10 +512,7 @@ fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
         "key_file = \"link.key\"\nencrypt = true",
         "key_file = \"link.key\"\nencrypt = true",
     );
-    send_lines(
-        format!("127.0.0.1:{tcp}").parse().unwrap(),
-        (0..2000).map(|i| format!("event {i}")),
-    );
+    send_lines(loopback(tcp), (0..2000).map(|i| format!("event {i}")));
 
     // Forgeries with valid CRCs at the receiver's port: unauthenticated, and signed with another key.
     let noise = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -55,7 +55,7 @@ fn delivered(pair: &Pair, prefix_of: impl Fn(u64) -> String) -> Vec<u64> {
 fn a_sender_crash_is_a_new_session_and_the_receiver_carries_on() {
     let tcp = free_tcp_port();
     let mut pair = pair(tcp);
-    let addr: SocketAddr = format!("127.0.0.1:{tcp}").parse().unwrap();
+    let addr: SocketAddr = loopback(tcp);
     let mut s = TcpStream::connect(addr).unwrap();
     for i in 0..3000 {
         writeln!(s, "before {i}").unwrap();

@@ -88,7 +88,7 @@ buffer_dir = "buffer/it-broker"
         "",
     );
     std::thread::sleep(Duration::from_millis(500));
-    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let source = loopback(source_port);
     let total = 10_000u64;
     let sender = std::thread::spawn(move || {
         for chunk in 0..20 {
@@ -152,7 +152,7 @@ buffer_max_bytes = 16777216
         &udp_topic("historian/events", source_port),
         &routes,
     );
-    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let source = loopback(source_port);
     // The historian is down: everything goes to disk.
     send_udp(
         source,
@@ -207,7 +207,7 @@ fn syslog_sink_frames_rfc5424_with_octet_counting() {
         &udp_topic("security/door", source_port),
         &routes,
     );
-    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let source = loopback(source_port);
     send_udp(
         source,
         (0..20).map(|n| format!("door {n} opened").into_bytes()),
@@ -260,7 +260,7 @@ fn file_sink_rotates_and_raw_mode_is_byte_exact() {
         &udp_topic("files/stream", source_port),
         routes,
     );
-    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let source = loopback(source_port);
     let payloads: Vec<Vec<u8>> = (0..400u32)
         .map(|n| (0..100).map(|i| (n * 7 + i) as u8).collect())
         .collect();
@@ -328,7 +328,7 @@ fn the_embedded_broker_serves_records_to_mqtt_clients() {
             .unwrap(),
     );
     std::thread::sleep(Duration::from_secs(1));
-    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let source = loopback(source_port);
     send_udp(source, (0..500).map(|n| format!("v={n}").into_bytes()), 50);
     let stdout = consumer.0.stdout.take().unwrap();
     let lines: Vec<String> = BufReader::new(stdout)
@@ -366,7 +366,7 @@ buffer_dir = "buffer/kafka"
     );
     let pair = Pair::start(RelayConfig::default(), &topics, &routes);
     for (port, device) in [(a, "plc7"), (b, "plc8")] {
-        let source = format!("127.0.0.1:{port}").parse().unwrap();
+        let source = loopback(port);
         send_udp(
             source,
             (0..1000).map(|n| format!("{device} {n}").into_bytes()),
@@ -480,7 +480,7 @@ fn syslog_sink_over_udp_sends_one_message_a_datagram() {
         &udp_topic("security/fw", source_port),
         &routes,
     );
-    let source = format!("127.0.0.1:{source_port}").parse().unwrap();
+    let source = loopback(source_port);
     send_udp(
         source,
         (0..5).map(|n| format!("deny {n}").into_bytes()),

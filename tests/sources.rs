@@ -378,7 +378,7 @@ source = {{ kind = "udp", listen = "127.0.0.1:{free}" }}
     );
     let pair = Pair::start(RelayConfig::default(), &topics, FILE_ROUTE);
     let send = |port: u16| {
-        let to = format!("127.0.0.1:{port}").parse().unwrap();
+        let to = loopback(port);
         send_udp(to, (0..2000).map(|n| format!("{n:0500}").into_bytes()), 200);
     };
     // 1 MB offered at once to a topic allowed 100 kB/s (64 KiB of burst), and as much to another.

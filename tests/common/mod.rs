@@ -31,6 +31,11 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 pub fn free_udp_port() -> u16 {
     free_port()
 }
