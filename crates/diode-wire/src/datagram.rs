@@ -43,12 +43,16 @@ pub enum Rejected {
     Auth,
     #[error("a genuine but old datagram: retired or older session, or a block long gone")]
     Replay,
-    #[error("from a new session that has not yet shown a heartbeat")]
+    #[error(
+        "from a new session that has not yet shown a heartbeat, or while the current one is alive"
+    )]
     Unconfirmed,
+    #[error("a block number further ahead than a sender could have reached")]
+    FarAhead,
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 11] = [
+    pub const ALL: [Rejected; 12] = [
         Rejected::Truncated,
         Rejected::Crc,
         Rejected::Version,
@@ -60,6 +64,7 @@ impl Rejected {
         Rejected::Auth,
         Rejected::Replay,
         Rejected::Unconfirmed,
+        Rejected::FarAhead,
     ];
 
     /// The metric label value.
@@ -76,6 +81,7 @@ impl Rejected {
             Rejected::Auth => "auth",
             Rejected::Replay => "replay",
             Rejected::Unconfirmed => "unconfirmed",
+            Rejected::FarAhead => "far_ahead",
         }
     }
 }

@@ -47,6 +47,11 @@ pub struct EncoderConfig {
 }
 
 impl EncoderConfig {
+    /// The same settings for another session.
+    pub fn with_session(self, session_id: u64) -> Self {
+        EncoderConfig { session_id, ..self }
+    }
+
     pub fn max_shard_len(&self) -> usize {
         let trailer = if self.key.is_some() { TRAILER_LEN } else { 0 };
         self.mtu_bytes
@@ -105,6 +110,105 @@ pub enum EncoderConfigError {
 pub enum PushError {
     #[error("unknown topic id {0}")]
     UnknownTopic(u32),
+    #[error(transparent)]
+    TooLarge(#[from] RecordTooLarge),
+}
+
+/// A record whose metadata leaves no room for even one byte of it in an empty block.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+#[error(
+    "a record with {origin_bytes} bytes of origin metadata cannot be framed: a block holds \
+     {capacity} bytes (at most {max_origin_topic_bytes} bytes of origin topic fit)"
+)]
+pub struct RecordTooLarge {
+    pub origin_bytes: usize,
+    pub capacity: usize,
+    pub max_origin_topic_bytes: usize,
+}
+
+/// What a record must satisfy to be framed (wire-format.md §4.1, §5.2): its first fragment,
+/// origin included, and any later one must each fit an empty block with at least one byte of
+/// payload. Sources check it before a record reaches the link queue; the encoder checks it
+/// again, so no record can make it loop without progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordLimits {
+    /// Room for frames in an empty block: its capacity less the content length.
+    room: usize,
+}
+
+impl RecordLimits {
+    pub fn new(config: &EncoderConfig) -> Self {
+        RecordLimits {
+            room: config.block_capacity().saturating_sub(CONTENT_HEADER_LEN),
+        }
+    }
+
+    /// Checks a record of a topic named with `topic_len` bytes. Sizes are taken at their worst
+    /// (the largest sequence number, time and offset), so a record that passes here fits
+    /// whatever its place in the stream.
+    pub fn check(
+        &self,
+        topic_len: usize,
+        origin: Option<&proto::Origin>,
+        payload_len: usize,
+    ) -> Result<(), RecordTooLarge> {
+        let origin_len = origin
+            .filter(|o| !o.topic.is_empty())
+            .map_or(0, frames::origin_field_len);
+        let head = |origin_len, offset| frames::FragmentHead {
+            origin_len,
+            topic_len,
+            seq: u64::MAX,
+            time_us: -1,
+            total_len: payload_len,
+            offset,
+        };
+        let data = payload_len.min(1);
+        let first = frames::frame_stream_len(head(origin_len, 0).body_len(data));
+        let later = frames::frame_stream_len(head(0, payload_len).body_len(1));
+        if first <= self.room && later <= self.room {
+            return Ok(());
+        }
+        Err(RecordTooLarge {
+            origin_bytes: origin_len,
+            capacity: self.room + CONTENT_HEADER_LEN,
+            max_origin_topic_bytes: self.max_origin_topic_bytes(topic_len),
+        })
+    }
+
+    /// The longest origin topic a record of this topic may carry.
+    pub fn max_origin_topic_bytes(&self, topic_len: usize) -> usize {
+        let fits = |len: usize| {
+            let origin = proto::Origin {
+                topic: "x".repeat(len),
+                qos: 2,
+                retain: true,
+            };
+            let head = frames::FragmentHead {
+                origin_len: frames::origin_field_len(&origin),
+                topic_len,
+                seq: u64::MAX,
+                time_us: -1,
+                total_len: usize::MAX >> 1,
+                offset: 0,
+            };
+            frames::frame_stream_len(head.body_len(1)) <= self.room
+        };
+        let (mut low, mut high) = (0, self.room);
+        // The largest `len` that fits, by bisection (fits is monotonic in len).
+        if !fits(0) {
+            return 0;
+        }
+        while low < high {
+            let mid = (low + high).div_ceil(2);
+            if fits(mid) {
+                low = mid;
+            } else {
+                high = mid - 1;
+            }
+        }
+        low
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -136,6 +240,8 @@ pub struct EncoderStats {
     pub records_in: u64,
     pub payload_bytes_in: u64,
     pub records_dropped: u64,
+    /// Records refused because they cannot be framed (see [`RecordLimits`]).
+    pub records_refused: u64,
     pub source_errors: u64,
     pub blocks_sealed: u64,
     pub fragments: u64,
@@ -215,6 +321,7 @@ struct SealedBlock {
 
 pub struct Encoder {
     config: EncoderConfig,
+    limits: RecordLimits,
     max_shard_len: usize,
     capacity: usize,
     topics: Vec<Topic>,
@@ -233,6 +340,8 @@ pub struct Encoder {
     cipher: Option<BlockCipher>,
     scratch: Vec<u8>,
     stats: EncoderStats,
+    /// Set by `finish`: heartbeats from then on say the sender is stopping (§5.3).
+    stopping: bool,
 }
 
 impl Encoder {
@@ -241,6 +350,7 @@ impl Encoder {
         config.validate()?;
         let max_shard_len = config.max_shard_len();
         Ok(Encoder {
+            limits: RecordLimits::new(&config),
             capacity: config.block_capacity(),
             cipher: config
                 .key
@@ -265,11 +375,12 @@ impl Encoder {
             codecs: CodecCache::default(),
             scratch: Vec::new(),
             stats: EncoderStats::default(),
+            stopping: false,
         })
     }
 
-    pub fn config(&self) -> &EncoderConfig {
-        &self.config
+    pub fn limits(&self) -> RecordLimits {
+        self.limits
     }
 
     pub fn add_topic(&mut self, name: &str) -> Result<TopicId, AddTopicError> {
@@ -286,10 +397,6 @@ impl Encoder {
             open_batch: None,
         });
         Ok(TopicId(self.topics.len() as u32 - 1))
-    }
-
-    pub fn topic_name(&self, topic: TopicId) -> Option<&str> {
-        self.topics.get(topic.index()).map(|t| t.name.as_str())
     }
 
     pub fn stats(&self) -> &EncoderStats {
@@ -314,7 +421,8 @@ impl Encoder {
         self.stats.source_errors += count;
     }
 
-    /// Takes one record; returns the sequence number it got.
+    /// Takes one record; returns the sequence number it got. A record that cannot be framed is
+    /// refused (and counted) before it gets one.
     pub fn push(
         &mut self,
         now: Instant,
@@ -334,15 +442,22 @@ impl Encoder {
         origin: Option<proto::Origin>,
         payload: Bytes,
     ) -> Result<u64, PushError> {
+        let origin = origin.filter(|o| !o.topic.is_empty());
         let t = self
             .topics
             .get_mut(topic.index())
             .ok_or(PushError::UnknownTopic(topic.0))?;
+        if let Err(e) = self
+            .limits
+            .check(t.name.len(), origin.as_ref(), payload.len())
+        {
+            self.stats.records_refused += 1;
+            return Err(e.into());
+        }
         let seq = t.next_seq;
         t.next_seq += 1;
         self.stats.records_in += 1;
         self.stats.payload_bytes_in += payload.len() as u64;
-        let origin = origin.filter(|o| !o.topic.is_empty());
         self.place_record(now, topic, seq, time_us, origin, payload);
         Ok(seq)
     }
@@ -505,7 +620,16 @@ impl Encoder {
             };
             let data_len = head.max_data(room, total_len - offset);
             let ends_record = offset + data_len == total_len;
-            if data_len == 0 && !(ends_record && self.open.is_empty()) {
+            let fits = frames::frame_stream_len(head.body_len(data_len)) <= room;
+            if data_len == 0 && !(ends_record && fits) {
+                if self.open.is_empty() {
+                    // Not even an empty block holds this piece: `push` checked the record
+                    // against the limits, so this cannot happen; the record stays incomplete
+                    // (its gap is reported) rather than the loop spinning without progress.
+                    debug_assert!(false, "a record that passed RecordLimits does not fit");
+                    self.stats.records_refused += 1;
+                    return;
+                }
                 // Not even one byte fits: start on a fresh block.
                 self.seal(now);
                 continue;
@@ -555,6 +679,7 @@ impl Encoder {
     /// For a clean stop: everything pushed so far, then a heartbeat whose catalogue tells the
     /// receiver each topic's final sequence number, all released at once.
     pub fn finish(&mut self, now: Instant, unix_time_us: i64) {
+        self.stopping = true;
         self.add_heartbeat(now, unix_time_us);
         self.flush(now);
     }
@@ -657,6 +782,7 @@ impl Encoder {
                 source_errors: self.stats.source_errors,
             }),
             sender_version: env!("CARGO_PKG_VERSION").to_owned(),
+            stopping: self.stopping,
         };
         // The catalogue goes in turns of at most 128 topics and at most half a block (§5.3).
         let count = self.topics.len();

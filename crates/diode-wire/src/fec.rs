@@ -22,21 +22,103 @@ pub fn geometry_for(
     (k, m, shard_len)
 }
 
-/// Building a codec inverts a matrix; blocks reuse a handful of geometries, so codecs are kept.
-#[derive(Default)]
+/// Decode matrices reed-solomon-erasure keeps per codec (its `DATA_DECODE_MATRIX_CACHE_CAPACITY`).
+const DECODE_MATRICES_PER_CODEC: usize = 254;
+/// Bytes a codec of `k` data shards can come to hold: its encoding matrix and a full cache of
+/// k×k decode matrices, with a little bookkeeping each.
+pub fn codec_cost_bytes(k: usize, m: usize) -> usize {
+    (k + m) * k + DECODE_MATRICES_PER_CODEC * (k * k + 64)
+}
+
+/// Codecs kept across blocks by default: a 32 + 8 link uses at most 32 geometries of at most
+/// 277 KiB each; anything beyond that is evicted least recently used first.
+pub const DEFAULT_CODEC_CACHE_BYTES: usize = 16 << 20;
+
+/// Building a codec inverts a matrix, and blocks reuse a handful of geometries, so codecs are
+/// kept; but the geometry comes from datagram headers, which on an unauthenticated link only
+/// need a valid CRC, and every codec grows its own cache of decode matrices. So the cache is
+/// bounded by what its codecs can come to hold ([`codec_cost_bytes`]), not by their number.
 pub struct CodecCache {
-    codecs: HashMap<(usize, usize), Arc<ReedSolomon>>,
+    codecs: HashMap<(usize, usize), CachedCodec>,
+    budget_bytes: usize,
+    used_bytes: usize,
+    clock: u64,
+    built: u64,
+    evicted: u64,
+}
+
+struct CachedCodec {
+    codec: Arc<ReedSolomon>,
+    cost: usize,
+    last_used: u64,
+}
+
+impl Default for CodecCache {
+    fn default() -> Self {
+        CodecCache::with_budget(DEFAULT_CODEC_CACHE_BYTES)
+    }
 }
 
 impl CodecCache {
+    /// A cache whose codecs can hold at most `budget_bytes` (one codec is always kept, however
+    /// large: the largest, k = 254, costs about 16 MiB).
+    pub fn with_budget(budget_bytes: usize) -> Self {
+        CodecCache {
+            codecs: HashMap::new(),
+            budget_bytes,
+            used_bytes: 0,
+            clock: 0,
+            built: 0,
+            evicted: 0,
+        }
+    }
+
     /// `k ≥ 1, m ≥ 1, k + m ≤ 255` is checked by callers (datagram header rules).
     pub fn get(&mut self, k: usize, m: usize) -> Arc<ReedSolomon> {
-        self.codecs
-            .entry((k, m))
-            .or_insert_with(|| {
-                Arc::new(ReedSolomon::new(k, m).expect("geometry checked by caller"))
-            })
-            .clone()
+        self.clock += 1;
+        if let Some(entry) = self.codecs.get_mut(&(k, m)) {
+            entry.last_used = self.clock;
+            return entry.codec.clone();
+        }
+        let cost = codec_cost_bytes(k, m);
+        while !self.codecs.is_empty() && self.used_bytes + cost > self.budget_bytes {
+            let stalest = *self
+                .codecs
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(key, _)| key)
+                .expect("not empty");
+            let entry = self.codecs.remove(&stalest).expect("present");
+            self.used_bytes -= entry.cost;
+            self.evicted += 1;
+        }
+        let codec = Arc::new(ReedSolomon::new(k, m).expect("geometry checked by caller"));
+        self.built += 1;
+        self.used_bytes += cost;
+        self.codecs.insert(
+            (k, m),
+            CachedCodec {
+                codec: codec.clone(),
+                cost,
+                last_used: self.clock,
+            },
+        );
+        codec
+    }
+
+    /// What the cached codecs can come to hold, at most.
+    pub fn bytes(&self) -> usize {
+        self.used_bytes
+    }
+
+    /// Codecs built and codecs evicted since the start: a steady stream of either means
+    /// datagrams with ever-new geometries.
+    pub fn built(&self) -> u64 {
+        self.built
+    }
+
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 }
 
@@ -99,6 +181,29 @@ mod tests {
             assert!(m * 32 >= k * 8);
         }
         assert_eq!(geometry_for(5000, 1442, 32, 0).1, 0);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_budget_whatever_the_geometries() {
+        let mut cache = CodecCache::with_budget(2 << 20);
+        for k in 1..200 {
+            for m in [1, 7, 55] {
+                let _ = cache.get(k, m);
+                assert!(
+                    cache.bytes() <= (2 << 20).max(codec_cost_bytes(k, m)),
+                    "{} bytes at k {k} m {m}",
+                    cache.bytes()
+                );
+            }
+        }
+        assert!(cache.evicted() > 0);
+        // Geometries in use stay cached.
+        let built = cache.built();
+        for _ in 0..100 {
+            let _ = cache.get(32, 8);
+            let _ = cache.get(3, 1);
+        }
+        assert_eq!(cache.built(), built + 2);
     }
 
     #[test]

@@ -20,7 +20,12 @@ pub mod sim;
 
 pub use auth::LinkKey;
 pub use datagram::Rejected;
-pub use encoder::{Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, TopicId};
+pub use encoder::{
+    Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, RecordLimits,
+    RecordTooLarge, TopicId,
+};
 pub use frames::{is_valid_topic, proto};
 pub use pacer::Pacer;
-pub use reassembler::{Event, Gap, Reassembler, ReassemblerConfig, ReassemblerStats, Record};
+pub use reassembler::{
+    Event, Gap, Reassembler, ReassemblerConfig, ReassemblerStats, Record, ReplayFloor,
+};

@@ -29,9 +29,17 @@ const JOIN_FROM_START_BLOCKS: u64 = 16;
 const UNNEEDED_WINDOW_BLOCKS: u64 = 1024;
 /// Reordering slack on top of the interleave depth (§6.3).
 const REORDER_SLACK_BLOCKS: u64 = 2;
-/// Candidate sessions held at once, and the bytes of datagrams each may hold (§6.1).
+/// Candidate sessions held at once, and the bytes and datagrams each may hold (§6.1).
 const MAX_CANDIDATES: usize = 4;
 const CANDIDATE_BYTES: usize = 256 * 1024;
+const CANDIDATE_DATAGRAMS: usize = 2048;
+/// Plausibility bounds (§6.6): no sender moves its block numbers or a topic's sequence numbers
+/// faster than these, so a forged datagram cannot drive a loss counter past what a link could
+/// physically carry in the time since the session or the topic was first seen.
+const MAX_BLOCK_JUMP: u64 = 1 << 16;
+const MAX_BLOCKS_PER_SEC: u64 = 1 << 22;
+const MAX_SEQ_JUMP: u64 = 1 << 20;
+const MAX_RECORDS_PER_SEC: u64 = 1 << 25;
 /// Heartbeat intervals of silence before the link is called down (§6.5).
 const LINK_DOWN_HEARTBEATS: u32 = 4;
 
@@ -47,6 +55,8 @@ pub struct ReassemblerConfig {
     pub keys: Vec<LinkKey>,
     /// Accept only encrypted blocks (wire-format.md §4.4); others are rejected as `auth`.
     pub require_encryption: bool,
+    /// Bytes the cached Reed-Solomon codecs may come to hold (see `fec::CodecCache`).
+    pub codec_cache_bytes: usize,
 }
 
 impl Default for ReassemblerConfig {
@@ -59,6 +69,7 @@ impl Default for ReassemblerConfig {
             initial_link_timeout: Duration::from_secs(2),
             keys: Vec::new(),
             require_encryption: false,
+            codec_cache_bytes: fec::DEFAULT_CODEC_CACHE_BYTES,
         }
     }
 }
@@ -133,6 +144,9 @@ pub struct ReassemblerStats {
     pub oversize_records: u64,
     pub heartbeats: u64,
     pub sessions: u64,
+    /// Reed-Solomon codecs built and evicted (new geometries; a steady rise means hostile input).
+    pub codecs_built: u64,
+    pub codecs_evicted: u64,
 }
 
 impl ReassemblerStats {
@@ -151,6 +165,8 @@ enum BlockState {
         data_received: usize,
     },
     Complete(Bytes),
+    /// k shards arrived but did not rebuild: a lost block, never delivered.
+    Unrecoverable,
 }
 
 struct PendingBlock {
@@ -176,28 +192,125 @@ struct Session {
     max_depth: u64,
     /// Since when the block at `next_deliver` has seen no progress (§6.3).
     head_since: Instant,
-    /// Per topic the next expected sequence number; `None` until known when joined mid-stream.
-    topics: HashMap<Arc<str>, Option<u64>>,
+    topics: HashMap<Arc<str>, TopicState>,
     mid_stream: bool,
     /// A block of this session has decoded: from now on only a new session that proves itself
-    /// with a heartbeat replaces it (§6.1).
+    /// with a heartbeat replaces it, and only once this one has gone quiet (§6.1).
     confirmed: bool,
+    /// Its last heartbeat said the sender was stopping (§5.3).
+    stopped: bool,
+    /// When its last datagram arrived: a session still sending is alive and cannot be displaced.
+    last_datagram: Instant,
+    /// When and at which block it started, for the plausibility bound on block numbers (§6.6).
+    started_at: Instant,
+    first_block: u64,
     partial: Option<PartialRecord>,
 }
 
-/// Datagrams of an unknown session held until one of its blocks yields a heartbeat (§6.1).
+impl Session {
+    /// The highest block number a genuine sender could have reached by `now` (§6.6).
+    fn block_frontier(&self, now: Instant) -> u64 {
+        let secs = now.saturating_duration_since(self.started_at).as_secs();
+        self.first_block
+            .saturating_add(MAX_BLOCK_JUMP)
+            .saturating_add(secs.saturating_mul(MAX_BLOCKS_PER_SEC))
+    }
+}
+
+/// Per topic and session: the next expected sequence number (`None` until known when joined
+/// mid-stream), and the first sequence number seen with its time, which bound how far a
+/// sequence number can plausibly jump (§6.6).
+#[derive(Clone)]
+struct TopicState {
+    expected: Option<u64>,
+    anchor: Option<(u64, Instant)>,
+}
+
+impl TopicState {
+    fn plausible(&mut self, seq: u64, now: Instant) -> bool {
+        let (first, since) = *self.anchor.get_or_insert((seq, now));
+        let secs = now.saturating_duration_since(since).as_secs();
+        let frontier = first
+            .saturating_add(MAX_SEQ_JUMP)
+            .saturating_add(secs.saturating_mul(MAX_RECORDS_PER_SEC));
+        seq <= frontier
+    }
+}
+
+/// Datagrams of an unknown, unauthenticated session held until one of its blocks yields a
+/// heartbeat (§6.1). Each datagram's header is parsed once, on arrival, and its block's shards
+/// counted, so the work per datagram is bounded whatever the candidate holds.
 struct Candidate {
     id: u64,
-    datagrams: Vec<Vec<u8>>,
+    held: Vec<(Header, Vec<u8>)>,
     bytes: usize,
+    blocks: HashMap<u64, HeldBlock>,
+    /// A block of it rebuilt to content holding a heartbeat.
+    proven: bool,
     last_seen: Instant,
+}
+
+/// One block of a candidate: which of its shards are held, and where.
+struct HeldBlock {
+    geometry: BlockGeometry,
+    present: [u64; 4],
+    /// (shard index, position in `held`).
+    shards: Vec<(u8, u32)>,
+    /// Decoded once when k shards were held; never again.
+    checked: bool,
+}
+
+impl Candidate {
+    /// Holds a datagram within the candidate's bounds; returns whether it was held.
+    fn hold(&mut self, header: &Header, datagram: &[u8]) -> bool {
+        if self.bytes + datagram.len() > CANDIDATE_BYTES || self.held.len() >= CANDIDATE_DATAGRAMS {
+            return false;
+        }
+        let block = self.blocks.entry(header.block).or_insert(HeldBlock {
+            geometry: header.geometry,
+            present: [0; 4],
+            shards: Vec::new(),
+            checked: false,
+        });
+        let index = header.shard_index as usize;
+        let bit = 1u64 << (index % 64);
+        if block.geometry != header.geometry || block.present[index / 64] & bit != 0 {
+            return false;
+        }
+        block.present[index / 64] |= bit;
+        block
+            .shards
+            .push((header.shard_index, self.held.len() as u32));
+        self.bytes += datagram.len();
+        self.held.push((*header, datagram.to_vec()));
+        true
+    }
+}
+
+/// The session a receiver last delivered from on an authenticated link, and how far: kept by the
+/// receiver across its restarts so that a replay of an old session, or of the current one's
+/// delivered blocks, is refused after a restart too (§6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayFloor {
+    pub session_id: u64,
+    pub next_block: u64,
+}
+
+/// The session a forged or mistaken one displaced, kept so that if it turns out to be alive it
+/// can come back with its per-topic expectations, and what it sent meanwhile is reported lost.
+struct Displaced {
+    id: u64,
+    topics: HashMap<Arc<str>, TopicState>,
 }
 
 pub struct Reassembler {
     config: ReassemblerConfig,
     session: Option<Session>,
     retired: VecDeque<u64>,
+    displaced: Option<Displaced>,
     candidates: Vec<Candidate>,
+    /// Restored from the receiver's state: the newest authenticated session known (§6.1).
+    floor: Option<ReplayFloor>,
     codecs: CodecCache,
     /// Block ciphers of the current session, one per configured key (§4.4).
     ciphers: Option<(u64, Vec<BlockCipher>)>,
@@ -212,17 +325,42 @@ impl Reassembler {
     pub fn new(config: ReassemblerConfig) -> Self {
         Reassembler {
             link_timeout: config.initial_link_timeout,
-            config,
             session: None,
             retired: VecDeque::new(),
+            displaced: None,
             candidates: Vec::new(),
-            codecs: CodecCache::default(),
+            floor: None,
+            codecs: CodecCache::with_budget(config.codec_cache_bytes),
             ciphers: None,
             events: VecDeque::new(),
             stats: ReassemblerStats::default(),
             last_valid: None,
             link_up: false,
+            config,
         }
+    }
+
+    /// The newest authenticated session delivered from, and its delivery point, for the
+    /// receiver to keep across restarts (§6.1). `None` on an unauthenticated link.
+    pub fn replay_floor(&self) -> Option<ReplayFloor> {
+        match &self.session {
+            Some(s) if !self.config.keys.is_empty() => Some(ReplayFloor {
+                session_id: s.id,
+                next_block: s.next_deliver,
+            }),
+            _ => self.floor,
+        }
+    }
+
+    /// Takes back what [`Reassembler::replay_floor`] said before a restart: older sessions are
+    /// refused as `replay`, and the same session resumes where delivery stopped.
+    pub fn restore_replay_floor(&mut self, floor: ReplayFloor) {
+        self.floor = Some(floor);
+    }
+
+    /// Bytes the cached Reed-Solomon codecs can come to hold.
+    pub fn codec_cache_bytes(&self) -> usize {
+        self.codecs.bytes()
     }
 
     pub fn stats(&self) -> &ReassemblerStats {
@@ -256,10 +394,12 @@ impl Reassembler {
             .last_valid
             .filter(|_| self.link_up)
             .map(|t| t + self.link_timeout);
-        match (head, link) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let takeover = self
+            .session
+            .as_ref()
+            .filter(|_| self.candidates.iter().any(|c| c.proven))
+            .map(|s| s.last_datagram + self.quiet_period());
+        [head, link, takeover].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -280,11 +420,18 @@ impl Reassembler {
             let next = self.session.as_ref().map_or(0, |s| s.next_deliver);
             self.advance_to(now, next.saturating_add(1));
         }
+        if self.session_replaceable(now) {
+            if let Some(index) = self.candidates.iter().position(|c| c.proven) {
+                self.promote(now, index);
+            }
+        }
     }
 
     /// Takes one datagram from the link. `Err` says why it was dropped; it is also counted.
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Result<(), Rejected> {
         let result = self.accept(now, datagram);
+        self.stats.codecs_built = self.codecs.built();
+        self.stats.codecs_evicted = self.codecs.evicted();
         match result {
             Ok(()) => self.stats.datagrams_accepted += 1,
             Err(reason) => self.stats.rejected[reason as usize] += 1,
@@ -297,10 +444,17 @@ impl Reassembler {
         if self.config.require_encryption && !header.encrypted {
             return Err(Rejected::Auth);
         }
-        if self.needs_proof(&header) {
-            return self.hold_candidate(now, &header, datagram);
+        match self.role_of(&header) {
+            Role::Current => {}
+            Role::Start => self.force_session(now, &header),
+            Role::Candidate => return self.hold_candidate(now, &header, datagram),
+            Role::Old => return Err(old_datagram(&header)),
         }
-        self.enter_session(now, &header)?;
+        let session = self.session.as_mut().expect("current or started above");
+        if header.block > session.block_frontier(now) {
+            return Err(Rejected::FarAhead);
+        }
+        session.last_datagram = now;
         self.last_valid = Some(now);
         if !self.link_up {
             self.link_up = true;
@@ -327,19 +481,54 @@ impl Reassembler {
         self.store_shard(now, &header, shard)
     }
 
-    /// An unknown, unauthenticated session while the current one is confirmed must prove itself
-    /// before it replaces it (§6.1). Authenticated sessions are genuine: newer ones switch at once.
-    fn needs_proof(&self, header: &Header) -> bool {
-        !header.authenticated
-            && !self.retired.contains(&header.session_id)
-            && self
-                .session
-                .as_ref()
-                .is_some_and(|s| s.confirmed && s.id != header.session_id)
+    /// §6.1: which session a datagram belongs to, and so what becomes of it.
+    fn role_of(&self, header: &Header) -> Role {
+        let id = header.session_id;
+        let Some(current) = &self.session else {
+            // Nothing to protect yet, but after a restart an authenticated link still knows
+            // the newest session it delivered from.
+            return match self.floor {
+                Some(floor) if header.authenticated && id < floor.session_id => Role::Old,
+                _ => Role::Start,
+            };
+        };
+        if id == current.id {
+            return Role::Current;
+        }
+        if header.authenticated {
+            // Authenticated sessions are genuine: a newer one is the sender restarted.
+            return if self.retired.contains(&id) || id < current.id {
+                Role::Old
+            } else {
+                Role::Start
+            };
+        }
+        let displaced = self.displaced.as_ref().is_some_and(|d| d.id == id);
+        if self.retired.contains(&id) && !displaced {
+            Role::Old
+        } else {
+            Role::Candidate
+        }
     }
 
-    /// Holds a candidate session's datagram; promotes the candidate once a block of it rebuilds
-    /// to content holding a heartbeat, then takes in everything it held.
+    /// Silence after which a session counts as gone: two of its heartbeat intervals.
+    fn quiet_period(&self) -> Duration {
+        self.link_timeout / 2
+    }
+
+    /// Whether a proven candidate may take over now: the current session never decoded a
+    /// block, said it was stopping, or has sent nothing for the quiet period. A session still
+    /// sending is alive, and a forged heartbeat cannot retire it.
+    fn session_replaceable(&self, now: Instant) -> bool {
+        self.session.as_ref().is_none_or(|s| {
+            !s.confirmed
+                || s.stopped
+                || now.saturating_duration_since(s.last_datagram) >= self.quiet_period()
+        })
+    }
+
+    /// Holds a candidate session's datagram; promotes the candidate once a block of it has
+    /// rebuilt to content holding a heartbeat and the current session may be replaced.
     fn hold_candidate(
         &mut self,
         now: Instant,
@@ -354,15 +543,22 @@ impl Reassembler {
             Some(index) => index,
             None => {
                 if self.candidates.len() == MAX_CANDIDATES {
-                    let stalest = (0..self.candidates.len())
-                        .min_by_key(|&i| self.candidates[i].last_seen)
+                    // Keep the candidates most likely genuine: proven ones, then those that
+                    // have sent the most; a flood of one-datagram sessions evicts only itself.
+                    let weakest = (0..self.candidates.len())
+                        .min_by_key(|&i| {
+                            let c = &self.candidates[i];
+                            (c.proven, c.held.len(), c.last_seen)
+                        })
                         .expect("full");
-                    self.candidates.swap_remove(stalest);
+                    self.candidates.swap_remove(weakest);
                 }
                 self.candidates.push(Candidate {
                     id: header.session_id,
-                    datagrams: Vec::new(),
+                    held: Vec::new(),
                     bytes: 0,
+                    blocks: HashMap::new(),
+                    proven: false,
                     last_seen: now,
                 });
                 self.candidates.len() - 1
@@ -370,64 +566,62 @@ impl Reassembler {
         };
         let candidate = &mut self.candidates[index];
         candidate.last_seen = now;
-        if candidate.bytes + datagram.len() > CANDIDATE_BYTES {
+        let held = candidate.hold(header, datagram);
+        if held && !candidate.proven {
+            self.check_candidate_block(index, header.block);
+        }
+        if !self.candidates[index].proven || !self.session_replaceable(now) {
             return Err(Rejected::Unconfirmed);
         }
-        candidate.bytes += datagram.len();
-        candidate.datagrams.push(datagram.to_vec());
-        if !self.candidate_proves_itself(index, header) {
-            return Err(Rejected::Unconfirmed);
+        self.promote(now, index);
+        if held {
+            // It was taken in with the others the candidate held.
+            self.stats.datagrams_accepted = self.stats.datagrams_accepted.saturating_sub(1);
+            Ok(())
+        } else {
+            self.accept(now, datagram)
         }
-        let candidate = self.candidates.swap_remove(index);
-        // The held datagrams now belong to the session they start; the earliest block first so
-        // that a sender's start is recognised as such.
-        let mut held = candidate.datagrams;
-        held.sort_by_key(|d| {
-            datagram::parse(d, &self.config.keys).map_or(u64::MAX, |(h, _)| h.block)
-        });
-        let first = datagram::parse(&held[0], &self.config.keys)
-            .map(|(h, _)| h)
-            .unwrap_or(*header);
-        self.force_session(now, &first);
-        for d in &held {
-            let _ = self.handle_datagram(now, d);
-        }
-        // This datagram was counted as accepted by the replay above, not here.
-        self.stats.datagrams_accepted = self.stats.datagrams_accepted.saturating_sub(1);
-        Ok(())
     }
 
-    /// Whether the block of `header` among the candidate's datagrams rebuilds to content holding
-    /// a heartbeat frame.
-    fn candidate_proves_itself(&mut self, index: usize, header: &Header) -> bool {
-        let g = header.geometry;
+    /// Starts the candidate's session and takes in everything it held, the earliest block first
+    /// so that a sender's start is recognised as such.
+    fn promote(&mut self, now: Instant, index: usize) {
+        let candidate = self.candidates.swap_remove(index);
+        let mut held = candidate.held;
+        held.sort_by_key(|(h, _)| h.block);
+        let Some((first, _)) = held.first() else {
+            return;
+        };
+        self.force_session(now, first);
+        for (_, d) in &held {
+            let _ = self.handle_datagram(now, d);
+        }
+    }
+
+    /// Rebuilds the candidate's block once k of its shards are held, and marks the candidate
+    /// proven if the block holds a heartbeat. Each block is decoded at most once.
+    fn check_candidate_block(&mut self, index: usize, block: u64) {
+        let candidate = &mut self.candidates[index];
+        let Some(held) = candidate.blocks.get_mut(&block) else {
+            return;
+        };
+        let g = held.geometry;
         let (k, m, len) = (
             g.data_shards as usize,
             g.parity_shards as usize,
             g.shard_len as usize,
         );
-        // Count before allocating: k shards actually held bound the buffers by CANDIDATE_BYTES,
-        // whatever geometry a hostile header claims.
-        let held = self.candidates[index]
-            .datagrams
-            .iter()
-            .filter_map(|d| datagram::parse(d, &self.config.keys).ok())
-            .filter(|(h, _)| h.block == header.block && h.geometry == g)
-            .count();
-        if held < k {
-            return false;
+        if held.checked || held.shards.len() < k {
+            return;
         }
+        held.checked = true;
         let mut data = vec![0u8; k * len];
         let mut parity = vec![0u8; m * len];
         let mut present = vec![false; k + m];
-        for d in &self.candidates[index].datagrams {
-            let Ok((h, shard)) = datagram::parse(d, &self.config.keys) else {
-                continue;
-            };
-            if h.block != header.block || h.geometry != g || present[h.shard_index as usize] {
-                continue;
-            }
-            let i = h.shard_index as usize;
+        for &(i, at) in &held.shards {
+            let (_, d) = &candidate.held[at as usize];
+            let shard = &d[datagram::HEADER_LEN..datagram::HEADER_LEN + len];
+            let i = i as usize;
             present[i] = true;
             if i < k {
                 data[i * len..(i + 1) * len].copy_from_slice(shard);
@@ -435,40 +629,23 @@ impl Reassembler {
                 parity[(i - k) * len..(i - k + 1) * len].copy_from_slice(shard);
             }
         }
-        if present.iter().filter(|p| **p).count() < k {
-            return false;
-        }
         if present[..k].iter().any(|p| !p) {
             let codec = self.codecs.get(k, m);
             if fec::reconstruct(&codec, &mut data, &mut parity, len, &present).is_err() {
-                return false;
+                return;
             }
         }
-        if header.encrypted && !self.decrypt(header.session_id, header.block, &mut data) {
-            return false;
+        // Candidates are unauthenticated, hence never encrypted (§2: flag rules).
+        if contains_heartbeat(&data) {
+            self.candidates[index].proven = true;
         }
-        contains_heartbeat(&data)
-    }
-
-    /// §6.1: follows sender restarts and rejects retired sessions, and on an authenticated link
-    /// any older one.
-    fn enter_session(&mut self, now: Instant, header: &Header) -> Result<(), Rejected> {
-        match &self.session {
-            Some(s) if s.id == header.session_id => return Ok(()),
-            _ if self.retired.contains(&header.session_id) => return Err(old_datagram(header)),
-            Some(s) if header.authenticated && header.session_id < s.id => {
-                return Err(Rejected::Replay)
-            }
-            _ => {}
-        }
-        self.force_session(now, header);
-        Ok(())
     }
 
     /// Retires the current session, if any, and starts the one `header` belongs to.
     fn force_session(&mut self, now: Instant, header: &Header) {
         let previous = self.session.as_ref().map(|s| s.id);
         self.candidates.retain(|c| c.id != header.session_id);
+        let previous_topics = self.session.as_ref().map(|s| s.topics.clone());
         if let Some(old) = previous {
             // Deliver what the old session completed, count the rest as lost.
             let end = self
@@ -481,19 +658,53 @@ impl Reassembler {
             if self.retired.len() == RETIRED_SESSIONS {
                 self.retired.pop_front();
             }
-            self.retired.push_back(old);
+            if !self.retired.contains(&old) {
+                self.retired.push_back(old);
+            }
         }
-        let mid_stream = header.block >= JOIN_FROM_START_BLOCKS;
+        // A displaced session that comes back resumes its per-topic expectations, so what it
+        // sent while displaced is reported lost rather than silently skipped.
+        let resumed = self
+            .displaced
+            .take_if(|d| d.id == header.session_id)
+            .map(|d| d.topics);
+        if let (Some(old), Some(topics)) = (previous, previous_topics) {
+            if !header.authenticated {
+                self.displaced = Some(Displaced { id: old, topics });
+            }
+        }
+        let mut mid_stream = header.block >= JOIN_FROM_START_BLOCKS;
+        let mut next_deliver = if mid_stream { header.block } else { 0 };
+        if let Some(floor) = self
+            .floor
+            .filter(|f| header.authenticated && f.session_id == header.session_id)
+        {
+            // The receiver restarted within this session: what it delivered before is not
+            // delivered again, and nothing before the join is called lost.
+            mid_stream = true;
+            next_deliver = next_deliver.max(floor.next_block);
+        }
+        let topics = match resumed {
+            Some(topics) => {
+                mid_stream = false;
+                topics
+            }
+            None => HashMap::new(),
+        };
         self.session = Some(Session {
             id: header.session_id,
-            next_deliver: if mid_stream { header.block } else { 0 },
+            next_deliver,
             pending: BTreeMap::new(),
             inflight_bytes: 0,
             max_depth: header.geometry.interleave_depth as u64,
             head_since: now,
-            topics: HashMap::new(),
+            topics,
             mid_stream,
             confirmed: false,
+            stopped: false,
+            last_datagram: now,
+            started_at: now,
+            first_block: next_deliver,
             partial: None,
         });
         self.stats.sessions += 1;
@@ -594,8 +805,18 @@ impl Reassembler {
         if *data_received < k {
             let codec = self.codecs.get(k, m);
             if fec::reconstruct(&codec, data, parity, len, present).is_err() {
-                // Cannot happen with k shards present; treat as a broken block rather than panic.
+                // Should not happen with k distinct shards; if it does, the holes must never be
+                // delivered as data: the block is lost, its records reported through their gap.
                 self.stats.malformed_blocks += 1;
+                let released = pending.charged;
+                pending.state = BlockState::Unrecoverable;
+                pending.charged = 0;
+                let session = self.session.as_mut().expect("entered");
+                session.inflight_bytes -= released;
+                if block == session.next_deliver {
+                    self.advance_to(now, block.saturating_add(1));
+                }
+                return Ok(());
             }
             self.stats.blocks_recovered += 1;
         }
@@ -635,7 +856,7 @@ impl Reassembler {
                     session.inflight_bytes -= pending.charged;
                     match pending.state {
                         BlockState::Complete(content) => complete.push(Some(content)),
-                        BlockState::Receiving { .. } => {
+                        BlockState::Receiving { .. } | BlockState::Unrecoverable => {
                             lost = Some((lost.map_or(b, |l| l.0), b));
                             complete.push(None);
                         }
@@ -662,7 +883,7 @@ impl Reassembler {
         // Blocks are processed in order; a lost one breaks any record being pieced together.
         for content in complete {
             match content {
-                Some(content) => self.process_block(content),
+                Some(content) => self.process_block(now, content),
                 None => {
                     if let Some(s) = self.session.as_mut() {
                         s.partial = None;
@@ -691,22 +912,20 @@ impl Reassembler {
                 return;
             };
             let next = session.next_deliver;
-            let ready = matches!(
-                session.pending.get(&next),
-                Some(PendingBlock {
-                    state: BlockState::Complete(_),
-                    ..
-                })
-            );
-            if !ready {
-                return;
+            match session.pending.get(&next).map(|p| &p.state) {
+                Some(BlockState::Complete(_)) => {}
+                Some(BlockState::Unrecoverable) => {
+                    self.advance_to(now, next.saturating_add(1));
+                    return;
+                }
+                _ => return,
             }
             let pending = session.pending.remove(&next).expect("checked");
             session.inflight_bytes -= pending.charged;
             session.next_deliver = next.saturating_add(1);
             session.head_since = now;
             if let BlockState::Complete(content) = pending.state {
-                self.process_block(content);
+                self.process_block(now, content);
             }
         }
     }
@@ -757,7 +976,7 @@ impl Reassembler {
     }
 
     /// Reads the frames of a rebuilt block (wire-format.md §4.1).
-    fn process_block(&mut self, content: Bytes) {
+    fn process_block(&mut self, now: Instant, content: Bytes) {
         if content.len() < 4 {
             self.stats.malformed_blocks += 1;
             return;
@@ -784,16 +1003,20 @@ impl Reassembler {
                 }
             };
             match frame.body {
-                Some(proto::frame::Body::Records(batch)) => self.handle_batch(batch, block_len),
-                Some(proto::frame::Body::Fragment(fragment)) => self.handle_fragment(fragment),
-                Some(proto::frame::Body::Heartbeat(heartbeat)) => self.handle_heartbeat(heartbeat),
+                Some(proto::frame::Body::Records(batch)) => {
+                    self.handle_batch(now, batch, block_len)
+                }
+                Some(proto::frame::Body::Fragment(fragment)) => self.handle_fragment(now, fragment),
+                Some(proto::frame::Body::Heartbeat(heartbeat)) => {
+                    self.handle_heartbeat(now, heartbeat)
+                }
                 None => self.stats.malformed_frames += 1,
             }
         }
     }
 
     /// §5.1
-    fn handle_batch(&mut self, batch: proto::RecordBatch, block_len: usize) {
+    fn handle_batch(&mut self, now: Instant, batch: proto::RecordBatch, block_len: usize) {
         let count = batch.payloads.len() as u64;
         if !frames::is_valid_topic(&batch.topic)
             || batch.payloads.is_empty()
@@ -819,6 +1042,7 @@ impl Reassembler {
                 payload
             };
             self.deliver(
+                now,
                 &topic,
                 Record {
                     topic: topic.clone(),
@@ -832,7 +1056,7 @@ impl Reassembler {
     }
 
     /// §5.2
-    fn handle_fragment(&mut self, fragment: proto::RecordFragment) {
+    fn handle_fragment(&mut self, now: Instant, fragment: proto::RecordFragment) {
         let Some(session) = self.session.as_mut() else {
             return;
         };
@@ -883,6 +1107,7 @@ impl Reassembler {
             return;
         };
         self.deliver(
+            now,
             &topic,
             Record {
                 topic: topic.clone(),
@@ -895,8 +1120,13 @@ impl Reassembler {
     }
 
     /// §5.3: liveness, the sender's interval and the tail-loss check.
-    fn handle_heartbeat(&mut self, heartbeat: proto::Heartbeat) {
+    fn handle_heartbeat(&mut self, now: Instant, heartbeat: proto::Heartbeat) {
         self.stats.heartbeats += 1;
+        if heartbeat.stopping {
+            if let Some(session) = self.session.as_mut() {
+                session.stopped = true;
+            }
+        }
         if heartbeat.heartbeat_interval_ms > 0 {
             self.link_timeout = Duration::from_millis(heartbeat.heartbeat_interval_ms as u64)
                 * LINK_DOWN_HEARTBEATS;
@@ -910,15 +1140,19 @@ impl Reassembler {
                 continue;
             };
             let session = self.session.as_mut().expect("blocks belong to a session");
-            let expected = session.topics.get_mut(&topic).expect("just looked up");
-            match *expected {
+            let state = session.topics.get_mut(&topic).expect("just looked up");
+            if !state.plausible(status.next_seq, now) {
+                self.stats.malformed_frames += 1;
+                continue;
+            }
+            match state.expected {
                 Some(e) if status.next_seq > e => {
-                    *expected = Some(status.next_seq);
+                    state.expected = Some(status.next_seq);
                     self.report_gap(&topic, e, status.next_seq - 1);
                 }
                 Some(_) => {}
                 // Joined mid-stream: what came before is not ours to call lost (§6.1).
-                None => *expected = Some(status.next_seq),
+                None => state.expected = Some(status.next_seq),
             }
         }
         self.events.push_back(Event::Heartbeat(Box::new(heartbeat)));
@@ -936,24 +1170,34 @@ impl Reassembler {
         let key: Arc<str> = Arc::from(name);
         // From the session's start every record is accounted for, from sequence number 0 (§6.1).
         let expected = if session.mid_stream { None } else { Some(0) };
-        session.topics.insert(key.clone(), expected);
+        session.topics.insert(
+            key.clone(),
+            TopicState {
+                expected,
+                anchor: expected.map(|e| (e, session.started_at)),
+            },
+        );
         Some(key)
     }
 
     /// §6.4
-    fn deliver(&mut self, topic: &Arc<str>, record: Record) {
+    fn deliver(&mut self, now: Instant, topic: &Arc<str>, record: Record) {
         let session = self.session.as_mut().expect("records belong to a session");
-        let expected = session.topics.get_mut(topic).expect("registered by caller");
-        match *expected {
+        let state = session.topics.get_mut(topic).expect("registered by caller");
+        if !state.plausible(record.seq, now) {
+            self.stats.malformed_frames += 1;
+            return;
+        }
+        match state.expected {
             Some(e) if record.seq < e => {
                 self.stats.duplicate_records += 1;
                 return;
             }
             Some(e) if record.seq > e => {
-                *expected = Some(record.seq.saturating_add(1));
+                state.expected = Some(record.seq.saturating_add(1));
                 self.report_gap(topic, e, record.seq - 1);
             }
-            _ => *expected = Some(record.seq.saturating_add(1)),
+            _ => state.expected = Some(record.seq.saturating_add(1)),
         }
         self.stats.records_out += 1;
         self.events.push_back(Event::Record(record));
@@ -968,6 +1212,18 @@ impl Reassembler {
         self.stats.records_lost = self.stats.records_lost.saturating_add(gap.len());
         self.events.push_back(Event::Gap(gap));
     }
+}
+
+/// What a datagram's session id makes of it (§6.1).
+enum Role {
+    /// The current session's.
+    Current,
+    /// Starts a session now: there is none yet, or it is a newer authenticated one.
+    Start,
+    /// An unauthenticated unknown session's, held until it proves itself.
+    Candidate,
+    /// Retired or older: `stale`, or `replay` on an authenticated link.
+    Old,
 }
 
 /// Genuine but old datagrams are replays on an authenticated link, merely stale otherwise (§6.1).

@@ -425,8 +425,9 @@ fn sender_restart_starts_a_new_session() {
     let mut h = Harness::new(Impairments::default(), 8);
     let mut rng = SimRng::new(8);
     drive(&mut h, &mut rng, 100);
-    // A clean stop sends what it holds; what a killed sender held is unknowable on the far side.
-    h.encoder.flush(h.now);
+    // A clean stop sends what it holds and says so in its last heartbeat, so the new session
+    // takes over at once.
+    h.encoder.finish(h.now, h.wall_us());
     h.step(Duration::from_millis(10));
     let old = h.session;
     h.session = old + 1000;
@@ -438,6 +439,149 @@ fn sender_restart_starts_a_new_session() {
     assert!(h.events.iter().any(|e| matches!(e,
         Event::SessionStarted { session_id, previous: Some(p), .. } if *session_id == h.session && *p == old)));
     assert_eq!(h.lost_records(), 0);
+}
+
+/// A killed sender says nothing: its new session waits until the old one has been quiet for two
+/// heartbeat intervals (a session still sending cannot be displaced), and what that costs is
+/// reported, never silent.
+#[test]
+fn a_crashed_sender_is_replaced_once_its_session_goes_quiet() {
+    let mut h = Harness::new(Impairments::default(), 18);
+    let mut rng = SimRng::new(18);
+    drive(&mut h, &mut rng, 100);
+    h.encoder.flush(h.now);
+    h.step(Duration::from_millis(10));
+    let old = h.session;
+    h.session = old + 1000;
+    h.replace_encoder(encoder_config(h.session));
+    drive(&mut h, &mut rng, 2500);
+    h.settle();
+    h.check_accounting(old, true);
+    h.check_accounting(h.session, true);
+    assert_eq!(h.receiver.session_id(), Some(h.session));
+    let delivered: usize = h
+        .delivered
+        .iter()
+        .filter(|(k, _)| k.0 == h.session)
+        .map(|(_, v)| v.len())
+        .sum();
+    let sent: usize = h
+        .sent
+        .iter()
+        .filter(|(k, _)| k.0 == h.session)
+        .map(|(_, v)| v.len())
+        .sum();
+    assert!(
+        delivered * 2 > sent,
+        "the new session delivered {delivered} of {sent}"
+    );
+}
+
+/// One forged datagram carrying a heartbeat of a new session used to retire the genuine one.
+#[test]
+fn a_forged_heartbeat_cannot_retire_a_live_session() {
+    let mut h = Harness::new(Impairments::default(), 19);
+    let mut rng = SimRng::new(19);
+    drive(&mut h, &mut rng, 100);
+    let session = h.receiver.session_id();
+    let mut forger = Encoder::new(encoder_config(h.session + 5), h.now).unwrap();
+    forger.handle_timeout(h.now, 0);
+    while let Some(d) = forger.poll_transmit(h.now) {
+        assert_eq!(
+            h.receiver.handle_datagram(h.now, &d),
+            Err(Rejected::Unconfirmed)
+        );
+    }
+    drive(&mut h, &mut rng, 400);
+    h.settle();
+    assert_eq!(
+        h.receiver.session_id(),
+        session,
+        "a forged heartbeat took over"
+    );
+    h.check_accounting(h.session, true);
+    assert_eq!(h.lost_records(), 0);
+    let delivered: usize = h.delivered.values().map(Vec::len).sum();
+    let sent: usize = h.sent.values().map(|v| v.len()).sum();
+    assert_eq!(delivered, sent);
+}
+
+/// A forged session can get in only while the genuine one is silent (the link was down); when
+/// the genuine one is heard again it takes the link back, and what it sent meanwhile is
+/// reported lost with exact ranges instead of being dropped as `stale`.
+#[test]
+fn a_displaced_session_comes_back_with_its_losses_counted() {
+    let mut h = Harness::new(Impairments::default(), 20);
+    let mut rng = SimRng::new(20);
+    drive(&mut h, &mut rng, 100);
+    let genuine = h.session;
+    h.drop_filter = Some(Box::new(|_| false));
+    drive(&mut h, &mut rng, 700);
+    let mut forger = Encoder::new(encoder_config(genuine + 5), h.now).unwrap();
+    forger.finish(h.now, 0);
+    while let Some(d) = forger.poll_transmit(h.now) {
+        let _ = h.receiver.handle_datagram(h.now, &d);
+    }
+    h.collect();
+    assert_eq!(h.receiver.session_id(), Some(genuine + 5));
+    h.drop_filter = None;
+    drive(&mut h, &mut rng, 600);
+    h.settle();
+    assert_eq!(
+        h.receiver.session_id(),
+        Some(genuine),
+        "the genuine sender is back"
+    );
+    h.check_accounting(genuine, true);
+    assert!(h.lost_records() > 0);
+    let delivered_after: usize = h
+        .delivered
+        .get(&(genuine, TOPICS[0].to_owned()))
+        .map_or(0, |v| v.len());
+    assert!(delivered_after > 1000, "{delivered_after} delivered");
+}
+
+/// A datagram of the current session whose block number no sender could have reached yet is
+/// refused: it could otherwise make every genuine block look old and drive the block-loss
+/// counter to saturation.
+#[test]
+fn block_numbers_and_sequence_numbers_cannot_jump_beyond_plausibility() {
+    let mut h = Harness::new(Impairments::default(), 21);
+    let mut rng = SimRng::new(21);
+    drive(&mut h, &mut rng, 100);
+    let session = h.session;
+    for block in [u64::MAX - 3, u64::MAX / 2, 1 << 40] {
+        let d = forged_datagram(session, block, &batch_content(TOPICS[0], 5, b"x"));
+        assert_eq!(
+            h.receiver.handle_datagram(h.now, &d),
+            Err(Rejected::FarAhead)
+        );
+    }
+    drive(&mut h, &mut rng, 200);
+    h.settle();
+    h.check_accounting(session, true);
+    assert_eq!(h.lost_records(), 0);
+    assert!(h.receiver.stats().blocks_lost < 10);
+
+    // Within the block frontier, but a sequence number far beyond what the topic could have
+    // reached since it was first seen: dropped as malformed, no loss counted.
+    let mut receiver = Reassembler::new(ReassemblerConfig::default());
+    let now = Instant::now();
+    let forged = |block, seq| forged_datagram(99, block, &batch_content("t", seq, b"r"));
+    receiver.handle_datagram(now, &forged(0, 0)).unwrap();
+    receiver.handle_datagram(now, &forged(1, 1 << 62)).unwrap();
+    receiver
+        .handle_datagram(now, &forged(2, u64::MAX - 1))
+        .unwrap();
+    receiver.handle_datagram(now, &forged(3, 1)).unwrap();
+    let mut records = 0;
+    while let Some(event) = receiver.poll_event() {
+        assert!(!matches!(event, Event::Gap(_)), "{event:?}");
+        records += matches!(event, Event::Record(_)) as usize;
+    }
+    assert_eq!(records, 2);
+    assert_eq!(receiver.stats().records_lost, 0);
+    assert_eq!(receiver.stats().malformed_frames, 2);
 }
 
 #[test]
@@ -519,6 +663,48 @@ fn lose_at_most_parity_per_block(seed: u64) {
     assert_eq!(h.receiver.stats().blocks_lost, 0);
     assert_eq!(h.lost_records(), 0);
     assert!(h.receiver.stats().blocks_recovered > 20);
+}
+
+/// A CRC-valid, unauthenticated one-shard block holding `content` (wire-format.md §2, §4.1).
+fn forged_datagram(session_id: u64, block: u64, content: &[u8]) -> Vec<u8> {
+    let header = datagram::Header {
+        authenticated: false,
+        encrypted: false,
+        session_id,
+        block,
+        shard_index: 0,
+        geometry: datagram::BlockGeometry {
+            data_shards: 1,
+            parity_shards: 0,
+            interleave_depth: 4,
+            shard_len: content.len() as u16,
+        },
+    };
+    let mut d = vec![0u8; header.geometry.datagram_len(false)];
+    header.write(&mut d);
+    d[datagram::HEADER_LEN..datagram::HEADER_LEN + content.len()].copy_from_slice(content);
+    datagram::seal(&mut d, None);
+    d
+}
+
+/// Block content holding one record batch.
+fn batch_content(topic: &str, first_seq: u64, payload: &[u8]) -> Vec<u8> {
+    use diode_wire::proto;
+    use prost::Message;
+    let frame = proto::Frame {
+        body: Some(proto::frame::Body::Records(proto::RecordBatch {
+            topic: topic.to_owned(),
+            first_seq,
+            first_time_us: 1,
+            time_deltas_us: vec![0],
+            payloads: vec![Bytes::copy_from_slice(payload)],
+            origins: Vec::new(),
+        })),
+    };
+    let frames = frame.encode_length_delimited_to_vec();
+    let mut content = (frames.len() as u32).to_be_bytes().to_vec();
+    content.extend_from_slice(&frames);
+    content
 }
 
 fn key(byte: u8) -> LinkKey {
