@@ -34,6 +34,11 @@ pub struct Relay {
     dark: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// What an attacker on the IT side could record: every datagram forwarded, while capturing.
+    capture: Arc<std::sync::Mutex<Option<Vec<Vec<u8>>>>>,
+    /// The socket datagrams leave from, and where they go: `inject` sends from it too.
+    outbound: UdpSocket,
+    to: SocketAddr,
 }
 
 impl Relay {
@@ -48,9 +53,11 @@ impl Relay {
         let stats = Arc::new(RelayStats::default());
         let dark = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let capture: Arc<std::sync::Mutex<Option<Vec<Vec<u8>>>>> = Arc::default();
         let mut threads = Vec::new();
         {
             let (stats, dark, stop) = (stats.clone(), dark.clone(), stop.clone());
+            let capture = capture.clone();
             let outbound = outbound.try_clone()?;
             threads.push(std::thread::spawn(move || {
                 let mut link = SimLink::new(config.impairments, config.seed);
@@ -70,6 +77,9 @@ impl Relay {
                     link.up = !dark.load(Ordering::Relaxed);
                     let dropped_before = link.dropped;
                     for d in link.transmit(&buf[..len]) {
+                        if let Some(captured) = capture.lock().expect("not poisoned").as_mut() {
+                            captured.push(d.to_vec());
+                        }
                         if outbound.send_to(&d, to).is_ok() {
                             stats.forwarded.fetch_add(1, Ordering::Relaxed);
                         }
@@ -82,6 +92,7 @@ impl Relay {
         }
         {
             let (stats, stop) = (stats.clone(), stop.clone());
+            let outbound = outbound.try_clone()?;
             threads.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65_536];
                 while !stop.load(Ordering::Relaxed) {
@@ -97,7 +108,33 @@ impl Relay {
             dark,
             stop,
             threads,
+            capture,
+            outbound,
+            to,
         })
+    }
+
+    /// Starts recording every datagram forwarded (what a tap on the IT side would see).
+    pub fn start_capture(&self) {
+        *self.capture.lock().expect("not poisoned") = Some(Vec::new());
+    }
+
+    /// Stops recording and hands over what was recorded.
+    pub fn take_capture(&self) -> Vec<Vec<u8>> {
+        self.capture
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// Sends `datagrams` to the receiver as they are, from the relay's own address: a replay.
+    pub fn inject(&self, datagrams: &[Vec<u8>]) {
+        for d in datagrams {
+            let _ = self.outbound.send_to(d, self.to);
+            // Paced a little, so the receiver's socket buffer is not what refuses them.
+            std::thread::sleep(Duration::from_micros(20));
+        }
     }
 
     /// The switch behind `set_dark`, for a task that schedules outages.

@@ -566,3 +566,143 @@ fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
     );
     pair.assert_one_way();
 }
+
+/// UDP sockets of a process as /proc/net/udp shows them: (local, remote, queued bytes).
+fn udp_sockets_of(pid: u32) -> Vec<(SocketAddr, SocketAddr, u64)> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect();
+    let addr = |hex: &str| -> SocketAddr {
+        let (ip, port) = hex.split_once(':').unwrap();
+        let ip = u32::from_str_radix(ip, 16).unwrap();
+        SocketAddr::from((ip.to_le_bytes(), u16::from_str_radix(port, 16).unwrap()))
+    };
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            inodes.contains(&f[9].to_owned()).then(|| {
+                let rx = u64::from_str_radix(f[4].split(':').nth(1).unwrap(), 16).unwrap();
+                (addr(f[1]), addr(f[2]), rx)
+            })
+        })
+        .collect()
+}
+
+/// The sender's link socket only sends: it is connected to the destination, so nothing another
+/// host on the OT network sends to it is ever queued (it was bound to 0.0.0.0 and unconnected).
+#[test]
+fn the_sender_link_socket_accepts_nothing() {
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+    );
+    let pid = pair.sender.child.as_ref().unwrap().id();
+    let destination = pair.relay.listen_addr;
+    let mut link = Vec::new();
+    assert!(wait_for(Duration::from_secs(10), || {
+        link = udp_sockets_of(pid)
+            .into_iter()
+            .filter(|(local, _, _)| local.port() != udp)
+            .collect();
+        !link.is_empty()
+    }));
+    assert_eq!(link.len(), 1, "{link:?}");
+    let (local, remote, _) = link[0];
+    assert_eq!(remote, destination, "the link socket is not connected");
+    let to = SocketAddr::from(([127, 0, 0, 1], local.port()));
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..100 {
+        probe.send_to(&[0u8; 1000], to).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let queued: u64 = udp_sockets_of(pid)
+        .iter()
+        .filter(|(l, _, _)| l.port() == local.port())
+        .map(|s| s.2)
+        .sum();
+    assert_eq!(queued, 0, "datagrams queued on the sender's link socket");
+}
+
+/// With a key and a state file, a receiver that restarts still refuses a replay: of an old
+/// session, and of the current session's blocks it had already delivered (before, the restarted
+/// receiver delivered them all again as new). `allowed_sources` drops anything not from the
+/// diode's address before any check.
+#[test]
+fn replays_are_refused_across_a_receiver_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("link.key");
+    let status = std::process::Command::new(SEND)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let mut pair = Pair::start_with(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+        dir,
+        "key_file = \"link.key\"",
+        "key_file = \"link.key\"\nstate_file = \"receiver.state\"\nallowed_sources = [\"127.0.0.1\"]",
+    );
+    let out = pair.path("out/records.jsonl");
+    pair.relay.start_capture();
+    send_lines(loopback(tcp), (0..500).map(|i| format!("first {i}")));
+    assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 500));
+    let first_session = pair.relay.take_capture();
+    pair.restart_sender(false);
+    pair.relay.start_capture();
+    send_lines(loopback(tcp), (0..500).map(|i| format!("second {i}")));
+    assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 1000));
+    std::thread::sleep(Duration::from_millis(1500));
+    let second_session = pair.relay.take_capture();
+    pair.sender.stop();
+    pair.restart_receiver(false);
+    assert!(wait_for(Duration::from_secs(5), || pair
+        .receiver
+        .log_text()
+        .contains("replay floor restored")));
+    pair.relay.inject(&first_session);
+    pair.relay.inject(&second_session);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        line_count(&out),
+        1000,
+        "a replayed record was delivered again"
+    );
+    assert!(
+        pair.receiver
+            .metric("diode_datagrams_rejected_total", &["reason=\"replay\""])
+            > 0.0
+    );
+
+    // Another host on the IT side, even with genuine datagrams, is not the diode.
+    let stranger = UdpSocket::bind("127.0.0.2:0").unwrap();
+    let strays = second_session.len().min(50);
+    assert!(strays > 10);
+    for d in &second_session[..strays] {
+        stranger.send_to(d, loopback(pair.link_port)).unwrap();
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || pair
+            .receiver
+            .metric("diode_datagrams_rejected_total", &["reason=\"source\""])
+            == strays as f64),
+        "{}",
+        pair.receiver.metrics_text()
+    );
+    pair.assert_one_way();
+}

@@ -120,6 +120,94 @@ source = {{ kind = "mqtt", broker = "127.0.0.1:{}", subscribe = ["plant/#"], qos
     pair.assert_one_way();
 }
 
+/// The probe's attack: one retained MQTT message whose topic is longer than a block holds froze
+/// the sender's link thread (no datagram, no heartbeat, SIGTERM ignored), again on every restart.
+#[test]
+fn an_mqtt_topic_longer_than_a_block_is_refused_and_the_link_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), free_tcp_port());
+    let topics = format!(
+        r#"[[topic]]
+name = "plant/mqtt"
+source = {{ kind = "mqtt", broker = "127.0.0.1:{}", subscribe = ["plant/#"], qos = 1, client_id = "diode-send-long" }}
+"#,
+        broker.port
+    );
+    let mut pair = Pair::start_with(RelayConfig::default(), &topics, FILE_ROUTE, dir, "", "");
+    let subscribed = |pair: &Pair| {
+        wait_for(Duration::from_secs(20), || {
+            pair.sender
+                .metric("diode_source_connections", &["topic=\"plant/mqtt\""])
+                == 1.0
+        })
+    };
+    assert!(subscribed(&pair), "{}", pair.sender.log_text());
+    let long_topic = format!("plant/{}", "x".repeat(50_000));
+    let published = Command::new(require(
+        "mosquitto_pub",
+        "apt-get install mosquitto-clients",
+    ))
+    .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+    .args([
+        "-q",
+        "1",
+        "-r",
+        "-t",
+        &long_topic,
+        "-m",
+        "retained and too long",
+    ])
+    .status()
+    .unwrap();
+    assert!(published.success());
+    let out = pair.path("out.jsonl");
+    let delivered = |pair: &Pair, marker: &str| {
+        wait_for(Duration::from_secs(20), || {
+            read_jsonl(&pair.path("out.jsonl"))
+                .iter()
+                .any(|l| l["payload"] == marker)
+        })
+    };
+    broker.publish_lines("plant/line1", 1, &["after the long one".to_owned()]);
+    assert!(
+        delivered(&pair, "after the long one"),
+        "{}",
+        pair.sender.log_text()
+    );
+    let refused = |pair: &Pair| {
+        pair.sender.metric(
+            "diode_records_dropped_total",
+            &["topic=\"plant/mqtt\"", "reason=\"oversize\""],
+        )
+    };
+    assert_eq!(refused(&pair), 1.0);
+    assert!(pair
+        .sender
+        .log_text()
+        .contains("record refused: it cannot be framed"));
+    assert_eq!(pair.receiver.metric("diode_link_up", &[]), 1.0);
+
+    // The retained message comes again on every restart: refused again, and the sender still
+    // stops at once when asked to.
+    let stopping = std::time::Instant::now();
+    pair.sender.stop();
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+    let log = pair.path("sender2.log");
+    pair.sender = Service::start(SEND, &pair.sender_toml, log, pair.sender.metrics);
+    assert!(subscribed(&pair), "{}", pair.sender.log_text());
+    broker.publish_lines("plant/line1", 1, &["after the restart".to_owned()]);
+    assert!(
+        delivered(&pair, "after the restart"),
+        "{}",
+        pair.sender.log_text()
+    );
+    assert!(wait_for(Duration::from_secs(5), || refused(&pair) == 1.0));
+    assert!(read_jsonl(&out)
+        .iter()
+        .all(|l| l["payload"] != "retained and too long"));
+    pair.assert_one_way();
+}
+
 /// Words of a big-endian f32, most significant first.
 fn f32_words(value: f32) -> [u16; 2] {
     let b = value.to_be_bytes();

@@ -8,8 +8,10 @@ pub mod metrics;
 pub mod mqtt;
 pub mod net;
 pub mod shutdown;
+pub mod throttle;
 
 pub use shutdown::Shutdown;
+pub use throttle::LogThrottle;
 
 /// Microseconds since the Unix epoch by the system clock: records carry the time they were taken in.
 pub fn unix_time_us() -> i64 {

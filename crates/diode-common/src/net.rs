@@ -79,3 +79,64 @@ mod tests {
         assert!(socket.local_addr().unwrap().port() > 0);
     }
 }
+
+/// One entry of an allow-list of peers: an IP address, with or without a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceFilter {
+    ip: std::net::IpAddr,
+    port: Option<u16>,
+}
+
+impl SourceFilter {
+    pub fn matches(&self, peer: SocketAddr) -> bool {
+        // IPv4 peers of a dual-stack socket show as v4-mapped IPv6 addresses.
+        let ip = match peer.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        ip == self.ip && self.port.is_none_or(|p| p == peer.port())
+    }
+
+    /// Whether `peer` is allowed by `filters` (an empty list allows everyone).
+    pub fn allows(filters: &[SourceFilter], peer: SocketAddr) -> bool {
+        filters.is_empty() || filters.iter().any(|f| f.matches(peer))
+    }
+}
+
+impl std::str::FromStr for SourceFilter {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => Ok(SourceFilter {
+                ip: addr.ip(),
+                port: Some(addr.port()),
+            }),
+            Err(_) => Ok(SourceFilter {
+                ip: text.parse()?,
+                port: None,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod source_filter_tests {
+    use super::*;
+
+    #[test]
+    fn addresses_with_and_without_ports() {
+        let any_port: SourceFilter = "10.1.2.3".parse().unwrap();
+        let one_port: SourceFilter = "10.1.2.3:5000".parse().unwrap();
+        let peer: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let other: SocketAddr = "10.1.2.3:5001".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:5000".parse().unwrap();
+        assert!(any_port.matches(peer) && any_port.matches(other) && any_port.matches(mapped));
+        assert!(one_port.matches(peer) && !one_port.matches(other));
+        assert!(!any_port.matches("10.1.2.4:5000".parse().unwrap()));
+        assert!(SourceFilter::allows(&[], peer));
+        assert!("10.1.2".parse::<SourceFilter>().is_err());
+    }
+}

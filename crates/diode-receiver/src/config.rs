@@ -49,6 +49,16 @@ pub struct LinkConfig {
     /// mistake is refused (`auth`), not silently accepted.
     #[serde(default)]
     pub encrypt: bool,
+    /// Where the receiver keeps what must outlive its restarts (relative to this file): on an
+    /// authenticated link, the newest session and block delivered, so that a replay of an old
+    /// session or of delivered blocks is refused after a restart too (wire-format.md §6.1).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// Accept datagrams only from these source addresses (`ip` or `ip:port`): the diode's output
+    /// side. Others are dropped before any check and counted as
+    /// `diode_datagrams_rejected_total{reason="source"}`. Empty: any source.
+    #[serde(default)]
+    pub allowed_sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +252,10 @@ pub struct Loaded {
     pub keys: Vec<[u8; 32]>,
     /// `metrics.listen`, resolved.
     pub metrics_listen: Option<SocketAddr>,
+    /// `link.state_file`, resolved against the config file's directory.
+    pub state_file: Option<PathBuf>,
+    /// `link.allowed_sources`, parsed.
+    pub allowed_sources: Vec<diode_common::net::SourceFilter>,
 }
 
 impl LinkConfig {
@@ -302,6 +316,17 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     }
     if link.max_topics == 0 {
         return Err(source.invalid("link.max_topics", "must be at least 1"));
+    }
+    let state_file = link.state_file.as_ref().map(|f| source.resolve(f));
+    let mut allowed_sources = Vec::new();
+    for (i, text) in link.allowed_sources.iter().enumerate() {
+        let filter = text.parse().map_err(|_| {
+            source.invalid(
+                &format!("link.allowed_sources[{i}]"),
+                format!("{text:?} is not an IP address or ip:port"),
+            )
+        })?;
+        allowed_sources.push(filter);
     }
     let metrics_listen = match &config.metrics {
         Some(m) => Some(source.socket_addr("metrics.listen", &m.listen)?),
@@ -502,6 +527,8 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         routes,
         keys,
         metrics_listen,
+        state_file,
+        allowed_sources,
     })
 }
 

@@ -11,6 +11,7 @@ pub mod filter;
 pub mod link;
 pub mod metrics;
 pub mod sinks;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("link.state_file: {0}")]
+    State(#[from] state::StateError),
     #[error("route {route}: cannot open its disk buffer: {source}")]
     Buffer {
         route: String,
@@ -162,16 +165,44 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         });
     }
 
+    let mut reassembler = Reassembler::new(ReassemblerConfig {
+        max_inflight_bytes: link.max_inflight_bytes,
+        block_timeout: link.block_timeout(),
+        max_record_bytes: link.max_record_bytes,
+        max_topics: link.max_topics,
+        keys: loaded.keys.iter().map(diode_wire::LinkKey::new).collect(),
+        require_encryption: link.encrypt,
+        ..ReassemblerConfig::default()
+    });
+    // A damaged state file stops the service: starting without its floor would accept a
+    // replay of delivered records.
+    let saved_floor = match &loaded.state_file {
+        Some(path) => state::load(path)?,
+        None => None,
+    };
+    if let Some(floor) = saved_floor {
+        tracing::info!(
+            session = format_args!("{:016x}", floor.session_id),
+            next_block = floor.next_block,
+            "replay floor restored: older sessions and delivered blocks are refused"
+        );
+        reassembler.restore_replay_floor(floor);
+    }
+    if loaded.keys.is_empty() {
+        tracing::warn!(listen = %link_addr,
+            "no link key: anyone who can reach this port can inject datagrams, and forged records \
+             would be delivered as plant data; set link.key_file on both sides (diode-send keygen)");
+    } else if loaded.state_file.is_none() {
+        tracing::warn!(
+            "no link.state_file: after a restart this receiver cannot refuse a replay \
+            of records it already delivered"
+        );
+    }
     let thread = LinkThread {
-        reassembler: Reassembler::new(ReassemblerConfig {
-            max_inflight_bytes: link.max_inflight_bytes,
-            block_timeout: link.block_timeout(),
-            max_record_bytes: link.max_record_bytes,
-            max_topics: link.max_topics,
-            keys: loaded.keys.iter().map(diode_wire::LinkKey::new).collect(),
-            require_encryption: link.encrypt,
-            ..ReassemblerConfig::default()
-        }),
+        reassembler,
+        state_file: loaded.state_file.clone(),
+        saved_floor,
+        allowed_sources: loaded.allowed_sources.clone(),
         socket,
         udp,
         routes,

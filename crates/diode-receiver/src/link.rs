@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diode_common::budget::ByteBudget;
-use diode_common::Shutdown;
+use diode_common::{LogThrottle, Shutdown};
 use diode_wire::{proto, Event, Reassembler, ReassemblerStats, Record};
 use quinn_udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
 use std::io::IoSliceMut;
@@ -46,6 +46,11 @@ pub struct RouteHandle {
 
 pub struct LinkThread {
     pub reassembler: Reassembler,
+    /// Where the replay floor is kept across restarts, and the floor last written there.
+    pub state_file: Option<std::path::PathBuf>,
+    pub saved_floor: Option<diode_wire::ReplayFloor>,
+    /// Datagrams from other addresses are dropped unread (`link.allowed_sources`).
+    pub allowed_sources: Vec<diode_common::net::SourceFilter>,
     pub socket: UdpSocket,
     /// GRO and `recvmmsg` state for `socket`.
     pub udp: UdpSocketState,
@@ -63,6 +68,121 @@ struct SenderView {
     dropped: HashMap<String, u64>,
 }
 
+/// Loss is logged exactly, gap by gap, up to `LOSS_LINES_PER_SEC` lines a second; beyond that
+/// (an outage of many blocks, or forged frames) losses are folded per topic into one line with
+/// the range they cover and exact counts, logged as soon as the budget allows. Counters always
+/// count every record.
+struct LossLog {
+    tokens: f64,
+    refilled: Instant,
+    /// Per topic, folded gaps not yet logged: (first, last, records, gaps).
+    folded: HashMap<Arc<str>, (u64, u64, u64, u64)>,
+    /// Lost blocks not yet logged: (session, first, last, blocks).
+    blocks: Option<(u64, u64, u64, u64)>,
+    /// The sender's last heartbeat said it was stopping.
+    sender_stopping: bool,
+}
+
+const LOSS_LINES_PER_SEC: f64 = 20.0;
+
+impl Default for LossLog {
+    fn default() -> Self {
+        LossLog {
+            tokens: LOSS_LINES_PER_SEC,
+            refilled: Instant::now(),
+            folded: HashMap::new(),
+            blocks: None,
+            sender_stopping: false,
+        }
+    }
+}
+
+impl LossLog {
+    fn take_token(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * LOSS_LINES_PER_SEC).min(LOSS_LINES_PER_SEC);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn gap(&mut self, now: Instant, gap: &diode_wire::Gap) {
+        if !self.folded.contains_key(&gap.topic) && self.take_token(now) {
+            log_gap(&gap.topic, gap.first_seq, gap.last_seq, gap.len(), 1);
+            return;
+        }
+        let entry =
+            self.folded
+                .entry(gap.topic.clone())
+                .or_insert((gap.first_seq, gap.last_seq, 0, 0));
+        entry.0 = entry.0.min(gap.first_seq);
+        entry.1 = entry.1.max(gap.last_seq);
+        entry.2 += gap.len();
+        entry.3 += 1;
+    }
+
+    fn blocks(&mut self, now: Instant, session: u64, first: u64, last: u64) {
+        let count = (last - first).saturating_add(1);
+        match &mut self.blocks {
+            Some((s, f, l, n)) if *s == session => {
+                *f = (*f).min(first);
+                *l = (*l).max(last);
+                *n += count;
+            }
+            _ => {
+                self.flush_blocks(now);
+                if self.blocks.is_none() && self.take_token(now) {
+                    log_blocks(session, first, last, count);
+                } else {
+                    self.blocks = Some((session, first, last, count));
+                }
+            }
+        }
+    }
+
+    fn flush_blocks(&mut self, now: Instant) {
+        if self.blocks.is_some() && self.take_token(now) {
+            let (session, first, last, count) = self.blocks.take().expect("checked");
+            log_blocks(session, first, last, count);
+        }
+    }
+
+    /// Logs what was folded, as far as the budget allows.
+    fn flush_due(&mut self, now: Instant) {
+        self.flush_blocks(now);
+        while !self.folded.is_empty() && self.take_token(now) {
+            let topic = self.folded.keys().next().expect("not empty").clone();
+            let (first, last, records, gaps) = self.folded.remove(&topic).expect("present");
+            log_gap(&topic, first, last, records, gaps);
+        }
+    }
+}
+
+fn log_gap(topic: &str, first_seq: u64, last_seq: u64, records: u64, gaps: u64) {
+    tracing::warn!(
+        topic = %topic,
+        first_seq,
+        last_seq,
+        records,
+        gaps,
+        "records lost beyond repair"
+    );
+}
+
+fn log_blocks(session: u64, first_block: u64, last_block: u64, blocks: u64) {
+    tracing::warn!(
+        session = format_args!("{session:016x}"),
+        first_block,
+        last_block,
+        blocks,
+        "FEC blocks lost: more datagrams missing than parity could repair"
+    );
+}
+
 /// Per-loop state that is not configuration.
 struct Scratch {
     last_stats: ReassemblerStats,
@@ -71,6 +191,7 @@ struct Scratch {
     sender: SenderView,
     rcvbuf_seen: u64,
     next_gauges: Instant,
+    losses: LossLog,
 }
 
 impl LinkThread {
@@ -114,8 +235,15 @@ impl LinkThread {
             sender: SenderView::default(),
             rcvbuf_seen: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
             next_gauges: Instant::now(),
+            losses: LossLog::default(),
         };
         let shutdown = self.shutdown.clone();
+        let refused_source =
+            self.metrics
+                .datagrams_rejected
+                .get_or_create_owned(&crate::metrics::ReasonLabels {
+                    reason: "source".to_owned(),
+                });
         loop {
             let wake = self
                 .reassembler
@@ -123,7 +251,10 @@ impl LinkThread {
                 .unwrap_or_else(|| Instant::now() + IDLE_WAKE)
                 .min(Instant::now() + IDLE_WAKE);
             tokio::select! {
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => {
+                    self.save_floor();
+                    return;
+                }
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 ready = socket.readable() => {
                     if let Err(e) = ready {
@@ -147,9 +278,14 @@ impl LinkThread {
                         let now = Instant::now();
                         for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
                             let stride = meta.stride.max(1);
+                            let allowed = diode_common::net::SourceFilter::allows(&self.allowed_sources, meta.addr);
                             for datagram in buffer[..meta.len].chunks(stride) {
                                 self.metrics.datagrams_received.inc();
-                                let _ = self.reassembler.handle_datagram(now, datagram);
+                                if allowed {
+                                    let _ = self.reassembler.handle_datagram(now, datagram);
+                                } else {
+                                    refused_source.inc();
+                                }
                             }
                         }
                         self.after_input(&mut scratch);
@@ -170,8 +306,10 @@ impl LinkThread {
                 &mut scratch.matches,
                 &mut scratch.topic_counters,
                 &mut scratch.sender,
+                &mut scratch.losses,
             );
         }
+        scratch.losses.flush_due(now);
         for route in &mut self.routes {
             if !route.pending.is_empty() {
                 // A sink gone (shutting down) leaves nothing to do with them.
@@ -185,6 +323,7 @@ impl LinkThread {
         }
         if now >= scratch.next_gauges {
             scratch.next_gauges = now + GAUGE_INTERVAL;
+            self.save_floor();
             self.metrics
                 .inflight_bytes
                 .set(self.reassembler.inflight_bytes() as i64);
@@ -204,12 +343,34 @@ impl LinkThread {
         }
     }
 
+    /// Writes the replay floor when it moved (once a second at most, and at a clean stop).
+    fn save_floor(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let floor = self.reassembler.replay_floor();
+        if floor.is_none() || floor == self.saved_floor {
+            return;
+        }
+        let floor = floor.expect("checked");
+        match crate::state::save(path, floor) {
+            Ok(()) => self.saved_floor = Some(floor),
+            Err(e) => {
+                static FAILED: LogThrottle = LogThrottle::new(Duration::from_secs(60));
+                if let Some(folded) = FAILED.allow() {
+                    tracing::error!(error = %e, folded, "cannot keep the replay floor");
+                }
+            }
+        }
+    }
+
     fn handle_event(
         &mut self,
         event: Event,
         matches: &mut HashMap<Arc<str>, Vec<usize>>,
         topic_counters: &mut HashMap<Arc<str>, TopicCounters>,
         sender: &mut SenderView,
+        losses: &mut LossLog,
     ) {
         match event {
             Event::Record(record) => {
@@ -248,13 +409,7 @@ impl LinkThread {
                 }
             }
             Event::Gap(gap) => {
-                tracing::warn!(
-                    topic = %gap.topic,
-                    first_seq = gap.first_seq,
-                    last_seq = gap.last_seq,
-                    records = gap.len(),
-                    "records lost beyond repair"
-                );
+                losses.gap(Instant::now(), &gap);
                 self.topic_counters(topic_counters, &gap.topic)
                     .lost
                     .inc_by(gap.len());
@@ -263,37 +418,52 @@ impl LinkThread {
                 session_id,
                 first,
                 last,
-            } => {
-                tracing::warn!(
-                    session = format_args!("{session_id:016x}"),
-                    first_block = first,
-                    last_block = last,
-                    "FEC blocks lost: more datagrams missing than parity could repair"
-                );
-            }
+            } => losses.blocks(Instant::now(), session_id, first, last),
             Event::SessionStarted {
                 session_id,
                 previous,
                 mid_stream,
-            } => match previous {
-                Some(previous) => tracing::warn!(
-                    session = format_args!("{session_id:016x}"),
-                    previous = format_args!("{previous:016x}"),
-                    "the sender restarted: new session"
-                ),
-                None => tracing::info!(
-                    session = format_args!("{session_id:016x}"),
-                    mid_stream,
-                    "receiving session"
-                ),
-            },
-            Event::Heartbeat(heartbeat) => self.mirror_sender(&heartbeat, sender),
+            } => {
+                // Sessions only change on a sender's restart or a proven takeover (§6.1), but
+                // a line per change is still capped.
+                static RESTARTS: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+                let stopped_cleanly = std::mem::take(&mut losses.sender_stopping);
+                match previous {
+                    Some(previous) => {
+                        if let Some(folded) = RESTARTS.allow() {
+                            tracing::warn!(
+                                session = format_args!("{session_id:016x}"),
+                                previous = format_args!("{previous:016x}"),
+                                stopped_cleanly,
+                                folded,
+                                "the sender restarted: new session"
+                            );
+                        }
+                    }
+                    None => tracing::info!(
+                        session = format_args!("{session_id:016x}"),
+                        mid_stream,
+                        "receiving session"
+                    ),
+                }
+            }
+            Event::Heartbeat(heartbeat) => {
+                if heartbeat.stopping && !losses.sender_stopping {
+                    tracing::info!("the sender is stopping cleanly");
+                }
+                losses.sender_stopping = heartbeat.stopping;
+                self.mirror_sender(&heartbeat, sender)
+            }
             Event::LinkUp => {
                 tracing::info!("link up");
                 self.metrics.link_up.set(1);
             }
             Event::LinkDown => {
-                tracing::warn!("link down: no datagram for four heartbeat intervals");
+                if losses.sender_stopping {
+                    tracing::info!("link quiet: the sender stopped cleanly");
+                } else {
+                    tracing::warn!("link down: no datagram for four heartbeat intervals");
+                }
                 self.metrics.link_up.set(0);
             }
         }

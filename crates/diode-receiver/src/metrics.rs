@@ -89,7 +89,7 @@ impl ReceiverMetrics {
         );
         r.register(
             "diode_datagrams_rejected",
-            "Datagrams dropped, by reason (truncated, crc, version, auth, malformed, stale, replay, unconfirmed, duplicate, inconsistent, overload)",
+            "Datagrams dropped, by reason (source, truncated, crc, version, auth, malformed, stale, replay, unconfirmed, far_ahead, duplicate, inconsistent, overload)",
             m.datagrams_rejected.clone(),
         );
         r.register(

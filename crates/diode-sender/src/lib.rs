@@ -130,6 +130,13 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         addr: loaded.bind,
         source,
     };
+    // The link socket only ever sends. Connected, the kernel delivers to it only datagrams from
+    // the destination's own address and port (none come back across a diode), and its receive
+    // buffer is the smallest the kernel allows: nothing on the OT network can queue data in it.
+    socket
+        .connect(loaded.destination)
+        .map_err(link_socket_error)?;
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(0);
     let udp = quinn_udp::UdpSocketState::new((&socket).into()).map_err(link_socket_error)?;
     // quinn-udp leaves the socket non-blocking; blocking sends are the link thread's backpressure.
     socket.set_nonblocking(false).map_err(link_socket_error)?;
@@ -148,6 +155,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         None => None,
     };
 
+    let limits = encoder.limits();
     let mut source_addrs = Vec::new();
     for (name, local, source, id, tm, rate) in bound {
         if let Some(local) = local {
@@ -161,6 +169,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             metrics: tm,
             rate: rate.map(|mbps| Arc::new(rate::TopicRate::new(mbps))),
             max_record_bytes: link.max_record_bytes,
+            limits,
             shutdown: shutdown.clone(),
         };
         tokio::spawn(source.run(ctx));

@@ -129,18 +129,21 @@ impl LinkThread {
     fn push(&mut self, now: Instant, ingest: Ingest) {
         let topic = ingest.topic.index();
         // The record's budget returns to the sources once the encoder holds it.
-        if self
-            .encoder
-            .push_with_origin(
-                now,
-                ingest.topic,
-                ingest.time_us,
-                ingest.origin,
-                ingest.payload,
-            )
-            .is_ok()
-        {
-            self.topics[topic].records_in.inc();
+        match self.encoder.push_with_origin(
+            now,
+            ingest.topic,
+            ingest.time_us,
+            ingest.origin,
+            ingest.payload,
+        ) {
+            Ok(_) => {
+                self.topics[topic].records_in.inc();
+            }
+            Err(e) => {
+                // Sources check the same limits first; this is the encoder's own guard.
+                self.topics[topic].dropped_oversize.inc();
+                tracing::warn!(error = %e, "record refused by the encoder");
+            }
         }
     }
 

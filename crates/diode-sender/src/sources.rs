@@ -17,9 +17,10 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use diode_common::budget::ByteBudget;
 use diode_common::net::{udp_socket, Buffer};
+use diode_common::LogThrottle;
 use diode_common::{unix_time_us, Shutdown};
 use diode_wire::proto::Origin;
-use diode_wire::TopicId;
+use diode_wire::{RecordLimits, TopicId};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -48,7 +49,32 @@ pub struct SourceContext {
     /// The topic's own ceiling, if it has one.
     pub rate: Option<Arc<crate::rate::TopicRate>>,
     pub max_record_bytes: usize,
+    /// What the link can frame: a record (its origin included) beyond it is refused here.
+    pub limits: RecordLimits,
     pub shutdown: Shutdown,
+}
+
+impl SourceContext {
+    /// Whether the link can frame this record; if not it is counted as oversize and logged with
+    /// the topic (at most one line a minute per process, with the count folded in), and the
+    /// source goes on with the next one. It never reaches the encoder.
+    pub(crate) fn frameable(&self, origin: Option<&Origin>, payload_len: usize) -> bool {
+        static REFUSED: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(60));
+        match self.limits.check(self.name.len(), origin, payload_len) {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics.dropped_oversize.inc();
+                if let Some(folded) = REFUSED.allow() {
+                    let origin_topic: String = origin
+                        .map(|o| o.topic.chars().take(80).collect())
+                        .unwrap_or_default();
+                    tracing::warn!(topic = %self.name, origin = %origin_topic, folded, error = %e,
+                        "record refused: it cannot be framed (see diode_records_dropped_total{{reason=\"oversize\"}})");
+                }
+                false
+            }
+        }
+    }
 }
 
 /// Chunk size read from a raw TCP stream: one record per read of up to this many bytes.
@@ -211,6 +237,7 @@ async fn run_udp(socket: UdpSocket, syslog: bool, ctx: SourceContext) {
             Ok((len, _)) if len > ctx.max_record_bytes => {
                 ctx.metrics.dropped_oversize.inc();
             }
+            Ok((len, _)) if !ctx.frameable(None, len) => {}
             Ok((len, _)) => {
                 let payload = if syslog {
                     let (record, parsed) = syslog::to_record(&buf[..len]);
@@ -423,6 +450,9 @@ pub(crate) async fn emit(
     origin: Option<Origin>,
     payload: Bytes,
 ) -> Result<(), QueueClosed> {
+    if !ctx.frameable(origin.as_ref(), payload.len()) {
+        return Ok(());
+    }
     if let Some(rate) = &ctx.rate {
         rate.acquire(payload.len()).await;
     }
