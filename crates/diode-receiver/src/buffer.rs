@@ -9,6 +9,11 @@
 //! over the link); and `cursor`, the segment and offset of the first record not yet delivered,
 //! written after each delivered batch. A crash can therefore deliver the last batch twice, never
 //! lose it. A torn frame at the end of a segment (power cut mid-write) ends that segment.
+//!
+//! When a segment is full, `NNNNNNNNNNNNNNNNNNNN.count` beside it keeps how many records it
+//! holds, so that opening the buffer after an outage counts its backlog from these files and by
+//! walking frame headers of at most the first and last segments, in bounded memory and time
+//! whatever the backlog (it once read the whole backlog into memory to count it).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -81,6 +86,8 @@ pub fn merge_dropped(into: &mut Dropped, more: Dropped) {
 struct Segment {
     id: u64,
     len: u64,
+    /// Records written to it by this run; its `.count` file says so once it is full.
+    records: u64,
 }
 
 /// Where the next undelivered record starts.
@@ -145,9 +152,14 @@ impl DiskBuffer {
             if cursor.is_some_and(|c| id < c.segment) {
                 // Delivered before the last stop.
                 let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(buffer.count_path(id));
                 continue;
             }
-            buffer.segments.push_back(Segment { id, len });
+            buffer.segments.push_back(Segment {
+                id,
+                len,
+                records: 0,
+            });
         }
         buffer.read = match (cursor, buffer.segments.front()) {
             (Some(c), Some(first)) if c.segment == first.id => c,
@@ -160,16 +172,24 @@ impl DiskBuffer {
                 offset: 0,
             },
         };
-        // Count what is left, for the backlog metrics and the drop accounting.
-        let mut position = buffer.read;
-        loop {
-            let Some((records, next)) = buffer.read_from(position, usize::MAX, u64::MAX)? else {
-                break;
+        // Count what is left, for the backlog metrics: from the `.count` files of full segments,
+        // by walking frame headers where there is none (the partly delivered first segment, the
+        // last one, one whose count was lost in a crash).
+        let last = buffer.segments.back().map(|s| s.id);
+        for segment in &buffer.segments {
+            let from = if segment.id == buffer.read.segment {
+                buffer.read.offset
+            } else {
+                0
             };
-            buffer.unread_records += records.len() as u64;
-            position = next;
+            let kept = (from == 0 && Some(segment.id) != last)
+                .then(|| read_count(&buffer.count_path(segment.id)))
+                .flatten();
+            buffer.unread_records += match kept {
+                Some(count) => count,
+                None => count_frames(&buffer.segment_path(segment.id), from, segment.len)?,
+            };
         }
-        buffer.reader = None;
         buffer.unread_bytes = buffer
             .segments
             .iter()
@@ -181,6 +201,18 @@ impl DiskBuffer {
 
     fn segment_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id:020}.seg"))
+    }
+
+    fn count_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:020}.count"))
+    }
+
+    /// Deletes a segment and its count.
+    fn remove_segment(&self, id: u64) -> Result<(), BufferError> {
+        let path = self.segment_path(id);
+        std::fs::remove_file(&path).map_err(io_error(&path))?;
+        let _ = std::fs::remove_file(self.count_path(id));
+        Ok(())
     }
 
     pub fn unread_bytes(&self) -> u64 {
@@ -215,15 +247,13 @@ impl DiskBuffer {
             }
             // Written out in pieces: a delivery of large records must not be held whole twice.
             if bytes.len() >= WRITE_CHUNK_BYTES {
-                self.write_out(&bytes)?;
-                self.unread_records += std::mem::take(&mut written);
+                self.write_out(&bytes, std::mem::take(&mut written))?;
                 bytes.clear();
             }
         }
         if !bytes.is_empty() {
-            self.write_out(&bytes)?;
+            self.write_out(&bytes, written)?;
         }
-        self.unread_records += written;
         bytes.clear();
         self.scratch = bytes;
         Ok(dropped)
@@ -231,12 +261,16 @@ impl DiskBuffer {
 
     /// Appends whole frames to the last segment, starting a new one when it is full (or was
     /// left by an earlier run: its tail may be torn).
-    fn write_out(&mut self, bytes: &[u8]) -> Result<(), BufferError> {
+    fn write_out(&mut self, bytes: &[u8], records: u64) -> Result<(), BufferError> {
         let roll = match self.segments.back() {
             None => true,
             Some(last) => last.len >= self.segment_bytes || self.writer.is_none() && last.len > 0,
         };
         if roll {
+            if let Some(full) = self.segments.back().filter(|_| self.writer.is_some()) {
+                // Best effort: without it the next start walks this segment's headers instead.
+                let _ = std::fs::write(self.count_path(full.id), full.records.to_be_bytes());
+            }
             let id = self.segments.back().map_or(self.read.segment, |s| s.id + 1);
             let path = self.segment_path(id);
             let file = OpenOptions::new()
@@ -245,7 +279,11 @@ impl DiskBuffer {
                 .open(&path)
                 .map_err(io_error(&path))?;
             self.writer = Some(file);
-            self.segments.push_back(Segment { id, len: 0 });
+            self.segments.push_back(Segment {
+                id,
+                len: 0,
+                records: 0,
+            });
         } else if self.writer.is_none() {
             let id = self.segments.back().expect("not rolled: one exists").id;
             let path = self.segment_path(id);
@@ -264,7 +302,9 @@ impl DiskBuffer {
             .write_all(bytes)
             .map_err(io_error(&path))?;
         last.len += bytes.len() as u64;
+        last.records += records;
         self.unread_bytes += bytes.len() as u64;
+        self.unread_records += records;
         Ok(())
     }
 
@@ -288,8 +328,7 @@ impl DiskBuffer {
             position = next;
         }
         let segment = self.segments.pop_front().expect("caller checked");
-        let path = self.segment_path(segment.id);
-        std::fs::remove_file(&path).map_err(io_error(&path))?;
+        self.remove_segment(segment.id)?;
         self.unread_bytes = self.unread_bytes.saturating_sub(segment.len - start);
         self.unread_records = self.unread_records.saturating_sub(removed_records);
         let next = self
@@ -427,8 +466,7 @@ impl DiskBuffer {
             if self.segments.is_empty() {
                 self.writer = None;
             }
-            let path = self.segment_path(segment.id);
-            std::fs::remove_file(&path).map_err(io_error(&path))?;
+            self.remove_segment(segment.id)?;
         }
         freed += next.offset
             - if next.segment == before.segment {
@@ -451,6 +489,33 @@ impl DiskBuffer {
         std::fs::write(&temp, bytes).map_err(io_error(&temp))?;
         std::fs::rename(&temp, &path).map_err(io_error(&path))
     }
+}
+
+fn read_count(path: &Path) -> Option<u64> {
+    let bytes: [u8; 8] = std::fs::read(path).ok()?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+/// Frames in `[from, len)` of a segment, by their headers alone: memory bounded by the read
+/// buffer, whatever the segment holds. Stops at a frame that runs past the end (a torn write).
+fn count_frames(path: &Path, from: u64, len: u64) -> Result<u64, BufferError> {
+    let file = File::open(path).map_err(io_error(path))?;
+    let mut reader = BufReader::with_capacity(256 << 10, file);
+    reader.seek(SeekFrom::Start(from)).map_err(io_error(path))?;
+    let mut at = from;
+    let mut count = 0;
+    let mut header = [0u8; FRAME_HEADER_BYTES as usize];
+    while at + FRAME_HEADER_BYTES <= len {
+        reader.read_exact(&mut header).map_err(io_error(path))?;
+        let body = u32::from_be_bytes(header[..4].try_into().expect("4")) as u64;
+        if at + FRAME_HEADER_BYTES + body > len {
+            break;
+        }
+        reader.seek_relative(body as i64).map_err(io_error(path))?;
+        at += FRAME_HEADER_BYTES + body;
+        count += 1;
+    }
+    Ok(count)
 }
 
 fn read_cursor(path: &Path) -> Option<Position> {
@@ -629,9 +694,9 @@ mod tests {
         std::fs::write(&segment, bytes).unwrap();
         let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
         assert_eq!(buffer.unread_records(), 0);
-        assert!(buffer.corrupt_frames > 0);
         buffer.append(&[record("t", 5, 100)]).unwrap();
         assert_eq!(drain(&mut buffer, 10).len(), 1);
+        assert!(buffer.corrupt_frames > 0);
     }
 
     #[test]
