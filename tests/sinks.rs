@@ -305,6 +305,168 @@ fn file_sink_rotates_and_raw_mode_is_byte_exact() {
     }
 }
 
+/// Everything a consumer printed, once it has exited.
+fn stdout_of(consumer: &mut KillOnDrop) -> String {
+    let mut text = String::new();
+    let _ = consumer.0.stdout.take().unwrap().read_to_string(&mut text);
+    let _ = consumer.0.wait();
+    text
+}
+
+/// Raw MQTT 3.1.1 packets, for clients that misbehave on purpose.
+fn mqtt_packet(packet: rumqttc::mqttbytes::v4::Packet) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    packet.write(&mut out, usize::MAX).unwrap();
+    out.to_vec()
+}
+
+fn mqtt_connect(client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new(client_id);
+    if let Some((user, password)) = login {
+        connect.set_login(user, password);
+    }
+    mqtt_packet(rumqttc::mqttbytes::v4::Packet::Connect(connect))
+}
+
+/// The probe's findings against the embedded broker (rumqttd then): any client could publish
+/// into `ot/...`, retained forgeries were served to every new subscriber, a wrong password got
+/// in, a CONNECT-reset-CONNECT sequence panicked it for good, and subscribers that do not read
+/// grew the receiver without bound.
+#[test]
+fn the_embedded_broker_is_read_only_authenticated_and_bounded() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
+    let publish = require("mosquitto_pub", "apt-get install mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("broker.password");
+    std::fs::write(&password, "it-side secret\n").unwrap();
+    std::fs::set_permissions(
+        &password,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let broker_port = free_tcp_port();
+    let source_port = free_tcp_port();
+    let routes = format!(
+        "[[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"mqtt_broker\", listen = \"127.0.0.1:{broker_port}\", topic_prefix = \"ot/\", username = \"scada\", password_file = \"broker.password\", max_connections = 40, client_queue_bytes = 1048576 }}\n"
+    );
+    let topics = format!(
+        "[[topic]]\nname = \"plant/line1\"\nsource = {{ kind = \"tcp\", listen = \"127.0.0.1:{source_port}\", framing = \"lines\" }}\n"
+    );
+    let pair = Pair::start_with(RelayConfig::default(), &topics, &routes, dir, "", "");
+    let port = broker_port.to_string();
+    let login = ["-u", "scada", "-P", "it-side secret"];
+    let subscriber = |count: &str| {
+        KillOnDrop(
+            Command::new(&sub)
+                .args(["-h", "127.0.0.1", "-p", &port])
+                .args(login)
+                .args(["-t", "ot/#", "-v", "-C", count, "-W", "30"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    // A wrong password is refused.
+    let refused = Command::new(&sub)
+        .args(["-h", "127.0.0.1", "-p", &port, "-u", "scada", "-P", "guess"])
+        .args(["-t", "ot/#", "-C", "1", "-W", "5"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let mut good = subscriber("3");
+    std::thread::sleep(Duration::from_millis(500));
+    // Publishing, retained or not, even with the right login, is refused: nothing forged
+    // reaches the subscriber, nor a later one.
+    for retain in [false, true] {
+        let mut forge = Command::new(&publish);
+        forge
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(login)
+            .args(["-t", "ot/plant/line1", "-m", "forged", "-q", "1"]);
+        if retain {
+            forge.arg("-r");
+        }
+        let _ = forge.output().unwrap();
+    }
+    // CONNECT, reset, CONNECT with the same client id (it panicked rumqttd), then a storm of
+    // subscribers that never read while large records flow.
+    for _ in 0..2 {
+        let mut raw = TcpStream::connect(("127.0.0.1", broker_port)).unwrap();
+        raw.write_all(&mqtt_connect(
+            "diode-recv",
+            Some(("scada", "it-side secret")),
+        ))
+        .unwrap();
+        let _ = socket2::SockRef::from(&raw).set_linger(Some(Duration::ZERO));
+    }
+    let mut stalled = Vec::new();
+    for i in 0..30 {
+        let mut raw = TcpStream::connect(("127.0.0.1", broker_port)).unwrap();
+        raw.write_all(&mqtt_connect(
+            &format!("stall{i}"),
+            Some(("scada", "it-side secret")),
+        ))
+        .unwrap();
+        raw.write_all(&mqtt_packet(rumqttc::mqttbytes::v4::Packet::Subscribe(
+            rumqttc::mqttbytes::v4::Subscribe::new("#", rumqttc::mqttbytes::QoS::AtMostOnce),
+        )))
+        .unwrap();
+        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(4096);
+        stalled.push(raw);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let receiver_pid = pair.receiver.child.as_ref().unwrap().id();
+    let rss = || {
+        std::fs::read_to_string(format!("/proc/{receiver_pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            >> 10
+    };
+    let before = rss();
+    let mut source = TcpStream::connect(("127.0.0.1", source_port)).unwrap();
+    let big = "x".repeat(500_000);
+    for i in 0..40 {
+        writeln!(source, "{i} {big}").unwrap();
+    }
+    writeln!(source, "last").unwrap();
+    drop(source);
+    let mut good_again = subscriber("1");
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 120,
+        "30 stalled subscribers and 20 MB of records: {grown} MiB more"
+    );
+    drop(stalled);
+    // The broker still serves: the first subscriber saw only genuine records.
+    let text = stdout_of(&mut good);
+    assert!(!text.contains("forged"), "{text}");
+    assert!(
+        text.lines().all(|l| l.starts_with("ot/plant/line1 ")),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    let mut fresh = subscriber("1");
+    let mut source = TcpStream::connect(("127.0.0.1", source_port)).unwrap();
+    writeln!(source, "after the storm").unwrap();
+    drop(source);
+    assert_eq!(
+        stdout_of(&mut fresh).trim(),
+        "ot/plant/line1 after the storm",
+        "receiver log:\n{}",
+        pair.receiver.log_text()
+    );
+    let _ = good_again.0.kill();
+    assert!(pair.receiver.log_text().contains("read-only for clients"));
+    pair.assert_one_way();
+}
+
 #[test]
 fn the_embedded_broker_serves_records_to_mqtt_clients() {
     let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");

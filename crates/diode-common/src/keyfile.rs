@@ -18,6 +18,8 @@ pub enum KeyFileError {
     },
     #[error("{path} is readable by others (mode {mode:o}): run `chmod 600 {path}`")]
     Permissions { path: String, mode: u32 },
+    #[error("{path} belongs to uid {owner}, neither this service's user (uid {user}) nor root: `chown` it")]
+    Owner { path: String, owner: u32, user: u32 },
     #[error("{path} does not hold 64 hexadecimal characters (a key from `diode-send keygen`)")]
     Format { path: String },
     #[error("cannot write {path}: {source}")]
@@ -30,8 +32,18 @@ pub enum KeyFileError {
     Random,
 }
 
-/// Reads a key file, refusing one that group or others could read.
+/// Reads a key file, refusing one that group or others could read or that belongs to another
+/// user than this service's (or root).
 pub fn load(path: &Path) -> Result<[u8; KEY_LEN], KeyFileError> {
+    let text = read_secret(path)?;
+    parse_hex(text.trim()).ok_or(KeyFileError::Format {
+        path: path.display().to_string(),
+    })
+}
+
+/// Reads a secret (a key, a password file) under the same rules as a key file, without its
+/// trailing line end.
+pub fn read_secret(path: &Path) -> Result<String, KeyFileError> {
     let shown = path.display().to_string();
     let read_error = |source| KeyFileError::Read {
         path: shown.clone(),
@@ -39,18 +51,24 @@ pub fn load(path: &Path) -> Result<[u8; KEY_LEN], KeyFileError> {
     };
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(read_error)?
-            .permissions()
-            .mode()
-            & 0o777;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let metadata = std::fs::metadata(path).map_err(read_error)?;
+        let mode = metadata.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(KeyFileError::Permissions { path: shown, mode });
         }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let user = unsafe { libc::geteuid() };
+        if metadata.uid() != user && metadata.uid() != 0 {
+            return Err(KeyFileError::Owner {
+                path: shown,
+                owner: metadata.uid(),
+                user,
+            });
+        }
     }
     let text = std::fs::read_to_string(path).map_err(read_error)?;
-    parse_hex(text.trim()).ok_or(KeyFileError::Format { path: shown })
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 /// Writes a new random key to a file that must not exist yet, readable by its owner only.

@@ -71,13 +71,9 @@ pub fn options(
         (Some(p), None) => Some(p.to_owned()),
         (None, Some(file)) => {
             let file = source.resolve(file);
-            let text = std::fs::read_to_string(&file).map_err(|e| {
-                source.invalid(
-                    &key("password_file"),
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
-            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+            let text = crate::keyfile::read_secret(&file)
+                .map_err(|e| source.invalid(&key("password_file"), e.to_string()))?;
+            Some(text)
         }
         (None, None) => None,
     };

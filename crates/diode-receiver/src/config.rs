@@ -86,6 +86,16 @@ pub struct RouteConfig {
     pub buffer_full: crate::buffer::FullPolicy,
 }
 
+fn default_broker_max_connections() -> usize {
+    64
+}
+fn default_broker_client_queue_bytes() -> usize {
+    4 << 20
+}
+fn default_broker_retained_max_bytes() -> usize {
+    16 << 20
+}
+
 fn default_buffer_max_bytes() -> u64 {
     1 << 30
 }
@@ -159,6 +169,23 @@ pub enum SinkConfig {
         listen: String,
         #[serde(default)]
         topic_prefix: String,
+        /// Clients must log in with this username and the password in `password_file`
+        /// (relative to this file; others must not be able to read it). Unset: anyone who can
+        /// reach `listen` may subscribe.
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+        /// Clients connected at once, at most.
+        #[serde(default = "default_broker_max_connections")]
+        max_connections: usize,
+        /// Messages waiting for one client, at most; a client that falls further behind is
+        /// disconnected (it may reconnect).
+        #[serde(default = "default_broker_client_queue_bytes")]
+        client_queue_bytes: usize,
+        /// Retained messages (records whose MQTT origin was retained) kept for new subscribers.
+        #[serde(default = "default_broker_retained_max_bytes")]
+        retained_max_bytes: usize,
     },
     /// Produces each record to Kafka: the diode topic is the message key (one partition per
     /// diode topic, so its order holds), sequence number, ingest time and MQTT origin are headers.
@@ -239,8 +266,8 @@ pub struct Route {
     pub buffer: Option<(PathBuf, u64, crate::buffer::FullPolicy)>,
     /// Client options of an MQTT sink, checked at load.
     pub mqtt: Option<Box<rumqttc::MqttOptions>>,
-    /// Where a sink that listens (the embedded broker) binds, resolved at load.
-    pub listen: Option<SocketAddr>,
+    /// The embedded broker's settings, resolved at load.
+    pub broker: Option<Box<crate::sinks::broker::BrokerSettings>>,
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +376,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         }
         let mut sink = route.sink.clone();
         let mut mqtt = None;
-        let mut listen_addr = None;
+        let mut broker = None;
         match &mut sink {
             SinkConfig::File {
                 path,
@@ -449,8 +476,47 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             SinkConfig::MqttBroker {
                 listen,
                 topic_prefix,
+                username,
+                password_file,
+                max_connections,
+                client_queue_bytes,
+                retained_max_bytes,
             } => {
-                listen_addr = Some(source.socket_addr(&format!("route[{i}].sink.listen"), listen)?);
+                let addr = source.socket_addr(&format!("route[{i}].sink.listen"), listen)?;
+                let key = |k: &str| format!("route[{i}].sink.{k}");
+                let password = match (username.as_ref(), password_file.as_ref()) {
+                    (Some(_), Some(file)) => {
+                        let file = source.resolve(file);
+                        let text = diode_common::keyfile::read_secret(&file)
+                            .map_err(|e| source.invalid(&key("password_file"), e.to_string()))?;
+                        Some(text)
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err(source.invalid(
+                            &key("password_file"),
+                            "set username and password_file together",
+                        ))
+                    }
+                };
+                if *max_connections == 0 || *max_connections > 10_000 {
+                    return Err(source.invalid(&key("max_connections"), "must be 1 to 10000"));
+                }
+                if *client_queue_bytes < 64 << 10 {
+                    return Err(
+                        source.invalid(&key("client_queue_bytes"), "must be at least 65536")
+                    );
+                }
+                broker = Some(Box::new(crate::sinks::broker::BrokerSettings {
+                    listen: addr,
+                    topic_prefix: topic_prefix.clone(),
+                    username: username.clone(),
+                    password,
+                    max_connections: *max_connections,
+                    client_queue_bytes: *client_queue_bytes,
+                    retained_max_bytes: *retained_max_bytes,
+                    max_packet_bytes: link.max_record_bytes + 65_536 + 16,
+                }));
                 if topic_prefix.contains(['+', '#']) {
                     return Err(source.invalid(
                         &format!("route[{i}].sink.topic_prefix"),
@@ -518,7 +584,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             queue_bytes: route.queue_bytes,
             buffer,
             mqtt,
-            listen: listen_addr,
+            broker,
         });
     }
     Ok(Loaded {

@@ -143,11 +143,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             }
             None => None,
         };
-        let sink =
-            sinks::Sink::new(&route, link.max_record_bytes).map_err(|source| StartError::Sink {
-                route: route.name.clone(),
-                source,
-            })?;
+        let sink = sinks::Sink::new(&route).map_err(|source| StartError::Sink {
+            route: route.name.clone(),
+            source,
+        })?;
         sinks.push(tokio::spawn(sinks::run_route(
             sink,
             rx,
@@ -279,7 +278,16 @@ pub fn describe(loaded: &Loaded) -> String {
             config::SinkConfig::MqttBroker {
                 listen,
                 topic_prefix,
-            } => format!("embedded MQTT broker on {listen}, topics under {topic_prefix:?}"),
+                username,
+                max_connections,
+                ..
+            } => format!(
+                "embedded MQTT broker on {listen} (read-only for clients, {}, at most {max_connections} clients), topics under {topic_prefix:?}",
+                match username {
+                    Some(user) => format!("login as {user:?} required"),
+                    None => "no login: anyone who can reach it may subscribe".to_owned(),
+                }
+            ),
             config::SinkConfig::Kafka { brokers, topic, .. } => {
                 format!(
                     "kafka {} topic {topic:?}, keyed by diode topic",

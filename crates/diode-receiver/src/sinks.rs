@@ -106,14 +106,14 @@ pub enum Sink {
 
 impl Sink {
     /// Must be called inside the runtime. Fails only for a sink that listens (the embedded broker).
-    pub fn new(route: &crate::config::Route, max_record_bytes: usize) -> std::io::Result<Sink> {
+    pub fn new(route: &crate::config::Route) -> std::io::Result<Sink> {
         Ok(match &route.sink {
-            SinkConfig::MqttBroker { topic_prefix, .. } => Sink::Broker(broker::BrokerSink::start(
-                route
-                    .listen
-                    .expect("the config loader resolves a broker's listen address"),
-                topic_prefix.clone(),
-                max_record_bytes,
+            SinkConfig::MqttBroker { .. } => Sink::Broker(broker::BrokerSink::start(
+                (**route
+                    .broker
+                    .as_ref()
+                    .expect("the config loader resolves a broker's settings"))
+                .clone(),
             )?),
             SinkConfig::File {
                 path,
