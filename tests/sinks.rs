@@ -660,3 +660,54 @@ fn syslog_sink_over_udp_sends_one_message_a_datagram() {
     }
     pair.assert_one_way();
 }
+
+/// One record a sink can never accept (here a 70 KB line for a UDP sink) used to fail its batch
+/// forever and block the route. It goes to the route's dead-letter file, counted, and the records
+/// after it are delivered.
+#[test]
+fn a_record_the_sink_can_never_accept_is_set_aside_and_the_route_goes_on() {
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    target
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let source = free_tcp_port();
+    let topics = format!(
+        "[[topic]]\nname = \"historian/events\"\nsource = {{ kind = \"tcp\", listen = \"127.0.0.1:{source}\", framing = \"lines\" }}\n"
+    );
+    let routes = format!(
+        "[[route]]\nname = \"udp-out\"\ntopics = [\"#\"]\nsink = {{ kind = \"udp\", target = \"{}\" }}\ndead_letter_file = \"dead/udp-out.jsonl\"\n",
+        target.local_addr().unwrap()
+    );
+    let pair = Pair::start(RelayConfig::default(), &topics, &routes);
+    let mut lines: Vec<String> = (0..5).map(|i| format!("before {i}")).collect();
+    lines.push("x".repeat(70_000));
+    lines.extend((0..5).map(|i| format!("after {i}")));
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", source)).unwrap();
+        for line in &lines {
+            writeln!(s, "{line}").unwrap();
+        }
+    }
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 70_000];
+    while got.len() < 10 {
+        let n = target
+            .recv(&mut buf)
+            .expect("records after the bad one arrive");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let mut expected: Vec<String> = (0..5).map(|i| format!("before {i}")).collect();
+    expected.extend((0..5).map(|i| format!("after {i}")));
+    assert_eq!(got, expected);
+    let dead = read_jsonl(&pair.path("dead/udp-out.jsonl"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["seq"], 5);
+    assert!(dead[0]["reason"].as_str().unwrap().contains("UDP"));
+    assert_eq!(
+        pair.receiver
+            .metric("diode_sink_dead_letters_total", &["route=\"udp-out\""]),
+        1.0
+    );
+    pair.assert_one_way();
+}

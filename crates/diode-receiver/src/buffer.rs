@@ -576,7 +576,7 @@ fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>, left: u64) -> std::io:
             .origins
             .into_iter()
             .next()
-            .filter(|o| !o.topic.is_empty()),
+            .filter(diode_wire::frames::origin_is_present),
         payload,
     })
 }
@@ -594,6 +594,7 @@ mod tests {
                 topic: format!("plant/{seq}"),
                 qos: 1,
                 retain: false,
+                protocol: "mqtt".into(),
             }),
             payload: Bytes::from(vec![seq as u8; len]),
         }

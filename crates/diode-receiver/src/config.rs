@@ -84,6 +84,18 @@ pub struct RouteConfig {
     /// What a full buffer gives up: `drop_oldest` (default) or `drop_newest`.
     #[serde(default)]
     pub buffer_full: crate::buffer::FullPolicy,
+    /// Where records this route's sink can never accept go (relative to this file): a topic
+    /// name its protocol refuses, a datagram too large for UDP, a Kafka topic that does not exist
+    /// and may not be created. JSON lines with a `reason`. By default `dead-letter.jsonl` in the
+    /// route's `buffer_dir`; without either, such records are counted and logged only.
+    #[serde(default)]
+    pub dead_letter_file: Option<PathBuf>,
+    #[serde(default = "default_dead_letter_max_bytes")]
+    pub dead_letter_max_bytes: u64,
+}
+
+fn default_dead_letter_max_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_broker_max_connections() -> usize {
@@ -268,6 +280,8 @@ pub struct Route {
     pub mqtt: Option<Box<rumqttc::MqttOptions>>,
     /// The embedded broker's settings, resolved at load.
     pub broker: Option<Box<crate::sinks::broker::BrokerSettings>>,
+    /// Where records the sink refuses for good are kept, and how many bytes of them at most.
+    pub dead_letter: (Option<PathBuf>, u64),
 }
 
 #[derive(Debug, Clone)]
@@ -577,6 +591,11 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             }
             None => None,
         };
+        let dead_letter_file = match (&route.dead_letter_file, &buffer) {
+            (Some(file), _) => Some(source.resolve(file)),
+            (None, Some((dir, _, _))) => Some(dir.join("dead-letter.jsonl")),
+            (None, None) => None,
+        };
         routes.push(Route {
             name,
             filters,
@@ -585,6 +604,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             buffer,
             mqtt,
             broker,
+            dead_letter: (dead_letter_file, route.dead_letter_max_bytes),
         });
     }
     Ok(Loaded {

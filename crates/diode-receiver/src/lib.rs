@@ -147,10 +147,13 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             route: route.name.clone(),
             source,
         })?;
+        let dead =
+            sinks::dead_letter::DeadLetters::new(route.dead_letter.0.clone(), route.dead_letter.1);
         sinks.push(tokio::spawn(sinks::run_route(
             sink,
             rx,
             buffer,
+            dead,
             route_metrics.clone(),
             route.name.clone(),
         )));

@@ -47,6 +47,7 @@ pub struct ReceiverMetrics {
     pub last_heartbeat_seconds: Gauge,
     pub sink_delivered: Family<RouteLabels, Counter>,
     pub sink_dropped: Family<RouteLabels, Counter>,
+    pub sink_dead_letters: Family<RouteLabels, Counter>,
     pub sink_errors: Family<RouteLabels, Counter>,
     pub sink_queue_bytes: Family<RouteLabels, Gauge>,
     pub sink_backlog_bytes: Family<RouteLabels, Gauge>,
@@ -77,6 +78,7 @@ impl ReceiverMetrics {
             last_heartbeat_seconds: Gauge::default(),
             sink_delivered: Family::default(),
             sink_dropped: Family::default(),
+            sink_dead_letters: Family::default(),
             sink_errors: Family::default(),
             sink_queue_bytes: Family::default(),
             sink_backlog_bytes: Family::default(),
@@ -193,6 +195,11 @@ impl ReceiverMetrics {
             m.sink_dropped.clone(),
         );
         r.register(
+            "diode_sink_dead_letters",
+            "Records a sink can never accept (invalid topic name, too large, missing topic), set aside in the route's dead-letter file",
+            m.sink_dead_letters.clone(),
+        );
+        r.register(
             "diode_sink_errors",
             "Sink write or connection errors",
             m.sink_errors.clone(),
@@ -252,6 +259,7 @@ impl ReceiverMetrics {
         RouteMetrics {
             delivered: self.sink_delivered.get_or_create_owned(&labels),
             dropped: self.sink_dropped.get_or_create_owned(&labels),
+            dead_letters: self.sink_dead_letters.get_or_create_owned(&labels),
             errors: self.sink_errors.get_or_create_owned(&labels),
             queue: self.sink_queue_bytes.get_or_create_owned(&labels),
             backlog: self.sink_backlog_bytes.get_or_create_owned(&labels),
@@ -264,6 +272,7 @@ impl ReceiverMetrics {
 pub struct RouteMetrics {
     pub delivered: Counter,
     pub dropped: Counter,
+    pub dead_letters: Counter,
     pub errors: Counter,
     /// Bytes waiting for the sink, as held in `budget`.
     pub queue: Gauge,

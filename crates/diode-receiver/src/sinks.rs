@@ -4,6 +4,7 @@
 //! costs disk space, not records.
 
 pub mod broker;
+pub mod dead_letter;
 pub mod kafka;
 pub mod mqtt;
 pub mod syslog;
@@ -28,6 +29,8 @@ use crate::metrics::RouteMetrics;
 const BATCH: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The largest UDP payload over IPv4.
+const MAX_UDP_PAYLOAD_BYTES: usize = 65_507;
 
 /// One JSON line: `topic`, `seq`, `time` (RFC 3339, when the sender took it in), `origin` when
 /// the source gave one (`{"topic", "qos", "retain"}`, wire-format.md §5.4), and `payload` (UTF-8)
@@ -50,6 +53,8 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
         topic: &'a str,
         qos: u32,
         retain: bool,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        protocol: &'a str,
     }
     let (payload, payload_base64) = match std::str::from_utf8(&record.payload) {
         Ok(text) => (Some(text), None),
@@ -66,6 +71,7 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
             topic: &o.topic,
             qos: o.qos,
             retain: o.retain,
+            protocol: &o.protocol,
         }),
         payload,
         payload_base64,
@@ -91,6 +97,9 @@ pub enum SinkError {
     #[error("kafka: {0}")]
     Kafka(String),
 }
+
+/// Records of a batch a sink took as delivered but can never accept: (index in the batch, why).
+pub type Refusals = Vec<(usize, String)>;
 
 /// A sink, ready to deliver batches. Connections are made on first use and again after a failure.
 pub enum Sink {
@@ -171,15 +180,43 @@ impl Sink {
         })
     }
 
+    /// Why this sink could never accept `record`, if so: checked before delivery, so one bad
+    /// record goes to the dead letters instead of failing its batch forever.
+    pub fn refusal(&self, record: &Record) -> Option<String> {
+        match self {
+            Sink::Mqtt(sink) => mqtt::republish_topic(&sink.prefix, record)
+                .err()
+                .map(str::to_owned),
+            Sink::Broker(sink) => mqtt::republish_topic(&sink.settings.topic_prefix, record)
+                .err()
+                .map(str::to_owned)
+                .or_else(|| {
+                    (record.payload.len() + 65_536 > sink.settings.max_packet_bytes)
+                        .then(|| "larger than the broker's largest packet".to_owned())
+                }),
+            Sink::Kafka(sink) => {
+                let topic = kafka::kafka_topic(&sink.pattern, &record.topic);
+                (!kafka::valid_kafka_topic(&topic)).then(|| {
+                    format!("{topic:?} is not a valid Kafka topic name (at most 249 characters)")
+                })
+            }
+            Sink::Udp(_) => (record.payload.len() > MAX_UDP_PAYLOAD_BYTES)
+                .then(|| format!("{} bytes do not fit one UDP datagram", record.payload.len())),
+            Sink::File(_) | Sink::Stdout(_) | Sink::Tcp(_) | Sink::Syslog(_) => None,
+        }
+    }
+
     /// Delivers the whole batch or fails; a failed batch is offered again whole, so a sink may
-    /// see records twice after a failure (at least once), never lose them.
+    /// see records twice after a failure (at least once), never lose them. Records a sink finds
+    /// it can never accept while delivering are returned rather than failing the batch.
     pub async fn deliver(
         &mut self,
         records: &[Record],
         metrics: &RouteMetrics,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Refusals, SinkError> {
+        let none = |result: Result<(), SinkError>| result.map(|()| Refusals::new());
         match self {
-            Sink::File(sink) => sink.deliver(records).await,
+            Sink::File(sink) => none(sink.deliver(records).await),
             Sink::Stdout(out) => {
                 let mut buf = Vec::new();
                 for record in records {
@@ -187,14 +224,14 @@ impl Sink {
                 }
                 out.write_all(&buf).await?;
                 out.flush().await?;
-                Ok(())
+                Ok(Refusals::new())
             }
-            Sink::Udp(sink) => sink.deliver(records, metrics).await,
-            Sink::Tcp(sink) => sink.deliver(records).await,
-            Sink::Mqtt(sink) => sink.deliver(records).await,
-            Sink::Broker(sink) => sink.deliver(records),
+            Sink::Udp(sink) => none(sink.deliver(records, metrics).await),
+            Sink::Tcp(sink) => none(sink.deliver(records).await),
+            Sink::Mqtt(sink) => none(sink.deliver(records).await),
+            Sink::Broker(sink) => none(sink.deliver(records)),
             Sink::Kafka(sink) => sink.deliver(records).await,
-            Sink::Syslog(sink) => sink.deliver(records).await,
+            Sink::Syslog(sink) => none(sink.deliver(records).await),
         }
     }
 
@@ -228,6 +265,7 @@ pub async fn run_route(
     mut sink: Sink,
     queue: flume::Receiver<Vec<Queued>>,
     buffer: Option<crate::buffer::DiskBuffer>,
+    mut dead: dead_letter::DeadLetters,
     metrics: RouteMetrics,
     route: String,
 ) {
@@ -239,11 +277,11 @@ pub async fn run_route(
                 let records: Vec<Record> = batch.iter().map(|q| q.record.clone()).collect();
                 // Without a disk buffer, the memory queue is what holds records while the sink
                 // retries; when it is full the link thread drops, counted.
-                deliver_with_retry(&mut sink, &records, &metrics, &route).await;
+                deliver_with_retry(&mut sink, &records, &mut dead, &metrics, &route).await;
                 batch.clear();
             }
         }
-        Some(buffer) => run_buffered(&mut sink, queue, buffer, &metrics, &route).await,
+        Some(buffer) => run_buffered(&mut sink, queue, buffer, &mut dead, &metrics, &route).await,
     }
     sink.close().await;
 }
@@ -251,15 +289,38 @@ pub async fn run_route(
 async fn deliver_with_retry(
     sink: &mut Sink,
     records: &[Record],
+    dead: &mut dead_letter::DeadLetters,
     metrics: &RouteMetrics,
     route: &str,
 ) {
+    let screened: Vec<Record>;
+    let records = if records.iter().any(|r| sink.refusal(r).is_some()) {
+        let mut kept = Vec::with_capacity(records.len());
+        for record in records {
+            match sink.refusal(record) {
+                Some(why) => dead.put(record, &why, metrics, route),
+                None => kept.push(record.clone()),
+            }
+        }
+        screened = kept;
+        &screened[..]
+    } else {
+        records
+    };
+    if records.is_empty() {
+        return;
+    }
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u32;
     loop {
         match sink.deliver(records, metrics).await {
-            Ok(()) => {
-                metrics.delivered.inc_by(records.len() as u64);
+            Ok(refused) => {
+                for (i, why) in &refused {
+                    dead.put(&records[*i], why, metrics, route);
+                }
+                metrics
+                    .delivered
+                    .inc_by((records.len() - refused.len()) as u64);
                 if failures > 0 {
                     tracing::info!(%route, failures, "sink delivers again");
                 }
@@ -287,6 +348,7 @@ async fn run_buffered(
     sink: &mut Sink,
     queue: flume::Receiver<Vec<Queued>>,
     buffer: crate::buffer::DiskBuffer,
+    dead: &mut dead_letter::DeadLetters,
     metrics: &RouteMetrics,
     route: &str,
 ) {
@@ -364,7 +426,7 @@ async fn run_buffered(
         };
         match next {
             Ok(Some((records, position))) => {
-                deliver_with_retry(sink, &records, metrics, route).await;
+                deliver_with_retry(sink, &records, dead, metrics, route).await;
                 let mut buffer = buffer.lock().expect("not poisoned");
                 if let Err(e) = buffer.commit(records.len(), position) {
                     metrics.errors.inc();
@@ -641,6 +703,7 @@ mod tests {
                 topic: "plant/line3/speed".into(),
                 qos: 1,
                 retain: true,
+                protocol: "mqtt".into(),
             }),
             ..binary
         };

@@ -239,14 +239,14 @@ async fn run_udp(socket: UdpSocket, syslog: bool, ctx: SourceContext) {
             }
             Ok((len, _)) if !ctx.frameable(None, len) => {}
             Ok((len, _)) => {
-                let payload = if syslog {
+                let (payload, origin) = if syslog {
                     let (record, parsed) = syslog::to_record(&buf[..len]);
                     if !parsed {
                         ctx.metrics.unparsed.inc();
                     }
-                    record
+                    (record, parsed.then(syslog::origin))
                 } else {
-                    Bytes::copy_from_slice(&buf[..len])
+                    (Bytes::copy_from_slice(&buf[..len]), None)
                 };
                 if ctx
                     .rate
@@ -267,7 +267,7 @@ async fn run_udp(socket: UdpSocket, syslog: bool, ctx: SourceContext) {
                 let ingest = Ingest {
                     topic: ctx.topic,
                     time_us: unix_time_us(),
-                    origin: None,
+                    origin,
                     payload,
                     _budget: budget,
                 };
@@ -379,7 +379,7 @@ async fn read_records(
                         if !parsed {
                             ctx.metrics.unparsed.inc();
                         }
-                        emit(ctx, unix_time_us(), None, record).await?;
+                        emit(ctx, unix_time_us(), parsed.then(syslog::origin), record).await?;
                     }
                     syslog::Frame::Oversize { fatal } => {
                         ctx.metrics.dropped_oversize.inc();

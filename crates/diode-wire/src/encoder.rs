@@ -153,7 +153,7 @@ impl RecordLimits {
         payload_len: usize,
     ) -> Result<(), RecordTooLarge> {
         let origin_len = origin
-            .filter(|o| !o.topic.is_empty())
+            .filter(|o| frames::origin_is_present(o))
             .map_or(0, frames::origin_field_len);
         let head = |origin_len, offset| frames::FragmentHead {
             origin_len,
@@ -183,6 +183,8 @@ impl RecordLimits {
                 topic: "x".repeat(len),
                 qos: 2,
                 retain: true,
+                // The longest protocol name a source sets.
+                protocol: "syslog".to_owned(),
             };
             let head = frames::FragmentHead {
                 origin_len: frames::origin_field_len(&origin),
@@ -213,7 +215,7 @@ impl RecordLimits {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AddTopicError {
-    #[error("topic name {0:?} is empty, longer than 255 bytes or contains + or #")]
+    #[error("topic name {0:?} is empty, longer than 255 bytes, or contains + or # or a control character")]
     InvalidName(String),
     #[error("topic {0:?} is already registered")]
     Duplicate(String),
@@ -442,7 +444,7 @@ impl Encoder {
         origin: Option<proto::Origin>,
         payload: Bytes,
     ) -> Result<u64, PushError> {
-        let origin = origin.filter(|o| !o.topic.is_empty());
+        let origin = origin.filter(frames::origin_is_present);
         let t = self
             .topics
             .get_mut(topic.index())

@@ -9,11 +9,21 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/diode.v1.rs"));
 }
 
-/// Topic names: 1 to 255 bytes of UTF-8 without MQTT wildcards (wire-format.md §1).
+/// Topic names: 1 to 255 bytes of UTF-8 without MQTT wildcards or control characters
+/// (wire-format.md §1): every sink can name a record by its topic (a NUL or a line end in a
+/// topic broke MQTT brokers and log lines).
 pub const MAX_TOPIC_LEN: usize = 255;
 
 pub fn is_valid_topic(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_TOPIC_LEN && !name.contains(['+', '#'])
+    !name.is_empty()
+        && name.len() <= MAX_TOPIC_LEN
+        && !name.chars().any(|c| c == '+' || c == '#' || c.is_control())
+}
+
+/// Whether an origin says anything (wire-format.md §5.4): an element with neither a topic nor a
+/// protocol stands for "none".
+pub fn origin_is_present(origin: &proto::Origin) -> bool {
+    !origin.topic.is_empty() || !origin.protocol.is_empty()
 }
 
 /// A proto3 scalar field: omitted when zero.
@@ -152,6 +162,7 @@ mod tests {
                 topic: "plant/line3/plc7/speed".into(),
                 qos: 1,
                 retain: true,
+                protocol: "mqtt".into(),
             };
             let mut with_origin = frame.clone();
             if let Some(frame::Body::Fragment(f)) = with_origin.body.as_mut() {

@@ -24,7 +24,7 @@ pub use encoder::{
     Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, RecordLimits,
     RecordTooLarge, TopicId,
 };
-pub use frames::{is_valid_topic, proto};
+pub use frames::{is_valid_topic, origin_is_present, proto};
 pub use pacer::Pacer;
 pub use reassembler::{
     Event, Gap, Reassembler, ReassemblerConfig, ReassemblerStats, Record, ReplayFloor,

@@ -242,7 +242,13 @@ impl TopicState {
 /// counted, so the work per datagram is bounded whatever the candidate holds.
 struct Candidate {
     id: u64,
-    held: Vec<(Header, Vec<u8>)>,
+    /// The newest datagrams, within the bounds: a candidate that fills up before a heartbeat
+    /// comes must still be able to prove itself with the next one, so the oldest make room.
+    held: VecDeque<(Header, Vec<u8>)>,
+    /// The position, counted since the candidate's first datagram, of `held[0]`.
+    base: u64,
+    /// The lowest block number seen of it, held or not: whether it was seen from its start.
+    lowest_block: u64,
     bytes: usize,
     blocks: HashMap<u64, HeldBlock>,
     /// A block of it rebuilt to content holding a heartbeat.
@@ -254,17 +260,33 @@ struct Candidate {
 struct HeldBlock {
     geometry: BlockGeometry,
     present: [u64; 4],
-    /// (shard index, position in `held`).
-    shards: Vec<(u8, u32)>,
+    /// (shard index, position counted since the candidate's first datagram).
+    shards: Vec<(u8, u64)>,
     /// Decoded once when k shards were held; never again.
     checked: bool,
 }
 
 impl Candidate {
-    /// Holds a datagram within the candidate's bounds; returns whether it was held.
+    /// Holds a datagram within the candidate's bounds, letting the oldest go (with the blocks
+    /// they belong to) to make room; returns whether it was held (not a duplicate shard, not a
+    /// geometry that contradicts its block's).
     fn hold(&mut self, header: &Header, datagram: &[u8]) -> bool {
-        if self.bytes + datagram.len() > CANDIDATE_BYTES || self.held.len() >= CANDIDATE_DATAGRAMS {
-            return false;
+        if let Some(block) = self.blocks.get(&header.block) {
+            let index = header.shard_index as usize;
+            if block.geometry != header.geometry
+                || block.present[index / 64] & (1u64 << (index % 64)) != 0
+            {
+                return false;
+            }
+        }
+        while !self.held.is_empty()
+            && (self.bytes + datagram.len() > CANDIDATE_BYTES
+                || self.held.len() >= CANDIDATE_DATAGRAMS)
+        {
+            let (old, bytes) = self.held.pop_front().expect("not empty");
+            self.base += 1;
+            self.bytes -= bytes.len();
+            self.blocks.remove(&old.block);
         }
         let block = self.blocks.entry(header.block).or_insert(HeldBlock {
             geometry: header.geometry,
@@ -273,16 +295,12 @@ impl Candidate {
             checked: false,
         });
         let index = header.shard_index as usize;
-        let bit = 1u64 << (index % 64);
-        if block.geometry != header.geometry || block.present[index / 64] & bit != 0 {
-            return false;
-        }
-        block.present[index / 64] |= bit;
+        block.present[index / 64] |= 1u64 << (index % 64);
         block
             .shards
-            .push((header.shard_index, self.held.len() as u32));
+            .push((header.shard_index, self.base + self.held.len() as u64));
         self.bytes += datagram.len();
-        self.held.push((*header, datagram.to_vec()));
+        self.held.push_back((*header, datagram.to_vec()));
         true
     }
 }
@@ -555,7 +573,9 @@ impl Reassembler {
                 }
                 self.candidates.push(Candidate {
                     id: header.session_id,
-                    held: Vec::new(),
+                    held: VecDeque::new(),
+                    base: 0,
+                    lowest_block: header.block,
                     bytes: 0,
                     blocks: HashMap::new(),
                     proven: false,
@@ -566,6 +586,7 @@ impl Reassembler {
         };
         let candidate = &mut self.candidates[index];
         candidate.last_seen = now;
+        candidate.lowest_block = candidate.lowest_block.min(header.block);
         let held = candidate.hold(header, datagram);
         if held && !candidate.proven {
             self.check_candidate_block(index, header.block);
@@ -587,12 +608,15 @@ impl Reassembler {
     /// so that a sender's start is recognised as such.
     fn promote(&mut self, now: Instant, index: usize) {
         let candidate = self.candidates.swap_remove(index);
-        let mut held = candidate.held;
+        let mut held = Vec::from(candidate.held);
         held.sort_by_key(|(h, _)| h.block);
         let Some((first, _)) = held.first() else {
             return;
         };
-        self.force_session(now, first);
+        // Seen from its start, even if its first blocks had to make room: they are lost, and
+        // reported so, rather than the session counting as joined mid-stream.
+        let from_start = candidate.lowest_block < JOIN_FROM_START_BLOCKS;
+        self.start_session(now, first, from_start);
         for (_, d) in &held {
             let _ = self.handle_datagram(now, d);
         }
@@ -619,7 +643,8 @@ impl Reassembler {
         let mut parity = vec![0u8; m * len];
         let mut present = vec![false; k + m];
         for &(i, at) in &held.shards {
-            let (_, d) = &candidate.held[at as usize];
+            // Blocks lose their entry with their first evicted shard: the rest are all held.
+            let (_, d) = &candidate.held[(at - candidate.base) as usize];
             let shard = &d[datagram::HEADER_LEN..datagram::HEADER_LEN + len];
             let i = i as usize;
             present[i] = true;
@@ -643,6 +668,12 @@ impl Reassembler {
 
     /// Retires the current session, if any, and starts the one `header` belongs to.
     fn force_session(&mut self, now: Instant, header: &Header) {
+        self.start_session(now, header, false);
+    }
+
+    /// As `force_session`; `from_start` says the session was seen from its first block even if
+    /// `header` is a later one.
+    fn start_session(&mut self, now: Instant, header: &Header, from_start: bool) {
         let previous = self.session.as_ref().map(|s| s.id);
         self.candidates.retain(|c| c.id != header.session_id);
         let previous_topics = self.session.as_ref().map(|s| s.topics.clone());
@@ -673,7 +704,7 @@ impl Reassembler {
                 self.displaced = Some(Displaced { id: old, topics });
             }
         }
-        let mut mid_stream = header.block >= JOIN_FROM_START_BLOCKS;
+        let mut mid_stream = header.block >= JOIN_FROM_START_BLOCKS && !from_start;
         let mut next_deliver = if mid_stream { header.block } else { 0 };
         if let Some(floor) = self
             .floor
@@ -1048,7 +1079,7 @@ impl Reassembler {
                     topic: topic.clone(),
                     seq: batch.first_seq + i as u64,
                     time_us,
-                    origin: origins.next().filter(|o| !o.topic.is_empty()),
+                    origin: origins.next().filter(frames::origin_is_present),
                     payload,
                 },
             );
@@ -1081,7 +1112,7 @@ impl Reassembler {
                 seq: fragment.seq,
                 time_us: fragment.time_us,
                 total_len: total as usize,
-                origin: fragment.origin.clone().filter(|o| !o.topic.is_empty()),
+                origin: fragment.origin.clone().filter(frames::origin_is_present),
                 data: Vec::with_capacity(fragment.data.len()),
             });
         }

@@ -63,7 +63,7 @@ proptest! {
         let topic_name = "t".repeat(topic_len);
         let topic = encoder.add_topic(&topic_name).unwrap();
         let limit = encoder.limits().max_origin_topic_bytes(topic_len);
-        let origin = (origin_len > 0).then(|| Origin { topic: "o".repeat(origin_len), qos: 1, retain: true });
+        let origin = (origin_len > 0).then(|| Origin { topic: "o".repeat(origin_len), qos: 1, retain: true, protocol: "mqtt".into() });
         let payload = Bytes::from(vec![0xA5; payload_len]);
         let pushed = encoder.push_with_origin(now, topic, 1, origin.clone(), payload.clone());
         if origin_len <= limit {
@@ -95,6 +95,7 @@ fn an_origin_longer_than_a_block_is_refused_not_spun_on() {
         topic: "x".repeat(50_000),
         qos: 1,
         retain: true,
+        protocol: "mqtt".into(),
     };
     let refused = encoder.push_with_origin(now, topic, 0, Some(origin), Bytes::from_static(b"v"));
     assert!(matches!(refused, Err(PushError::TooLarge(_))));

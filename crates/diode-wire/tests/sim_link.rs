@@ -115,6 +115,7 @@ impl Harness {
             topic: format!("plant/{topic}/device{}", next % 7),
             qos: (next % 3) as u32,
             retain: next % 2 == 0,
+            protocol: "mqtt".into(),
         });
         let seq = self
             .encoder

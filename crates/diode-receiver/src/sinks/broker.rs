@@ -88,7 +88,7 @@ struct State {
 
 pub struct BrokerSink {
     state: Arc<Mutex<State>>,
-    settings: Arc<BrokerSettings>,
+    pub(crate) settings: Arc<BrokerSettings>,
     pub counters: Arc<BrokerCounters>,
 }
 
@@ -151,7 +151,9 @@ impl BrokerSink {
     pub fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
         let mut state = self.state.lock().expect("not poisoned");
         for record in records {
-            let topic = republish_topic(&self.settings.topic_prefix, record);
+            let Ok(topic) = republish_topic(&self.settings.topic_prefix, record) else {
+                continue;
+            };
             let retain = record.origin.as_ref().is_some_and(|o| o.retain);
             let Some(packet) = encode_publish(
                 &topic,

@@ -17,19 +17,27 @@ use super::SinkError;
 const PRODUCE_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The Kafka topic for a diode topic: `{topic}` in the pattern becomes the diode topic with `/`
-/// as `.`, and any character Kafka does not allow as `_`.
+/// as `.`, and every other character Kafka does not allow escaped with `-`: `-` as `--`, `.` as
+/// `-.`, others as `-` and the hex of their UTF-8 bytes. So two diode topics never share a Kafka
+/// topic (`a/b` is `a.b`, `a.b` is `a-.b`). The caller checks the result with
+/// [`valid_kafka_topic`] (it may be too long).
 pub fn kafka_topic(pattern: &str, diode_topic: &str) -> String {
-    pattern
-        .replace("{topic}", &diode_topic.replace('/', "."))
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
+    let mut escaped = String::with_capacity(diode_topic.len());
+    for c in diode_topic.chars() {
+        match c {
+            '/' => escaped.push('.'),
+            '-' => escaped.push_str("--"),
+            '.' => escaped.push_str("-."),
+            c if c.is_ascii_alphanumeric() || c == '_' => escaped.push(c),
+            c => {
+                let mut utf8 = [0u8; 4];
+                for byte in c.encode_utf8(&mut utf8).bytes() {
+                    escaped.push_str(&format!("-{byte:02x}"));
+                }
             }
-        })
-        .collect()
+        }
+    }
+    pattern.replace("{topic}", &escaped)
 }
 
 pub fn valid_kafka_topic(name: &str) -> bool {
@@ -44,7 +52,7 @@ pub fn valid_kafka_topic(name: &str) -> bool {
 
 pub struct KafkaSink {
     brokers: Vec<String>,
-    pattern: String,
+    pub(crate) pattern: String,
     client_id: String,
     create_partitions: i32,
     client: Option<Client>,
@@ -78,7 +86,9 @@ impl KafkaSink {
         SinkError::Kafka(e.to_string())
     }
 
-    pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+    /// Produces the batch; records whose Kafka topic is missing (and may not be created) are
+    /// returned, with why, for the route's dead letters instead of failing the batch forever.
+    pub async fn deliver(&mut self, records: &[Record]) -> Result<super::Refusals, SinkError> {
         if self.client.is_none() {
             let client = ClientBuilder::new(self.brokers.clone())
                 .client_id(self.client_id.as_str())
@@ -94,9 +104,16 @@ impl KafkaSink {
         }
         // Records grouped by (Kafka topic, partition), each group in arrival order.
         let mut groups: BTreeMap<(String, usize), Vec<rskafka::record::Record>> = BTreeMap::new();
-        for record in records {
+        let mut refused = Vec::new();
+        for (i, record) in records.iter().enumerate() {
             let topic = kafka_topic(&self.pattern, &record.topic);
-            let partitions = self.partitions_of(&topic).await?;
+            let Some(partitions) = self.partitions_of(&topic).await? else {
+                refused.push((
+                    i,
+                    format!("Kafka topic {topic} does not exist and create_partitions is 0"),
+                ));
+                continue;
+            };
             let partition = crc32fast::hash(record.topic.as_bytes()) as usize % partitions;
             groups
                 .entry((topic, partition))
@@ -110,13 +127,14 @@ impl KafkaSink {
                 .await
                 .map_err(Self::error)?;
         }
-        Ok(())
+        Ok(refused)
     }
 
-    /// The number of partitions of `topic`, creating the topic if it is missing and allowed.
-    async fn partitions_of(&mut self, topic: &str) -> Result<usize, SinkError> {
+    /// The number of partitions of `topic`, creating the topic if it is missing and allowed;
+    /// `None` if it is missing and may not be created.
+    async fn partitions_of(&mut self, topic: &str) -> Result<Option<usize>, SinkError> {
         if let Some(clients) = self.partitions.get(topic) {
-            return Ok(clients.len());
+            return Ok(Some(clients.len()));
         }
         let client = self.client.as_ref().expect("connected by the caller");
         let mut existing = client
@@ -137,9 +155,7 @@ impl KafkaSink {
             existing = Some((0..self.create_partitions).collect());
         }
         let Some(partitions) = existing.filter(|p| !p.is_empty()) else {
-            return Err(SinkError::Kafka(format!(
-                "topic {topic} does not exist and create_partitions is 0"
-            )));
+            return Ok(None);
         };
         let mut clients = Vec::new();
         for partition in partitions {
@@ -152,7 +168,7 @@ impl KafkaSink {
         }
         let count = clients.len();
         self.partitions.insert(topic.to_owned(), clients);
-        Ok(count)
+        Ok(Some(count))
     }
 }
 
@@ -163,7 +179,11 @@ fn to_kafka(record: &Record) -> rskafka::record::Record {
         "diode-time-us".to_owned(),
         record.time_us.to_string().into_bytes(),
     );
-    if let Some(origin) = &record.origin {
+    if let Some(origin) = record
+        .origin
+        .as_ref()
+        .filter(|o| !o.topic.is_empty() && (o.protocol.is_empty() || o.protocol == "mqtt"))
+    {
         headers.insert("mqtt-topic".to_owned(), origin.topic.clone().into_bytes());
     }
     let timestamp =
@@ -184,7 +204,18 @@ mod tests {
     fn topic_names_follow_kafka_rules() {
         assert_eq!(kafka_topic("ot-telemetry", "line3/plc7"), "ot-telemetry");
         assert_eq!(kafka_topic("ot.{topic}", "line3/plc7"), "ot.line3.plc7");
-        assert_eq!(kafka_topic("{topic}", "plant/Ünit 2"), "plant._nit_2");
+        assert_eq!(
+            kafka_topic("{topic}", "plant/Ünit 2"),
+            "plant.-c3-9cnit-202"
+        );
+        // Distinct diode topics never share a Kafka topic.
+        let names: std::collections::HashSet<String> =
+            ["a/b", "a.b", "a_b", "a-b", "a b", "a-.b", "a--b"]
+                .iter()
+                .map(|t| kafka_topic("ot.{topic}", t))
+                .collect();
+        assert_eq!(names.len(), 7);
+        assert!(names.iter().all(|n| valid_kafka_topic(n)));
         assert!(valid_kafka_topic("ot.line3.plc7"));
         assert!(!valid_kafka_topic(""));
         assert!(!valid_kafka_topic(".."));

@@ -15,7 +15,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct MqttSink {
     client: AsyncClient,
-    prefix: String,
+    pub(crate) prefix: String,
     qos: QoS,
     /// PUBACKs received, counted by the event loop task.
     acked: watch::Receiver<u64>,
@@ -76,13 +76,12 @@ impl MqttSink {
     pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
         for record in records {
             let retain = record.origin.as_ref().is_some_and(|o| o.retain);
+            // Screened before delivery (Sink::refusal); a record without a topic is skipped.
+            let Ok(topic) = republish_topic(&self.prefix, record) else {
+                continue;
+            };
             self.client
-                .publish_bytes(
-                    republish_topic(&self.prefix, record),
-                    self.qos,
-                    retain,
-                    record.payload.clone(),
-                )
+                .publish_bytes(topic, self.qos, retain, record.payload.clone())
                 .await
                 .map_err(|_| SinkError::ClientGone)?;
             if self.qos == QoS::AtLeastOnce {
@@ -115,17 +114,79 @@ impl MqttSink {
 }
 
 /// Where an MQTT sink or the embedded broker publishes a record: `prefix` + its MQTT topic when
-/// it came from an MQTT source, else + its diode topic.
-pub fn republish_topic(prefix: &str, record: &Record) -> String {
-    match &record.origin {
-        // The link does not check origins (§5.4): a topic the broker would refuse falls back to
-        // the diode topic rather than stalling the route.
-        Some(origin) if valid_topic(&origin.topic) => format!("{prefix}{}", origin.topic),
-        _ => format!("{prefix}{}", record.topic),
+/// it came from an MQTT source, else + its diode topic. The link does not check origins (§5.4):
+/// when prefix + MQTT topic is not a topic a broker accepts (too long with the prefix, a control
+/// character), the diode topic stands in; when that is not either, the record cannot be
+/// published at all (it goes to the route's dead letters).
+pub fn republish_topic(prefix: &str, record: &Record) -> Result<String, &'static str> {
+    let mqtt_origin = record
+        .origin
+        .as_ref()
+        .filter(|o| !o.topic.is_empty() && (o.protocol.is_empty() || o.protocol == "mqtt"));
+    if let Some(origin) = mqtt_origin {
+        let topic = format!("{prefix}{}", origin.topic);
+        if valid_topic(&topic) {
+            return Ok(topic);
+        }
+    }
+    let topic = format!("{prefix}{}", record.topic);
+    if valid_topic(&topic) {
+        Ok(topic)
+    } else {
+        Err("no valid MQTT topic: neither its MQTT topic nor its diode topic under the prefix")
     }
 }
 
-/// A topic a broker accepts for PUBLISH: 1 to 65535 bytes, no wildcards, no NUL.
+/// A topic a broker accepts for PUBLISH: 1 to 65535 bytes (MQTT's limit, prefix included), no
+/// wildcards, no NUL or other control character (mosquitto drops the connection on those).
 pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+    !topic.is_empty()
+        && topic.len() <= 65_535
+        && !topic
+            .chars()
+            .any(|c| c == '+' || c == '#' || c.is_control())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use diode_wire::proto::Origin;
+
+    fn record(topic: &str, origin: Option<&str>) -> Record {
+        Record {
+            topic: topic.into(),
+            seq: 1,
+            time_us: 0,
+            origin: origin.map(|o| Origin {
+                topic: o.to_owned(),
+                protocol: "mqtt".into(),
+                ..Origin::default()
+            }),
+            payload: Bytes::new(),
+        }
+    }
+
+    /// The probe's cases: prefix + a 65,518-byte plant topic went out truncated, outside the
+    /// prefix; a NUL or control character made mosquitto drop the connection again and again.
+    #[test]
+    fn topics_are_checked_whole_prefix_included() {
+        let long = "x".repeat(65_533);
+        assert!(
+            republish_topic("ot/", &record("plant/mqtt", Some(&long))).as_deref()
+                == Ok("ot/plant/mqtt"),
+            "too long with the prefix: the diode topic stands in"
+        );
+        assert_eq!(
+            republish_topic("ot/", &record("plant/mqtt", Some("line3/a\u{1}b"))),
+            Ok("ot/plant/mqtt".to_owned())
+        );
+        assert_eq!(
+            republish_topic("ot/", &record("plant/mqtt", Some("line3/plc"))),
+            Ok("ot/line3/plc".to_owned())
+        );
+        assert!(republish_topic("ot/", &record("bad\0topic", None)).is_err());
+        assert!(republish_topic("ot/", &record("esc\u{1b}[2J", Some("a\rb"))).is_err());
+        assert!(!valid_topic("ot/a+b") && !valid_topic("") && valid_topic("ot/Ünit 2"));
+    }
 }

@@ -104,9 +104,16 @@ impl SyslogSink {
 
 /// `<PRI>1 TIMESTAMP HOST APP PROCID MSGID [diode@32473 topic=".." seq=".."] MSG` (RFC 5424 §6).
 pub fn format_5424(record: &Record, hostname: &str, out: &mut Vec<u8>) {
-    // The sender's syslog source sends JSON with these fields (crates/diode-sender syslog.rs).
-    let parsed: Option<serde_json::Value> = serde_json::from_slice(&record.payload)
-        .ok()
+    // The sender's syslog source sends JSON with these fields (crates/diode-sender syslog.rs),
+    // and says so in the record's origin: a payload of any other record that merely looks like
+    // it (a JSON document with `format` and `raw`) must not set host, application or severity.
+    let from_syslog = record
+        .origin
+        .as_ref()
+        .is_some_and(|o| o.protocol == "syslog");
+    let parsed: Option<serde_json::Value> = from_syslog
+        .then(|| serde_json::from_slice(&record.payload).ok())
+        .flatten()
         .filter(|v: &serde_json::Value| v.get("format").is_some() && v.get("raw").is_some());
     let field = |name: &str, max: usize| -> String {
         parsed
@@ -145,8 +152,22 @@ pub fn format_5424(record: &Record, hostname: &str, out: &mut Vec<u8>) {
         .and_then(|p| p.get("message"))
         .and_then(|m| m.as_str())
     {
-        Some(message) => out.extend_from_slice(message.as_bytes()),
-        None => out.extend_from_slice(String::from_utf8_lossy(&record.payload).as_bytes()),
+        Some(message) => escape_controls(message, out),
+        None => escape_controls(&String::from_utf8_lossy(&record.payload), out),
+    }
+}
+
+/// Control characters (CR, LF, ESC, NUL, ...) as `#ooo`, the octal escape rsyslog uses: a record
+/// cannot end its message early and forge a second one, nor reach a terminal as an escape
+/// sequence. `#` itself stays as it is, as in rsyslog.
+fn escape_controls(text: &str, out: &mut Vec<u8>) {
+    for c in text.chars() {
+        if c.is_control() && (c as u32) < 0x100 {
+            out.extend_from_slice(format!("#{:03o}", c as u32).as_bytes());
+        } else {
+            let mut utf8 = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+        }
     }
 }
 
@@ -164,10 +185,16 @@ fn header_field(s: &str, max: usize) -> String {
     }
 }
 
+/// An SD-PARAM value (RFC 5424 §6.3.3): `"`, `\\` and `]` escaped, control characters as
+/// `#ooo`.
 fn sd_escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
+    let escaped = s
+        .replace('\\', "\\\\")
         .replace('"', "\\\"")
-        .replace(']', "\\]")
+        .replace(']', "\\]");
+    let mut out = Vec::with_capacity(escaped.len());
+    escape_controls(&escaped, &mut out);
+    String::from_utf8(out).expect("escaping keeps UTF-8")
 }
 
 #[cfg(test)]
@@ -195,11 +222,51 @@ mod tests {
         );
     }
 
+    fn from_syslog(payload: &[u8]) -> Record {
+        Record {
+            origin: Some(diode_wire::proto::Origin {
+                protocol: "syslog".into(),
+                ..Default::default()
+            }),
+            ..record(payload)
+        }
+    }
+
+    /// The probe's injection: CR, LF, ESC and NUL went through as they were, and a second,
+    /// forged syslog message reached the SIEM; and any JSON payload with `format` and `raw`
+    /// keys set host, application and severity.
+    #[test]
+    fn control_characters_are_escaped_and_lookalike_payloads_set_nothing() {
+        let mut out = Vec::new();
+        let forged = b"ok\n<0>1 2025-01-01T00:00:00Z dc01 kernel - - - forged\x1b[2J\0\r";
+        format_5424(&record(forged), "gw1", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains(['\n', '\r', '\x1b', '\0']), "{text:?}");
+        assert!(text
+            .ends_with("ok#012<0>1 2025-01-01T00:00:00Z dc01 kernel - - - forged#033[2J#000#015"));
+        let lookalike = br#"{"format":"rfc5424","facility":0,"severity":0,"host":"dc01","app":"kernel","message":"x","raw":"x"}"#;
+        let mut out = Vec::new();
+        format_5424(&record(lookalike), "gw1", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("<133>1 2025-11-25T19:46:40.123456Z gw1 diode "),
+            "{text}"
+        );
+        let mut out = Vec::new();
+        let sneaky = Record {
+            topic: "a\"] [x@1 y=\"\n".into(),
+            ..from_syslog(b"{}")
+        };
+        format_5424(&sneaky, "gw1", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r##"topic="a\"\] [x@1 y=\"#012""##), "{text}");
+    }
+
     #[test]
     fn syslog_records_keep_their_fields() {
         let json = br#"{"format":"rfc3164","facility":4,"severity":2,"timestamp":"Nov 25 22:55:01","host":"scada01","app":"sshd","procid":"4242","message":"Failed password","raw":"x"}"#;
         let mut out = Vec::new();
-        format_5424(&record(json), "gw1", &mut out);
+        format_5424(&from_syslog(json), "gw1", &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "<34>1 2025-11-25T19:46:40.123456Z scada01 sshd 4242 - [diode@32473 topic=\"security/syslog\" seq=\"42\"] Failed password"

@@ -76,6 +76,7 @@ impl MqttSource {
                             topic: publish.topic.clone(),
                             qos: publish.qos as u32,
                             retain: publish.retain,
+                            protocol: "mqtt".to_owned(),
                         };
                         let time_us = diode_common::unix_time_us();
                         let payload = Bytes::clone(&publish.payload);

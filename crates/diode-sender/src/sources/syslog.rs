@@ -29,6 +29,15 @@ pub struct Message<'a> {
 }
 
 /// The record for one message: JSON when it parses, else the raw bytes and `false`.
+/// The origin of a record the syslog source parsed: the syslog sink takes facility, severity,
+/// host and application from such records only, never from a payload that merely looks alike.
+pub fn origin() -> diode_wire::proto::Origin {
+    diode_wire::proto::Origin {
+        protocol: "syslog".to_owned(),
+        ..Default::default()
+    }
+}
+
 pub fn to_record(raw: &[u8]) -> (Bytes, bool) {
     let trimmed = trim_end(raw);
     match std::str::from_utf8(trimmed).ok().and_then(parse) {
