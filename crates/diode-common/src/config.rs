@@ -38,6 +38,29 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub listen: String,
+    /// The endpoint shows topic names, rates and losses: listening on every interface
+    /// (`0.0.0.0`, `[::]`) must be asked for by name.
+    #[serde(default)]
+    pub all_interfaces: bool,
+}
+
+impl MetricsConfig {
+    /// `listen`, resolved, refusing an unspecified address unless `all_interfaces` says so.
+    pub fn resolve(&self, source: &ConfigSource) -> Result<std::net::SocketAddr, ConfigError> {
+        let addr = source.socket_addr("metrics.listen", &self.listen)?;
+        if addr.ip().is_unspecified() && !self.all_interfaces {
+            return Err(source.invalid(
+                "metrics.listen",
+                format!(
+                    "{} listens on every interface, so anyone who can reach this host reads \
+                     the metrics: give the address of the monitoring network's interface, or \
+                     set metrics.all_interfaces = true",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(addr)
+    }
 }
 
 /// How a byte stream is cut into records: the TCP source's framing and the TCP sink's.
@@ -86,6 +109,49 @@ impl ConfigSource {
     /// The directory relative paths in this file are resolved against.
     pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Checks a directory the service will write into (a buffer, a file sink's, state): not a
+    /// symbolic link (it could point anywhere, and is followed silently), and it or its nearest
+    /// existing ancestor a directory this user may write, so that `check` finds what the
+    /// service would otherwise retry forever.
+    pub fn writable_dir(&self, key: &str, dir: &Path) -> Result<(), ConfigError> {
+        if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "{} is a symbolic link: name the directory itself",
+                    dir.display()
+                ),
+            ));
+        }
+        let mut existing = dir;
+        while !existing.exists() {
+            match existing.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+                _ => {
+                    existing = Path::new(".");
+                    break;
+                }
+            }
+        }
+        if !existing.is_dir() {
+            return Err(self.invalid(key, format!("{} is not a directory", existing.display())));
+        }
+        let writable = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
+            // SAFETY: access reads a NUL-terminated path and has no other preconditions.
+            .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
+        if !writable {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "{} cannot be created: {} is not writable by this user",
+                    dir.display(),
+                    existing.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub fn resolve(&self, relative: &Path) -> PathBuf {

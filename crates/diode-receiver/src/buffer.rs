@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -273,9 +274,11 @@ impl DiskBuffer {
             }
             let id = self.segments.back().map_or(self.read.segment, |s| s.id + 1);
             let path = self.segment_path(id);
+            // Plant data waiting for a sink: the service's own, nobody else's.
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&path)
                 .map_err(io_error(&path))?;
             self.writer = Some(file);

@@ -359,6 +359,9 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         return Err(source.invalid("link.max_topics", "must be at least 1"));
     }
     let state_file = link.state_file.as_ref().map(|f| source.resolve(f));
+    if let Some(dir) = state_file.as_ref().and_then(|f| f.parent()) {
+        source.writable_dir("link.state_file", dir)?;
+    }
     let mut allowed_sources = Vec::new();
     for (i, text) in link.allowed_sources.iter().enumerate() {
         let filter = text.parse().map_err(|_| {
@@ -370,7 +373,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         allowed_sources.push(filter);
     }
     let metrics_listen = match &config.metrics {
-        Some(m) => Some(source.socket_addr("metrics.listen", &m.listen)?),
+        Some(m) => Some(m.resolve(&source)?),
         None => None,
     };
     if config.routes.is_empty() {
@@ -399,6 +402,9 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 ..
             } => {
                 *path = source.resolve(path);
+                if let Some(dir) = path.parent() {
+                    source.writable_dir(&format!("route[{i}].sink.path"), dir)?;
+                }
                 if rotate_bytes.is_some_and(|b| b < 4096) {
                     return Err(source.invalid(
                         &format!("route[{i}].sink.rotate_bytes"),
@@ -569,6 +575,13 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 format!("{name:?} is used twice"),
             ));
         }
+        // It is a metric label value and a log field.
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(source.invalid(
+                &format!("route[{i}].name"),
+                "must be 1 to 64 characters, none of them a control character",
+            ));
+        }
         let buffer = match &route.buffer_dir {
             Some(dir) => {
                 if route.buffer_max_bytes < 1 << 20 {
@@ -578,6 +591,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                     ));
                 }
                 let dir = source.resolve(dir);
+                source.writable_dir(&format!("route[{i}].buffer_dir"), &dir)?;
                 if routes
                     .iter()
                     .any(|r: &Route| r.buffer.as_ref().is_some_and(|b| b.0 == dir))
@@ -592,7 +606,13 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             None => None,
         };
         let dead_letter_file = match (&route.dead_letter_file, &buffer) {
-            (Some(file), _) => Some(source.resolve(file)),
+            (Some(file), _) => {
+                let file = source.resolve(file);
+                if let Some(dir) = file.parent() {
+                    source.writable_dir(&format!("route[{i}].dead_letter_file"), dir)?;
+                }
+                Some(file)
+            }
             (None, Some((dir, _, _))) => Some(dir.join("dead-letter.jsonl")),
             (None, None) => None,
         };
@@ -633,6 +653,52 @@ listen = "127.0.0.1:9182"
 topics = ["line3/#", "historian/#"]   # MQTT-style filters: + one level, # the rest
 sink = { kind = "file", path = "out/records.jsonl" }
 "#;
+
+    /// The probe's config findings: each refused at load, naming the key.
+    #[test]
+    fn unsafe_settings_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |text: &str| -> String {
+            let path = dir.path().join("receiver.toml");
+            std::fs::write(&path, text).unwrap();
+            match load(&path) {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let error = refused(&ISSUE_EXAMPLE.replace("127.0.0.1:9182", "0.0.0.0:9182"));
+        assert!(
+            error.contains("`metrics.listen`") && error.contains("every interface"),
+            "{error}"
+        );
+        let path = dir.path().join("receiver.toml");
+        std::fs::write(
+            &path,
+            ISSUE_EXAMPLE.replace("127.0.0.1:9182\"", "0.0.0.0:9182\"\nall_interfaces = true"),
+        )
+        .unwrap();
+        assert!(load(&path).is_ok(), "asked for by name");
+
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let error = refused(&format!("{ISSUE_EXAMPLE}buffer_dir = \"link\"\n"));
+        assert!(
+            error.contains("buffer_dir") && error.contains("symbolic link"),
+            "{error}"
+        );
+
+        std::fs::write(dir.path().join("a-file"), "").unwrap();
+        let error =
+            refused(&ISSUE_EXAMPLE.replace("out/records.jsonl", "a-file/out/records.jsonl"));
+        assert!(
+            error.contains("route[0].sink.path") && error.contains("not a directory"),
+            "{error}"
+        );
+
+        let error =
+            refused(&ISSUE_EXAMPLE.replace("[[route]]", "[[route]]\nname = \"a\\u001b[2Jb\""));
+        assert!(error.contains("route[0].name"), "{error}");
+    }
 
     #[test]
     fn the_documented_example_loads() {

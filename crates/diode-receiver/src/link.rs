@@ -515,6 +515,10 @@ impl LinkThread {
             view.counters = *c;
         }
         for topic in &heartbeat.topics {
+            // Label values come only from valid topic names (no control characters).
+            if !diode_wire::is_valid_topic(&topic.name) {
+                continue;
+            }
             if view.dropped.len() >= self.max_topics && !view.dropped.contains_key(&topic.name) {
                 continue;
             }

@@ -491,9 +491,11 @@ impl FileSink {
             if let Some(dir) = self.path.parent() {
                 tokio::fs::create_dir_all(dir).await?;
             }
+            // Plant data: readable by the service's group (the consumers), not by everyone.
             let file = tokio::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o640)
                 .open(&self.path)
                 .await?;
             self.written = file.metadata().await?.len();

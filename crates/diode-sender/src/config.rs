@@ -389,7 +389,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         }
     }
     let metrics_listen = match &config.metrics {
-        Some(metrics) => Some(source.socket_addr("metrics.listen", &metrics.listen)?),
+        Some(metrics) => Some(metrics.resolve(&source)?),
         None => None,
     };
     let key = match &config.link.key_file {
