@@ -17,7 +17,9 @@
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
 //! the wire rate over 10 s and its worst 10 ms window), `paced1g` (the pair at 1 Gb/s for 10 s:
-//! CPU per side).
+//! CPU per side), `hostile` (genuine telemetry while a mixed flood of forged datagrams hits the
+//! receiver's port as fast as this host sends them, without and with a link key: genuine records
+//! delivered, the receiver's CPU and peak RSS).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -60,6 +62,9 @@ fn main() {
     }
     if wanted("paced1g") {
         paced_pair();
+    }
+    if wanted("hostile") {
+        hostile();
     }
 }
 
@@ -168,6 +173,8 @@ impl Drop for Service {
 
 struct Pair {
     _dir: tempfile::TempDir,
+    /// The receiver's link port.
+    link: u16,
     sender: Service,
     receiver: Service,
     drops_start: u64,
@@ -223,6 +230,7 @@ impl Pair {
         );
         Pair {
             _dir: dir,
+            link,
             sender,
             receiver,
             drops_start: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
@@ -552,4 +560,172 @@ fn paced_pair() {
         pair.receiver.peak_rss_mib(),
         pair.kernel_drops()
     );
+}
+
+/// A mixed flood for the receiver's port: random bytes, CRC-valid datagrams with random headers
+/// (new session ids, geometries, far-ahead blocks), forged heartbeat blocks of new sessions (a
+/// single one used to take an unauthenticated link), and a stream of small datagrams of one
+/// unconfirmed session (once quadratic work per datagram).
+fn forged_datagram(rng: &mut SimRng, kind: u64) -> Vec<u8> {
+    use diode_wire::datagram::{self, BlockGeometry, Header};
+    match kind % 4 {
+        0 => random_bytes(30 + rng.below(1400) as usize, rng.next_u64()),
+        1 | 3 => {
+            let k = 1 + rng.below(200) as u8;
+            let len = 1 + rng.below(if kind % 4 == 3 { 8 } else { 1400 }) as usize;
+            let header = Header {
+                authenticated: false,
+                encrypted: false,
+                session_id: if kind % 4 == 3 {
+                    0xF1
+                } else {
+                    rng.next_u64() | 1
+                },
+                block: if rng.chance(0.5) {
+                    rng.next_u64()
+                } else {
+                    rng.below(1 << 16)
+                },
+                shard_index: 0,
+                geometry: BlockGeometry {
+                    data_shards: k,
+                    parity_shards: rng.below(255 - k as u64) as u8,
+                    interleave_depth: 1 + rng.below(8) as u8,
+                    shard_len: len as u16,
+                },
+            };
+            let mut d = vec![0u8; header.geometry.datagram_len(false)];
+            header.write(&mut d);
+            d[datagram::HEADER_LEN..datagram::HEADER_LEN + len]
+                .copy_from_slice(&random_bytes(len, rng.next_u64()));
+            datagram::seal(&mut d, None);
+            d
+        }
+        _ => {
+            let now = Instant::now();
+            let mut forger = diode_wire::Encoder::new(
+                diode_wire::EncoderConfig {
+                    session_id: rng.next_u64() | 1,
+                    mtu_bytes: 1500,
+                    data_shards: 32,
+                    parity_shards: 8,
+                    interleave_depth: 4,
+                    flush_interval: Duration::from_millis(5),
+                    heartbeat_interval: Duration::from_millis(500),
+                    session_start_time_us: 1,
+                    key: None,
+                    encrypt: false,
+                },
+                now,
+            )
+            .unwrap();
+            forger.handle_timeout(now, 1);
+            forger
+                .poll_transmit(now)
+                .map(|d| d.to_vec())
+                .unwrap_or_default()
+        }
+    }
+}
+
+fn hostile() {
+    let per_sec: u64 = 20_000;
+    let seconds: u64 = 10;
+    for keyed in [false, true] {
+        std::env::set_var("DIODE_BENCH_KEY", if keyed { "1" } else { "0" });
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let _ = socket2::SockRef::from(&sink).set_recv_buffer_size(16 << 20);
+        sink.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let udp_in = free_port();
+        let pair = Pair::start(
+            200,
+            &format!("{{ kind = \"udp\", listen = \"127.0.0.1:{udp_in}\" }}"),
+            &format!(
+                "{{ kind = \"udp\", target = \"{}\" }}",
+                sink.local_addr().unwrap()
+            ),
+            None,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let (stop, link) = (stop.clone(), pair.link);
+            std::thread::spawn(move || {
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let mut rng = SimRng::new(99);
+                // A pool of forgeries, sent round and round: the flood is limited by this
+                // host's send rate, not by making them.
+                let pool: Vec<Vec<u8>> = (0..4096).map(|i| forged_datagram(&mut rng, i)).collect();
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for d in pool.iter().take(256) {
+                        let _ = socket.send_to(d, ("127.0.0.1", link));
+                    }
+                    sent += 256;
+                    // Leave the other core to the services, most of the time.
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                sent
+            })
+        };
+        let total = per_sec * seconds;
+        let generator = std::thread::spawn(move || {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut record = [b'.'; 100];
+            let started = Instant::now();
+            for seq in 0..total {
+                if seq % 20 == 0 {
+                    let due = started + Duration::from_micros(seq * 50);
+                    if let Some(pause) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(pause);
+                    }
+                }
+                record[..8].copy_from_slice(&seq.to_le_bytes());
+                let _ = socket.send_to(&record, ("127.0.0.1", udp_in));
+            }
+        });
+        let started = Instant::now();
+        let mut seen = vec![false; total as usize];
+        let mut buf = [0u8; 2048];
+        let mut idle = 0;
+        while idle < 10 {
+            match sink.recv(&mut buf) {
+                Ok(n) if n >= 8 => {
+                    idle = 0;
+                    let seq = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                    if let Some(slot) = seen.get_mut(seq as usize) {
+                        *slot = true;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if started.elapsed() > Duration::from_secs(seconds) {
+                        idle += 1;
+                    }
+                }
+            }
+        }
+        generator.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        let forged = flood.join().unwrap();
+        let elapsed = started.elapsed().as_secs_f64();
+        let delivered = seen.iter().filter(|s| **s).count();
+        println!(
+            "\nhostile ({}): {per_sec} genuine 100-byte records/s for {seconds} s, forged datagrams at {:.0}/s",
+            if keyed { "authenticated link" } else { "no key" },
+            forged as f64 / elapsed
+        );
+        println!(
+            "  genuine records delivered {delivered} of {total} ({:.3} %)",
+            100.0 * delivered as f64 / total as f64
+        );
+        println!(
+            "  receiver {:>5.1} % of a core, peak RSS {:>6.1} MiB; sessions seen {}",
+            100.0 * pair.receiver.cpu_used() / elapsed,
+            pair.receiver.peak_rss_mib(),
+            pair.receiver.metric("diode_sessions_total"),
+        );
+        println!("  kernel drops (RcvbufErrors)  {}", pair.kernel_drops());
+    }
+    std::env::remove_var("DIODE_BENCH_KEY");
 }

@@ -570,6 +570,12 @@ fn mqtt_over_tls_with_client_certificates_and_passwords_both_ways() {
     let pki = common::peers::Pki::generate(dir.path());
     let broker = Mosquitto::start_secure(dir.path(), free_tcp_port(), &pki, "diode", "s3cret pass");
     std::fs::write(dir.path().join("mqtt.pass"), "s3cret pass\n").unwrap();
+    // A password file others can read is refused, like a key file.
+    std::fs::set_permissions(
+        dir.path().join("mqtt.pass"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let tls = format!(
         "tls = {{ ca_file = \"{}\", cert_file = \"{}\", key_file = \"{}\" }}",
         pki.ca.display(),

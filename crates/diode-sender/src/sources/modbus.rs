@@ -274,7 +274,9 @@ pub fn extract(register: &RegisterConfig, read: &Read, data: &[u8]) -> Option<se
         ordered[2 * w..2 * w + 2].copy_from_slice(&bytes[2 * source..2 * source + 2]);
     }
     let raw: f64 = match register.value_type() {
-        ValueType::Bool => unreachable!("validated: registers are numbers"),
+        // The loader refuses a bool on a register table; were one to get here, it has no value
+        // rather than a panic in the poll loop.
+        ValueType::Bool => return None,
         ValueType::U16 => u16::from_be_bytes([ordered[0], ordered[1]]).into(),
         ValueType::I16 => i16::from_be_bytes([ordered[0], ordered[1]]).into(),
         ValueType::U32 => u32::from_be_bytes(ordered[..4].try_into().ok()?).into(),
@@ -574,6 +576,19 @@ mod tests {
             scale: None,
             unit: None,
         }
+    }
+
+    /// Found by the plant_input fuzz target: a bool typed register on a register table reached
+    /// an `unreachable!` (the loader refuses such a register; the decoder must not panic).
+    #[test]
+    fn a_bool_on_a_register_table_has_no_value_instead_of_a_panic() {
+        let register = reg("v", Table::Holding, 100, Some(ValueType::Bool));
+        let read = Read {
+            table: Table::Holding,
+            start: 100,
+            quantity: 1,
+        };
+        assert_eq!(extract(&register, &read, &[0, 1]), None);
     }
 
     #[test]
