@@ -12,7 +12,9 @@
 //! 100000: unpaced), `DIODE_BENCH_SMALL_SECS` (20), `DIODE_BENCH_RCVBUF_BYTES` (the receiver's
 //! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max),
 //! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_KEY` (2: encrypted too; 1: an
-//! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer).
+//! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer),
+//! `DIODE_BENCH_DESIGN_LOSS` (the sender's `design_loss_percent`, 1; 0: proportional parity),
+//! `DIODE_BENCH_SMALL_RATE` (records a second in `small`, 50000).
 //!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
@@ -220,7 +222,7 @@ impl Pair {
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,
-            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5)),
+            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into())),
         )
         .unwrap();
         let sender = Service::start(
@@ -352,7 +354,7 @@ fn bulk() {
 }
 
 fn small_records() {
-    let per_sec: u64 = 50_000;
+    let per_sec: u64 = env_or("DIODE_BENCH_SMALL_RATE", 50_000);
     let seconds: u64 = std::env::var("DIODE_BENCH_SMALL_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -609,6 +611,10 @@ fn forged_datagram(rng: &mut SimRng, kind: u64) -> Vec<u8> {
                     mtu_bytes: 1500,
                     data_shards: 32,
                     parity_shards: 8,
+                    design: diode_wire::DesignPoint {
+                        loss: 0.0,
+                        burst_datagrams: 0,
+                    },
                     interleave_depth: 4,
                     flush_interval: Duration::from_millis(5),
                     heartbeat_interval: Duration::from_millis(500),

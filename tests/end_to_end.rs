@@ -523,6 +523,10 @@ fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
             mtu_bytes: 1500,
             data_shards: 32,
             parity_shards: 8,
+            design: diode_wire::DesignPoint {
+                loss: 0.0,
+                burst_datagrams: 0,
+            },
             interleave_depth: 4,
             flush_interval: Duration::from_millis(5),
             heartbeat_interval: Duration::from_millis(500),

@@ -64,6 +64,16 @@ pub struct LinkConfig {
     pub data_shards: usize,
     #[serde(default = "default_parity_shards")]
     pub parity_shards: usize,
+    /// The independent datagram loss, in percent, at which every block, however small, is to be
+    /// lost no more often than a full block of data_shards + parity_shards (wire-format.md §3.1):
+    /// small blocks get more parity than their proportion. 0 keeps the proportion alone.
+    #[serde(default = "default_design_loss_percent")]
+    pub design_loss_percent: f64,
+    /// A burst of this many consecutive lost datagrams that a partial block, which at low rates
+    /// leaves alone, must survive on top of that (0: none). Costly for small blocks: see
+    /// docs/performance.md.
+    #[serde(default)]
+    pub design_burst_datagrams: usize,
     /// Blocks whose shards are spread over each other on the wire, against burst loss.
     #[serde(default = "default_interleave_depth")]
     pub interleave_depth: usize,
@@ -230,6 +240,9 @@ fn default_data_shards() -> usize {
 fn default_parity_shards() -> usize {
     8
 }
+fn default_design_loss_percent() -> f64 {
+    1.0
+}
 fn default_interleave_depth() -> usize {
     4
 }
@@ -278,6 +291,14 @@ pub struct Loaded {
 }
 
 impl LinkConfig {
+    /// The design point of the block parity (wire-format.md §3.1).
+    pub fn design(&self) -> diode_wire::DesignPoint {
+        diode_wire::DesignPoint {
+            loss: self.design_loss_percent / 100.0,
+            burst_datagrams: self.design_burst_datagrams,
+        }
+    }
+
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
     }
@@ -451,6 +472,16 @@ fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigE
             "data_shards + parity_shards is {}, at most 255 fit one block",
             link.data_shards + link.parity_shards
         ),
+    )?;
+    check(
+        (0.0..=50.0).contains(&link.design_loss_percent),
+        "design_loss_percent",
+        format!("{} is outside 0..=50", link.design_loss_percent),
+    )?;
+    check(
+        link.design_burst_datagrams <= 64,
+        "design_burst_datagrams",
+        format!("{} is above 64", link.design_burst_datagrams),
     )?;
     check(
         (1..=64).contains(&link.interleave_depth),

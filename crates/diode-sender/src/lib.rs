@@ -83,6 +83,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             mtu_bytes: link.mtu_bytes,
             data_shards: link.data_shards,
             parity_shards: link.parity_shards,
+            design: link.design(),
             interleave_depth: link.interleave_depth,
             flush_interval: link.flush_interval(),
             heartbeat_interval: link.heartbeat_interval(),
@@ -233,6 +234,30 @@ pub fn describe(loaded: &Loaded) -> String {
         100.0 * link.parity_shards as f64 / link.data_shards as f64,
         link.flush_interval_ms,
         link.heartbeat_interval_ms,
+    );
+    // The parity plan (wire-format.md §3.1): what each block size gets, and what it risks.
+    let design = link.design();
+    let plan = diode_wire::ParityPlan::new(link.data_shards, link.parity_shards, design);
+    let sizes: Vec<usize> = [1, 2, 3, 4, 8, 16, link.data_shards]
+        .into_iter()
+        .filter(|&k| k <= link.data_shards)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    out += &format!(
+        "parity per block at the design point ({}% loss{}): {}; each lost with probability <= {:.1e}\n",
+        link.design_loss_percent,
+        if link.design_burst_datagrams > 0 {
+            format!(", bursts of {} on partial blocks", link.design_burst_datagrams)
+        } else {
+            String::new()
+        },
+        sizes
+            .iter()
+            .map(|&k| format!("{k}+{}", plan.parity(k)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        plan.target()
     );
     out += &match &loaded.key {
         Some(key) => format!(

@@ -17,6 +17,10 @@ fn encoder(now: Instant) -> Encoder {
             mtu_bytes: 1500,
             data_shards: 32,
             parity_shards: 8,
+            design: diode_wire::DesignPoint {
+                loss: 0.0,
+                burst_datagrams: 0,
+            },
             interleave_depth: 4,
             flush_interval: Duration::from_millis(5),
             heartbeat_interval: Duration::from_secs(3600),

@@ -34,6 +34,8 @@ pub struct EncoderConfig {
     pub mtu_bytes: usize,
     pub data_shards: usize,
     pub parity_shards: usize,
+    /// The loss each block size is protected against as well as a full block (§3.1).
+    pub design: fec::DesignPoint,
     pub interleave_depth: usize,
     /// A block leaves at most this long after its first record.
     pub flush_interval: Duration,
@@ -86,6 +88,9 @@ impl EncoderConfig {
         if self.encrypt && self.key.is_none() {
             return Err(EncoderConfigError::EncryptWithoutKey);
         }
+        if !(0.0..=0.5).contains(&self.design.loss) || self.design.burst_datagrams > 64 {
+            return Err(EncoderConfigError::Design);
+        }
         Ok(())
     }
 }
@@ -104,6 +109,8 @@ pub enum EncoderConfigError {
     InterleaveDepth(usize),
     #[error("heartbeat interval must be above zero")]
     HeartbeatInterval,
+    #[error("the design loss must be within 0..=50 % and the design burst at most 64 datagrams")]
+    Design,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -338,6 +345,8 @@ pub struct Encoder {
     next_heartbeat: Instant,
     catalogue_cursor: usize,
     codecs: CodecCache,
+    /// Parity per block size (§3.1).
+    plan: fec::ParityPlan,
     /// Set when the link is encrypted.
     cipher: Option<BlockCipher>,
     scratch: Vec<u8>,
@@ -353,6 +362,7 @@ impl Encoder {
         let max_shard_len = config.max_shard_len();
         Ok(Encoder {
             limits: RecordLimits::new(&config),
+            plan: fec::ParityPlan::new(config.data_shards, config.parity_shards, config.design),
             capacity: config.block_capacity(),
             cipher: config
                 .key
@@ -383,6 +393,11 @@ impl Encoder {
 
     pub fn limits(&self) -> RecordLimits {
         self.limits
+    }
+
+    /// Parity per block size, as configured (§3.1).
+    pub fn parity_plan(&self) -> &fec::ParityPlan {
+        &self.plan
     }
 
     pub fn add_topic(&mut self, name: &str) -> Result<TopicId, AddTopicError> {
@@ -898,7 +913,7 @@ impl Encoder {
             content.len(),
             self.max_shard_len,
             self.config.data_shards,
-            self.config.parity_shards,
+            &self.plan,
         );
         let geometry = BlockGeometry {
             data_shards: k as u8,

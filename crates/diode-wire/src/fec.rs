@@ -5,21 +5,119 @@ use std::sync::Arc;
 
 use reed_solomon_erasure::galois_8::ReedSolomon;
 
+/// How much parity each block size gets (wire-format.md §3.1): a block of `k` data shards gets
+/// `parity(k)`, chosen so that its chance of being lost at the link's design point is no worse
+/// than a full block's (`data_shards + parity_shards`). Small blocks are where low-rate plant
+/// telemetry lives; with parity in proportion alone, a 3-shard block got 1 parity shard and died
+/// of any two losses, while a full 32 + 8 block survives eight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParityPlan {
+    /// `parity[k - 1]`: the parity shards of a block of `k` data shards.
+    parity: Vec<usize>,
+    /// The full block's loss probability at the design point: the target every size meets.
+    target: f64,
+}
+
+/// The loss the link is designed for: independent loss of `loss` (a fraction) of datagrams, plus
+/// one burst of `burst_datagrams` consecutive datagrams landing on a block that is sent alone.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DesignPoint {
+    pub loss: f64,
+    pub burst_datagrams: usize,
+}
+
+impl ParityPlan {
+    /// The plan for `data_shards` (K) and `parity_shards` (M): never less parity than `k·M/K`
+    /// (today's proportion), full blocks exactly M (their overhead and throughput are the
+    /// configured ones), and in between the least parity that meets the full block's loss
+    /// probability at the design point, within 255 shards a block.
+    pub fn new(data_shards: usize, parity_shards: usize, design: DesignPoint) -> Self {
+        let (big_k, big_m) = (data_shards, parity_shards);
+        // A full block is interleaved with others at the rates that fill it (§3.3): a burst
+        // costs it about its share of the group, so it is judged by the independent loss.
+        let target = block_loss_probability(big_k + big_m, big_m, 0, design.loss);
+        let mut parity = Vec::with_capacity(big_k);
+        for k in 1..=big_k {
+            let proportional = (k * big_m).div_ceil(big_k);
+            if big_m == 0 || k == big_k {
+                parity.push(proportional);
+                continue;
+            }
+            let mut m = proportional;
+            while k + m < MAX_SHARDS {
+                let n = k + m;
+                // A block small enough to leave alone takes a whole burst, up to its size.
+                let hits = design.burst_datagrams.min(n);
+                if block_loss_probability(n, m, hits, design.loss) <= target {
+                    break;
+                }
+                m += 1;
+            }
+            parity.push(m.min(MAX_SHARDS - k));
+        }
+        ParityPlan { parity, target }
+    }
+
+    /// Parity shards for a block of `k` data shards (`1 ≤ k ≤ data_shards`).
+    pub fn parity(&self, k: usize) -> usize {
+        self.parity[k.clamp(1, self.parity.len()) - 1]
+    }
+
+    /// The loss probability every block size meets at the design point (a full block's).
+    pub fn target(&self) -> f64 {
+        self.target
+    }
+
+    /// The loss probability of a block of `k` data shards at the design point.
+    pub fn residual(&self, k: usize, design: DesignPoint) -> f64 {
+        let m = self.parity(k);
+        let hits = if k == self.parity.len() {
+            0
+        } else {
+            design.burst_datagrams.min(k + m)
+        };
+        block_loss_probability(k + m, m, hits, design.loss)
+    }
+}
+
+/// GF(2^8) Reed-Solomon: at most 255 shards a block (wire-format.md §2).
+const MAX_SHARDS: usize = 255;
+
+/// The chance that a block of `n` datagrams with `m` parity is lost when `hits` of them are lost
+/// to a burst and each of the others independently with probability `p`: more than `m` lost.
+pub fn block_loss_probability(n: usize, m: usize, hits: usize, p: f64) -> f64 {
+    if hits > m {
+        return 1.0;
+    }
+    let rest = n - hits;
+    let allowed = m - hits;
+    // P(Binomial(rest, p) > allowed), summed from the top, where the terms are smallest.
+    let mut lost = 0.0;
+    let mut term = p.powi(rest as i32);
+    for j in (allowed + 1..=rest).rev() {
+        lost += term;
+        // term(j-1) = term(j) · j / (rest - j + 1) · (1 - p) / p
+        if p > 0.0 && j > 0 {
+            term *= j as f64 / (rest - j + 1) as f64 * (1.0 - p) / p;
+        }
+    }
+    lost.min(1.0)
+}
+
 /// Picks the geometry of a block holding `content_len` bytes (wire-format.md §3.1).
 ///
 /// Returns `(k, m, shard_len)`. `max_shard_len` is the largest shard an MTU allows,
-/// `data_shards` and `parity_shards` the configured K and M.
+/// `data_shards` the configured K, `plan` the parity of each block size.
 pub fn geometry_for(
     content_len: usize,
     max_shard_len: usize,
     data_shards: usize,
-    parity_shards: usize,
+    plan: &ParityPlan,
 ) -> (usize, usize, usize) {
     let content_len = content_len.max(1);
     let k = content_len.div_ceil(max_shard_len).clamp(1, data_shards);
     let shard_len = content_len.div_ceil(k);
-    let m = (k * parity_shards).div_ceil(data_shards);
-    (k, m, shard_len)
+    (k, plan.parity(k), shard_len)
 }
 
 /// Decode matrices reed-solomon-erasure keeps per codec (its `DATA_DECODE_MATRIX_CACHE_CAPACITY`).
@@ -168,19 +266,100 @@ pub fn reconstruct(
 mod tests {
     use super::*;
 
+    const NO_DESIGN: DesignPoint = DesignPoint {
+        loss: 0.0,
+        burst_datagrams: 0,
+    };
+
     #[test]
     fn full_and_small_blocks() {
-        // A full block at MTU 1500 with 32 + 8.
-        assert_eq!(geometry_for(32 * 1442, 1442, 32, 8), (32, 8, 1442));
-        // A lone small record: one shard of its own size and one parity shard.
-        assert_eq!(geometry_for(120, 1442, 32, 8), (1, 1, 120));
-        // The parity ratio never drops below M/K.
+        // With no design loss the plan is the proportional one of old.
+        let plan = ParityPlan::new(32, 8, NO_DESIGN);
+        assert_eq!(geometry_for(32 * 1442, 1442, 32, &plan), (32, 8, 1442));
+        assert_eq!(geometry_for(120, 1442, 32, &plan), (1, 1, 120));
         for c in 1..(32 * 1442) {
-            let (k, m, len) = geometry_for(c, 1442, 32, 8);
+            let (k, m, len) = geometry_for(c, 1442, 32, &plan);
             assert!(k * len >= c && len <= 1442);
             assert!(m * 32 >= k * 8);
         }
-        assert_eq!(geometry_for(5000, 1442, 32, 0).1, 0);
+        assert_eq!(
+            geometry_for(5000, 1442, 32, &ParityPlan::new(32, 0, NO_DESIGN)).1,
+            0
+        );
+    }
+
+    /// The case: at 3 % loss a 3-shard block had 1 parity shard and a 50-record UDP
+    /// block died of any two losses. Every size now meets the full block's loss probability,
+    /// full blocks keep their configured overhead.
+    #[test]
+    fn every_block_is_as_safe_as_a_full_one() {
+        for design in [
+            DesignPoint {
+                loss: 0.01,
+                burst_datagrams: 0,
+            },
+            DesignPoint {
+                loss: 0.03,
+                burst_datagrams: 0,
+            },
+            DesignPoint {
+                loss: 0.03,
+                burst_datagrams: 6,
+            },
+            DesignPoint {
+                loss: 0.10,
+                burst_datagrams: 2,
+            },
+        ] {
+            let plan = ParityPlan::new(32, 8, design);
+            assert_eq!(plan.parity(32), 8);
+            for k in 1..=32 {
+                assert!(plan.parity(k) * 32 >= k * 8, "never below the proportion");
+                assert!(
+                    plan.residual(k, design) <= plan.target() * (1.0 + 1e-9),
+                    "{design:?} k {k}: {} > {}",
+                    plan.residual(k, design),
+                    plan.target()
+                );
+            }
+        }
+        let plan = ParityPlan::new(
+            32,
+            8,
+            DesignPoint {
+                loss: 0.03,
+                burst_datagrams: 0,
+            },
+        );
+        assert_eq!((plan.parity(1), plan.parity(3), plan.parity(16)), (3, 4, 7));
+        // Within a block's 255 shards whatever is asked.
+        let plan = ParityPlan::new(
+            200,
+            55,
+            DesignPoint {
+                loss: 0.3,
+                burst_datagrams: 100,
+            },
+        );
+        assert!((1..=200).all(|k| k + plan.parity(k) <= 255));
+    }
+
+    #[test]
+    fn loss_probabilities_match_the_binomial() {
+        // 40 datagrams, 8 parity, 3 %: the sum of the tail terms.
+        let exact: f64 = (9..=40)
+            .map(|j| {
+                let c: f64 = (0..j).map(|i| (40 - i) as f64 / (i + 1) as f64).product();
+                c * 0.03f64.powi(j) * 0.97f64.powi(40 - j)
+            })
+            .sum();
+        let computed = block_loss_probability(40, 8, 0, 0.03);
+        assert!(
+            (computed - exact).abs() < exact * 1e-9,
+            "{computed} vs {exact}"
+        );
+        assert_eq!(block_loss_probability(4, 1, 2, 0.01), 1.0);
+        assert_eq!(block_loss_probability(4, 3, 0, 0.0), 0.0);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub use encoder::{
     Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, RecordLimits,
     RecordTooLarge, TopicId,
 };
+pub use fec::{DesignPoint, ParityPlan};
 pub use frames::{is_valid_topic, origin_is_present, proto};
 pub use pacer::Pacer;
 pub use reassembler::{

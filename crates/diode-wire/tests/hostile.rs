@@ -18,6 +18,10 @@ fn config(mtu_bytes: usize, data_shards: usize, parity_shards: usize, key: bool)
         mtu_bytes,
         data_shards,
         parity_shards,
+        design: diode_wire::DesignPoint {
+            loss: 0.01,
+            burst_datagrams: 0,
+        },
         interleave_depth: 4,
         flush_interval: Duration::from_millis(5),
         heartbeat_interval: Duration::from_millis(500),
