@@ -717,3 +717,73 @@ fn a_record_the_sink_can_never_accept_is_set_aside_and_the_route_goes_on() {
     );
     pair.assert_one_way();
 }
+
+/// The embedded broker over TLS: an IT client checks it against the CA and logs in; a client
+/// that does not speak TLS gets nothing.
+#[test]
+fn the_embedded_broker_serves_over_tls_only_when_asked() {
+    use std::io::{Read as _, Write};
+    let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::peers::Pki::generate(dir.path());
+    // The broker's private key is a secret: refused unless only its owner can read it.
+    std::fs::set_permissions(
+        &pki.server_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let broker_port = free_tcp_port();
+    let source_port = free_port();
+    let routes = format!(
+        "[[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"mqtt_broker\", listen = \"127.0.0.1:{broker_port}\", topic_prefix = \"ot/\", tls = {{ cert_file = \"{}\", key_file = \"{}\" }} }}\n",
+        pki.server_cert.display(),
+        pki.server_key.display()
+    );
+    let pair = Pair::start_with(
+        RelayConfig::default(),
+        &udp_topic("plant/line1", source_port),
+        &routes,
+        dir,
+        "",
+        "",
+    );
+    let mut consumer = KillOnDrop(
+        Command::new(sub)
+            .args(["-h", "127.0.0.1", "-p", &broker_port.to_string()])
+            .arg("--cafile")
+            .arg(&pki.ca)
+            .args(["-t", "ot/#", "-v", "-C", "3", "-W", "20"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Plain MQTT to a TLS listener: the handshake fails and nothing is served.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", broker_port)).unwrap();
+    plain.write_all(&mqtt_connect("plain", None)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = [0u8; 4];
+    let got = plain.read(&mut reply).unwrap_or(0);
+    assert!(got == 0 || reply[0] != 0x20, "a CONNACK over plain TCP");
+    std::thread::sleep(Duration::from_secs(1));
+    send_udp(
+        loopback(source_port),
+        (0..3).map(|n| format!("v={n}").into_bytes()),
+        3,
+    );
+    let text = stdout_of(&mut consumer);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec![
+            "ot/plant/line1 v=0",
+            "ot/plant/line1 v=1",
+            "ot/plant/line1 v=2"
+        ],
+        "receiver log:\n{}",
+        pair.receiver.log_text()
+    );
+    assert!(pair.receiver.log_text().contains("TLS handshake failed"));
+    pair.assert_one_way();
+}

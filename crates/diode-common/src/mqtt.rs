@@ -146,6 +146,48 @@ fn tls_config(
     }
 }
 
+/// `tls = { cert_file = "...", key_file = "..." }` of a server (the embedded broker): its
+/// certificate chain and private key, PEM. The key file is a secret: the service's own, mode 0600.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// The server side of TLS for a listener, checked at load; `prefix` is the table's key path.
+pub fn server_tls_config(
+    source: &ConfigSource,
+    prefix: &str,
+    tls: &ServerTls,
+) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let cert = source.resolve(&tls.cert_file);
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| source.invalid(&key("cert_file"), format!("{}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(source.invalid(
+            &key("cert_file"),
+            format!("{}: no certificate in it", cert.display()),
+        ));
+    }
+    let private = source.resolve(&tls.key_file);
+    let text = crate::keyfile::read_secret(&private)
+        .map_err(|e| source.invalid(&key("key_file"), e.to_string()))?;
+    let private_key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| source.invalid(&key("key_file"), format!("{}: {e}", private.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| source.invalid(prefix, e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(chain, private_key)
+    .map_err(|e| source.invalid(&key("key_file"), e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
 /// `host:port` or `[v6]:port`, without resolving the host: the client resolves it at each
 /// connection attempt, so a broker that moves is found again.
 pub fn split_host_port(broker: &str) -> Option<(String, u16)> {

@@ -198,6 +198,9 @@ pub enum SinkConfig {
         /// Retained messages (records whose MQTT origin was retained) kept for new subscribers.
         #[serde(default = "default_broker_retained_max_bytes")]
         retained_max_bytes: usize,
+        /// Serve MQTT over TLS only: `tls = { cert_file, key_file }` (PEM; the key mode 0600).
+        #[serde(default)]
+        tls: Option<diode_common::mqtt::ServerTls>,
     },
     /// Produces each record to Kafka: the diode topic is the message key (one partition per
     /// diode topic, so its order holds), sequence number, ingest time and MQTT origin are headers.
@@ -501,8 +504,17 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 max_connections,
                 client_queue_bytes,
                 retained_max_bytes,
+                tls,
             } => {
                 let addr = source.socket_addr(&format!("route[{i}].sink.listen"), listen)?;
+                let tls = match tls {
+                    Some(tls) => Some(diode_common::mqtt::server_tls_config(
+                        &source,
+                        &format!("route[{i}].sink.tls"),
+                        tls,
+                    )?),
+                    None => None,
+                };
                 let key = |k: &str| format!("route[{i}].sink.{k}");
                 let password = match (username.as_ref(), password_file.as_ref()) {
                     (Some(_), Some(file)) => {
@@ -536,6 +548,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                     client_queue_bytes: *client_queue_bytes,
                     retained_max_bytes: *retained_max_bytes,
                     max_packet_bytes: link.max_record_bytes + 65_536 + 16,
+                    tls,
                 }));
                 if topic_prefix.contains(['+', '#']) {
                     return Err(source.invalid(

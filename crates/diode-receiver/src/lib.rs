@@ -283,9 +283,11 @@ pub fn describe(loaded: &Loaded) -> String {
                 topic_prefix,
                 username,
                 max_connections,
+                tls,
                 ..
             } => format!(
-                "embedded MQTT broker on {listen} (read-only for clients, {}, at most {max_connections} clients), topics under {topic_prefix:?}",
+                "embedded MQTT broker on {}{listen} (read-only for clients, {}, at most {max_connections} clients), topics under {topic_prefix:?}",
+                if tls.is_some() { "tls://" } else { "" },
                 match username {
                     Some(user) => format!("login as {user:?} required"),
                     None => "no login: anyone who can reach it may subscribe".to_owned(),

@@ -58,6 +58,8 @@ pub struct BrokerSettings {
     pub retained_max_bytes: usize,
     /// The largest PUBLISH it sends: a record larger than this is not served (counted).
     pub max_packet_bytes: usize,
+    /// When set, clients connect over TLS only.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What the broker counts; read by tests and logged.
@@ -137,7 +139,20 @@ impl BrokerSink {
                 let (state, settings, counters) =
                     (state.clone(), settings.clone(), counters.clone());
                 tokio::spawn(async move {
-                    if let Err(why) = serve(stream, &state, &settings).await {
+                    let served = match &settings.tls {
+                        None => serve(stream, &state, &settings).await,
+                        Some(tls) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                            match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(stream)) => serve(stream, &state, &settings).await,
+                                Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                                Err(_) => Err("no TLS handshake within 10 s".to_owned()),
+                            }
+                        }
+                    };
+                    if let Err(why) = served {
                         refuse(&counters, peer, &why);
                     }
                     counters.clients.fetch_sub(1, Ordering::Relaxed);
