@@ -615,6 +615,7 @@ fn forged_datagram(rng: &mut SimRng, kind: u64) -> Vec<u8> {
                         loss: 0.0,
                         burst_datagrams: 0,
                     },
+                    repair_delay: std::time::Duration::ZERO,
                     interleave_depth: 4,
                     flush_interval: Duration::from_millis(5),
                     heartbeat_interval: Duration::from_millis(500),

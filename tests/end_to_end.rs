@@ -527,6 +527,7 @@ fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
                 loss: 0.0,
                 burst_datagrams: 0,
             },
+            repair_delay: std::time::Duration::ZERO,
             interleave_depth: 4,
             flush_interval: Duration::from_millis(5),
             heartbeat_interval: Duration::from_millis(500),

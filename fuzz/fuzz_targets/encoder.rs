@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         data_shards,
         parity_shards: parity_shards.min(255 - data_shards),
         design: diode_wire::DesignPoint { loss: 0.0, burst_datagrams: 0 },
+        repair_delay: std::time::Duration::ZERO,
         interleave_depth: 1 + data[3] as usize % 6,
         flush_interval: Duration::from_millis(5),
         heartbeat_interval: Duration::from_millis(500),

@@ -29,6 +29,14 @@ struct Args {
     outage_every_secs: u64,
     #[arg(long, default_value_t = 300)]
     outage_ms: u64,
+    /// Any outage up to this long loses nothing: the sender sends each block's repair shards
+    /// again this long later (the sender's link.outage_protection_ms).
+    #[arg(long, default_value_t = 400)]
+    outage_protection_ms: u64,
+    /// The unprotected behaviour for comparison: no outage protection and parity in proportion
+    /// to block size only (link.design_loss_percent = 0).
+    #[arg(long)]
+    unprotected: bool,
     /// Telemetry samples per second from the synthetic plant.
     #[arg(long, default_value_t = 8000)]
     telemetry_per_sec: u32,
@@ -122,6 +130,8 @@ data_shards = 32
 parity_shards = 8
 heartbeat_interval_ms = 500
 flush_interval_ms = 5
+design_loss_percent = {}
+outage_protection_ms = {}
 
 [metrics]
 listen = "127.0.0.1:0"
@@ -134,7 +144,14 @@ source = {{ kind = "udp", listen = "127.0.0.1:0" }}
 name = "historian/events"
 source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
 "#,
-            relay.listen_addr, args.rate_mbps
+            relay.listen_addr,
+            args.rate_mbps,
+            if args.unprotected { 0.0 } else { 1.0 },
+            if args.unprotected {
+                0
+            } else {
+                args.outage_protection_ms
+            },
         ),
     )?;
     let sender_stop = Shutdown::new();
@@ -294,6 +311,21 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
         "{lines} records written to {} (one JSON object per line)",
         records_path.display()
     );
+    let repairs = scrape::sum(&tx, "diode_repair_datagrams_sent_total", &[]);
+    let datagrams = scrape::sum(&tx, "diode_datagrams_sent_total", &[]);
+    if args.unprotected {
+        println!(
+            "protection: off (--unprotected): parity in proportion to block size, no repair shards"
+        );
+    } else {
+        println!(
+            "protection: parity for 1% loss at every block size, outages up to {} ms ridden through; \
+             {} repair datagrams sent again, {:.0}% of the link's datagrams",
+            args.outage_protection_ms,
+            repairs as u64,
+            100.0 * repairs / datagrams.max(1.0)
+        );
+    }
     println!("datagrams the receiver sent back towards the link: {backwards}");
     if all_accounted {
         println!("every record taken in was delivered in order or reported lost with its exact sequence range");

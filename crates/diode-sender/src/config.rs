@@ -74,6 +74,12 @@ pub struct LinkConfig {
     /// docs/performance.md.
     #[serde(default)]
     pub design_burst_datagrams: usize,
+    /// Any single outage of the link up to this long loses no record (wire-format.md §3.4):
+    /// every block is followed, this long (plus the flush interval and a margin) later, by as
+    /// many repair shards again, new parity of the same code. Doubles the wire bytes, and holds
+    /// that delay's worth of repair shards in `max_queued_bytes`. 0: off.
+    #[serde(default)]
+    pub outage_protection_ms: u64,
     /// Blocks whose shards are spread over each other on the wire, against burst loss.
     #[serde(default = "default_interleave_depth")]
     pub interleave_depth: usize,
@@ -307,6 +313,28 @@ impl LinkConfig {
         Duration::from_millis(self.flush_interval_ms)
     }
 
+    /// Wire bytes per payload byte at full blocks, repair shards included: what the topics'
+    /// ceilings cost on the link.
+    pub fn full_block_wire_factor(&self) -> f64 {
+        let shards = if self.outage_protection_ms > 0 {
+            2 * (self.data_shards + self.parity_shards)
+        } else {
+            self.data_shards + self.parity_shards
+        };
+        let shard = (self.mtu_bytes - IP_UDP_OVERHEAD - DATAGRAM_OVERHEAD) as f64;
+        shards as f64 * self.mtu_bytes as f64 / (self.data_shards as f64 * shard)
+    }
+
+    /// When a block's repair shards follow it (§3.4): longer than the outage to ride through by
+    /// the time a block may wait for its flush deadline, and a margin for scheduling.
+    pub fn repair_delay(&self) -> Duration {
+        if self.outage_protection_ms == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(self.outage_protection_ms + self.flush_interval_ms + 50)
+        }
+    }
+
     /// Wire bytes of the largest datagram.
     pub fn max_datagram_wire_bytes(&self) -> usize {
         self.mtu_bytes
@@ -477,6 +505,16 @@ fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigE
         (0.0..=50.0).contains(&link.design_loss_percent),
         "design_loss_percent",
         format!("{} is outside 0..=50", link.design_loss_percent),
+    )?;
+    check(
+        link.outage_protection_ms <= 9000,
+        "outage_protection_ms",
+        format!("{} is above 9000", link.outage_protection_ms),
+    )?;
+    check(
+        link.outage_protection_ms == 0 || link.parity_shards > 0,
+        "outage_protection_ms",
+        "outage protection sends parity shards again: needs parity_shards above 0".to_owned(),
     )?;
     check(
         link.design_burst_datagrams <= 64,

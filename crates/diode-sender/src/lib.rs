@@ -84,6 +84,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             data_shards: link.data_shards,
             parity_shards: link.parity_shards,
             design: link.design(),
+            repair_delay: link.repair_delay(),
             interleave_depth: link.interleave_depth,
             flush_interval: link.flush_interval(),
             heartbeat_interval: link.heartbeat_interval(),
@@ -193,6 +194,14 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     };
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
 
+    if let Some(needed) = protected_rate_shortfall(&config) {
+        tracing::warn!(
+            needed_mbps = needed,
+            rate_mbps = link.rate_mbps,
+            "the topics' rate ceilings, with parity and outage protection, need more than the \
+             link's rate_mbps: at full rate the link queue fills and sources are slowed or drop"
+        );
+    }
     tracing::info!(
         session = format_args!("{session_id:016x}"),
         destination = %loaded.destination,
@@ -208,6 +217,18 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         registry,
         done,
     })
+}
+
+/// With every topic capped (`rate_mbps`) and outage protection on, the wire rate those caps can
+/// take when they all run full, if it is above the link's `rate_mbps`.
+fn protected_rate_shortfall(config: &config::SenderConfig) -> Option<f64> {
+    let link = &config.link;
+    if link.outage_protection_ms == 0 {
+        return None;
+    }
+    let ceilings: Option<Vec<f64>> = config.topics.iter().map(|t| t.rate_mbps).collect();
+    let needed = ceilings?.iter().sum::<f64>() * link.full_block_wire_factor();
+    (needed > link.rate_mbps).then_some(needed)
 }
 
 /// A readable summary of what a configuration would do, for `diode-send check`.
@@ -259,6 +280,21 @@ pub fn describe(loaded: &Loaded) -> String {
             .join(" "),
         plan.target()
     );
+    if link.outage_protection_ms > 0 {
+        out += &format!(
+            "outage protection: any outage up to {} ms loses nothing; each block's repair shards \
+             follow it {} ms later (twice the wire bytes)\n",
+            link.outage_protection_ms,
+            link.repair_delay().as_millis(),
+        );
+        if let Some(needed) = protected_rate_shortfall(&loaded.config) {
+            out += &format!(
+                "warning: the topics' rate ceilings need {needed:.1} Mb/s on the wire with \
+                 protection, above rate_mbps {}\n",
+                link.rate_mbps
+            );
+        }
+    }
     out += &match &loaded.key {
         Some(key) => format!(
             "auth: HMAC-SHA256 on every datagram, key id {}{}\n",

@@ -213,6 +213,9 @@ impl LinkThread {
             .heartbeats_sent
             .inc_by(stats.heartbeats - last.heartbeats);
         self.metrics
+            .repair_datagrams_sent
+            .inc_by(stats.repair_datagrams_out - last.repair_datagrams_out);
+        self.metrics
             .queued_bytes
             .set(self.encoder.queued_bytes() as i64);
         *last = stats.clone();

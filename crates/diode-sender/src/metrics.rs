@@ -29,6 +29,7 @@ pub struct SenderMetrics {
     pub link_bytes_sent: Counter,
     pub blocks_sent: Counter,
     pub heartbeats_sent: Counter,
+    pub repair_datagrams_sent: Counter,
     pub send_errors: Counter,
     pub queued_bytes: Gauge,
     pub session_start_seconds: Gauge,
@@ -83,6 +84,7 @@ impl SenderMetrics {
             link_bytes_sent: Counter::default(),
             blocks_sent: Counter::default(),
             heartbeats_sent: Counter::default(),
+            repair_datagrams_sent: Counter::default(),
             send_errors: Counter::default(),
             queued_bytes: Gauge::default(),
             session_start_seconds: Gauge::default(),
@@ -136,6 +138,11 @@ impl SenderMetrics {
             "diode_heartbeats_sent",
             "Heartbeats sent",
             m.heartbeats_sent.clone(),
+        );
+        registry.register(
+            "diode_repair_datagrams_sent",
+            "Repair shards sent again after their block, for outage protection (wire-format.md 3.4)",
+            m.repair_datagrams_sent.clone(),
         );
         registry.register(
             "diode_send_errors",

@@ -21,6 +21,7 @@ fn encoder(now: Instant) -> Encoder {
                 loss: 0.0,
                 burst_datagrams: 0,
             },
+            repair_delay: std::time::Duration::ZERO,
             interleave_depth: 4,
             flush_interval: Duration::from_millis(5),
             heartbeat_interval: Duration::from_secs(3600),

@@ -36,6 +36,9 @@ pub struct EncoderConfig {
     pub parity_shards: usize,
     /// The loss each block size is protected against as well as a full block (§3.1).
     pub design: fec::DesignPoint,
+    /// Outage protection (§3.4): each block also gets k + m repair shards, sent this long after
+    /// it, so that an outage shorter than this loses no block. Zero: off.
+    pub repair_delay: Duration,
     pub interleave_depth: usize,
     /// A block leaves at most this long after its first record.
     pub flush_interval: Duration,
@@ -91,6 +94,9 @@ impl EncoderConfig {
         if !(0.0..=0.5).contains(&self.design.loss) || self.design.burst_datagrams > 64 {
             return Err(EncoderConfigError::Design);
         }
+        if self.repair_delay > MAX_REPAIR_DELAY {
+            return Err(EncoderConfigError::RepairDelay);
+        }
         Ok(())
     }
 }
@@ -111,6 +117,8 @@ pub enum EncoderConfigError {
     HeartbeatInterval,
     #[error("the design loss must be within 0..=50 % and the design burst at most 64 datagrams")]
     Design,
+    #[error("the repair delay must be at most 10 s")]
+    RepairDelay,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -256,6 +264,8 @@ pub struct EncoderStats {
     pub fragments: u64,
     pub heartbeats: u64,
     pub datagrams_out: u64,
+    /// Of those, repair shards sent after their block (§3.4).
+    pub repair_datagrams_out: u64,
     /// UDP payload plus IP and UDP headers (wire-format.md §1).
     pub wire_bytes_out: u64,
 }
@@ -328,6 +338,18 @@ struct SealedBlock {
     deadline: Instant,
 }
 
+/// The longest repair delay (§3.4): what a receiver may be asked to wait, at most.
+pub const MAX_REPAIR_DELAY: Duration = Duration::from_secs(10);
+
+/// A block's repair shards (§3.4), sent once `due`: datagrams `next..end` of `datagrams`.
+struct Repair {
+    datagrams: Bytes,
+    stride: usize,
+    next: usize,
+    end: usize,
+    due: Instant,
+}
+
 pub struct Encoder {
     config: EncoderConfig,
     limits: RecordLimits,
@@ -336,6 +358,8 @@ pub struct Encoder {
     topics: Vec<Topic>,
     open: OpenBlock,
     waiting: VecDeque<SealedBlock>,
+    /// Repair shards waiting for their time, in the order they are due.
+    repairs: VecDeque<Repair>,
     /// The group being sent and its transmission order: (block in group, shard index).
     group: Vec<SealedBlock>,
     schedule: Vec<(usize, usize)>,
@@ -377,6 +401,7 @@ impl Encoder {
                 ..OpenBlock::default()
             },
             waiting: VecDeque::new(),
+            repairs: VecDeque::new(),
             group: Vec::new(),
             schedule: Vec::new(),
             schedule_cursor: 0,
@@ -693,12 +718,21 @@ impl Encoder {
         }
     }
 
+    /// Releases the repair shards now, whatever they are due: for a clean stop, so that the
+    /// last blocks still get their repair before the sender goes.
+    pub fn release_repairs(&mut self, now: Instant) {
+        for repair in &mut self.repairs {
+            repair.due = repair.due.min(now);
+        }
+    }
+
     /// For a clean stop: everything pushed so far, then a heartbeat whose catalogue tells the
     /// receiver each topic's final sequence number, all released at once.
     pub fn finish(&mut self, now: Instant, unix_time_us: i64) {
         self.stopping = true;
         self.add_heartbeat(now, unix_time_us);
         self.flush(now);
+        self.release_repairs(now);
     }
 
     /// Whether a block is being filled (and so has a flush deadline).
@@ -710,6 +744,7 @@ impl Encoder {
     pub fn is_idle(&self) -> bool {
         self.open.is_empty()
             && self.waiting.is_empty()
+            && self.repairs.is_empty()
             && self.schedule_cursor == self.schedule.len()
     }
 
@@ -735,11 +770,26 @@ impl Encoder {
         if !sending && self.waiting.len() < self.config.interleave_depth {
             consider(self.waiting.front().map(|b| b.deadline));
         }
+        consider(self.repairs.front().map(|r| r.due));
         next
     }
 
     /// The next datagram to send, if any is ready (wire-format.md §3.3).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        // Repair shards that are due go first: their block has waited for them already.
+        if let Some(repair) = self.repairs.front_mut().filter(|r| r.due <= now) {
+            let at = repair.next * repair.stride;
+            let datagram = repair.datagrams.slice(at..at + repair.stride);
+            repair.next += 1;
+            if repair.next == repair.end {
+                self.repairs.pop_front();
+            }
+            self.queued_bytes -= datagram.len();
+            self.stats.datagrams_out += 1;
+            self.stats.repair_datagrams_out += 1;
+            self.stats.wire_bytes_out += (datagram.len() + IP_UDP_OVERHEAD) as u64;
+            return Some(datagram);
+        }
         if self.schedule_cursor == self.schedule.len() && !self.start_group(now) {
             return None;
         }
@@ -800,6 +850,7 @@ impl Encoder {
             }),
             sender_version: env!("CARGO_PKG_VERSION").to_owned(),
             stopping: self.stopping,
+            repair_delay_ms: self.config.repair_delay.as_millis() as u32,
         };
         // The catalogue goes in turns of at most 128 topics and at most half a block (§5.3).
         let count = self.topics.len();
@@ -915,20 +966,29 @@ impl Encoder {
             self.config.data_shards,
             &self.plan,
         );
+        // §3.4: with outage protection, k + m more parity shards of the same code (any k of
+        // all the block's shards rebuild it) follow the block after the repair delay: alone
+        // they rebuild it as surely as its first k + m do, even if an outage took all of those.
+        let repair = if self.config.repair_delay.is_zero() || m == 0 {
+            0
+        } else {
+            (k + m).min(datagram::MAX_TOTAL_SHARDS - k - m)
+        };
+        let total_parity = m + repair;
         let geometry = BlockGeometry {
             data_shards: k as u8,
-            parity_shards: m as u8,
+            parity_shards: total_parity as u8,
             interleave_depth: self.config.interleave_depth as u8,
             shard_len: shard_len as u16,
         };
         let stride = geometry.datagram_len(self.config.key.is_some());
-        let mut datagrams = BytesMut::zeroed((k + m) * stride);
+        let mut datagrams = BytesMut::zeroed((k + total_parity) * stride);
         for (i, chunk) in content.chunks(shard_len).enumerate() {
             let at = i * stride + HEADER_LEN;
             datagrams[at..at + chunk.len()].copy_from_slice(chunk);
         }
-        if m > 0 {
-            let codec = self.codecs.get(k, m);
+        if total_parity > 0 {
+            let codec = self.codecs.get(k, total_parity);
             fec::encode_strided(&codec, &mut datagrams, k, stride, HEADER_LEN, shard_len);
         }
         for (index, slot) in datagrams.chunks_mut(stride).enumerate() {
@@ -946,11 +1006,23 @@ impl Encoder {
         self.next_block += 1;
         self.stats.blocks_sealed += 1;
         self.queued_bytes += datagrams.len();
+        let deadline = open.deadline.unwrap_or(now);
+        let datagrams = datagrams.freeze();
+        if repair > 0 {
+            // The block leaves by its deadline at the latest; its repair that long after.
+            self.repairs.push_back(Repair {
+                datagrams: datagrams.clone(),
+                stride,
+                next: k + m,
+                end: k + m + repair,
+                due: deadline.max(now) + self.config.repair_delay,
+            });
+        }
         self.waiting.push_back(SealedBlock {
-            datagrams: datagrams.freeze(),
+            datagrams,
             stride,
             count: k + m,
-            deadline: open.deadline.unwrap_or(now),
+            deadline,
         });
     }
 }

@@ -27,6 +27,11 @@ const RETIRED_SESSIONS: usize = 16;
 const JOIN_FROM_START_BLOCKS: u64 = 16;
 /// Shards this far behind the delivery point are unneeded rather than stale (§6.2).
 const UNNEEDED_WINDOW_BLOCKS: u64 = 1024;
+/// With outage protection, repair shards of delivered blocks come a repair delay late: however
+/// many blocks went by meanwhile, they are unneeded, never `stale` or `replay` (§3.4).
+const UNNEEDED_WINDOW_BLOCKS_REPAIRED: u64 = 1 << 22;
+/// Instants at which blocks were doomed (§3.4), kept at most; closer ones are merged.
+const DOOMED_ENTRIES: usize = 1024;
 /// Reordering slack on top of the interleave depth (§6.3).
 const REORDER_SLACK_BLOCKS: u64 = 2;
 /// Candidate sessions held at once, and the bytes and datagrams each may hold (§6.1).
@@ -201,6 +206,12 @@ struct Session {
     stopped: bool,
     /// When its last datagram arrived: a session still sending is alive and cannot be displaced.
     last_datagram: Instant,
+    /// Outage protection as its heartbeats announce it (§3.4): how long an incomplete block is
+    /// waited for before it is given up. Zero: the rules of §6.3 alone.
+    repair_wait: Duration,
+    /// (threshold, when): every block below `threshold` was known to be complete or lost at
+    /// `when` by the rule of §6.3; with outage protection it is given up a repair wait later.
+    doomed: VecDeque<(u64, Instant)>,
     /// When and at which block it started, for the plausibility bound on block numbers (§6.6).
     started_at: Instant,
     first_block: u64,
@@ -407,7 +418,12 @@ impl Reassembler {
             .session
             .as_ref()
             .filter(|s| !s.pending.is_empty())
-            .map(|s| s.head_since + self.config.block_timeout);
+            .map(|s| s.head_since + self.config.block_timeout + s.repair_wait);
+        let doomed = self.session.as_ref().and_then(|s| {
+            s.doomed
+                .front()
+                .map(|&(_, at)| at + s.repair_wait + self.config.block_timeout)
+        });
         let link = self
             .last_valid
             .filter(|_| self.link_up)
@@ -417,7 +433,7 @@ impl Reassembler {
             .as_ref()
             .filter(|_| self.candidates.iter().any(|c| c.proven))
             .map(|s| s.last_datagram + self.quiet_period());
-        [head, link, takeover].into_iter().flatten().min()
+        [head, doomed, link, takeover].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -433,11 +449,12 @@ impl Reassembler {
             .session
             .as_ref()
             .filter(|s| !s.pending.is_empty())
-            .is_some_and(|s| now >= s.head_since + self.config.block_timeout);
+            .is_some_and(|s| now >= s.head_since + self.config.block_timeout + s.repair_wait);
         if timed_out {
             let next = self.session.as_ref().map_or(0, |s| s.next_deliver);
             self.advance_to(now, next.saturating_add(1));
         }
+        self.give_up_doomed(now);
         if self.session_replaceable(now) {
             if let Some(index) = self.candidates.iter().position(|c| c.proven) {
                 self.promote(now, index);
@@ -481,7 +498,12 @@ impl Reassembler {
         let session = self.session.as_mut().expect("entered above");
         let block = header.block;
         if block < session.next_deliver {
-            return if session.next_deliver - block <= UNNEEDED_WINDOW_BLOCKS {
+            let window = if session.repair_wait.is_zero() {
+                UNNEEDED_WINDOW_BLOCKS
+            } else {
+                UNNEEDED_WINDOW_BLOCKS_REPAIRED
+            };
+            return if session.next_deliver - block <= window {
                 self.stats.datagrams_unneeded += 1;
                 Ok(())
             } else {
@@ -494,7 +516,26 @@ impl Reassembler {
             .max(header.geometry.interleave_depth as u64);
         let horizon = session.max_depth + REORDER_SLACK_BLOCKS;
         if block >= session.next_deliver.saturating_add(horizon) {
-            self.advance_to(now, block - horizon + 1);
+            let threshold = block - horizon + 1;
+            if session.repair_wait.is_zero() {
+                self.advance_to(now, threshold);
+            } else {
+                // §3.4: what the outage took may still come with the repair shards.
+                let full = session.doomed.len() >= DOOMED_ENTRIES;
+                match session.doomed.back_mut() {
+                    Some((last, _)) if threshold <= *last => {}
+                    Some((last, at))
+                        if full
+                            || now.saturating_duration_since(*at) < Duration::from_millis(5) =>
+                    {
+                        // Merged into an entry a little older: given up at most that much
+                        // early, well within the margin the sender adds to the delay.
+                        *last = threshold;
+                    }
+                    _ => session.doomed.push_back((threshold, now)),
+                }
+                self.give_up_doomed(now);
+            }
         }
         self.store_shard(now, &header, shard)
     }
@@ -734,6 +775,8 @@ impl Reassembler {
             confirmed: false,
             stopped: false,
             last_datagram: now,
+            repair_wait: Duration::ZERO,
+            doomed: VecDeque::new(),
             started_at: now,
             first_block: next_deliver,
             partial: None,
@@ -870,6 +913,29 @@ impl Reassembler {
             self.drain_ready(now);
         }
         Ok(())
+    }
+
+    /// With outage protection (§3.4): gives up the blocks whose repair wait has passed since the
+    /// rule of §6.3 doomed them.
+    fn give_up_doomed(&mut self, now: Instant) {
+        loop {
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
+            let wait = session.repair_wait + self.config.block_timeout;
+            let Some(&(threshold, at)) = session.doomed.front() else {
+                return;
+            };
+            if threshold <= session.next_deliver {
+                session.doomed.pop_front();
+                continue;
+            }
+            if now < at + wait {
+                return;
+            }
+            session.doomed.pop_front();
+            self.advance_to(now, threshold);
+        }
     }
 
     /// Delivers or gives up every block below `target`, then drains what is ready (§6.3).
@@ -1153,6 +1219,10 @@ impl Reassembler {
     /// §5.3: liveness, the sender's interval and the tail-loss check.
     fn handle_heartbeat(&mut self, now: Instant, heartbeat: proto::Heartbeat) {
         self.stats.heartbeats += 1;
+        if let Some(session) = self.session.as_mut() {
+            session.repair_wait = Duration::from_millis(heartbeat.repair_delay_ms as u64)
+                .min(crate::encoder::MAX_REPAIR_DELAY);
+        }
         if heartbeat.stopping {
             if let Some(session) = self.session.as_mut() {
                 session.stopped = true;

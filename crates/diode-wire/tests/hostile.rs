@@ -22,6 +22,7 @@ fn config(mtu_bytes: usize, data_shards: usize, parity_shards: usize, key: bool)
             loss: 0.01,
             burst_datagrams: 0,
         },
+        repair_delay: std::time::Duration::ZERO,
         interleave_depth: 4,
         flush_interval: Duration::from_millis(5),
         heartbeat_interval: Duration::from_millis(500),
