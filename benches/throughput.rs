@@ -14,7 +14,8 @@
 //! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_KEY` (2: encrypted too; 1: an
 //! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer),
 //! `DIODE_BENCH_DESIGN_LOSS` (the sender's `design_loss_percent`, 1; 0: proportional parity),
-//! `DIODE_BENCH_SMALL_RATE` (records a second in `small`, 50000).
+//! `DIODE_BENCH_SMALL_RATE` (records a second in `small`, 50000), `DIODE_BENCH_OUTAGE_MS` (the
+//! sender's `outage_protection_ms`, 0).
 //!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
@@ -222,7 +223,7 @@ impl Pair {
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,
-            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into())),
+            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\noutage_protection_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into()), env_or("DIODE_BENCH_OUTAGE_MS", 0)),
         )
         .unwrap();
         let sender = Service::start(
