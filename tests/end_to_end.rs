@@ -767,3 +767,55 @@ fn small_blocks_ride_through_random_loss_and_bursts_at_the_design_point() {
     assert!(pair.receiver.metric("diode_blocks_recovered_total", &[]) > 10.0);
     pair.assert_one_way();
 }
+
+/// Listening sources take data only from their allowed peers: an HTTP request to the historian's
+/// port once became five historian records.
+#[test]
+fn listening_sources_refuse_peers_not_allowed() {
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let topics = format!(
+        "[[topic]]\nname = \"line3/telemetry\"\nsource = {{ kind = \"udp\", listen = \"127.0.0.1:{udp}\", allowed_peers = [\"127.0.0.2\"] }}\n\n[[topic]]\nname = \"historian/events\"\nsource = {{ kind = \"tcp\", listen = \"127.0.0.1:{tcp}\", framing = \"lines\", allowed_peers = [\"127.0.0.2\"] }}\n"
+    );
+    let pair = Pair::start(RelayConfig::default(), &topics, FILE_ROUTE);
+    // Not allowed: from 127.0.0.1.
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(b"stranger", loopback(udp))
+        .unwrap();
+    {
+        let mut s = TcpStream::connect(loopback(tcp)).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: historian\r\n\r\n");
+    }
+    // Allowed: from 127.0.0.2.
+    UdpSocket::bind("127.0.0.2:0")
+        .unwrap()
+        .send_to(b"plc", loopback(udp))
+        .unwrap();
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    socket.connect(&loopback(tcp).into()).unwrap();
+    let mut allowed: TcpStream = socket.into();
+    allowed.write_all(b"historian line\n").unwrap();
+    drop(allowed);
+    let out = pair.path("out/records.jsonl");
+    assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 2));
+    std::thread::sleep(Duration::from_millis(500));
+    let records = by_topic(&read_jsonl(&out));
+    assert_eq!(records["line3/telemetry"], vec![(0, "plc".to_owned())]);
+    assert_eq!(
+        records["historian/events"],
+        vec![(0, "historian line".to_owned())]
+    );
+    assert_eq!(
+        pair.sender
+            .metric("diode_source_errors_total", &["reason=\"peer\""]),
+        2.0
+    );
+}

@@ -132,6 +132,10 @@ pub enum SourceConfig {
         listen: String,
         #[serde(default = "default_udp_receive_buffer_bytes")]
         receive_buffer_bytes: usize,
+        /// Only datagrams from these peers (`ip` or `ip:port`) are taken; others are dropped,
+        /// counted as `diode_source_errors_total{reason="peer"}`. Empty: any.
+        #[serde(default)]
+        allowed_peers: Vec<String>,
     },
     /// A TCP listener; records are cut from each connection by `framing`.
     Tcp {
@@ -140,6 +144,10 @@ pub enum SourceConfig {
         framing: Framing,
         #[serde(default = "default_max_connections")]
         max_connections: usize,
+        /// Only these peers (`ip` or `ip:port`) may connect; others are refused, counted as
+        /// `diode_source_errors_total{reason="peer"}`. Empty: any.
+        #[serde(default)]
+        allowed_peers: Vec<String>,
     },
     /// Subscribes to an MQTT broker; each message is one record carrying its MQTT topic, QoS and
     /// retain flag (wire-format.md §5.4).
@@ -175,6 +183,9 @@ pub enum SourceConfig {
         protocol: SyslogProtocol,
         #[serde(default = "default_max_connections")]
         max_connections: usize,
+        /// As for `tcp`: the devices allowed to send.
+        #[serde(default)]
+        allowed_peers: Vec<String>,
     },
 }
 
@@ -204,6 +215,16 @@ impl SourceConfig {
             SourceConfig::Mqtt { .. } => "mqtt",
             SourceConfig::Modbus { .. } => "modbus",
             SourceConfig::Syslog { .. } => "syslog",
+        }
+    }
+
+    /// The peers a listening source takes data from (empty: any).
+    pub fn allowed_peers(&self) -> &[String] {
+        match self {
+            SourceConfig::Udp { allowed_peers, .. }
+            | SourceConfig::Tcp { allowed_peers, .. }
+            | SourceConfig::Syslog { allowed_peers, .. } => allowed_peers,
+            SourceConfig::Mqtt { .. } | SourceConfig::Modbus { .. } => &[],
         }
     }
 
@@ -294,6 +315,8 @@ pub struct Loaded {
     pub metrics_listen: Option<SocketAddr>,
     /// Each topic's source endpoint, resolved, in topic order.
     pub source_endpoints: Vec<SourceEndpoint>,
+    /// Each topic's allowed peers, parsed (empty: any), in topic order.
+    pub source_peers: Vec<Vec<diode_common::net::SourceFilter>>,
 }
 
 impl LinkConfig {
@@ -361,6 +384,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         .collect();
     validate_link(&source, &config.link)?;
     let mut source_endpoints = Vec::new();
+    let mut source_peers = Vec::new();
     let link = config.link.clone();
     let safety = config.safety.clone();
     if safety.min_poll_interval_ms == 0 {
@@ -374,6 +398,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             &link,
             &safety,
         )?);
+        source_peers.push(parse_peers(&source, &format!("topic[{i}]."), topic)?);
     }
     if let Some(dir) = &config.topics_dir {
         let dir = source.resolve(dir);
@@ -389,6 +414,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             let topic_source = ConfigSource::read(&file)?;
             let topic: TopicConfig = topic_source.parse()?;
             source_endpoints.push(validate_topic(&topic_source, "", &topic, &link, &safety)?);
+            source_peers.push(parse_peers(&topic_source, "", &topic)?);
             origins.push(file.display().to_string());
             config.topics.push(topic);
         }
@@ -464,6 +490,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         key,
         metrics_listen,
         source_endpoints,
+        source_peers,
     })
 }
 
@@ -563,6 +590,28 @@ fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigE
 }
 
 /// Checks a topic and returns its source endpoint, resolved.
+/// A listening source's `allowed_peers`, parsed; errors name the entry.
+fn parse_peers(
+    source: &ConfigSource,
+    prefix: &str,
+    topic: &TopicConfig,
+) -> Result<Vec<diode_common::net::SourceFilter>, ConfigError> {
+    topic
+        .source
+        .allowed_peers()
+        .iter()
+        .enumerate()
+        .map(|(j, text)| {
+            text.parse().map_err(|_| {
+                source.invalid(
+                    &format!("{prefix}source.allowed_peers[{j}]"),
+                    format!("{text:?} is not an IP address or ip:port"),
+                )
+            })
+        })
+        .collect()
+}
+
 fn validate_topic(
     source: &ConfigSource,
     prefix: &str,

@@ -103,6 +103,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 
     let mut topic_metrics = Vec::new();
     let mut bound = Vec::new();
+    let mut peers = loaded.source_peers.iter();
     for (topic, endpoint) in config.topics.iter().zip(&loaded.source_endpoints) {
         let id = encoder
             .add_topic(&topic.name)
@@ -115,7 +116,17 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         let local = source.local_addr();
         let tm = metrics.topic(&topic.name);
         topic_metrics.push(tm.clone());
-        bound.push((topic.name.clone(), local, source, id, tm, topic.rate_mbps));
+        let allowed: Arc<[diode_common::net::SourceFilter]> =
+            peers.next().cloned().unwrap_or_default().into();
+        bound.push((
+            topic.name.clone(),
+            local,
+            source,
+            id,
+            tm,
+            topic.rate_mbps,
+            allowed,
+        ));
     }
 
     let socket =
@@ -159,7 +170,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 
     let limits = encoder.limits();
     let mut source_addrs = Vec::new();
-    for (name, local, source, id, tm, rate) in bound {
+    for (name, local, source, id, tm, rate, allowed) in bound {
         if let Some(local) = local {
             source_addrs.push((name.clone(), local));
         }
@@ -172,6 +183,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             rate: rate.map(|mbps| Arc::new(rate::TopicRate::new(mbps))),
             max_record_bytes: link.max_record_bytes,
             limits,
+            peers: allowed,
             shutdown: shutdown.clone(),
         };
         tokio::spawn(source.run(ctx));

@@ -51,6 +51,8 @@ pub struct TopicMetrics {
     pub errors_timeout: Counter,
     /// A polled device answered with a Modbus exception.
     pub errors_exception: Counter,
+    /// Datagrams or connections from a peer not in `allowed_peers`.
+    pub errors_peer: Counter,
     /// Messages that did not parse as their protocol (syslog) and were passed on as raw text.
     pub unparsed: Counter,
     pub polls: Counter,
@@ -68,6 +70,7 @@ impl TopicMetrics {
             + self.errors_connect.get()
             + self.errors_timeout.get()
             + self.errors_exception.get()
+            + self.errors_peer.get()
     }
 }
 
@@ -184,6 +187,7 @@ impl SenderMetrics {
             errors_connect: self.source_errors.get_or_create_owned(&reason("connect")),
             errors_timeout: self.source_errors.get_or_create_owned(&reason("timeout")),
             errors_exception: self.source_errors.get_or_create_owned(&reason("exception")),
+            errors_peer: self.source_errors.get_or_create_owned(&reason("peer")),
             unparsed: self.source_unparsed.get_or_create_owned(&labels),
             polls: self.source_polls.get_or_create_owned(&labels),
             connections: self.source_connections.get_or_create_owned(&labels),

@@ -51,6 +51,8 @@ pub struct SourceContext {
     pub max_record_bytes: usize,
     /// What the link can frame: a record (its origin included) beyond it is refused here.
     pub limits: RecordLimits,
+    /// A listening source's `allowed_peers` (empty: any).
+    pub peers: Arc<[diode_common::net::SourceFilter]>,
     pub shutdown: Shutdown,
 }
 
@@ -234,6 +236,9 @@ async fn run_udp(socket: UdpSocket, syslog: bool, ctx: SourceContext) {
             received = socket.recv_from(&mut buf) => received,
         };
         match received {
+            Ok((_, peer)) if !diode_common::net::SourceFilter::allows(&ctx.peers, peer) => {
+                ctx.metrics.errors_peer.inc();
+            }
             Ok((len, _)) if len > ctx.max_record_bytes => {
                 ctx.metrics.dropped_oversize.inc();
             }
@@ -314,6 +319,14 @@ async fn run_tcp(
                 }
             },
         };
+        if !diode_common::net::SourceFilter::allows(&ctx.peers, peer) {
+            static REFUSED: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(60));
+            ctx.metrics.errors_peer.inc();
+            if let Some(folded) = REFUSED.allow() {
+                tracing::warn!(topic = %ctx.name, %peer, folded, "connection refused: the peer is not in allowed_peers");
+            }
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
