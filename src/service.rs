@@ -25,11 +25,14 @@ struct Args {
 enum Command {
     /// Checks a configuration file and prints what it would do.
     Check {
+        /// The configuration file to check (or give --config before `check`).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Writes a new random link key, readable by its owner only; give the same file to both sides.
     Keygen {
+        /// Where to write the key: 32 random bytes as 64 hexadecimal characters, mode 0600. An
+        /// existing file is never overwritten.
         #[arg(long, short)]
         out: PathBuf,
     },
@@ -78,7 +81,17 @@ impl<L> Service<L> {
                     }
                 };
             }
-            (Some(Command::Check { config }), _) => (config, true),
+            (
+                Some(Command::Check {
+                    config: Some(config),
+                }),
+                _,
+            )
+            | (Some(Command::Check { config: None }), Some(config)) => (config, true),
+            (Some(Command::Check { config: None }), None) => {
+                eprintln!("error: check needs --config FILE");
+                return ExitCode::from(2);
+            }
             (None, Some(config)) => (config, false),
             (None, None) => {
                 eprintln!(
