@@ -23,10 +23,11 @@ struct Args {
     /// Random datagram loss on the link, in percent.
     #[arg(long, default_value_t = 1.0)]
     loss_percent: f64,
-    /// Every this many seconds the link goes dark for --outage-ms (0: never), to show how losses
-    /// beyond what FEC can repair are reported.
+    /// Every this many seconds the link goes dark for --outage-ms (0: never), as a media
+    /// converter or switch restart would take a fibre link down.
     #[arg(long, default_value_t = 12)]
     outage_every_secs: u64,
+    /// How long each outage lasts.
     #[arg(long, default_value_t = 300)]
     outage_ms: u64,
     /// Any outage up to this long loses nothing: the sender sends each block's repair shards
@@ -40,6 +41,7 @@ struct Args {
     /// Telemetry samples per second from the synthetic plant.
     #[arg(long, default_value_t = 8000)]
     telemetry_per_sec: u32,
+    /// The sender's pacing ceiling (link.rate_mbps), in megabits per second on the wire.
     #[arg(long, default_value_t = 40.0)]
     rate_mbps: f64,
     /// The embedded MQTT broker the receiver serves the telemetry on ("" for none).
@@ -51,11 +53,16 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    diode_common::init_logging();
     let args = Args::parse();
+    // The terminal shows the live table; the services' log lines go to a file beside the
+    // configs (named when the demo starts), not between the table's rows.
+    let out = &args.out;
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(out)?;
+    diode_common::init_logging_to(&out.join("demo.log"))
+        .with_context(|| format!("creating {}", out.join("demo.log").display()))?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -65,11 +72,17 @@ fn main() -> anyhow::Result<()> {
 
 async fn demo(args: Args) -> anyhow::Result<()> {
     let out = &args.out;
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
-    }
-    std::fs::create_dir_all(out)?;
     let records_path = out.join("records.jsonl");
+    // Secure as a deployment should be: the link authenticated with a key made for this run.
+    diode_common::keyfile::generate(&out.join("link.key"))?;
+    // Fixed ports, written into the configs, so that a second look at them (or a Prometheus
+    // scrape) finds the same endpoints the demo prints.
+    let free = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (receiver_metrics, sender_metrics) = (free()?, free()?);
 
     let broker_route = if args.mqtt_listen.is_empty() {
         String::new()
@@ -85,9 +98,11 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             r#"# Written by diode-demo: the IT side.
 [link]
 listen = "127.0.0.1:0"
+key_file = "link.key"
+state_file = "receiver.state"
 
 [metrics]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{receiver_metrics}"
 
 [[route]]
 topics = ["line3/#", "historian/#"]
@@ -132,9 +147,10 @@ heartbeat_interval_ms = 500
 flush_interval_ms = 5
 design_loss_percent = {}
 outage_protection_ms = {}
+key_file = "link.key"
 
 [metrics]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{}"
 
 [[topic]]
 name = "line3/telemetry"
@@ -152,6 +168,7 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
             } else {
                 args.outage_protection_ms
             },
+            sender_metrics,
         ),
     )?;
     let sender_stop = Shutdown::new();
@@ -196,9 +213,11 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
         if args.outage_every_secs > 0 { format!(", {} ms outage every {} s", args.outage_ms, args.outage_every_secs) } else { String::new() },
         records_path.display());
     println!(
-        "configs: {} and {}",
+        "configs: {} and {} (link authenticated with {}); log: {}",
         sender_toml.display(),
-        receiver_toml.display()
+        receiver_toml.display(),
+        out.join("link.key").display(),
+        out.join("demo.log").display()
     );
     if let (Some(s), Some(r)) = (sender.metrics_addr, receiver.metrics_addr) {
         println!("metrics: http://{s}/metrics (sender), http://{r}/metrics (receiver)");
@@ -222,6 +241,10 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
     println!(
         "{:>5}  {:>11}  {:>11}  {:>9}  {:>11}  {:>8}  {:>7}  {:>8}  {:>4}",
         "", "", "", "", "datagrams", "blocks", "blocks", "records", ""
+    );
+    println!(
+        "{:>5}  {:>11}  {:>11}  {:>9}  {:>11}  {:>8}  {:>7}  {:>8}  {:>4}",
+        "", "per second", "per second", "", "total", "total", "total", "total", "now"
     );
 
     let started = Instant::now();

@@ -48,6 +48,20 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Logs to `path` instead of stderr (at info unless `RUST_LOG` says otherwise): for a program
+/// whose terminal shows something else, the demo's live table.
+pub fn init_logging_to(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    Ok(())
+}
+
 /// RFC 3339 with microseconds, UTC, for a time in microseconds since the Unix epoch; a time
 /// outside years 0000-9999 (a broken clock) shows as the epoch.
 pub fn format_rfc3339_us(time_us: i64) -> String {
