@@ -819,3 +819,56 @@ fn listening_sources_refuse_peers_not_allowed() {
         2.0
     );
 }
+
+/// docs/metrics.md lists every metric: what either service exposes is in its table, and what the
+/// table lists is registered by a service (families with labels appear only once sampled, so
+/// that direction is checked against the registrations in the sources).
+#[test]
+fn every_metric_is_documented_and_every_documented_metric_exists() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/docs/metrics.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect();
+    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let pair = Pair::start(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+    );
+    send_udp(loopback(udp), (0..10).map(|i| vec![b'x', i]), 10);
+    let out = pair.path("out/records.jsonl");
+    assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 10));
+    for text in [pair.sender.metrics_text(), pair.receiver.metrics_text()] {
+        for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = family.split_once(' ').unwrap();
+            let exposed = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            assert!(
+                documented.contains(&exposed),
+                "{exposed} is exposed but not in docs/metrics.md"
+            );
+        }
+    }
+    let mut registered = String::new();
+    for file in [
+        "crates/diode-sender/src/metrics.rs",
+        "crates/diode-receiver/src/metrics.rs",
+    ] {
+        registered += &std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+    }
+    for name in &documented {
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            registered.contains(&format!("\"{family}\"")),
+            "docs/metrics.md lists {name}, which no service registers"
+        );
+    }
+    assert!(documented.len() >= 40);
+}
