@@ -452,9 +452,15 @@ fn the_embedded_broker_is_read_only_authenticated_and_bounded() {
         "{}",
         &text[..text.len().min(300)]
     );
+    // A new subscriber gets what is published once its subscription is in (QoS 0, nothing
+    // kept): offer the record until it has taken one.
     let mut fresh = subscriber("1");
     let mut source = TcpStream::connect(("127.0.0.1", source_port)).unwrap();
-    writeln!(source, "after the storm").unwrap();
+    let offered_until = std::time::Instant::now() + Duration::from_secs(15);
+    while fresh.0.try_wait().unwrap().is_none() && std::time::Instant::now() < offered_until {
+        writeln!(source, "after the storm").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(source);
     assert_eq!(
         stdout_of(&mut fresh).trim(),
