@@ -717,7 +717,6 @@ impl Reassembler {
     fn start_session(&mut self, now: Instant, header: &Header, from_start: bool) {
         let previous = self.session.as_ref().map(|s| s.id);
         self.candidates.retain(|c| c.id != header.session_id);
-        let previous_topics = self.session.as_ref().map(|s| s.topics.clone());
         if let Some(old) = previous {
             // Deliver what the old session completed, count the rest as lost.
             let end = self
@@ -740,10 +739,15 @@ impl Reassembler {
             .displaced
             .take_if(|d| d.id == header.session_id)
             .map(|d| d.topics);
+        // Taken after the old session's last blocks were delivered above, so that its
+        // expectations count what they delivered.
+        let previous_topics = self
+            .session
+            .as_mut()
+            .filter(|_| !header.authenticated)
+            .map(|s| std::mem::take(&mut s.topics));
         if let (Some(old), Some(topics)) = (previous, previous_topics) {
-            if !header.authenticated {
-                self.displaced = Some(Displaced { id: old, topics });
-            }
+            self.displaced = Some(Displaced { id: old, topics });
         }
         let mut mid_stream = header.block >= JOIN_FROM_START_BLOCKS && !from_start;
         let mut next_deliver = if mid_stream { header.block } else { 0 };
