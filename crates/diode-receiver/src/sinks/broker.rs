@@ -179,8 +179,11 @@ impl BrokerSink {
                 continue;
             };
             if retain {
-                let retained = encode_publish(&topic, &record.payload, true, usize::MAX)
-                    .expect("encoded once already");
+                // An empty retained message clears the topic, as in MQTT.
+                let retained = (!record.payload.is_empty()).then(|| {
+                    encode_publish(&topic, &record.payload, true, usize::MAX)
+                        .expect("encoded once already")
+                });
                 state.retain(topic.clone(), retained, self.settings.retained_max_bytes);
             }
             let limit = self.settings.client_queue_bytes;
@@ -195,14 +198,14 @@ impl BrokerSink {
 }
 
 impl State {
-    fn retain(&mut self, topic: String, packet: Bytes, max_bytes: usize) {
+    /// Keeps `packet` as the topic's retained message; `None` clears it.
+    fn retain(&mut self, topic: String, packet: Option<Bytes>, max_bytes: usize) {
         if let Some(old) = self.retained.remove(&topic) {
             self.retained_bytes -= old.len() + topic.len();
         }
-        // An empty retained message clears the topic, as in MQTT.
-        if packet.len() + topic.len() > max_bytes || is_empty_payload(&packet, &topic) {
+        let Some(packet) = packet.filter(|p| p.len() + topic.len() <= max_bytes) else {
             return;
-        }
+        };
         while self.retained_bytes + packet.len() + topic.len() > max_bytes {
             let Some(victim) = self.retained.keys().next().cloned() else {
                 break;
@@ -213,21 +216,6 @@ impl State {
         self.retained_bytes += packet.len() + topic.len();
         self.retained.insert(topic, packet);
     }
-}
-
-fn is_empty_payload(packet: &Bytes, topic: &str) -> bool {
-    // Fixed header (1 + remaining length), topic length (2) and topic: nothing after for QoS 0.
-    let remaining = 2 + topic.len();
-    let header = 1 + if remaining < 128 {
-        1
-    } else if remaining < 16_384 {
-        2
-    } else if remaining < 2_097_152 {
-        3
-    } else {
-        4
-    };
-    packet.len() == header + remaining
 }
 
 impl Client {
