@@ -40,6 +40,19 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// Writes `event N` lines for `dur`, `per_tick` at a time with `pause` between, numbering on
+/// from `sent`.
+fn send_events(s: &mut TcpStream, sent: &mut u64, dur: Duration, per_tick: u64, pause: Duration) {
+    let until = Instant::now() + dur;
+    while Instant::now() < until {
+        for _ in 0..per_tick {
+            writeln!(s, "event {sent}").unwrap();
+            *sent += 1;
+        }
+        std::thread::sleep(pause);
+    }
+}
+
 /// (seq, payload) of every record written, in file order, checked in order and intact.
 fn delivered(pair: &Pair, prefix_of: impl Fn(u64) -> String) -> Vec<u64> {
     let mut seqs = Vec::new();
@@ -94,14 +107,7 @@ fn ten_seconds_of_darkness_then_the_link_comes_back() {
     let mut s = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     let mut sent = 0u64;
     let mut send_for = |s: &mut TcpStream, dur: Duration| {
-        let until = Instant::now() + dur;
-        while Instant::now() < until {
-            for _ in 0..50 {
-                writeln!(s, "event {sent}").unwrap();
-                sent += 1;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        send_events(s, &mut sent, dur, 50, Duration::from_millis(10))
     };
     send_for(&mut s, Duration::from_secs(1));
     pair.relay.set_dark(true);
@@ -167,14 +173,7 @@ fn a_short_outage_is_ridden_through_with_outage_protection() {
         let mut s = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
         let mut sent = 0u64;
         let mut send_for = |s: &mut TcpStream, dur: Duration| {
-            let until = Instant::now() + dur;
-            while Instant::now() < until {
-                for _ in 0..20 {
-                    writeln!(s, "event {sent}").unwrap();
-                    sent += 1;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            send_events(s, &mut sent, dur, 20, Duration::from_millis(5))
         };
         send_for(&mut s, Duration::from_millis(700));
         pair.relay.set_dark(true);
