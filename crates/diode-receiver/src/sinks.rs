@@ -184,10 +184,10 @@ impl Sink {
     /// record goes to the dead letters instead of failing its batch forever.
     pub fn refusal(&self, record: &Record) -> Option<String> {
         match self {
-            Sink::Mqtt(sink) => mqtt::republish_topic(&sink.prefix, record)
+            Sink::Mqtt(sink) => mqtt::republished_part(&sink.prefix, record)
                 .err()
                 .map(str::to_owned),
-            Sink::Broker(sink) => mqtt::republish_topic(&sink.settings.topic_prefix, record)
+            Sink::Broker(sink) => mqtt::republished_part(&sink.settings.topic_prefix, record)
                 .err()
                 .map(str::to_owned)
                 .or_else(|| {

@@ -119,19 +119,21 @@ impl MqttSink {
 /// character), the diode topic stands in; when that is not either, the record cannot be
 /// published at all (it goes to the route's dead letters).
 pub fn republish_topic(prefix: &str, record: &Record) -> Result<String, &'static str> {
+    republished_part(prefix, record).map(|part| format!("{prefix}{part}"))
+}
+
+/// What `republish_topic` puts after the prefix, chosen and checked without building the topic:
+/// sinks screen every record with it before delivery.
+pub fn republished_part<'a>(prefix: &str, record: &'a Record) -> Result<&'a str, &'static str> {
     let mqtt_origin = record
         .origin
         .as_ref()
         .filter(|o| !o.topic.is_empty() && (o.protocol.is_empty() || o.protocol == "mqtt"));
-    if let Some(origin) = mqtt_origin {
-        let topic = format!("{prefix}{}", origin.topic);
-        if valid_topic(&topic) {
-            return Ok(topic);
-        }
+    if let Some(origin) = mqtt_origin.filter(|o| valid_topic_parts(prefix, &o.topic)) {
+        return Ok(&origin.topic);
     }
-    let topic = format!("{prefix}{}", record.topic);
-    if valid_topic(&topic) {
-        Ok(topic)
+    if valid_topic_parts(prefix, &record.topic) {
+        Ok(&record.topic)
     } else {
         Err("no valid MQTT topic: neither its MQTT topic nor its diode topic under the prefix")
     }
@@ -140,11 +142,14 @@ pub fn republish_topic(prefix: &str, record: &Record) -> Result<String, &'static
 /// A topic a broker accepts for PUBLISH: 1 to 65535 bytes (MQTT's limit, prefix included), no
 /// wildcards, no NUL or other control character (mosquitto drops the connection on those).
 pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty()
-        && topic.len() <= 65_535
-        && !topic
-            .chars()
-            .any(|c| c == '+' || c == '#' || c.is_control())
+    valid_topic_parts(topic, "")
+}
+
+/// `valid_topic` of `prefix` followed by `rest`.
+fn valid_topic_parts(prefix: &str, rest: &str) -> bool {
+    let allowed = |part: &str| !part.chars().any(|c| c == '+' || c == '#' || c.is_control());
+    let len = prefix.len() + rest.len();
+    len > 0 && len <= 65_535 && allowed(prefix) && allowed(rest)
 }
 
 #[cfg(test)]
