@@ -149,13 +149,20 @@ pub struct RecordTooLarge {
 pub struct RecordLimits {
     /// Room for frames in an empty block: its capacity less the content length.
     room: usize,
+    /// Whether any record without an origin fits, whatever its topic and size (the usual case,
+    /// decided once instead of for every record on the sources' path).
+    any_plain_fits: bool,
 }
 
 impl RecordLimits {
     pub fn new(config: &EncoderConfig) -> Self {
-        RecordLimits {
+        let mut limits = RecordLimits {
             room: config.block_capacity().saturating_sub(CONTENT_HEADER_LEN),
-        }
+            any_plain_fits: false,
+        };
+        // The largest topic and a payload at the largest varint length are the worst case.
+        limits.any_plain_fits = limits.fits(frames::MAX_TOPIC_LEN, 0, usize::MAX).is_ok();
+        limits
     }
 
     /// Checks a record of a topic named with `topic_len` bytes. Sizes are taken at their worst
@@ -170,6 +177,18 @@ impl RecordLimits {
         let origin_len = origin
             .filter(|o| frames::origin_is_present(o))
             .map_or(0, frames::origin_field_len);
+        if origin_len == 0 && self.any_plain_fits {
+            return Ok(());
+        }
+        self.fits(topic_len, origin_len, payload_len)
+    }
+
+    fn fits(
+        &self,
+        topic_len: usize,
+        origin_len: usize,
+        payload_len: usize,
+    ) -> Result<(), RecordTooLarge> {
         let head = |origin_len, offset| frames::FragmentHead {
             origin_len,
             topic_len,
