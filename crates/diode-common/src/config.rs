@@ -63,6 +63,64 @@ impl MetricsConfig {
     }
 }
 
+/// One table of a configuration file (`topic[2].source`, `route[0].sink`, or a topic file's top
+/// level): a connector checks its own keys through it, and its errors still name the file, the
+/// line and the whole dotted key.
+#[derive(Clone)]
+pub struct ConfigScope<'a> {
+    source: &'a ConfigSource,
+    prefix: String,
+}
+
+impl<'a> ConfigScope<'a> {
+    /// `prefix` is the table's key path; empty for a file's top level.
+    pub fn new(source: &'a ConfigSource, prefix: impl Into<String>) -> Self {
+        ConfigScope {
+            source,
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn source(&self) -> &'a ConfigSource {
+        self.source
+    }
+
+    /// The table's own key path (`topic[2].source`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The whole key path of `key` in this table.
+    pub fn key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    /// The table at `key` inside this one.
+    pub fn child(&self, key: &str) -> ConfigScope<'a> {
+        ConfigScope::new(self.source, self.key(key))
+    }
+
+    pub fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        self.source.invalid(&self.key(key), message)
+    }
+
+    pub fn socket_addr(&self, key: &str, addr: &str) -> Result<std::net::SocketAddr, ConfigError> {
+        self.source.socket_addr(&self.key(key), addr)
+    }
+
+    pub fn writable_dir(&self, key: &str, dir: &Path) -> Result<(), ConfigError> {
+        self.source.writable_dir(&self.key(key), dir)
+    }
+
+    pub fn resolve(&self, relative: &Path) -> PathBuf {
+        self.source.resolve(relative)
+    }
+}
+
 /// How a byte stream is cut into records: the TCP source's framing and the TCP sink's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-pub use diode_common::config::Framing;
-use diode_common::config::{ConfigError, ConfigSource, MetricsConfig};
+use diode_common::config::{ConfigError, ConfigScope, ConfigSource, MetricsConfig};
 use diode_wire::datagram::{DATAGRAM_OVERHEAD, IP_UDP_OVERHEAD};
 use serde::Deserialize;
+
+use crate::sources::{Claim, SiteLimits, Source};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,142 +119,11 @@ pub struct LinkConfig {
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     pub name: String,
-    pub source: SourceConfig,
+    pub source: crate::sources::SourceConfig,
     /// This topic's ceiling in megabits per second of record payload, so that it cannot take the
     /// link from the others: sources that can wait are slowed, UDP sources drop (counted).
     #[serde(default)]
     pub rate_mbps: Option<f64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceConfig {
-    /// One datagram is one record.
-    Udp {
-        listen: String,
-        #[serde(default = "default_udp_receive_buffer_bytes")]
-        receive_buffer_bytes: usize,
-        /// Only datagrams from these peers (`ip` or `ip:port`) are taken; others are dropped,
-        /// counted as `diode_source_errors_total{reason="peer"}`. Empty: any.
-        #[serde(default)]
-        allowed_peers: Vec<String>,
-    },
-    /// A TCP listener; records are cut from each connection by `framing`.
-    Tcp {
-        listen: String,
-        #[serde(default)]
-        framing: Framing,
-        #[serde(default = "default_max_connections")]
-        max_connections: usize,
-        /// Only these peers (`ip` or `ip:port`) may connect; others are refused, counted as
-        /// `diode_source_errors_total{reason="peer"}`. Empty: any.
-        #[serde(default)]
-        allowed_peers: Vec<String>,
-    },
-    /// Subscribes to an MQTT broker; each message is one record carrying its MQTT topic, QoS and
-    /// retain flag (wire-format.md §5.4).
-    Mqtt {
-        broker: String,
-        subscribe: Vec<String>,
-        #[serde(default = "default_mqtt_qos")]
-        qos: u8,
-        client_id: String,
-        #[serde(default)]
-        username: Option<String>,
-        #[serde(default)]
-        password: Option<String>,
-        #[serde(default)]
-        password_file: Option<PathBuf>,
-        #[serde(default)]
-        tls: Option<diode_common::mqtt::MqttTls>,
-    },
-    /// Polls a Modbus TCP device with read function codes only; each poll is one JSON record.
-    Modbus {
-        address: String,
-        #[serde(default = "default_unit_id")]
-        unit_id: u8,
-        poll_interval_ms: u64,
-        #[serde(default = "default_modbus_timeout_ms")]
-        timeout_ms: u64,
-        registers: Vec<crate::sources::modbus::RegisterConfig>,
-    },
-    /// Syslog (RFC 5424 and RFC 3164) over UDP, or TCP with octet counting or newlines.
-    Syslog {
-        listen: String,
-        #[serde(default)]
-        protocol: SyslogProtocol,
-        #[serde(default = "default_max_connections")]
-        max_connections: usize,
-        /// As for `tcp`: the devices allowed to send.
-        #[serde(default)]
-        allowed_peers: Vec<String>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyslogProtocol {
-    #[default]
-    Udp,
-    Tcp,
-}
-
-fn default_mqtt_qos() -> u8 {
-    1
-}
-fn default_unit_id() -> u8 {
-    1
-}
-fn default_modbus_timeout_ms() -> u64 {
-    1000
-}
-
-impl SourceConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SourceConfig::Udp { .. } => "udp",
-            SourceConfig::Tcp { .. } => "tcp",
-            SourceConfig::Mqtt { .. } => "mqtt",
-            SourceConfig::Modbus { .. } => "modbus",
-            SourceConfig::Syslog { .. } => "syslog",
-        }
-    }
-
-    /// The peers a listening source takes data from (empty: any).
-    pub fn allowed_peers(&self) -> &[String] {
-        match self {
-            SourceConfig::Udp { allowed_peers, .. }
-            | SourceConfig::Tcp { allowed_peers, .. }
-            | SourceConfig::Syslog { allowed_peers, .. } => allowed_peers,
-            SourceConfig::Mqtt { .. } | SourceConfig::Modbus { .. } => &[],
-        }
-    }
-
-    /// The local socket this source listens on, as (protocol, address), if it listens.
-    fn listen(&self) -> Option<(&'static str, &str)> {
-        match self {
-            SourceConfig::Udp { listen, .. } => Some(("udp", listen)),
-            SourceConfig::Tcp { listen, .. } => Some(("tcp", listen)),
-            SourceConfig::Syslog {
-                listen, protocol, ..
-            } => Some((
-                match protocol {
-                    SyslogProtocol::Udp => "udp",
-                    SyslogProtocol::Tcp => "tcp",
-                },
-                listen,
-            )),
-            SourceConfig::Mqtt { .. } | SourceConfig::Modbus { .. } => None,
-        }
-    }
-}
-
-/// Where a source takes its data from, resolved and checked at load.
-#[derive(Debug, Clone)]
-pub enum SourceEndpoint {
-    Listen(SocketAddr),
-    Mqtt(Box<rumqttc::MqttOptions>),
-    Modbus(SocketAddr),
 }
 
 fn default_bind() -> String {
@@ -294,12 +165,6 @@ fn default_queue_bytes() -> usize {
 fn default_max_record_bytes() -> usize {
     16 << 20
 }
-fn default_udp_receive_buffer_bytes() -> usize {
-    4 << 20
-}
-fn default_max_connections() -> usize {
-    16
-}
 
 /// A loaded, checked configuration with every address resolved.
 #[derive(Debug, Clone)]
@@ -313,10 +178,8 @@ pub struct Loaded {
     pub key: Option<[u8; 32]>,
     /// `metrics.listen`, resolved.
     pub metrics_listen: Option<SocketAddr>,
-    /// Each topic's source endpoint, resolved, in topic order.
-    pub source_endpoints: Vec<SourceEndpoint>,
-    /// Each topic's allowed peers, parsed (empty: any), in topic order.
-    pub source_peers: Vec<Vec<diode_common::net::SourceFilter>>,
+    /// Each topic's source, checked and resolved, in topic order.
+    pub sources: Vec<Arc<dyn Source>>,
 }
 
 impl LinkConfig {
@@ -383,22 +246,18 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         .map(|i| format!("{}: topic[{i}]", path.display()))
         .collect();
     validate_link(&source, &config.link)?;
-    let mut source_endpoints = Vec::new();
-    let mut source_peers = Vec::new();
+    let site = SiteLimits {
+        max_record_bytes: config.link.max_record_bytes,
+        min_poll_interval_ms: config.safety.min_poll_interval_ms,
+    };
     let link = config.link.clone();
-    let safety = config.safety.clone();
-    if safety.min_poll_interval_ms == 0 {
+    if site.min_poll_interval_ms == 0 {
         return Err(source.invalid("safety.min_poll_interval_ms", "must be at least 1"));
     }
+    let mut sources = Vec::new();
     for (i, topic) in config.topics.iter().enumerate() {
-        source_endpoints.push(validate_topic(
-            &source,
-            &format!("topic[{i}]"),
-            topic,
-            &link,
-            &safety,
-        )?);
-        source_peers.push(parse_peers(&source, &format!("topic[{i}]."), topic)?);
+        let scope = ConfigScope::new(&source, format!("topic[{i}]"));
+        sources.push(check_topic(&scope, topic, &link, &site)?);
     }
     if let Some(dir) = &config.topics_dir {
         let dir = source.resolve(dir);
@@ -413,8 +272,8 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         for file in files {
             let topic_source = ConfigSource::read(&file)?;
             let topic: TopicConfig = topic_source.parse()?;
-            source_endpoints.push(validate_topic(&topic_source, "", &topic, &link, &safety)?);
-            source_peers.push(parse_peers(&topic_source, "", &topic)?);
+            let scope = ConfigScope::new(&topic_source, "");
+            sources.push(check_topic(&scope, &topic, &link, &site)?);
             origins.push(file.display().to_string());
             config.topics.push(topic);
         }
@@ -423,9 +282,8 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         return Err(source.invalid("topic", "no topics: add [[topic]] tables or a topics_dir"));
     }
     let mut seen_names: HashMap<&str, usize> = HashMap::new();
-    let mut seen_listens: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut seen_client_ids: HashMap<(&str, &str), usize> = HashMap::new();
-    for (i, topic) in config.topics.iter().enumerate() {
+    let mut claimed: HashMap<Claim, usize> = HashMap::new();
+    for (i, (topic, checked)) in config.topics.iter().zip(&sources).enumerate() {
         if let Some(first) = seen_names.insert(&topic.name, i) {
             return Err(source.invalid(
                 "topic",
@@ -435,32 +293,17 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 ),
             ));
         }
-        if let SourceConfig::Mqtt {
-            broker, client_id, ..
-        } = &topic.source
-        {
-            // Two clients with one id would throw each other off the broker in turn.
-            if let Some(first) = seen_client_ids.insert((broker, client_id), i) {
+        for claim in checked.claims() {
+            if let Some(first) = claimed.get(&claim) {
                 return Err(source.invalid(
                     "topic",
                     format!(
-                        "MQTT client id {client_id:?} on {broker} is used by two topics: {} and {}",
-                        origins[first], origins[i]
+                        "{} {} two topics: {} and {}",
+                        claim.what, claim.conflict, origins[*first], origins[i]
                     ),
                 ));
             }
-        }
-        let Some((protocol, listen)) = topic.source.listen() else {
-            continue;
-        };
-        if let Some(first) = seen_listens.insert((protocol, listen), i) {
-            return Err(source.invalid(
-                "topic",
-                format!(
-                    "{} {} is the source of two topics: {} and {}",
-                    protocol, listen, origins[first], origins[i]
-                ),
-            ));
+            claimed.insert(claim, i);
         }
     }
     let metrics_listen = match &config.metrics {
@@ -489,8 +332,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         topic_origins: origins,
         key,
         metrics_listen,
-        source_endpoints,
-        source_peers,
+        sources,
     })
 }
 
@@ -589,46 +431,16 @@ fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigE
     )
 }
 
-/// Checks a topic and returns its source endpoint, resolved.
-/// A listening source's `allowed_peers`, parsed; errors name the entry.
-fn parse_peers(
-    source: &ConfigSource,
-    prefix: &str,
-    topic: &TopicConfig,
-) -> Result<Vec<diode_common::net::SourceFilter>, ConfigError> {
-    topic
-        .source
-        .allowed_peers()
-        .iter()
-        .enumerate()
-        .map(|(j, text)| {
-            text.parse().map_err(|_| {
-                source.invalid(
-                    &format!("{prefix}source.allowed_peers[{j}]"),
-                    format!("{text:?} is not an IP address or ip:port"),
-                )
-            })
-        })
-        .collect()
-}
-
-fn validate_topic(
-    source: &ConfigSource,
-    prefix: &str,
+/// Checks a topic and returns its source, resolved.
+fn check_topic(
+    scope: &ConfigScope<'_>,
     topic: &TopicConfig,
     link: &LinkConfig,
-    safety: &SafetyConfig,
-) -> Result<SourceEndpoint, ConfigError> {
-    let key = |k: &str| {
-        if prefix.is_empty() {
-            k.to_owned()
-        } else {
-            format!("{prefix}.{k}")
-        }
-    };
+    site: &SiteLimits,
+) -> Result<Arc<dyn Source>, ConfigError> {
     if !diode_wire::is_valid_topic(&topic.name) {
-        return Err(source.invalid(
-            &key("name"),
+        return Err(scope.invalid(
+            "name",
             format!(
                 "{:?}: a topic name is 1 to 255 bytes without + or #",
                 topic.name
@@ -637,14 +449,14 @@ fn validate_topic(
     }
     if let Some(rate) = topic.rate_mbps {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(source.invalid(
-                &key("rate_mbps"),
+            return Err(scope.invalid(
+                "rate_mbps",
                 format!("{rate} must be a positive number of megabits per second"),
             ));
         }
         if rate > link.rate_mbps {
-            return Err(source.invalid(
-                &key("rate_mbps"),
+            return Err(scope.invalid(
+                "rate_mbps",
                 format!(
                     "{rate} is above the link's own ceiling ({} Mb/s)",
                     link.rate_mbps
@@ -652,105 +464,7 @@ fn validate_topic(
             ));
         }
     }
-    match &topic.source {
-        SourceConfig::Udp { listen, .. } => Ok(SourceEndpoint::Listen(
-            source.socket_addr(&key("source.listen"), listen)?,
-        )),
-        SourceConfig::Tcp {
-            listen,
-            max_connections,
-            ..
-        }
-        | SourceConfig::Syslog {
-            listen,
-            max_connections,
-            ..
-        } => {
-            if *max_connections == 0 {
-                return Err(source.invalid(&key("source.max_connections"), "must be at least 1"));
-            }
-            Ok(SourceEndpoint::Listen(
-                source.socket_addr(&key("source.listen"), listen)?,
-            ))
-        }
-        SourceConfig::Mqtt {
-            broker,
-            subscribe,
-            qos,
-            client_id,
-            username,
-            password,
-            password_file,
-            tls,
-        } => {
-            if subscribe.is_empty() {
-                return Err(source.invalid(
-                    &key("source.subscribe"),
-                    "subscribe to at least one topic filter",
-                ));
-            }
-            for filter in subscribe {
-                if !rumqttc::valid_filter(filter) {
-                    return Err(source.invalid(
-                        &key("source.subscribe"),
-                        format!("{filter:?} is not a valid MQTT topic filter"),
-                    ));
-                }
-            }
-            if *qos > 1 {
-                return Err(source.invalid(
-                    &key("source.qos"),
-                    format!("{qos}: 0 or 1 (QoS 2 buys nothing here: the link is at most once)"),
-                ));
-            }
-            let options = diode_common::mqtt::options(
-                source,
-                &key("source"),
-                &diode_common::mqtt::MqttClient {
-                    broker,
-                    client_id,
-                    username: username.as_deref(),
-                    password: password.as_deref(),
-                    password_file: password_file.as_ref(),
-                    tls: tls.as_ref(),
-                    // The broker keeps QoS 1 messages for this client while the sender is away.
-                    clean_session: false,
-                    max_packet_bytes: link.max_record_bytes + 65_536 + 16,
-                },
-            )?;
-            Ok(SourceEndpoint::Mqtt(Box::new(options)))
-        }
-        SourceConfig::Modbus {
-            address,
-            poll_interval_ms,
-            timeout_ms,
-            registers,
-            ..
-        } => {
-            if *poll_interval_ms < safety.min_poll_interval_ms {
-                return Err(source.invalid(
-                    &key("source.poll_interval_ms"),
-                    format!(
-                        "{poll_interval_ms} ms is below the site's floor of {} ms \
-                         (safety.min_poll_interval_ms): polling faster could load the device",
-                        safety.min_poll_interval_ms
-                    ),
-                ));
-            }
-            if !(1..=60_000).contains(timeout_ms) {
-                return Err(source.invalid(
-                    &key("source.timeout_ms"),
-                    format!("{timeout_ms} is outside 1..=60000"),
-                ));
-            }
-            crate::sources::modbus::validate_registers(registers).map_err(|(i, message)| {
-                source.invalid(&key(&format!("source.registers[{i}]")), message)
-            })?;
-            Ok(SourceEndpoint::Modbus(
-                source.socket_addr(&key("source.address"), address)?,
-            ))
-        }
-    }
+    topic.source.check(&scope.child("source"), site)
 }
 
 #[cfg(test)]
@@ -883,14 +597,8 @@ source = { kind = "syslog", listen = "127.0.0.1:5514", protocol = "udp" }
         let text = format!("{ISSUE_EXAMPLE}{PLANT_TOPICS}");
         let loaded = load(&write(dir.path(), "sender.toml", &text)).unwrap();
         assert_eq!(loaded.config.topics.len(), 5);
-        assert!(matches!(
-            loaded.source_endpoints[2],
-            SourceEndpoint::Mqtt(_)
-        ));
-        assert!(matches!(
-            loaded.source_endpoints[3],
-            SourceEndpoint::Modbus(_)
-        ));
+        assert_eq!(loaded.sources[2].kind(), "mqtt");
+        assert_eq!(loaded.sources[3].kind(), "modbus");
         let described = crate::describe(&loaded);
         assert!(
             described.contains("3 values in 3 read requests every 200 ms (read only)"),

@@ -24,7 +24,7 @@ use thiserror::Error;
 
 use crate::config::Loaded;
 use crate::metrics::SenderMetrics;
-use crate::sources::{BoundSource, SourceContext};
+use crate::sources::SourceContext;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -101,32 +101,37 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     let (queue_tx, queue_rx) = flume::bounded(link.queue_records);
     let budget = diode_common::budget::ByteBudget::new(link.queue_bytes);
 
+    let limits = encoder.limits();
     let mut topic_metrics = Vec::new();
-    let mut bound = Vec::new();
-    let mut peers = loaded.source_peers.iter();
-    for (topic, endpoint) in config.topics.iter().zip(&loaded.source_endpoints) {
+    let mut tasks = Vec::new();
+    let mut source_addrs = Vec::new();
+    for (topic, source) in config.topics.iter().zip(&loaded.sources) {
         let id = encoder
             .add_topic(&topic.name)
             .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
-        let source =
-            BoundSource::bind(&topic.source, endpoint).map_err(|source| StartError::Source {
-                what: format!("the {} source of topic {}", topic.source.kind(), topic.name),
-                source,
-            })?;
-        let local = source.local_addr();
         let tm = metrics.topic(&topic.name);
         topic_metrics.push(tm.clone());
-        let allowed: Arc<[diode_common::net::SourceFilter]> =
-            peers.next().cloned().unwrap_or_default().into();
-        bound.push((
-            topic.name.clone(),
-            local,
-            source,
-            id,
-            tm,
-            topic.rate_mbps,
-            allowed,
-        ));
+        let ctx = SourceContext {
+            topic: id,
+            name: Arc::from(topic.name.as_str()),
+            queue: queue_tx.clone(),
+            budget: budget.clone(),
+            metrics: tm,
+            rate: topic
+                .rate_mbps
+                .map(|mbps| Arc::new(rate::TopicRate::new(mbps))),
+            max_record_bytes: link.max_record_bytes,
+            limits,
+            shutdown: shutdown.clone(),
+        };
+        let started = source.start(ctx).map_err(|e| StartError::Source {
+            what: format!("the {} source of topic {}", source.kind(), topic.name),
+            source: e,
+        })?;
+        if let Some(local) = started.local_addr {
+            source_addrs.push((topic.name.clone(), local));
+        }
+        tasks.push(started.task);
     }
 
     let socket =
@@ -168,25 +173,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         None => None,
     };
 
-    let limits = encoder.limits();
-    let mut source_addrs = Vec::new();
-    for (name, local, source, id, tm, rate, allowed) in bound {
-        if let Some(local) = local {
-            source_addrs.push((name.clone(), local));
-        }
-        let ctx = SourceContext {
-            topic: id,
-            name: Arc::from(name.as_str()),
-            queue: queue_tx.clone(),
-            budget: budget.clone(),
-            metrics: tm,
-            rate: rate.map(|mbps| Arc::new(rate::TopicRate::new(mbps))),
-            max_record_bytes: link.max_record_bytes,
-            limits,
-            peers: allowed,
-            shutdown: shutdown.clone(),
-        };
-        tokio::spawn(source.run(ctx));
+    for task in tasks {
+        tokio::spawn(task);
     }
     // Only the sources hold the queue now: when they stop, the link thread drains and stops.
     drop(queue_tx);
@@ -323,41 +311,14 @@ pub fn describe(loaded: &Loaded) -> String {
         out += &format!("metrics: http://{}/metrics\n", m.listen);
     }
     out += &format!("topics ({}):\n", loaded.config.topics.len());
-    for (topic, origin) in loaded.config.topics.iter().zip(&loaded.topic_origins) {
-        let source = match &topic.source {
-            config::SourceConfig::Udp { listen, .. } => {
-                format!("udp {listen}, one datagram a record")
-            }
-            config::SourceConfig::Tcp {
-                listen, framing, ..
-            } => format!("tcp {listen}, framing {framing:?}").to_lowercase(),
-            config::SourceConfig::Syslog {
-                listen, protocol, ..
-            } => format!("syslog over {protocol:?} {listen}, RFC 5424 and 3164").to_lowercase(),
-            config::SourceConfig::Mqtt {
-                broker,
-                subscribe,
-                qos,
-                client_id,
-                tls,
-                ..
-            } => format!(
-                "mqtt {}{broker} as {client_id:?}, subscribed to {} at QoS {qos}, persistent session",
-                if tls.is_some() { "tls://" } else { "" },
-                subscribe.join(", ")
-            ),
-            config::SourceConfig::Modbus {
-                address,
-                unit_id,
-                poll_interval_ms,
-                registers,
-                ..
-            } => format!(
-                "modbus {address} unit {unit_id}, {} values in {} read requests every {poll_interval_ms} ms (read only)",
-                registers.len(),
-                sources::modbus::plan_reads(registers).len()
-            ),
-        };
+    for ((topic, origin), source) in loaded
+        .config
+        .topics
+        .iter()
+        .zip(&loaded.topic_origins)
+        .zip(&loaded.sources)
+    {
+        let source = source.describe();
         let ceiling = topic
             .rate_mbps
             .map(|r| format!(", at most {r} Mb/s"))

@@ -10,12 +10,103 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use diode_common::config::{ConfigError, ConfigScope};
 use serde::Deserialize;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::SourceContext;
+use super::{SiteLimits, Source, SourceContext, Started};
+
+/// `source = { kind = "modbus", ... }`: one device, polled with read function codes only; each
+/// poll is one JSON record. There is no key for a function code.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusConfig {
+    pub address: String,
+    #[serde(default = "default_unit_id")]
+    pub unit_id: u8,
+    pub poll_interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    pub registers: Vec<RegisterConfig>,
+}
+
+fn default_unit_id() -> u8 {
+    1
+}
+fn default_timeout_ms() -> u64 {
+    1000
+}
+
+impl ModbusConfig {
+    pub fn check(
+        &self,
+        scope: &ConfigScope<'_>,
+        site: &SiteLimits,
+    ) -> Result<ModbusSource, ConfigError> {
+        if self.poll_interval_ms < site.min_poll_interval_ms {
+            return Err(scope.invalid(
+                "poll_interval_ms",
+                format!(
+                    "{} ms is below the site's floor of {} ms \
+                     (safety.min_poll_interval_ms): polling faster could load the device",
+                    self.poll_interval_ms, site.min_poll_interval_ms
+                ),
+            ));
+        }
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Err(scope.invalid(
+                "timeout_ms",
+                format!("{} is outside 1..=60000", self.timeout_ms),
+            ));
+        }
+        validate_registers(&self.registers)
+            .map_err(|(i, message)| scope.invalid(&format!("registers[{i}]"), message))?;
+        Ok(ModbusSource {
+            address: scope.socket_addr("address", &self.address)?,
+            config: self.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct ModbusSource {
+    config: ModbusConfig,
+    address: SocketAddr,
+}
+
+impl Source for ModbusSource {
+    fn kind(&self) -> &'static str {
+        "modbus"
+    }
+
+    fn describe(&self) -> String {
+        let c = &self.config;
+        format!(
+            "modbus {} unit {}, {} values in {} read requests every {} ms (read only)",
+            c.address,
+            c.unit_id,
+            c.registers.len(),
+            plan_reads(&c.registers).len(),
+            c.poll_interval_ms
+        )
+    }
+
+    fn start(&self, ctx: SourceContext) -> std::io::Result<Started> {
+        let poller = ModbusPoller {
+            address: self.address,
+            unit_id: self.config.unit_id,
+            poll_interval: Duration::from_millis(self.config.poll_interval_ms),
+            timeout: Duration::from_millis(self.config.timeout_ms),
+            registers: self.config.registers.clone(),
+        };
+        Ok(Started {
+            local_addr: None,
+            task: Box::pin(poller.run(ctx)),
+        })
+    }
+}
 
 /// The four Modbus tables, each read by one function code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -131,7 +222,7 @@ impl RegisterConfig {
 }
 
 /// Checks the register list; an error carries the index of the register at fault.
-pub fn validate_registers(registers: &[RegisterConfig]) -> Result<(), (usize, String)> {
+fn validate_registers(registers: &[RegisterConfig]) -> Result<(), (usize, String)> {
     if registers.is_empty() {
         return Err((0, "a Modbus source needs at least one register".into()));
     }
@@ -370,18 +461,18 @@ enum PollError {
     AllRefused(u8),
 }
 
-pub struct ModbusPoller {
-    pub address: SocketAddr,
-    pub unit_id: u8,
-    pub poll_interval: Duration,
-    pub timeout: Duration,
-    pub registers: Vec<RegisterConfig>,
+struct ModbusPoller {
+    address: SocketAddr,
+    unit_id: u8,
+    poll_interval: Duration,
+    timeout: Duration,
+    registers: Vec<RegisterConfig>,
 }
 
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl ModbusPoller {
-    pub async fn run(self, ctx: SourceContext) {
+    async fn run(self, ctx: SourceContext) {
         let mut reads = plan_reads(&self.registers);
         tracing::info!(topic = %ctx.name, device = %self.address, unit = self.unit_id, reads = reads.len(),
             interval_ms = self.poll_interval.as_millis() as u64, "modbus polling");

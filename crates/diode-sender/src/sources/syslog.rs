@@ -3,8 +3,156 @@
 //! original text. A message that does not parse passes through as its raw text, counted
 //! (`diode_source_unparsed_records_total`).
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes, BytesMut};
-use serde::Serialize;
+use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::net::SourceFilter;
+use diode_common::unix_time_us;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use super::{emit, Claim, ConnectionError, Source, SourceContext, Started};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    pub listen: String,
+    #[serde(default)]
+    pub protocol: SyslogProtocol,
+    #[serde(default = "super::default_max_connections")]
+    pub max_connections: usize,
+    /// As for `tcp`: the devices allowed to send.
+    #[serde(default)]
+    pub allowed_peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyslogProtocol {
+    #[default]
+    Udp,
+    Tcp,
+}
+
+impl SyslogProtocol {
+    fn name(self) -> &'static str {
+        match self {
+            SyslogProtocol::Udp => "udp",
+            SyslogProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// A syslog UDP socket's receive buffer: bursts of a chatty firewall fit in it.
+const UDP_RECEIVE_BUFFER_BYTES: usize = 4 << 20;
+
+impl SyslogConfig {
+    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<SyslogSource, ConfigError> {
+        super::check_max_connections(scope, self.max_connections)?;
+        Ok(SyslogSource {
+            config: self.clone(),
+            listen: scope.socket_addr("listen", &self.listen)?,
+            peers: super::check_peers(scope, &self.allowed_peers)?,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct SyslogSource {
+    config: SyslogConfig,
+    listen: SocketAddr,
+    peers: Arc<[SourceFilter]>,
+}
+
+impl Source for SyslogSource {
+    fn kind(&self) -> &'static str {
+        "syslog"
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "syslog over {} {}, rfc 5424 and 3164",
+            self.config.protocol.name(),
+            self.config.listen
+        )
+    }
+
+    fn claims(&self) -> Vec<Claim> {
+        vec![Claim::listen(
+            self.config.protocol.name(),
+            &self.config.listen,
+        )]
+    }
+
+    fn start(&self, ctx: SourceContext) -> std::io::Result<Started> {
+        let peers = self.peers.clone();
+        match self.config.protocol {
+            SyslogProtocol::Udp => {
+                let socket = super::bind_udp(self.listen, UDP_RECEIVE_BUFFER_BYTES)?;
+                Ok(Started {
+                    local_addr: socket.local_addr().ok(),
+                    task: Box::pin(super::run_datagrams(socket, peers, ctx, |raw, ctx| {
+                        let (record, parsed) = to_record(raw);
+                        if !parsed {
+                            ctx.metrics.unparsed.inc();
+                        }
+                        (record, parsed.then(origin))
+                    })),
+                })
+            }
+            SyslogProtocol::Tcp => {
+                let listener = super::bind_tcp(self.listen)?;
+                Ok(Started {
+                    local_addr: listener.local_addr().ok(),
+                    task: Box::pin(super::run_listener(
+                        listener,
+                        self.config.max_connections,
+                        peers,
+                        ctx,
+                        |stream, ctx| async move { read_messages(stream, &ctx).await },
+                    )),
+                })
+            }
+        }
+    }
+}
+
+async fn read_messages(mut stream: TcpStream, ctx: &SourceContext) -> Result<(), ConnectionError> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut frames = TcpFramer::new(ctx.max_record_bytes);
+    loop {
+        let read = stream.read_buf(&mut buf).await.inspect_err(|_| {
+            ctx.metrics.errors_io.inc();
+        })?;
+        let eof = read == 0;
+        while let Some(frame) = frames.next(&mut buf, eof) {
+            match frame {
+                Frame::Message(raw) => {
+                    let (record, parsed) = to_record(&raw);
+                    if !parsed {
+                        ctx.metrics.unparsed.inc();
+                    }
+                    emit(ctx, unix_time_us(), parsed.then(origin), record).await?;
+                }
+                Frame::Oversize { fatal } => {
+                    ctx.metrics.dropped_oversize.inc();
+                    if fatal {
+                        ctx.metrics.errors_framing.inc();
+                        return Err(ConnectionError::Framing(
+                            "syslog octet count is malformed or above max_record_bytes".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        if eof {
+            return Ok(());
+        }
+    }
+}
 
 /// The fields of a parsed message; `-` (nil) fields of RFC 5424 are left out.
 #[derive(Debug, Serialize, PartialEq)]
@@ -28,7 +176,6 @@ pub struct Message<'a> {
     pub raw: &'a str,
 }
 
-/// The record for one message: JSON when it parses, else the raw bytes and `false`.
 /// The origin of a record the syslog source parsed: the syslog sink takes facility, severity,
 /// host and application from such records only, never from a payload that merely looks alike.
 pub fn origin() -> diode_wire::proto::Origin {
@@ -38,6 +185,7 @@ pub fn origin() -> diode_wire::proto::Origin {
     }
 }
 
+/// The record for one message: JSON when it parses, else the raw bytes and `false`.
 pub fn to_record(raw: &[u8]) -> (Bytes, bool) {
     let trimmed = trim_end(raw);
     match std::str::from_utf8(trimmed).ok().and_then(parse) {

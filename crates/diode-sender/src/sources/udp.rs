@@ -1,0 +1,71 @@
+//! The UDP source: one datagram is one record, from the devices in `allowed_peers`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::net::SourceFilter;
+use serde::Deserialize;
+
+use super::{Claim, Source, SourceContext, Started};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpConfig {
+    pub listen: String,
+    #[serde(default = "default_receive_buffer_bytes")]
+    pub receive_buffer_bytes: usize,
+    /// Only datagrams from these peers (`ip` or `ip:port`) are taken; others are dropped,
+    /// counted as `diode_source_errors_total{reason="peer"}`. Empty: any.
+    #[serde(default)]
+    pub allowed_peers: Vec<String>,
+}
+
+fn default_receive_buffer_bytes() -> usize {
+    4 << 20
+}
+
+impl UdpConfig {
+    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<UdpSource, ConfigError> {
+        Ok(UdpSource {
+            config: self.clone(),
+            listen: scope.socket_addr("listen", &self.listen)?,
+            peers: super::check_peers(scope, &self.allowed_peers)?,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct UdpSource {
+    config: UdpConfig,
+    listen: SocketAddr,
+    peers: Arc<[SourceFilter]>,
+}
+
+impl Source for UdpSource {
+    fn kind(&self) -> &'static str {
+        "udp"
+    }
+
+    fn describe(&self) -> String {
+        format!("udp {}, one datagram a record", self.config.listen)
+    }
+
+    fn claims(&self) -> Vec<Claim> {
+        vec![Claim::listen("udp", &self.config.listen)]
+    }
+
+    fn start(&self, ctx: SourceContext) -> std::io::Result<Started> {
+        let socket = super::bind_udp(self.listen, self.config.receive_buffer_bytes)?;
+        Ok(Started {
+            local_addr: socket.local_addr().ok(),
+            task: Box::pin(super::run_datagrams(
+                socket,
+                self.peers.clone(),
+                ctx,
+                |datagram, _| (Bytes::copy_from_slice(datagram), None),
+            )),
+        })
+    }
+}
