@@ -4,11 +4,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use diode_common::config::Framing;
-use diode_common::config::{ConfigError, ConfigSource, MetricsConfig};
+use diode_common::config::{ConfigError, ConfigScope, ConfigSource, MetricsConfig};
 use serde::Deserialize;
 
-use crate::filter::TopicFilter;
+use crate::route::{Route, RouteConfig};
+use crate::sinks::SiteLimits;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,192 +61,6 @@ pub struct LinkConfig {
     pub allowed_sources: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// The `route` label of this route's metrics; by default its index and sink kind.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// MQTT-style filters: `+` one level, `#` the rest.
-    pub topics: Vec<String>,
-    pub sink: SinkConfig,
-    /// Bytes of records waiting for this sink, at most (each record counts 64 bytes on top of
-    /// its payload); past it they are dropped and counted.
-    #[serde(default = "default_queue_bytes")]
-    pub queue_bytes: usize,
-    /// This route's on-disk buffer (relative to this file): every record is written there first
-    /// and read back by the sink, so a sink that is down or slow loses nothing and a restart
-    /// replays what was not delivered.
-    #[serde(default)]
-    pub buffer_dir: Option<PathBuf>,
-    #[serde(default = "default_buffer_max_bytes")]
-    pub buffer_max_bytes: u64,
-    /// What a full buffer gives up: `drop_oldest` (default) or `drop_newest`.
-    #[serde(default)]
-    pub buffer_full: crate::buffer::FullPolicy,
-    /// Where records this route's sink can never accept go (relative to this file): a topic
-    /// name its protocol refuses, a datagram too large for UDP, a Kafka topic that does not exist
-    /// and may not be created. JSON lines with a `reason`. By default `dead-letter.jsonl` in the
-    /// route's `buffer_dir`; without either, such records are counted and logged only.
-    #[serde(default)]
-    pub dead_letter_file: Option<PathBuf>,
-    #[serde(default = "default_dead_letter_max_bytes")]
-    pub dead_letter_max_bytes: u64,
-}
-
-fn default_dead_letter_max_bytes() -> u64 {
-    64 << 20
-}
-
-fn default_broker_max_connections() -> usize {
-    64
-}
-fn default_broker_client_queue_bytes() -> usize {
-    4 << 20
-}
-fn default_broker_retained_max_bytes() -> usize {
-    16 << 20
-}
-
-fn default_buffer_max_bytes() -> u64 {
-    1 << 30
-}
-
-/// How the file sink writes records.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FileFormat {
-    /// One JSON object per line: `topic`, `seq`, `time`, `origin`, `payload` or `payload_base64`.
-    #[default]
-    Json,
-    /// The payloads alone, back to back, byte for byte (a stream or file sent with raw framing).
-    Raw,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyslogProtocol {
-    /// RFC 5425-style octet counting on a TCP stream (RFC 6587 §3.4.1).
-    #[default]
-    Tcp,
-    Udp,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// JSON lines (or raw payloads), rotated by size and by age.
-    File {
-        path: PathBuf,
-        #[serde(default)]
-        format: FileFormat,
-        /// Start a new file once this one holds this many bytes.
-        #[serde(default)]
-        rotate_bytes: Option<u64>,
-        /// Start a new file once this one is this old.
-        #[serde(default)]
-        rotate_interval_ms: Option<u64>,
-    },
-    /// The same JSON lines on standard output.
-    Stdout {},
-    /// One datagram per record, the payload alone.
-    Udp { target: String },
-    /// The payloads framed as the TCP source frames them; reconnects with backoff.
-    Tcp {
-        connect: String,
-        #[serde(default)]
-        framing: Framing,
-    },
-    /// Publishes each record to an MQTT broker under `topic_prefix` + its MQTT topic when it came
-    /// from an MQTT source, else + its diode topic.
-    Mqtt {
-        broker: String,
-        #[serde(default)]
-        topic_prefix: String,
-        #[serde(default = "default_sink_qos")]
-        qos: u8,
-        client_id: String,
-        #[serde(default)]
-        username: Option<String>,
-        #[serde(default)]
-        password: Option<String>,
-        #[serde(default)]
-        password_file: Option<PathBuf>,
-        #[serde(default)]
-        tls: Option<diode_common::mqtt::MqttTls>,
-    },
-    /// An MQTT broker inside the receiver (rumqttd), serving the records to any MQTT client:
-    /// a first deployment needs no broker of its own. Topics as for `mqtt`.
-    MqttBroker {
-        listen: String,
-        #[serde(default)]
-        topic_prefix: String,
-        /// Clients must log in with this username and the password in `password_file`
-        /// (relative to this file; others must not be able to read it). Unset: anyone who can
-        /// reach `listen` may subscribe.
-        #[serde(default)]
-        username: Option<String>,
-        #[serde(default)]
-        password_file: Option<PathBuf>,
-        /// Clients connected at once, at most.
-        #[serde(default = "default_broker_max_connections")]
-        max_connections: usize,
-        /// Messages waiting for one client, at most; a client that falls further behind is
-        /// disconnected (it may reconnect).
-        #[serde(default = "default_broker_client_queue_bytes")]
-        client_queue_bytes: usize,
-        /// Retained messages (records whose MQTT origin was retained) kept for new subscribers.
-        #[serde(default = "default_broker_retained_max_bytes")]
-        retained_max_bytes: usize,
-        /// Serve MQTT over TLS only: `tls = { cert_file, key_file }` (PEM; the key mode 0600).
-        #[serde(default)]
-        tls: Option<diode_common::mqtt::ServerTls>,
-    },
-    /// Produces each record to Kafka: the diode topic is the message key (one partition per
-    /// diode topic, so its order holds), sequence number, ingest time and MQTT origin are headers.
-    /// `topic` may contain `{topic}`: the diode topic with `/` as `.`.
-    Kafka {
-        brokers: Vec<String>,
-        topic: String,
-        #[serde(default = "default_kafka_client_id")]
-        client_id: String,
-        /// Partitions of a topic this sink creates when it does not exist (0: never create).
-        #[serde(default = "default_kafka_create_partitions")]
-        create_partitions: i32,
-    },
-    /// RFC 5424 messages for a SIEM, over TCP (octet counting) or UDP.
-    Syslog {
-        target: String,
-        #[serde(default)]
-        protocol: SyslogProtocol,
-    },
-}
-
-fn default_sink_qos() -> u8 {
-    1
-}
-fn default_kafka_client_id() -> String {
-    "diode-recv".into()
-}
-fn default_kafka_create_partitions() -> i32 {
-    1
-}
-
-impl SinkConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SinkConfig::File { .. } => "file",
-            SinkConfig::Stdout {} => "stdout",
-            SinkConfig::Udp { .. } => "udp",
-            SinkConfig::Tcp { .. } => "tcp",
-            SinkConfig::Mqtt { .. } => "mqtt",
-            SinkConfig::MqttBroker { .. } => "mqtt_broker",
-            SinkConfig::Kafka { .. } => "kafka",
-            SinkConfig::Syslog { .. } => "syslog",
-        }
-    }
-}
-
 /// About 100 ms of a 1 GB/s link: what it takes to ride out the receiving host's scheduling
 /// stalls without the kernel dropping datagrams (see docs/performance.md).
 fn default_receive_buffer_bytes() -> usize {
@@ -264,29 +78,6 @@ fn default_max_record_bytes() -> usize {
 fn default_max_topics() -> usize {
     4096
 }
-/// A sink stalled for 60 ms at 1 GB/s; past it a route without a disk buffer drops records
-/// (counted), and a buffered route's spooler has fallen that far behind its disk.
-fn default_queue_bytes() -> usize {
-    64 << 20
-}
-
-/// A route ready to run.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub name: String,
-    pub filters: Vec<TopicFilter>,
-    pub sink: SinkConfig,
-    pub queue_bytes: usize,
-    /// The route's disk buffer, resolved: (directory, most bytes, policy).
-    pub buffer: Option<(PathBuf, u64, crate::buffer::FullPolicy)>,
-    /// Client options of an MQTT sink, checked at load.
-    pub mqtt: Option<Box<rumqttc::MqttOptions>>,
-    /// The embedded broker's settings, resolved at load.
-    pub broker: Option<Box<crate::sinks::broker::BrokerSettings>>,
-    /// Where records the sink refuses for good are kept, and how many bytes of them at most.
-    pub dead_letter: (Option<PathBuf>, u64),
-}
-
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub config: ReceiverConfig,
@@ -382,263 +173,14 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     if config.routes.is_empty() {
         return Err(source.invalid("route", "no routes: records would have nowhere to go"));
     }
+    let site = SiteLimits {
+        max_record_bytes: link.max_record_bytes,
+    };
     let mut routes = Vec::new();
     for (i, route) in config.routes.iter().enumerate() {
-        if route.topics.is_empty() {
-            return Err(source.invalid(&format!("route[{i}].topics"), "lists no topic filter"));
-        }
-        let mut filters = Vec::new();
-        for (j, filter) in route.topics.iter().enumerate() {
-            filters.push(
-                TopicFilter::parse(filter)
-                    .map_err(|e| source.invalid(&format!("route[{i}].topics[{j}]"), e))?,
-            );
-        }
-        let mut sink = route.sink.clone();
-        let mut mqtt = None;
-        let mut broker = None;
-        match &mut sink {
-            SinkConfig::File {
-                path,
-                rotate_bytes,
-                rotate_interval_ms,
-                ..
-            } => {
-                *path = source.resolve(path);
-                if let Some(dir) = path.parent() {
-                    source.writable_dir(&format!("route[{i}].sink.path"), dir)?;
-                }
-                if rotate_bytes.is_some_and(|b| b < 4096) {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.rotate_bytes"),
-                        "must be at least 4096",
-                    ));
-                }
-                if rotate_interval_ms.is_some_and(|ms| ms < 1000) {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.rotate_interval_ms"),
-                        "must be at least 1000",
-                    ));
-                }
-            }
-            SinkConfig::Mqtt {
-                broker,
-                topic_prefix,
-                qos,
-                client_id,
-                username,
-                password,
-                password_file,
-                tls,
-            } => {
-                if *qos > 1 {
-                    return Err(
-                        source.invalid(&format!("route[{i}].sink.qos"), format!("{qos}: 0 or 1"))
-                    );
-                }
-                if topic_prefix.contains(['+', '#']) {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.topic_prefix"),
-                        "must not contain MQTT wildcards",
-                    ));
-                }
-                mqtt = Some(Box::new(diode_common::mqtt::options(
-                    &source,
-                    &format!("route[{i}].sink"),
-                    &diode_common::mqtt::MqttClient {
-                        broker,
-                        client_id,
-                        username: username.as_deref(),
-                        password: password.as_deref(),
-                        password_file: password_file.as_ref(),
-                        tls: tls.as_ref(),
-                        clean_session: false,
-                        max_packet_bytes: link.max_record_bytes + 65_536 + 16,
-                    },
-                )?));
-            }
-            SinkConfig::Syslog { target, .. } => {
-                source.socket_addr(&format!("route[{i}].sink.target"), target)?;
-            }
-            SinkConfig::Kafka {
-                brokers,
-                topic,
-                create_partitions,
-                ..
-            } => {
-                if brokers.is_empty() {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.brokers"),
-                        "list at least one bootstrap broker",
-                    ));
-                }
-                for broker in brokers.iter() {
-                    if diode_common::mqtt::split_host_port(broker).is_none() {
-                        return Err(source.invalid(
-                            &format!("route[{i}].sink.brokers"),
-                            format!("{broker:?} is not host:port"),
-                        ));
-                    }
-                }
-                let sample = crate::sinks::kafka::kafka_topic(topic, "line3/plc7");
-                if !crate::sinks::kafka::valid_kafka_topic(&sample) {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.topic"),
-                        format!(
-                            "{topic:?} gives Kafka topic names such as {sample:?}: 1 to 249 of a-z A-Z 0-9 . _ -"
-                        ),
-                    ));
-                }
-                if *create_partitions < 0 {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.create_partitions"),
-                        "must be 0 (never create topics) or more",
-                    ));
-                }
-            }
-            SinkConfig::MqttBroker {
-                listen,
-                topic_prefix,
-                username,
-                password_file,
-                max_connections,
-                client_queue_bytes,
-                retained_max_bytes,
-                tls,
-            } => {
-                let addr = source.socket_addr(&format!("route[{i}].sink.listen"), listen)?;
-                let tls = match tls {
-                    Some(tls) => Some(diode_common::mqtt::server_tls_config(
-                        &source,
-                        &format!("route[{i}].sink.tls"),
-                        tls,
-                    )?),
-                    None => None,
-                };
-                let key = |k: &str| format!("route[{i}].sink.{k}");
-                let password = match (username.as_ref(), password_file.as_ref()) {
-                    (Some(_), Some(file)) => {
-                        let file = source.resolve(file);
-                        let text = diode_common::keyfile::read_secret(&file)
-                            .map_err(|e| source.invalid(&key("password_file"), e.to_string()))?;
-                        Some(text)
-                    }
-                    (None, None) => None,
-                    _ => {
-                        return Err(source.invalid(
-                            &key("password_file"),
-                            "set username and password_file together",
-                        ))
-                    }
-                };
-                if *max_connections == 0 || *max_connections > 10_000 {
-                    return Err(source.invalid(&key("max_connections"), "must be 1 to 10000"));
-                }
-                if *client_queue_bytes < 64 << 10 {
-                    return Err(
-                        source.invalid(&key("client_queue_bytes"), "must be at least 65536")
-                    );
-                }
-                broker = Some(Box::new(crate::sinks::broker::BrokerSettings {
-                    listen: addr,
-                    topic_prefix: topic_prefix.clone(),
-                    username: username.clone(),
-                    password,
-                    max_connections: *max_connections,
-                    client_queue_bytes: *client_queue_bytes,
-                    retained_max_bytes: *retained_max_bytes,
-                    max_packet_bytes: link.max_record_bytes + 65_536 + 16,
-                    tls,
-                }));
-                if topic_prefix.contains(['+', '#']) {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.topic_prefix"),
-                        "must not contain MQTT wildcards",
-                    ));
-                }
-                if let Some(first) = config.routes[..i].iter().position(|r| {
-                    matches!(&r.sink, SinkConfig::MqttBroker { listen: other, .. } if other == listen)
-                }) {
-                    return Err(source.invalid(
-                        &format!("route[{i}].sink.listen"),
-                        format!("route[{first}] runs a broker on {listen} already: give both routes' topics to one route"),
-                    ));
-                }
-            }
-            SinkConfig::Udp { target } => {
-                source.socket_addr(&format!("route[{i}].sink.target"), target)?;
-            }
-            SinkConfig::Tcp { connect, .. } => {
-                source.socket_addr(&format!("route[{i}].sink.connect"), connect)?;
-            }
-            SinkConfig::Stdout {} => {}
-        }
-        if route.queue_bytes < 65_536 {
-            return Err(
-                source.invalid(&format!("route[{i}].queue_bytes"), "must be at least 65536")
-            );
-        }
-        let name = route
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{i}-{}", route.sink.kind()));
-        if routes.iter().any(|r: &Route| r.name == name) {
-            return Err(source.invalid(
-                &format!("route[{i}].name"),
-                format!("{name:?} is used twice"),
-            ));
-        }
-        // It is a metric label value and a log field.
-        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-            return Err(source.invalid(
-                &format!("route[{i}].name"),
-                "must be 1 to 64 characters, none of them a control character",
-            ));
-        }
-        let buffer = match &route.buffer_dir {
-            Some(dir) => {
-                if route.buffer_max_bytes < 1 << 20 {
-                    return Err(source.invalid(
-                        &format!("route[{i}].buffer_max_bytes"),
-                        "must be at least 1048576",
-                    ));
-                }
-                let dir = source.resolve(dir);
-                source.writable_dir(&format!("route[{i}].buffer_dir"), &dir)?;
-                if routes
-                    .iter()
-                    .any(|r: &Route| r.buffer.as_ref().is_some_and(|b| b.0 == dir))
-                {
-                    return Err(source.invalid(
-                        &format!("route[{i}].buffer_dir"),
-                        format!("{} is the buffer of another route", dir.display()),
-                    ));
-                }
-                Some((dir, route.buffer_max_bytes, route.buffer_full))
-            }
-            None => None,
-        };
-        let dead_letter_file = match (&route.dead_letter_file, &buffer) {
-            (Some(file), _) => {
-                let file = source.resolve(file);
-                if let Some(dir) = file.parent() {
-                    source.writable_dir(&format!("route[{i}].dead_letter_file"), dir)?;
-                }
-                Some(file)
-            }
-            (None, Some((dir, _, _))) => Some(dir.join("dead-letter.jsonl")),
-            (None, None) => None,
-        };
-        routes.push(Route {
-            name,
-            filters,
-            sink,
-            queue_bytes: route.queue_bytes,
-            buffer,
-            mqtt,
-            broker,
-            dead_letter: (dead_letter_file, route.dead_letter_max_bytes),
-        });
+        let scope = ConfigScope::new(&source, format!("route[{i}]"));
+        let checked = route.check(&scope, i, &site, &routes)?;
+        routes.push(checked);
     }
     Ok(Loaded {
         config,
@@ -723,10 +265,15 @@ sink = { kind = "file", path = "out/records.jsonl" }
         assert_eq!(loaded.routes[0].name, "0-file");
         assert!(loaded.routes[0].filters[0].matches("line3/telemetry"));
         // Relative sink paths are relative to the configuration file.
-        let SinkConfig::File { path: out, .. } = &loaded.routes[0].sink else {
-            panic!()
-        };
-        assert_eq!(out, &dir.path().join("out/records.jsonl"));
+        let out = dir.path().join("out/records.jsonl");
+        assert!(
+            loaded.routes[0]
+                .sink
+                .describe()
+                .starts_with(&format!("file {} ", out.display())),
+            "{:?}",
+            loaded.routes[0].sink
+        );
     }
 
     #[test]

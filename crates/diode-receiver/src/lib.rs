@@ -2,14 +2,16 @@
 //! records (`diode-wire`), which routes hand to sinks. It never sends anything towards the link.
 //!
 //! ```text
-//! diode ─► UDP socket ─► link thread: Reassembler ─► routes (topic filters) ─► bounded queue ─► sink task
+//! diode ─► UDP socket ─► link thread: Reassembler ─► Router (topic filters) ─► bounded queue ─► route task: sink
 //! ```
 
 pub mod buffer;
 pub mod config;
+pub mod events;
 pub mod filter;
 pub mod link;
 pub mod metrics;
+pub mod route;
 pub mod sinks;
 pub mod state;
 
@@ -24,7 +26,7 @@ use prometheus_client::registry::Registry;
 use thiserror::Error;
 
 use crate::config::Loaded;
-use crate::link::{LinkThread, RouteHandle};
+use crate::link::LinkThread;
 use crate::metrics::ReceiverMetrics;
 
 /// How long sinks may take to write out their queues on a clean stop.
@@ -41,20 +43,10 @@ pub enum StartError {
     },
     #[error("cannot start the link thread: {0}")]
     Thread(std::io::Error),
-    #[error("route {route}: cannot start its sink: {source}")]
-    Sink {
-        route: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Route(#[from] route::RouteStartError),
     #[error("link.state_file: {0}")]
     State(#[from] state::StateError),
-    #[error("route {route}: cannot open its disk buffer: {source}")]
-    Buffer {
-        route: String,
-        #[source]
-        source: buffer::BufferError,
-    },
 }
 
 pub struct RunningReceiver {
@@ -69,16 +61,15 @@ impl RunningReceiver {
     /// Resolves when the link thread has stopped and the sinks have written out their queues.
     pub async fn finished(self) {
         let _ = self.done.await;
-        let drain = futures_join_all(self.sinks);
+        // Each task drains on its own; awaiting them in turn waits for the slowest.
+        let drain = async {
+            for sink in self.sinks {
+                let _ = sink.await;
+            }
+        };
         if tokio::time::timeout(SINK_DRAIN_LIMIT, drain).await.is_err() {
             tracing::warn!("sinks did not finish writing out their queues in time");
         }
-    }
-}
-
-async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
-    for handle in handles {
-        let _ = handle.await;
     }
 }
 
@@ -117,55 +108,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         None => None,
     };
 
-    let mut routes = Vec::new();
-    let mut sinks = Vec::new();
-    for route in loaded.routes {
-        // Bounded by the route's byte budget, not by the channel: each delivery holds permits.
-        let (tx, rx) = flume::unbounded();
-        let budget = diode_common::budget::ByteBudget::new(route.queue_bytes);
-        let route_metrics = metrics.route(&route.name, budget.clone());
-        // A buffer that cannot be opened stops the service: running without it would drop
-        // records the operator asked to keep.
-        let buffer = match &route.buffer {
-            Some((dir, max_bytes, policy)) => {
-                let buffer =
-                    buffer::DiskBuffer::open(dir, *max_bytes, *policy).map_err(|source| {
-                        StartError::Buffer {
-                            route: route.name.clone(),
-                            source,
-                        }
-                    })?;
-                if buffer.unread_records() > 0 {
-                    tracing::info!(route = %route.name, records = buffer.unread_records(),
-                        bytes = buffer.unread_bytes(), "replaying what the disk buffer kept");
-                }
-                Some(buffer)
-            }
-            None => None,
-        };
-        let sink = sinks::Sink::new(&route).map_err(|source| StartError::Sink {
-            route: route.name.clone(),
-            source,
-        })?;
-        let dead =
-            sinks::dead_letter::DeadLetters::new(route.dead_letter.0.clone(), route.dead_letter.1);
-        sinks.push(tokio::spawn(sinks::run_route(
-            sink,
-            rx,
-            buffer,
-            dead,
-            route_metrics.clone(),
-            route.name.clone(),
-        )));
-        routes.push(RouteHandle {
-            name: route.name,
-            filters: route.filters,
-            queue: tx,
-            budget,
-            pending: Vec::new(),
-            metrics: route_metrics,
-        });
-    }
+    let (router, sinks) = route::Router::start(loaded.routes, &metrics)?;
 
     let mut reassembler = Reassembler::new(ReassemblerConfig {
         max_inflight_bytes: link.max_inflight_bytes,
@@ -207,9 +150,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         allowed_sources: loaded.allowed_sources.clone(),
         socket,
         udp,
-        routes,
+        events: events::Events::new(router, metrics.clone(), link.max_topics),
         metrics,
-        max_topics: link.max_topics,
         shutdown,
     };
     // When the loop ends it drops the route queues, which lets the sinks drain and stop.
@@ -248,66 +190,7 @@ pub fn describe(loaded: &Loaded) -> String {
     }
     out += &format!("routes ({}):\n", loaded.routes.len());
     for (route, raw) in loaded.routes.iter().zip(&loaded.config.routes) {
-        let sink = match &route.sink {
-            config::SinkConfig::File {
-                path,
-                format,
-                rotate_bytes,
-                rotate_interval_ms,
-            } => format!(
-                "file {} ({}){}{}",
-                path.display(),
-                match format {
-                    config::FileFormat::Json => "JSON lines",
-                    config::FileFormat::Raw => "raw payloads",
-                },
-                rotate_bytes
-                    .map(|b| format!(", rotated at {b} bytes"))
-                    .unwrap_or_default(),
-                rotate_interval_ms
-                    .map(|ms| format!(", rotated every {} s", ms / 1000))
-                    .unwrap_or_default()
-            ),
-            config::SinkConfig::Mqtt {
-                broker,
-                topic_prefix,
-                qos,
-                tls,
-                ..
-            } => format!(
-                "mqtt {}{broker}, topics under {topic_prefix:?}, QoS {qos}",
-                if tls.is_some() { "tls://" } else { "" }
-            ),
-            config::SinkConfig::MqttBroker {
-                listen,
-                topic_prefix,
-                username,
-                max_connections,
-                tls,
-                ..
-            } => format!(
-                "embedded MQTT broker on {}{listen} (read-only for clients, {}, at most {max_connections} clients), topics under {topic_prefix:?}",
-                if tls.is_some() { "tls://" } else { "" },
-                match username {
-                    Some(user) => format!("login as {user:?} required"),
-                    None => "no login: anyone who can reach it may subscribe".to_owned(),
-                }
-            ),
-            config::SinkConfig::Kafka { brokers, topic, .. } => {
-                format!(
-                    "kafka {} topic {topic:?}, keyed by diode topic",
-                    brokers.join(",")
-                )
-            }
-            config::SinkConfig::Syslog { target, protocol } => {
-                format!("syslog RFC 5424 over {protocol:?} to {target}").to_lowercase()
-            }
-            config::SinkConfig::Stdout {} => "stdout (JSON lines)".into(),
-            config::SinkConfig::Udp { target } => format!("udp {target}"),
-            config::SinkConfig::Tcp { connect, framing } => {
-                format!("tcp {connect}, framing {framing:?}").to_lowercase()
-            }
-        };
+        let sink = route.sink.describe();
         out += &format!("  {:<10} {} -> {sink}\n", route.name, raw.topics.join(", "));
         out += &match &route.buffer {
             Some((dir, max, policy)) => format!(

@@ -1,48 +1,23 @@
-//! The link thread: reads datagrams, feeds the reassembler, and hands its events to routes,
-//! logs and metrics. It never writes to the link socket: the diode has no way back, and the
-//! receiver never tries one.
+//! The link thread: reads datagrams, feeds the reassembler, and hands its events on (events.rs).
+//! It never writes to the link socket: the diode has no way back, and the receiver never tries
+//! one.
 
-use std::collections::HashMap;
 use std::net::UdpSocket;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diode_common::budget::ByteBudget;
 use diode_common::{LogThrottle, Shutdown};
-use diode_wire::{proto, Event, Reassembler, ReassemblerStats, Record};
+use diode_wire::{Reassembler, ReassemblerStats};
 use quinn_udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
 use std::io::IoSliceMut;
-use tokio::sync::OwnedSemaphorePermit;
 
-use crate::filter::TopicFilter;
-use crate::metrics::{ReceiverMetrics, RouteMetrics, TopicCounters, TopicLabels};
+use crate::events::Events;
+use crate::metrics::ReceiverMetrics;
 
 /// The longest the loop sleeps when no timer is due.
 const IDLE_WAKE: Duration = Duration::from_millis(100);
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// `recvmmsg` calls per wake-up before timers and events get a turn.
 const DRAIN_BATCHES: usize = 16;
-
-/// A record waiting for a sink, holding its share of the route's byte budget.
-pub struct Queued {
-    pub record: Record,
-    pub _budget: OwnedSemaphorePermit,
-}
-
-/// What a queued record costs on top of its payload, in the route's byte budget.
-const QUEUED_RECORD_OVERHEAD_BYTES: usize = 64;
-
-pub struct RouteHandle {
-    pub name: String,
-    pub filters: Vec<TopicFilter>,
-    /// Deliveries: the records of one pass over the reassembler's events, so that a block's
-    /// records reach the sink with one queue operation and one wake-up.
-    pub queue: flume::Sender<Vec<Queued>>,
-    pub budget: ByteBudget,
-    /// Records of the current pass, not yet handed over.
-    pub pending: Vec<Queued>,
-    pub metrics: RouteMetrics,
-}
 
 pub struct LinkThread {
     pub reassembler: Reassembler,
@@ -54,144 +29,16 @@ pub struct LinkThread {
     pub socket: UdpSocket,
     /// GRO and `recvmmsg` state for `socket`.
     pub udp: UdpSocketState,
-    pub routes: Vec<RouteHandle>,
+    pub events: Events,
     pub metrics: ReceiverMetrics,
-    pub max_topics: usize,
     pub shutdown: Shutdown,
-}
-
-/// The sender's cumulative counters as last seen, to turn them into increments.
-#[derive(Default)]
-struct SenderView {
-    session: Option<u64>,
-    counters: proto::SenderCounters,
-    dropped: HashMap<String, u64>,
-}
-
-/// Loss is logged exactly, gap by gap, up to `LOSS_LINES_PER_SEC` lines a second; beyond that
-/// (an outage of many blocks, or forged frames) losses are folded per topic into one line with
-/// the range they cover and exact counts, logged as soon as the budget allows. Counters always
-/// count every record.
-struct LossLog {
-    tokens: f64,
-    refilled: Instant,
-    /// Per topic, folded gaps not yet logged: (first, last, records, gaps).
-    folded: HashMap<Arc<str>, (u64, u64, u64, u64)>,
-    /// Lost blocks not yet logged: (session, first, last, blocks).
-    blocks: Option<(u64, u64, u64, u64)>,
-    /// The sender's last heartbeat said it was stopping.
-    sender_stopping: bool,
-}
-
-const LOSS_LINES_PER_SEC: f64 = 20.0;
-
-impl Default for LossLog {
-    fn default() -> Self {
-        LossLog {
-            tokens: LOSS_LINES_PER_SEC,
-            refilled: Instant::now(),
-            folded: HashMap::new(),
-            blocks: None,
-            sender_stopping: false,
-        }
-    }
-}
-
-impl LossLog {
-    fn take_token(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        self.tokens = (self.tokens + elapsed * LOSS_LINES_PER_SEC).min(LOSS_LINES_PER_SEC);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn gap(&mut self, now: Instant, gap: &diode_wire::Gap) {
-        if !self.folded.contains_key(&gap.topic) && self.take_token(now) {
-            log_gap(&gap.topic, gap.first_seq, gap.last_seq, gap.len(), 1);
-            return;
-        }
-        let entry =
-            self.folded
-                .entry(gap.topic.clone())
-                .or_insert((gap.first_seq, gap.last_seq, 0, 0));
-        entry.0 = entry.0.min(gap.first_seq);
-        entry.1 = entry.1.max(gap.last_seq);
-        entry.2 += gap.len();
-        entry.3 += 1;
-    }
-
-    fn blocks(&mut self, now: Instant, session: u64, first: u64, last: u64) {
-        let count = (last - first).saturating_add(1);
-        match &mut self.blocks {
-            Some((s, f, l, n)) if *s == session => {
-                *f = (*f).min(first);
-                *l = (*l).max(last);
-                *n += count;
-            }
-            _ => {
-                self.flush_blocks(now);
-                if self.blocks.is_none() && self.take_token(now) {
-                    log_blocks(session, first, last, count);
-                } else {
-                    self.blocks = Some((session, first, last, count));
-                }
-            }
-        }
-    }
-
-    fn flush_blocks(&mut self, now: Instant) {
-        if self.blocks.is_some() && self.take_token(now) {
-            let (session, first, last, count) = self.blocks.take().expect("checked");
-            log_blocks(session, first, last, count);
-        }
-    }
-
-    /// Logs what was folded, as far as the budget allows.
-    fn flush_due(&mut self, now: Instant) {
-        self.flush_blocks(now);
-        while !self.folded.is_empty() && self.take_token(now) {
-            let topic = self.folded.keys().next().expect("not empty").clone();
-            let (first, last, records, gaps) = self.folded.remove(&topic).expect("present");
-            log_gap(&topic, first, last, records, gaps);
-        }
-    }
-}
-
-fn log_gap(topic: &str, first_seq: u64, last_seq: u64, records: u64, gaps: u64) {
-    tracing::warn!(
-        topic = %topic,
-        first_seq,
-        last_seq,
-        records,
-        gaps,
-        "records lost beyond repair"
-    );
-}
-
-fn log_blocks(session: u64, first_block: u64, last_block: u64, blocks: u64) {
-    tracing::warn!(
-        session = format_args!("{session:016x}"),
-        first_block,
-        last_block,
-        blocks,
-        "FEC blocks lost: more datagrams missing than parity could repair"
-    );
 }
 
 /// Per-loop state that is not configuration.
 struct Scratch {
     last_stats: ReassemblerStats,
-    matches: HashMap<Arc<str>, Vec<usize>>,
-    topic_counters: HashMap<Arc<str>, TopicCounters>,
-    sender: SenderView,
     rcvbuf_seen: u64,
     next_gauges: Instant,
-    losses: LossLog,
 }
 
 impl LinkThread {
@@ -230,12 +77,8 @@ impl LinkThread {
         let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
         let mut scratch = Scratch {
             last_stats: ReassemblerStats::default(),
-            matches: HashMap::new(),
-            topic_counters: HashMap::new(),
-            sender: SenderView::default(),
             rcvbuf_seen: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
             next_gauges: Instant::now(),
-            losses: LossLog::default(),
         };
         let shutdown = self.shutdown.clone();
         let refused_source =
@@ -301,21 +144,9 @@ impl LinkThread {
         let now = Instant::now();
         self.reassembler.handle_timeout(now);
         while let Some(event) = self.reassembler.poll_event() {
-            self.handle_event(
-                event,
-                &mut scratch.matches,
-                &mut scratch.topic_counters,
-                &mut scratch.sender,
-                &mut scratch.losses,
-            );
+            self.events.handle(event, self.reassembler.session_id());
         }
-        scratch.losses.flush_due(now);
-        for route in &mut self.routes {
-            if !route.pending.is_empty() {
-                // A sink gone (shutting down) leaves nothing to do with them.
-                let _ = route.queue.send(std::mem::take(&mut route.pending));
-            }
-        }
+        self.events.end_pass(now);
         let stats = self.reassembler.stats();
         if stats != &scratch.last_stats {
             self.metrics.add_stats(stats, &scratch.last_stats);
@@ -360,177 +191,6 @@ impl LinkThread {
                 if let Some(folded) = FAILED.allow() {
                     tracing::error!(error = %e, folded, "cannot keep the replay floor");
                 }
-            }
-        }
-    }
-
-    fn handle_event(
-        &mut self,
-        event: Event,
-        matches: &mut HashMap<Arc<str>, Vec<usize>>,
-        topic_counters: &mut HashMap<Arc<str>, TopicCounters>,
-        sender: &mut SenderView,
-        losses: &mut LossLog,
-    ) {
-        match event {
-            Event::Record(record) => {
-                let counters = self.topic_counters(topic_counters, &record.topic);
-                counters.out.inc();
-                let routes = matches.entry(record.topic.clone()).or_insert_with(|| {
-                    self.routes
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, r)| r.filters.iter().any(|f| f.matches(&record.topic)))
-                        .map(|(i, _)| i)
-                        .collect()
-                });
-                if routes.is_empty() {
-                    return;
-                }
-                for &i in routes.iter() {
-                    let route = &mut self.routes[i];
-                    let cost = record.payload.len() + QUEUED_RECORD_OVERHEAD_BYTES;
-                    match route.budget.try_acquire(cost) {
-                        Some(budget) => route.pending.push(Queued {
-                            record: record.clone(),
-                            _budget: budget,
-                        }),
-                        None => {
-                            if route.metrics.dropped.inc() % 10_000 == 0 {
-                                tracing::warn!(
-                                    route = %route.name,
-                                    topic = %record.topic,
-                                    seq = record.seq,
-                                    "sink queue full: dropping records (see diode_sink_dropped_total)"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-            Event::Gap(gap) => {
-                losses.gap(Instant::now(), &gap);
-                self.topic_counters(topic_counters, &gap.topic)
-                    .lost
-                    .inc_by(gap.len());
-            }
-            Event::BlocksLost {
-                session_id,
-                first,
-                last,
-            } => losses.blocks(Instant::now(), session_id, first, last),
-            Event::SessionStarted {
-                session_id,
-                previous,
-                mid_stream,
-            } => {
-                // Sessions only change on a sender's restart or a proven takeover (§6.1), but
-                // a line per change is still capped.
-                static RESTARTS: LogThrottle = LogThrottle::new(Duration::from_secs(1));
-                let stopped_cleanly = std::mem::take(&mut losses.sender_stopping);
-                match previous {
-                    Some(previous) => {
-                        if let Some(folded) = RESTARTS.allow() {
-                            tracing::warn!(
-                                session = format_args!("{session_id:016x}"),
-                                previous = format_args!("{previous:016x}"),
-                                stopped_cleanly,
-                                folded,
-                                "the sender restarted: new session"
-                            );
-                        }
-                    }
-                    None => tracing::info!(
-                        session = format_args!("{session_id:016x}"),
-                        mid_stream,
-                        "receiving session"
-                    ),
-                }
-            }
-            Event::Heartbeat(heartbeat) => {
-                if heartbeat.stopping && !losses.sender_stopping {
-                    tracing::info!("the sender is stopping cleanly");
-                }
-                losses.sender_stopping = heartbeat.stopping;
-                self.mirror_sender(&heartbeat, sender)
-            }
-            Event::LinkUp => {
-                tracing::info!("link up");
-                self.metrics.link_up.set(1);
-            }
-            Event::LinkDown => {
-                if losses.sender_stopping {
-                    tracing::info!("link quiet: the sender stopped cleanly");
-                } else {
-                    tracing::warn!("link down: no datagram for four heartbeat intervals");
-                }
-                self.metrics.link_up.set(0);
-            }
-        }
-    }
-
-    fn topic_counters<'a>(
-        &self,
-        cache: &'a mut HashMap<Arc<str>, TopicCounters>,
-        topic: &Arc<str>,
-    ) -> &'a TopicCounters {
-        // The reassembler caps distinct topics, which bounds this map and the label cardinality.
-        cache.entry(topic.clone()).or_insert_with(|| {
-            let labels = TopicLabels {
-                topic: topic.to_string(),
-            };
-            TopicCounters {
-                out: self.metrics.records_out.get_or_create_owned(&labels),
-                lost: self.metrics.records_lost.get_or_create_owned(&labels),
-            }
-        })
-    }
-
-    /// Turns the sender's cumulative counters into increments of our mirrored counters.
-    fn mirror_sender(&self, heartbeat: &proto::Heartbeat, view: &mut SenderView) {
-        let session = self.reassembler.session_id();
-        if view.session != session {
-            *view = SenderView {
-                session,
-                ..SenderView::default()
-            };
-        }
-        self.metrics
-            .last_heartbeat_seconds
-            .set(diode_common::unix_time_us() / 1_000_000);
-        if let Some(c) = &heartbeat.counters {
-            let last = &view.counters;
-            self.metrics
-                .sender_records_in
-                .inc_by(c.records_in.saturating_sub(last.records_in));
-            self.metrics
-                .sender_datagrams_sent
-                .inc_by(c.datagrams_sent.saturating_sub(last.datagrams_sent));
-            self.metrics
-                .sender_link_bytes_sent
-                .inc_by(c.link_bytes_sent.saturating_sub(last.link_bytes_sent));
-            self.metrics
-                .sender_source_errors
-                .inc_by(c.source_errors.saturating_sub(last.source_errors));
-            view.counters = *c;
-        }
-        for topic in &heartbeat.topics {
-            // Label values come only from valid topic names (no control characters).
-            if !diode_wire::is_valid_topic(&topic.name) {
-                continue;
-            }
-            if view.dropped.len() >= self.max_topics && !view.dropped.contains_key(&topic.name) {
-                continue;
-            }
-            let last = view.dropped.entry(topic.name.clone()).or_default();
-            if topic.records_dropped > *last {
-                self.metrics
-                    .sender_records_dropped
-                    .get_or_create(&TopicLabels {
-                        topic: topic.name.clone(),
-                    })
-                    .inc_by(topic.records_dropped - *last);
-                *last = topic.records_dropped;
             }
         }
     }

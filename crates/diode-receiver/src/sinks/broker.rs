@@ -36,9 +36,101 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::mqtt::republish_topic;
-use super::SinkError;
+use diode_common::config::{ConfigError, ConfigScope};
+use serde::Deserialize;
+
+use super::mqtt::{republish_topic, republished_part};
+use super::{Refusals, Sink, SinkError, SinkSettings, SiteLimits};
 use crate::filter::TopicFilter;
+use crate::metrics::RouteMetrics;
+use crate::route::RouteTask;
+
+/// `sink = { kind = "mqtt_broker", ... }`. Topics as for the `mqtt` sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub listen: String,
+    #[serde(default)]
+    pub topic_prefix: String,
+    /// Clients must log in with this username and the password in `password_file`
+    /// (relative to this file; others must not be able to read it). Unset: anyone who can
+    /// reach `listen` may subscribe.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Clients connected at once, at most.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Messages waiting for one client, at most; a client that falls further behind is
+    /// disconnected (it may reconnect).
+    #[serde(default = "default_client_queue_bytes")]
+    pub client_queue_bytes: usize,
+    /// Retained messages (records whose MQTT origin was retained) kept for new subscribers.
+    #[serde(default = "default_retained_max_bytes")]
+    pub retained_max_bytes: usize,
+    /// Serve MQTT over TLS only: `tls = { cert_file, key_file }` (PEM; the key mode 0600).
+    #[serde(default)]
+    pub tls: Option<diode_common::mqtt::ServerTls>,
+}
+
+fn default_max_connections() -> usize {
+    64
+}
+fn default_client_queue_bytes() -> usize {
+    4 << 20
+}
+fn default_retained_max_bytes() -> usize {
+    16 << 20
+}
+
+impl BrokerConfig {
+    pub fn check(
+        &self,
+        scope: &ConfigScope<'_>,
+        site: &SiteLimits,
+    ) -> Result<BrokerSettings, ConfigError> {
+        let listen = scope.socket_addr("listen", &self.listen)?;
+        let tls = match &self.tls {
+            Some(tls) => Some(diode_common::mqtt::server_tls_config(
+                scope.source(),
+                &scope.key("tls"),
+                tls,
+            )?),
+            None => None,
+        };
+        let password = match (&self.username, &self.password_file) {
+            (Some(_), Some(file)) => Some(
+                diode_common::keyfile::read_secret(&scope.resolve(file))
+                    .map_err(|e| scope.invalid("password_file", e.to_string()))?,
+            ),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    scope.invalid("password_file", "set username and password_file together")
+                )
+            }
+        };
+        if self.max_connections == 0 || self.max_connections > 10_000 {
+            return Err(scope.invalid("max_connections", "must be 1 to 10000"));
+        }
+        if self.client_queue_bytes < 64 << 10 {
+            return Err(scope.invalid("client_queue_bytes", "must be at least 65536"));
+        }
+        super::mqtt::check_topic_prefix(scope, &self.topic_prefix)?;
+        Ok(BrokerSettings {
+            listen,
+            topic_prefix: self.topic_prefix.clone(),
+            username: self.username.clone(),
+            password,
+            max_connections: self.max_connections,
+            client_queue_bytes: self.client_queue_bytes,
+            retained_max_bytes: self.retained_max_bytes,
+            max_packet_bytes: site.max_mqtt_packet_bytes(),
+            tls,
+        })
+    }
+}
 
 /// A client's packets are small: CONNECT, SUBSCRIBE with a few filters.
 const MAX_CLIENT_PACKET_BYTES: usize = 64 << 10;
@@ -60,6 +152,34 @@ pub struct BrokerSettings {
     pub max_packet_bytes: usize,
     /// When set, clients connect over TLS only.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl SinkSettings for BrokerSettings {
+    fn kind(&self) -> &'static str {
+        "mqtt_broker"
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "embedded MQTT broker on {}{} (read-only for clients, {}, at most {} clients), topics under {:?}",
+            if self.tls.is_some() { "tls://" } else { "" },
+            self.listen,
+            match &self.username {
+                Some(user) => format!("login as {user:?} required"),
+                None => "no login: anyone who can reach it may subscribe".to_owned(),
+            },
+            self.max_connections,
+            self.topic_prefix
+        )
+    }
+
+    fn claims(&self) -> Vec<String> {
+        vec![format!("a broker on {}", self.listen)]
+    }
+
+    fn start(&self, route: RouteTask) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        Ok(route.spawn(BrokerSink::start(self.clone())?))
+    }
 }
 
 /// What the broker counts; read by tests and logged.
@@ -163,7 +283,7 @@ impl BrokerSink {
         Ok(sink)
     }
 
-    pub fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+    fn publish(&mut self, records: &[Record]) {
         let mut state = self.state.lock().expect("not poisoned");
         for record in records {
             let Ok(topic) = republish_topic(&self.settings.topic_prefix, record) else {
@@ -193,7 +313,27 @@ impl BrokerSink {
                 }
             }
         }
-        Ok(())
+    }
+}
+
+impl Sink for BrokerSink {
+    fn refusal(&self, record: &Record) -> Option<String> {
+        republished_part(&self.settings.topic_prefix, record)
+            .err()
+            .map(str::to_owned)
+            .or_else(|| {
+                (record.payload.len() + 65_536 > self.settings.max_packet_bytes)
+                    .then(|| "larger than the broker's largest packet".to_owned())
+            })
+    }
+
+    async fn deliver(
+        &mut self,
+        records: &[Record],
+        _metrics: &RouteMetrics,
+    ) -> Result<Refusals, SinkError> {
+        self.publish(records);
+        Ok(Refusals::new())
     }
 }
 

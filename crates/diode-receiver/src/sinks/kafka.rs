@@ -6,11 +6,92 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use diode_common::config::{ConfigError, ConfigScope};
 use diode_wire::Record;
 use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
+use serde::Deserialize;
 
-use super::SinkError;
+use super::{Refusals, Sink, SinkError, SinkSettings};
+use crate::metrics::RouteMetrics;
+use crate::route::RouteTask;
+
+/// `sink = { kind = "kafka", ... }`: the diode topic is the message key (one partition per
+/// diode topic, so its order holds); sequence number, ingest time and MQTT origin are headers.
+/// `topic` may contain `{topic}`: the diode topic with `/` as `.`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: Vec<String>,
+    pub topic: String,
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Partitions of a topic this sink creates when it does not exist (0: never create).
+    #[serde(default = "default_create_partitions")]
+    pub create_partitions: i32,
+}
+
+fn default_client_id() -> String {
+    "diode-recv".into()
+}
+fn default_create_partitions() -> i32 {
+    1
+}
+
+impl KafkaConfig {
+    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<KafkaConfig, ConfigError> {
+        if self.brokers.is_empty() {
+            return Err(scope.invalid("brokers", "list at least one bootstrap broker"));
+        }
+        for broker in &self.brokers {
+            if diode_common::mqtt::split_host_port(broker).is_none() {
+                return Err(scope.invalid("brokers", format!("{broker:?} is not host:port")));
+            }
+        }
+        let sample = kafka_topic(&self.topic, "line3/plc7");
+        if !valid_kafka_topic(&sample) {
+            return Err(scope.invalid(
+                "topic",
+                format!(
+                    "{:?} gives Kafka topic names such as {sample:?}: 1 to 249 of a-z A-Z 0-9 . _ -",
+                    self.topic
+                ),
+            ));
+        }
+        if self.create_partitions < 0 {
+            return Err(scope.invalid(
+                "create_partitions",
+                "must be 0 (never create topics) or more",
+            ));
+        }
+        Ok(self.clone())
+    }
+}
+
+impl SinkSettings for KafkaConfig {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "kafka {} topic {:?}, keyed by diode topic",
+            self.brokers.join(","),
+            self.topic
+        )
+    }
+
+    fn start(&self, route: RouteTask) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        Ok(route.spawn(KafkaSink {
+            brokers: self.brokers.clone(),
+            pattern: self.topic.clone(),
+            client_id: self.client_id.clone(),
+            create_partitions: self.create_partitions,
+            client: None,
+            partitions: HashMap::new(),
+        }))
+    }
+}
 
 /// How long one produce may retry inside the client before the batch counts as failed (and the
 /// route's own retry, with its counter and log line, takes over).
@@ -52,7 +133,7 @@ pub fn valid_kafka_topic(name: &str) -> bool {
 
 pub struct KafkaSink {
     brokers: Vec<String>,
-    pub(crate) pattern: String,
+    pattern: String,
     client_id: String,
     create_partitions: i32,
     client: Option<Client>,
@@ -61,34 +142,13 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    pub fn new(
-        brokers: Vec<String>,
-        pattern: String,
-        client_id: String,
-        create_partitions: i32,
-    ) -> KafkaSink {
-        KafkaSink {
-            brokers,
-            pattern,
-            client_id,
-            create_partitions,
-            client: None,
-            partitions: HashMap::new(),
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.client = None;
-        self.partitions.clear();
-    }
-
     fn error(e: impl std::fmt::Display) -> SinkError {
         SinkError::Kafka(e.to_string())
     }
 
     /// Produces the batch; records whose Kafka topic is missing (and may not be created) are
     /// returned, with why, for the route's dead letters instead of failing the batch forever.
-    pub async fn deliver(&mut self, records: &[Record]) -> Result<super::Refusals, SinkError> {
+    async fn produce(&mut self, records: &[Record]) -> Result<Refusals, SinkError> {
         if self.client.is_none() {
             let client = ClientBuilder::new(self.brokers.clone())
                 .client_id(self.client_id.as_str())
@@ -193,6 +253,27 @@ fn to_kafka(record: &Record) -> rskafka::record::Record {
         value: Some(record.payload.to_vec()),
         headers,
         timestamp,
+    }
+}
+
+impl Sink for KafkaSink {
+    fn refusal(&self, record: &Record) -> Option<String> {
+        let topic = kafka_topic(&self.pattern, &record.topic);
+        (!valid_kafka_topic(&topic))
+            .then(|| format!("{topic:?} is not a valid Kafka topic name (at most 249 characters)"))
+    }
+
+    async fn deliver(
+        &mut self,
+        records: &[Record],
+        _metrics: &RouteMetrics,
+    ) -> Result<Refusals, SinkError> {
+        self.produce(records).await
+    }
+
+    fn reset(&mut self) {
+        self.client = None;
+        self.partitions.clear();
     }
 }
 

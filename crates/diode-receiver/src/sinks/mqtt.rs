@@ -2,20 +2,123 @@
 //! (when it came from an MQTT source, wire-format.md §5.4) or + its diode topic. At QoS 1 a batch
 //! counts as delivered only once the broker has acknowledged every message of it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use diode_common::config::{ConfigError, ConfigScope};
 use diode_wire::Record;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::SinkError;
+use super::{Refusals, Sink, SinkError, SinkSettings, SiteLimits};
+use crate::metrics::RouteMetrics;
+use crate::route::RouteTask;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub broker: String,
+    #[serde(default)]
+    pub topic_prefix: String,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    pub client_id: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: Option<diode_common::mqtt::MqttTls>,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+/// A topic prefix is published under, so it must be a topic itself, without wildcards.
+pub(crate) fn check_topic_prefix(
+    scope: &ConfigScope<'_>,
+    topic_prefix: &str,
+) -> Result<(), ConfigError> {
+    if topic_prefix.contains(['+', '#']) {
+        return Err(scope.invalid("topic_prefix", "must not contain MQTT wildcards"));
+    }
+    Ok(())
+}
+
+impl MqttConfig {
+    pub fn check(
+        &self,
+        scope: &ConfigScope<'_>,
+        site: &SiteLimits,
+    ) -> Result<MqttSettings, ConfigError> {
+        if self.qos > 1 {
+            return Err(scope.invalid("qos", format!("{}: 0 or 1", self.qos)));
+        }
+        check_topic_prefix(scope, &self.topic_prefix)?;
+        let options = diode_common::mqtt::options(
+            scope.source(),
+            scope.prefix(),
+            &diode_common::mqtt::MqttClient {
+                broker: &self.broker,
+                client_id: &self.client_id,
+                username: self.username.as_deref(),
+                password: self.password.as_deref(),
+                password_file: self.password_file.as_ref(),
+                tls: self.tls.as_ref(),
+                clean_session: false,
+                max_packet_bytes: site.max_mqtt_packet_bytes(),
+            },
+        )?;
+        Ok(MqttSettings {
+            config: self.clone(),
+            options,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct MqttSettings {
+    config: MqttConfig,
+    options: MqttOptions,
+}
+
+impl SinkSettings for MqttSettings {
+    fn kind(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn describe(&self) -> String {
+        let c = &self.config;
+        format!(
+            "mqtt {}{}, topics under {:?}, QoS {}",
+            if c.tls.is_some() { "tls://" } else { "" },
+            c.broker,
+            c.topic_prefix,
+            c.qos
+        )
+    }
+
+    fn start(&self, route: RouteTask) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let sink = MqttSink::new(
+            self.options.clone(),
+            self.config.topic_prefix.clone(),
+            self.config.qos,
+            route.name(),
+        );
+        Ok(route.spawn(sink))
+    }
+}
 
 /// A batch whose acknowledgements stop coming for this long is offered again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct MqttSink {
     client: AsyncClient,
-    pub(crate) prefix: String,
+    prefix: String,
     qos: QoS,
     /// PUBACKs received, counted by the event loop task.
     acked: watch::Receiver<u64>,
@@ -27,7 +130,7 @@ pub struct MqttSink {
 
 impl MqttSink {
     /// Must be called inside the runtime: it starts the client's event loop.
-    pub fn new(mut options: MqttOptions, prefix: String, qos: u8, route: &str) -> MqttSink {
+    fn new(mut options: MqttOptions, prefix: String, qos: u8, route: &str) -> MqttSink {
         options.set_request_channel_capacity(4096);
         options.set_inflight(1000);
         let (client, mut eventloop) = AsyncClient::new(options, 4096);
@@ -73,10 +176,10 @@ impl MqttSink {
         }
     }
 
-    pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+    async fn publish(&mut self, records: &[Record]) -> Result<(), SinkError> {
         for record in records {
             let retain = record.origin.as_ref().is_some_and(|o| o.retain);
-            // Screened before delivery (Sink::refusal); a record without a topic is skipped.
+            // Screened before delivery (`Sink::refusal`); a record without a topic is skipped.
             let Ok(topic) = republish_topic(&self.prefix, record) else {
                 continue;
             };
@@ -105,8 +208,24 @@ impl MqttSink {
             }
         }
     }
+}
 
-    pub async fn close(&mut self) {
+impl Sink for MqttSink {
+    fn refusal(&self, record: &Record) -> Option<String> {
+        republished_part(&self.prefix, record)
+            .err()
+            .map(str::to_owned)
+    }
+
+    async fn deliver(
+        &mut self,
+        records: &[Record],
+        _metrics: &RouteMetrics,
+    ) -> Result<Refusals, SinkError> {
+        self.publish(records).await.map(|()| Refusals::new())
+    }
+
+    async fn close(&mut self) {
         let _ = self.client.try_disconnect();
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.events.abort();

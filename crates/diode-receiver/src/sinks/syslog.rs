@@ -3,12 +3,57 @@
 //! application and message; any other record is sent as local0.notice from `diode`, with its
 //! topic and sequence number as structured data so the SIEM can trace it.
 
+use diode_common::config::{ConfigError, ConfigScope};
 use diode_wire::Record;
+use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::SinkError;
-use crate::config::SyslogProtocol;
+use super::{Refusals, Sink, SinkError, SinkSettings};
+use crate::metrics::RouteMetrics;
+use crate::route::RouteTask;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    pub target: String,
+    #[serde(default)]
+    pub protocol: SyslogProtocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyslogProtocol {
+    /// RFC 5425-style octet counting on a TCP stream (RFC 6587 §3.4.1).
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl SyslogConfig {
+    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<SyslogConfig, ConfigError> {
+        scope.socket_addr("target", &self.target)?;
+        Ok(self.clone())
+    }
+}
+
+impl SinkSettings for SyslogConfig {
+    fn kind(&self) -> &'static str {
+        "syslog"
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "syslog RFC 5424 over {:?} to {}",
+            self.protocol, self.target
+        )
+        .to_lowercase()
+    }
+
+    fn start(&self, route: RouteTask) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        Ok(route.spawn(SyslogSink::new(self.target.clone(), self.protocol)))
+    }
+}
 
 pub struct SyslogSink {
     target: String,
@@ -20,7 +65,7 @@ pub struct SyslogSink {
 }
 
 impl SyslogSink {
-    pub fn new(target: String, protocol: SyslogProtocol) -> SyslogSink {
+    fn new(target: String, protocol: SyslogProtocol) -> SyslogSink {
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .ok()
@@ -36,12 +81,7 @@ impl SyslogSink {
         }
     }
 
-    pub fn reset(&mut self) {
-        self.tcp = None;
-        self.udp = None;
-    }
-
-    pub async fn deliver(&mut self, records: &[Record]) -> Result<(), SinkError> {
+    async fn send(&mut self, records: &[Record]) -> Result<(), SinkError> {
         let connect_error = |target: &str| {
             let target = target.to_owned();
             move |source| SinkError::Connect { target, source }
@@ -99,6 +139,21 @@ impl SyslogSink {
             }
         }
         Ok(())
+    }
+}
+
+impl Sink for SyslogSink {
+    async fn deliver(
+        &mut self,
+        records: &[Record],
+        _metrics: &RouteMetrics,
+    ) -> Result<Refusals, SinkError> {
+        self.send(records).await.map(|()| Refusals::new())
+    }
+
+    fn reset(&mut self) {
+        self.tcp = None;
+        self.udp = None;
     }
 }
 

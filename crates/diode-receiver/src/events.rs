@@ -1,0 +1,303 @@
+//! What the receiver makes of the reassembler's events: records to the router; losses to
+//! counters and to log lines folded within a budget; session and link changes to log lines; the
+//! sender's own counters, carried in its heartbeats, mirrored into our metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diode_common::LogThrottle;
+use diode_wire::{proto, Event};
+
+use crate::metrics::{ReceiverMetrics, TopicCounters, TopicLabels};
+use crate::route::Router;
+
+/// Turns events into deliveries, counters and log lines.
+pub struct Events {
+    pub router: Router,
+    metrics: ReceiverMetrics,
+    topic_counters: HashMap<Arc<str>, TopicCounters>,
+    sender: SenderView,
+    losses: LossLog,
+    max_topics: usize,
+}
+
+/// The sender's cumulative counters as last seen, to turn them into increments.
+#[derive(Default)]
+struct SenderView {
+    session: Option<u64>,
+    counters: proto::SenderCounters,
+    dropped: HashMap<String, u64>,
+}
+
+/// Loss is logged exactly, gap by gap, up to `LOSS_LINES_PER_SEC` lines a second; beyond that
+/// (an outage of many blocks, or forged frames) losses are folded per topic into one line with
+/// the range they cover and exact counts, logged as soon as the budget allows. Counters always
+/// count every record.
+struct LossLog {
+    tokens: f64,
+    refilled: Instant,
+    /// Per topic, folded gaps not yet logged: (first, last, records, gaps).
+    folded: HashMap<Arc<str>, (u64, u64, u64, u64)>,
+    /// Lost blocks not yet logged: (session, first, last, blocks).
+    blocks: Option<(u64, u64, u64, u64)>,
+    /// The sender's last heartbeat said it was stopping.
+    sender_stopping: bool,
+}
+
+const LOSS_LINES_PER_SEC: f64 = 20.0;
+
+impl Default for LossLog {
+    fn default() -> Self {
+        LossLog {
+            tokens: LOSS_LINES_PER_SEC,
+            refilled: Instant::now(),
+            folded: HashMap::new(),
+            blocks: None,
+            sender_stopping: false,
+        }
+    }
+}
+
+impl LossLog {
+    fn take_token(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * LOSS_LINES_PER_SEC).min(LOSS_LINES_PER_SEC);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn gap(&mut self, now: Instant, gap: &diode_wire::Gap) {
+        if !self.folded.contains_key(&gap.topic) && self.take_token(now) {
+            log_gap(&gap.topic, gap.first_seq, gap.last_seq, gap.len(), 1);
+            return;
+        }
+        let entry =
+            self.folded
+                .entry(gap.topic.clone())
+                .or_insert((gap.first_seq, gap.last_seq, 0, 0));
+        entry.0 = entry.0.min(gap.first_seq);
+        entry.1 = entry.1.max(gap.last_seq);
+        entry.2 += gap.len();
+        entry.3 += 1;
+    }
+
+    fn blocks(&mut self, now: Instant, session: u64, first: u64, last: u64) {
+        let count = (last - first).saturating_add(1);
+        match &mut self.blocks {
+            Some((s, f, l, n)) if *s == session => {
+                *f = (*f).min(first);
+                *l = (*l).max(last);
+                *n += count;
+            }
+            _ => {
+                self.flush_blocks(now);
+                if self.blocks.is_none() && self.take_token(now) {
+                    log_blocks(session, first, last, count);
+                } else {
+                    self.blocks = Some((session, first, last, count));
+                }
+            }
+        }
+    }
+
+    fn flush_blocks(&mut self, now: Instant) {
+        if self.blocks.is_some() && self.take_token(now) {
+            let (session, first, last, count) = self.blocks.take().expect("checked");
+            log_blocks(session, first, last, count);
+        }
+    }
+
+    /// Logs what was folded, as far as the budget allows.
+    fn flush_due(&mut self, now: Instant) {
+        self.flush_blocks(now);
+        while !self.folded.is_empty() && self.take_token(now) {
+            let topic = self.folded.keys().next().expect("not empty").clone();
+            let (first, last, records, gaps) = self.folded.remove(&topic).expect("present");
+            log_gap(&topic, first, last, records, gaps);
+        }
+    }
+}
+
+fn log_gap(topic: &str, first_seq: u64, last_seq: u64, records: u64, gaps: u64) {
+    tracing::warn!(
+        topic = %topic,
+        first_seq,
+        last_seq,
+        records,
+        gaps,
+        "records lost beyond repair"
+    );
+}
+
+fn log_blocks(session: u64, first_block: u64, last_block: u64, blocks: u64) {
+    tracing::warn!(
+        session = format_args!("{session:016x}"),
+        first_block,
+        last_block,
+        blocks,
+        "FEC blocks lost: more datagrams missing than parity could repair"
+    );
+}
+
+impl Events {
+    pub fn new(router: Router, metrics: ReceiverMetrics, max_topics: usize) -> Events {
+        Events {
+            router,
+            metrics,
+            topic_counters: HashMap::new(),
+            sender: SenderView::default(),
+            losses: LossLog::default(),
+            max_topics,
+        }
+    }
+
+    /// Logs what loss lines were folded, as far as the budget allows, and hands the routes
+    /// this pass's records.
+    pub fn end_pass(&mut self, now: Instant) {
+        self.losses.flush_due(now);
+        self.router.flush();
+    }
+
+    /// `session` is the reassembler's current session, for the mirrored counters.
+    pub fn handle(&mut self, event: Event, session: Option<u64>) {
+        let losses = &mut self.losses;
+        match event {
+            Event::Record(record) => {
+                Self::topic_counters(&self.metrics, &mut self.topic_counters, &record.topic)
+                    .out
+                    .inc();
+                self.router.route(&record);
+            }
+            Event::Gap(gap) => {
+                losses.gap(Instant::now(), &gap);
+                Self::topic_counters(&self.metrics, &mut self.topic_counters, &gap.topic)
+                    .lost
+                    .inc_by(gap.len());
+            }
+            Event::BlocksLost {
+                session_id,
+                first,
+                last,
+            } => losses.blocks(Instant::now(), session_id, first, last),
+            Event::SessionStarted {
+                session_id,
+                previous,
+                mid_stream,
+            } => {
+                // Sessions only change on a sender's restart or a proven takeover (§6.1), but
+                // a line per change is still capped.
+                static RESTARTS: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+                let stopped_cleanly = std::mem::take(&mut losses.sender_stopping);
+                match previous {
+                    Some(previous) => {
+                        if let Some(folded) = RESTARTS.allow() {
+                            tracing::warn!(
+                                session = format_args!("{session_id:016x}"),
+                                previous = format_args!("{previous:016x}"),
+                                stopped_cleanly,
+                                folded,
+                                "the sender restarted: new session"
+                            );
+                        }
+                    }
+                    None => tracing::info!(
+                        session = format_args!("{session_id:016x}"),
+                        mid_stream,
+                        "receiving session"
+                    ),
+                }
+            }
+            Event::Heartbeat(heartbeat) => {
+                if heartbeat.stopping && !losses.sender_stopping {
+                    tracing::info!("the sender is stopping cleanly");
+                }
+                losses.sender_stopping = heartbeat.stopping;
+                self.mirror_sender(&heartbeat, session)
+            }
+            Event::LinkUp => {
+                tracing::info!("link up");
+                self.metrics.link_up.set(1);
+            }
+            Event::LinkDown => {
+                if losses.sender_stopping {
+                    tracing::info!("link quiet: the sender stopped cleanly");
+                } else {
+                    tracing::warn!("link down: no datagram for four heartbeat intervals");
+                }
+                self.metrics.link_up.set(0);
+            }
+        }
+    }
+
+    fn topic_counters<'a>(
+        metrics: &ReceiverMetrics,
+        cache: &'a mut HashMap<Arc<str>, TopicCounters>,
+        topic: &Arc<str>,
+    ) -> &'a TopicCounters {
+        // The reassembler caps distinct topics, which bounds this map and the label cardinality.
+        cache.entry(topic.clone()).or_insert_with(|| {
+            let labels = TopicLabels {
+                topic: topic.to_string(),
+            };
+            TopicCounters {
+                out: metrics.records_out.get_or_create_owned(&labels),
+                lost: metrics.records_lost.get_or_create_owned(&labels),
+            }
+        })
+    }
+
+    /// Turns the sender's cumulative counters into increments of our mirrored counters.
+    fn mirror_sender(&mut self, heartbeat: &proto::Heartbeat, session: Option<u64>) {
+        let view = &mut self.sender;
+        if view.session != session {
+            *view = SenderView {
+                session,
+                ..SenderView::default()
+            };
+        }
+        self.metrics
+            .last_heartbeat_seconds
+            .set(diode_common::unix_time_us() / 1_000_000);
+        if let Some(c) = &heartbeat.counters {
+            let last = &view.counters;
+            self.metrics
+                .sender_records_in
+                .inc_by(c.records_in.saturating_sub(last.records_in));
+            self.metrics
+                .sender_datagrams_sent
+                .inc_by(c.datagrams_sent.saturating_sub(last.datagrams_sent));
+            self.metrics
+                .sender_link_bytes_sent
+                .inc_by(c.link_bytes_sent.saturating_sub(last.link_bytes_sent));
+            self.metrics
+                .sender_source_errors
+                .inc_by(c.source_errors.saturating_sub(last.source_errors));
+            view.counters = *c;
+        }
+        for topic in &heartbeat.topics {
+            // Label values come only from valid topic names (no control characters).
+            if !diode_wire::is_valid_topic(&topic.name) {
+                continue;
+            }
+            if view.dropped.len() >= self.max_topics && !view.dropped.contains_key(&topic.name) {
+                continue;
+            }
+            let last = view.dropped.entry(topic.name.clone()).or_default();
+            if topic.records_dropped > *last {
+                self.metrics
+                    .sender_records_dropped
+                    .get_or_create(&TopicLabels {
+                        topic: topic.name.clone(),
+                    })
+                    .inc_by(topic.records_dropped - *last);
+                *last = topic.records_dropped;
+            }
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! Routes: topic filters to one sink, each with its own memory queue, optional disk buffer and
+//! dead letters. This file holds all of a route: its configuration table and checks, the
+//! [`Router`] the link thread hands records to (matching, byte budgets, batching, drop
+//! accounting), and the [`RouteTask`] that delivers them to the sink.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use diode_common::budget::ByteBudget;
+use diode_common::config::{ConfigError, ConfigScope};
+use diode_wire::Record;
+use serde::Deserialize;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::buffer::{DiskBuffer, FullPolicy};
+use crate::filter::TopicFilter;
+use crate::metrics::{ReceiverMetrics, RouteMetrics};
+use crate::sinks::dead_letter::DeadLetters;
+use crate::sinks::{Sink, SinkConfig, SinkSettings, SiteLimits};
+
+/// `[[route]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The `route` label of this route's metrics; by default its index and sink kind.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// MQTT-style filters: `+` one level, `#` the rest.
+    pub topics: Vec<String>,
+    pub sink: SinkConfig,
+    /// Bytes of records waiting for this sink, at most (each record counts 64 bytes on top of
+    /// its payload); past it they are dropped and counted.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: usize,
+    /// This route's on-disk buffer (relative to this file): every record is written there first
+    /// and read back by the sink, so a sink that is down or slow loses nothing and a restart
+    /// replays what was not delivered.
+    #[serde(default)]
+    pub buffer_dir: Option<PathBuf>,
+    #[serde(default = "default_buffer_max_bytes")]
+    pub buffer_max_bytes: u64,
+    /// What a full buffer gives up: `drop_oldest` (default) or `drop_newest`.
+    #[serde(default)]
+    pub buffer_full: FullPolicy,
+    /// Where records this route's sink can never accept go (relative to this file): a topic
+    /// name its protocol refuses, a datagram too large for UDP, a Kafka topic that does not exist
+    /// and may not be created. JSON lines with a `reason`. By default `dead-letter.jsonl` in the
+    /// route's `buffer_dir`; without either, such records are counted and logged only.
+    #[serde(default)]
+    pub dead_letter_file: Option<PathBuf>,
+    #[serde(default = "default_dead_letter_max_bytes")]
+    pub dead_letter_max_bytes: u64,
+}
+
+/// A sink stalled for 60 ms at 1 GB/s; past it a route without a disk buffer drops records
+/// (counted), and a buffered route's spooler has fallen that far behind its disk.
+fn default_queue_bytes() -> usize {
+    64 << 20
+}
+fn default_buffer_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_dead_letter_max_bytes() -> u64 {
+    64 << 20
+}
+
+/// A route, checked and resolved, ready to start.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub filters: Vec<TopicFilter>,
+    pub sink: Arc<dyn SinkSettings>,
+    pub queue_bytes: usize,
+    /// The route's disk buffer, resolved: (directory, most bytes, policy).
+    pub buffer: Option<(PathBuf, u64, FullPolicy)>,
+    /// Where records the sink refuses for good are kept, and how many bytes of them at most.
+    pub dead_letter: (Option<PathBuf>, u64),
+}
+
+impl RouteConfig {
+    /// Checks `route[index]`, given the routes checked before it.
+    pub fn check(
+        &self,
+        scope: &ConfigScope<'_>,
+        index: usize,
+        site: &SiteLimits,
+        earlier: &[Route],
+    ) -> Result<Route, ConfigError> {
+        if self.topics.is_empty() {
+            return Err(scope.invalid("topics", "lists no topic filter"));
+        }
+        let mut filters = Vec::new();
+        for (j, filter) in self.topics.iter().enumerate() {
+            filters.push(
+                TopicFilter::parse(filter)
+                    .map_err(|e| scope.invalid(&format!("topics[{j}]"), e))?,
+            );
+        }
+        let sink = self.sink.check(&scope.child("sink"), site)?;
+        for claim in sink.claims() {
+            if let Some(first) = earlier
+                .iter()
+                .position(|r| r.sink.claims().contains(&claim))
+            {
+                return Err(scope.invalid(
+                    "sink",
+                    format!(
+                        "route[{first}] runs {claim} already: give both routes' topics to one route"
+                    ),
+                ));
+            }
+        }
+        if self.queue_bytes < 65_536 {
+            return Err(scope.invalid("queue_bytes", "must be at least 65536"));
+        }
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{index}-{}", sink.kind()));
+        if earlier.iter().any(|r| r.name == name) {
+            return Err(scope.invalid("name", format!("{name:?} is used twice")));
+        }
+        // It is a metric label value and a log field.
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(scope.invalid(
+                "name",
+                "must be 1 to 64 characters, none of them a control character",
+            ));
+        }
+        let buffer = match &self.buffer_dir {
+            Some(dir) => {
+                if self.buffer_max_bytes < 1 << 20 {
+                    return Err(scope.invalid("buffer_max_bytes", "must be at least 1048576"));
+                }
+                let dir = scope.resolve(dir);
+                scope.writable_dir("buffer_dir", &dir)?;
+                if earlier
+                    .iter()
+                    .any(|r| r.buffer.as_ref().is_some_and(|b| b.0 == dir))
+                {
+                    return Err(scope.invalid(
+                        "buffer_dir",
+                        format!("{} is the buffer of another route", dir.display()),
+                    ));
+                }
+                Some((dir, self.buffer_max_bytes, self.buffer_full))
+            }
+            None => None,
+        };
+        let dead_letter_file = match (&self.dead_letter_file, &buffer) {
+            (Some(file), _) => {
+                let file = scope.resolve(file);
+                if let Some(dir) = file.parent() {
+                    scope.writable_dir("dead_letter_file", dir)?;
+                }
+                Some(file)
+            }
+            (None, Some((dir, _, _))) => Some(dir.join("dead-letter.jsonl")),
+            (None, None) => None,
+        };
+        Ok(Route {
+            name,
+            filters,
+            sink,
+            queue_bytes: self.queue_bytes,
+            buffer,
+            dead_letter: (dead_letter_file, self.dead_letter_max_bytes),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteStartError {
+    #[error("route {route}: cannot start its sink: {source}")]
+    Sink {
+        route: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("route {route}: cannot open its disk buffer: {source}")]
+    Buffer {
+        route: String,
+        #[source]
+        source: crate::buffer::BufferError,
+    },
+}
+
+/// A record waiting for a sink, holding its share of the route's byte budget.
+pub struct Queued {
+    pub record: Record,
+    pub _budget: OwnedSemaphorePermit,
+}
+
+/// What a queued record costs on top of its payload, in the route's byte budget.
+const QUEUED_RECORD_OVERHEAD_BYTES: usize = 64;
+
+/// The link thread's side of the routes: which routes take a topic, and their queues.
+pub struct Router {
+    routes: Vec<RouteQueue>,
+    /// Per topic, the routes whose filters match it. The reassembler caps distinct topics, which
+    /// bounds this map.
+    matches: HashMap<Arc<str>, Vec<usize>>,
+}
+
+struct RouteQueue {
+    name: String,
+    filters: Vec<TopicFilter>,
+    /// Deliveries: the records of one pass over the reassembler's events, so that a block's
+    /// records reach the sink with one queue operation and one wake-up.
+    queue: flume::Sender<Vec<Queued>>,
+    budget: ByteBudget,
+    /// Records of the current pass, not yet handed over.
+    pending: Vec<Queued>,
+    metrics: RouteMetrics,
+}
+
+impl Router {
+    /// Opens each route's disk buffer and starts its sink task. A buffer that cannot be opened
+    /// stops the service: running without it would drop records the operator asked to keep.
+    /// Must be called inside the runtime.
+    pub fn start(
+        routes: Vec<Route>,
+        metrics: &ReceiverMetrics,
+    ) -> Result<(Router, Vec<tokio::task::JoinHandle<()>>), RouteStartError> {
+        let mut queues = Vec::new();
+        let mut tasks = Vec::new();
+        for route in routes {
+            // Bounded by the route's byte budget, not by the channel: each delivery holds permits.
+            let (tx, rx) = flume::unbounded();
+            let budget = ByteBudget::new(route.queue_bytes);
+            let route_metrics = metrics.route(&route.name, budget.clone());
+            let buffer = match &route.buffer {
+                Some((dir, max_bytes, policy)) => {
+                    let buffer = DiskBuffer::open(dir, *max_bytes, *policy).map_err(|source| {
+                        RouteStartError::Buffer {
+                            route: route.name.clone(),
+                            source,
+                        }
+                    })?;
+                    if buffer.unread_records() > 0 {
+                        tracing::info!(route = %route.name, records = buffer.unread_records(),
+                            bytes = buffer.unread_bytes(), "replaying what the disk buffer kept");
+                    }
+                    Some(buffer)
+                }
+                None => None,
+            };
+            let task = RouteTask {
+                name: route.name.clone(),
+                queue: rx,
+                buffer,
+                dead: DeadLetters::new(route.dead_letter.0.clone(), route.dead_letter.1),
+                metrics: route_metrics.clone(),
+            };
+            tasks.push(
+                route
+                    .sink
+                    .start(task)
+                    .map_err(|source| RouteStartError::Sink {
+                        route: route.name.clone(),
+                        source,
+                    })?,
+            );
+            queues.push(RouteQueue {
+                name: route.name,
+                filters: route.filters,
+                queue: tx,
+                budget,
+                pending: Vec::new(),
+                metrics: route_metrics,
+            });
+        }
+        Ok((
+            Router {
+                routes: queues,
+                matches: HashMap::new(),
+            },
+            tasks,
+        ))
+    }
+
+    /// Adds a record to the pending delivery of every route that takes its topic; a route whose
+    /// queue is full drops it, counted.
+    pub fn route(&mut self, record: &Record) {
+        let routes = &self.routes;
+        let matching = self.matches.entry(record.topic.clone()).or_insert_with(|| {
+            routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.filters.iter().any(|f| f.matches(&record.topic)))
+                .map(|(i, _)| i)
+                .collect()
+        });
+        for &i in matching.iter() {
+            let route = &mut self.routes[i];
+            let cost = record.payload.len() + QUEUED_RECORD_OVERHEAD_BYTES;
+            match route.budget.try_acquire(cost) {
+                Some(budget) => route.pending.push(Queued {
+                    record: record.clone(),
+                    _budget: budget,
+                }),
+                None => {
+                    if route.metrics.dropped.inc() % 10_000 == 0 {
+                        tracing::warn!(
+                            route = %route.name,
+                            topic = %record.topic,
+                            seq = record.seq,
+                            "sink queue full: dropping records (see diode_sink_dropped_total)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands each route what this pass gave it, in one delivery.
+    pub fn flush(&mut self) {
+        for route in &mut self.routes {
+            if !route.pending.is_empty() {
+                // A sink gone (shutting down) leaves nothing to do with them.
+                let _ = route.queue.send(std::mem::take(&mut route.pending));
+            }
+        }
+    }
+}
+
+/// Records taken off the queue per write batch before a flush. A batch holds its records' share
+/// of the route's byte budget until it is written.
+const BATCH: usize = 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Records read back from the disk buffer per delivery.
+const BUFFER_BATCH_RECORDS: usize = 1024;
+const BUFFER_BATCH_BYTES: u64 = 4 << 20;
+
+/// One route's delivery task, before its sink is made: what a sink's
+/// [`SinkSettings::start`] hands its sink to.
+pub struct RouteTask {
+    name: String,
+    queue: flume::Receiver<Vec<Queued>>,
+    buffer: Option<DiskBuffer>,
+    dead: DeadLetters,
+    metrics: RouteMetrics,
+}
+
+impl RouteTask {
+    /// The route's name, for a sink's own log lines.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs the route with `sink` until its queue closes and is drained.
+    pub fn spawn<S: Sink>(self, sink: S) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.run(sink))
+    }
+
+    /// Takes deliveries off the queue (through the disk buffer, if there is one) and hands them
+    /// to the sink, retrying with backoff until they are taken.
+    async fn run<S: Sink>(self, mut sink: S) {
+        let RouteTask {
+            name,
+            queue,
+            buffer,
+            mut dead,
+            metrics,
+        } = self;
+        let mut delivery = Delivery {
+            sink: &mut sink,
+            dead: &mut dead,
+            metrics: &metrics,
+            route: &name,
+        };
+        match buffer {
+            None => {
+                let mut batch = Vec::new();
+                while next_batch(&queue, &mut batch).await {
+                    metrics.queue.set(metrics.budget.used() as i64);
+                    let records: Vec<Record> = batch.iter().map(|q| q.record.clone()).collect();
+                    // Without a disk buffer, the memory queue is what holds records while the
+                    // sink retries; when it is full the router drops, counted.
+                    delivery.deliver_with_retry(&records).await;
+                    batch.clear();
+                }
+            }
+            Some(buffer) => run_buffered(&mut delivery, queue, buffer).await,
+        }
+        sink.close().await;
+    }
+}
+
+/// A sink with what its deliveries need.
+struct Delivery<'a, S> {
+    sink: &'a mut S,
+    dead: &'a mut DeadLetters,
+    metrics: &'a RouteMetrics,
+    route: &'a str,
+}
+
+impl<S: Sink> Delivery<'_, S> {
+    async fn deliver_with_retry(&mut self, records: &[Record]) {
+        let screened: Vec<Record>;
+        let records = if records.iter().any(|r| self.sink.refusal(r).is_some()) {
+            let mut kept = Vec::with_capacity(records.len());
+            for record in records {
+                match self.sink.refusal(record) {
+                    Some(why) => self.dead.put(record, &why, self.metrics, self.route),
+                    None => kept.push(record.clone()),
+                }
+            }
+            screened = kept;
+            &screened[..]
+        } else {
+            records
+        };
+        if records.is_empty() {
+            return;
+        }
+        let route = self.route;
+        let mut backoff = BACKOFF_MIN;
+        let mut failures = 0u32;
+        loop {
+            match self.sink.deliver(records, self.metrics).await {
+                Ok(refused) => {
+                    for (i, why) in &refused {
+                        self.dead.put(&records[*i], why, self.metrics, route);
+                    }
+                    self.metrics
+                        .delivered
+                        .inc_by((records.len() - refused.len()) as u64);
+                    if failures > 0 {
+                        tracing::info!(%route, failures, "sink delivers again");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.errors.inc();
+                    if failures == 0 || backoff == BACKOFF_MAX && failures % 12 == 0 {
+                        tracing::warn!(%route, error = %e, records = records.len(), "sink delivery failed; retrying");
+                    }
+                    failures += 1;
+                    self.sink.reset();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `work` on the disk buffer on tokio's blocking pool: its reads, writes and fsyncs must not
+/// hold up the runtime's two workers, which also run the other routes and the metrics endpoint.
+/// Callers await each call before the next, so the buffer sees appends, reads and commits in
+/// the order the route makes them.
+async fn on_disk<T: Send + 'static>(
+    buffer: &Arc<Mutex<DiskBuffer>>,
+    work: impl FnOnce(&mut DiskBuffer) -> T + Send + 'static,
+) -> T {
+    let buffer = buffer.clone();
+    tokio::task::spawn_blocking(move || work(&mut buffer.lock().expect("not poisoned")))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+async fn run_buffered<S: Sink>(
+    delivery: &mut Delivery<'_, S>,
+    queue: flume::Receiver<Vec<Queued>>,
+    buffer: DiskBuffer,
+) {
+    let metrics = delivery.metrics;
+    let route = delivery.route;
+    metrics.backlog.set(buffer.unread_bytes() as i64);
+    let buffer = Arc::new(Mutex::new(buffer));
+    let appended = Arc::new(tokio::sync::Notify::new());
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The spooler writes every delivery to disk as it comes, whatever the sink is doing.
+    let spooler = tokio::spawn(spool(
+        queue,
+        buffer.clone(),
+        appended.clone(),
+        closed.clone(),
+        metrics.clone(),
+        route.to_owned(),
+    ));
+    loop {
+        let next = on_disk(&buffer, |b| {
+            b.peek(BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES)
+        })
+        .await;
+        match next {
+            Ok(Some((records, position))) => {
+                delivery.deliver_with_retry(&records).await;
+                let delivered = records.len();
+                let (committed, unread) = on_disk(&buffer, move |b| {
+                    (b.commit(delivered, position), b.unread_bytes())
+                })
+                .await;
+                if let Err(e) = committed {
+                    metrics.errors.inc();
+                    tracing::error!(%route, error = %e, "cannot update the disk buffer's cursor");
+                }
+                metrics.backlog.set(unread as i64);
+            }
+            Ok(None) => {
+                // Read again after a wake-up: an append may land between the read and the wait,
+                // and Notify keeps that one permit for us.
+                if closed.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                appended.notified().await;
+            }
+            Err(e) => {
+                metrics.errors.inc();
+                tracing::error!(%route, error = %e, "cannot read the disk buffer; retrying");
+                tokio::time::sleep(BACKOFF_MAX).await;
+            }
+        }
+    }
+    let _ = spooler.await;
+}
+
+/// Writes each delivery to the disk buffer as it arrives. The records keep their share of the
+/// route's memory budget until they are on disk: a slow disk then slows the router's hand-over
+/// (counted drops there) instead of letting memory grow.
+async fn spool(
+    queue: flume::Receiver<Vec<Queued>>,
+    buffer: Arc<Mutex<DiskBuffer>>,
+    appended: Arc<tokio::sync::Notify>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    metrics: RouteMetrics,
+    route: String,
+) {
+    let mut batch = Vec::new();
+    let mut last_warning: Option<std::time::Instant> = None;
+    let mut unreported = crate::buffer::Dropped::new();
+    while next_batch(&queue, &mut batch).await {
+        let records: Vec<Record> = batch.iter().map(|q| q.record.clone()).collect();
+        let count = records.len();
+        let first = records.first().map(|r| (r.topic.clone(), r.seq));
+        let (result, unread) =
+            on_disk(&buffer, move |b| (b.append(&records), b.unread_bytes())).await;
+        metrics.backlog.set(unread as i64);
+        batch.clear();
+        metrics.queue.set(metrics.budget.used() as i64);
+        match result {
+            Ok(dropped) if dropped.is_empty() => {}
+            Ok(dropped) => {
+                metrics
+                    .dropped
+                    .inc_by(dropped.values().map(|d| d.2).sum::<u64>());
+                crate::buffer::merge_dropped(&mut unreported, dropped);
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last_warning = Some(std::time::Instant::now());
+                    log_buffer_drops(&route, std::mem::take(&mut unreported));
+                }
+            }
+            Err(e) => {
+                // The disk refused (full, read-only): these records cannot be kept.
+                metrics.errors.inc();
+                metrics.dropped.inc_by(count as u64);
+                tracing::error!(%route, error = %e, records = count, first = ?first,
+                    "cannot write to the disk buffer: records dropped");
+            }
+        }
+        appended.notify_one();
+    }
+    log_buffer_drops(&route, unreported);
+    closed.store(true, std::sync::atomic::Ordering::Release);
+    appended.notify_one();
+}
+
+fn log_buffer_drops(route: &str, dropped: crate::buffer::Dropped) {
+    for (topic, (first, last, count)) in dropped {
+        tracing::warn!(%route, %topic, first_seq = first, last_seq = last, records = count,
+            "disk buffer full: records dropped (see diode_sink_dropped_total)");
+    }
+}
+
+/// Waits for a delivery, then takes what else is queued, up to about a batch.
+async fn next_batch(queue: &flume::Receiver<Vec<Queued>>, batch: &mut Vec<Queued>) -> bool {
+    match queue.recv_async().await {
+        Ok(delivery) => batch.extend(delivery),
+        Err(_) => return false,
+    }
+    while batch.len() < BATCH {
+        match queue.try_recv() {
+            Ok(delivery) => batch.extend(delivery),
+            Err(_) => break,
+        }
+    }
+    true
+}
