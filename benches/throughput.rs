@@ -609,20 +609,7 @@ fn forged_datagram(rng: &mut SimRng, kind: u64) -> Vec<u8> {
             let mut forger = diode_wire::Encoder::new(
                 diode_wire::EncoderConfig {
                     session_id: rng.next_u64() | 1,
-                    mtu_bytes: 1500,
-                    data_shards: 32,
-                    parity_shards: 8,
-                    design: diode_wire::DesignPoint {
-                        loss: 0.0,
-                        burst_datagrams: 0,
-                    },
-                    repair_delay: std::time::Duration::ZERO,
-                    interleave_depth: 4,
-                    flush_interval: Duration::from_millis(5),
-                    heartbeat_interval: Duration::from_millis(500),
-                    session_start_time_us: 1,
-                    key: None,
-                    encrypt: false,
+                    ..Default::default()
                 },
                 now,
             )

@@ -520,20 +520,9 @@ fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
         let now = std::time::Instant::now();
         let config = diode_wire::EncoderConfig {
             session_id: u64::MAX >> 1,
-            mtu_bytes: 1500,
-            data_shards: 32,
-            parity_shards: 8,
-            design: diode_wire::DesignPoint {
-                loss: 0.0,
-                burst_datagrams: 0,
-            },
-            repair_delay: std::time::Duration::ZERO,
-            interleave_depth: 4,
-            flush_interval: Duration::from_millis(5),
-            heartbeat_interval: Duration::from_millis(500),
             session_start_time_us: 0,
             key,
-            encrypt: false,
+            ..Default::default()
         };
         let mut forger = diode_wire::Encoder::new(config, now).unwrap();
         let topic = forger.add_topic("historian/events").unwrap();

@@ -4,7 +4,7 @@
 //! out of a clean link exactly once, intact.
 #![no_main]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use diode_wire::proto::Origin;
@@ -26,14 +26,10 @@ fuzz_target!(|data: &[u8]| {
         mtu_bytes: mtu,
         data_shards,
         parity_shards: parity_shards.min(255 - data_shards),
-        design: diode_wire::DesignPoint { loss: 0.0, burst_datagrams: 0 },
-        repair_delay: std::time::Duration::ZERO,
         interleave_depth: 1 + data[3] as usize % 6,
-        flush_interval: Duration::from_millis(5),
-        heartbeat_interval: Duration::from_millis(500),
-        session_start_time_us: 1,
         key: key.clone(),
         encrypt: keyed && data[3] & 0x80 != 0,
+        ..Default::default()
     };
     let require_encryption = config.encrypt;
     let Ok(mut encoder) = Encoder::new(config, now) else {

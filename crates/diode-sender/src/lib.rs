@@ -3,7 +3,7 @@
 //! one-way link. Nothing is ever read back from the link.
 //!
 //! ```text
-//! sources (tokio tasks) ──bounded queue──► link thread: Encoder ─► Pacer ─► UDP socket ─► diode
+//! sources (tokio tasks) ──bounded queue──► link thread: Encoder (paced batches) ─► UDP socket ─► diode
 //! ```
 
 pub mod config;
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use diode_common::net::{udp_socket, Buffer};
 use diode_common::{unix_time_us, Shutdown};
-use diode_wire::{Encoder, EncoderConfig, Pacer};
+use diode_wire::{Encoder, EncoderConfig};
 use prometheus_client::registry::Registry;
 use thiserror::Error;
 
@@ -91,6 +91,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             session_start_time_us: start_us,
             key: loaded.key.as_ref().map(diode_wire::LinkKey::new),
             encrypt: link.encrypt,
+            rate_mbps: Some(link.rate_mbps),
         },
         now,
     )?;
@@ -181,7 +182,6 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 
     let thread = link::LinkThread {
         encoder,
-        pacer: Pacer::new(link.rate_mbps, link.max_datagram_wire_bytes(), now),
         socket,
         udp,
         destination: loaded.destination,

@@ -1,14 +1,13 @@
 //! The link thread: the only place that touches the link socket. It moves records from the source
-//! queue into the encoder and datagrams from the encoder onto the wire, never faster than the pacer
-//! allows. FEC runs here, off the async threads that serve the sources.
+//! queue into the encoder and the encoder's paced batches of datagrams onto the wire; pacing and
+//! batching are the encoder's (diode-wire), so the simulated link checks them. FEC runs here, off
+//! the async threads that serve the sources.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use diode_common::{unix_time_us, Shutdown};
-use diode_wire::datagram::IP_UDP_OVERHEAD;
-use diode_wire::{Encoder, Pacer};
+use diode_wire::Encoder;
 use quinn_udp::{Transmit, UdpSocketState};
 
 use crate::metrics::{SenderMetrics, TopicMetrics};
@@ -21,7 +20,6 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 pub struct LinkThread {
     pub encoder: Encoder,
-    pub pacer: Pacer,
     pub socket: UdpSocket,
     /// Segmentation offload state for `socket`.
     pub udp: UdpSocketState,
@@ -41,8 +39,6 @@ const MAX_BATCH_DATAGRAMS: usize = 32;
 
 impl LinkThread {
     pub fn run(mut self) {
-        // Datagram taken from the encoder but held back by the pacer.
-        let mut held: Option<Bytes> = None;
         let mut noted_drops = vec![0u64; self.topics.len()];
         let mut noted_errors = 0u64;
         let mut last_stats = self.encoder.stats().clone();
@@ -86,11 +82,11 @@ impl LinkThread {
                 self.encoder.finish(now, unix_time_us());
             }
             self.encoder.handle_timeout(now, unix_time_us());
-            self.transmit(now, &mut held);
+            self.transmit(now);
             self.update_metrics(&mut last_stats);
 
             if let Some(since) = stopping_since {
-                if (disconnected && held.is_none() && self.encoder.is_idle())
+                if (disconnected && self.encoder.is_idle())
                     || now.duration_since(since) > DRAIN_LIMIT
                 {
                     if !self.encoder.is_idle() {
@@ -101,12 +97,9 @@ impl LinkThread {
             }
 
             // Sleep until the next thing to do: a record, a timer, or pacer credit.
-            let mut wake = self.encoder.poll_timeout();
-            if held.is_some() {
-                let credit = self.pacer.ready_at(now, 0);
-                wake = Some(wake.map_or(credit, |w| w.min(credit)));
-            }
-            let wake = wake
+            let wake = self
+                .encoder
+                .poll_timeout()
                 .unwrap_or(now + Duration::from_millis(100))
                 .min(now + Duration::from_millis(100));
             let queue_open = !disconnected && self.encoder.queued_bytes() < self.max_queued_bytes;
@@ -147,56 +140,27 @@ impl LinkThread {
         }
     }
 
-    /// Sends what the pacer allows. Consecutive datagrams of one size (and a last, shorter one)
-    /// go out as one GSO send: one system call for up to 32 datagrams.
-    fn transmit(&mut self, now: Instant, held: &mut Option<Bytes>) {
-        loop {
-            if held.is_none() {
-                *held = self.encoder.poll_transmit(now);
-            }
-            if held.is_none() || !self.pacer.ready(now) {
-                return;
-            }
-            let first = held.take().expect("checked above");
-            let segment = first.len();
-            let max_segments = self.udp.max_gso_segments().clamp(1, MAX_BATCH_DATAGRAMS);
-            let budget = self.pacer.budget(now).max(segment + IP_UDP_OVERHEAD);
-            self.batch.clear();
-            self.batch.extend_from_slice(&first);
-            let mut count = 1;
-            while count < max_segments && (count + 1) * (segment + IP_UDP_OVERHEAD) <= budget {
-                match self.encoder.poll_transmit(now) {
-                    Some(d) if d.len() == segment => self.batch.extend_from_slice(&d),
-                    Some(d) if d.len() < segment => {
-                        // A shorter datagram may end a GSO batch, never sit inside one.
-                        self.batch.extend_from_slice(&d);
-                        count += 1;
-                        break;
-                    }
-                    Some(d) => {
-                        *held = Some(d);
-                        break;
-                    }
-                    None => break,
-                }
-                count += 1;
-            }
-            let wire = self.batch.len() + count * IP_UDP_OVERHEAD;
-            self.pacer.consume(wire);
+    /// Sends what the encoder's pacer allows, a GSO batch per system call.
+    fn transmit(&mut self, now: Instant) {
+        let max_datagrams = self.udp.max_gso_segments().clamp(1, MAX_BATCH_DATAGRAMS);
+        while let Some(batch) =
+            self.encoder
+                .poll_transmit_batch(now, max_datagrams, &mut self.batch)
+        {
             let transmit = Transmit {
                 destination: self.destination,
                 ecn: None,
                 contents: &self.batch,
-                segment_size: (count > 1).then_some(segment),
+                segment_size: (batch.datagrams > 1).then_some(batch.segment_size),
                 src_ip: None,
             };
             match self.udp.try_send((&self.socket).into(), &transmit) {
                 Ok(()) => {
-                    self.metrics.datagrams_sent.inc_by(count as u64);
-                    self.metrics.link_bytes_sent.inc_by(wire as u64);
+                    self.metrics.datagrams_sent.inc_by(batch.datagrams as u64);
+                    self.metrics.link_bytes_sent.inc_by(batch.wire_bytes as u64);
                 }
                 Err(e) => {
-                    if self.metrics.send_errors.inc_by(count as u64) < 1000 {
+                    if self.metrics.send_errors.inc_by(batch.datagrams as u64) < 1000 {
                         tracing::warn!(error = %e, destination = %self.destination, "link send failed");
                     }
                 }

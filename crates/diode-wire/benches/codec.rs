@@ -13,21 +13,9 @@ const SHARD: usize = 1442;
 fn encoder(now: Instant) -> Encoder {
     Encoder::new(
         EncoderConfig {
-            session_id: 1,
-            mtu_bytes: 1500,
-            data_shards: 32,
-            parity_shards: 8,
-            design: diode_wire::DesignPoint {
-                loss: 0.0,
-                burst_datagrams: 0,
-            },
-            repair_delay: std::time::Duration::ZERO,
-            interleave_depth: 4,
-            flush_interval: Duration::from_millis(5),
             heartbeat_interval: Duration::from_secs(3600),
             session_start_time_us: 0,
-            key: None,
-            encrypt: false,
+            ..Default::default()
         },
         now,
     )

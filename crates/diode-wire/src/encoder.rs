@@ -20,6 +20,7 @@ use crate::datagram::{
 };
 use crate::fec::{self, CodecCache};
 use crate::frames::{self, proto};
+use crate::pacer::Pacer;
 
 /// The 4-byte content length that opens every block (wire-format.md §4.1).
 const CONTENT_HEADER_LEN: usize = 4;
@@ -49,6 +50,34 @@ pub struct EncoderConfig {
     pub key: Option<LinkKey>,
     /// Encrypts every block's frames with a key derived from `key` (wire-format.md §4.4).
     pub encrypt: bool,
+    /// The pacing ceiling in megabits per second of wire bytes (wire-format.md §1): the
+    /// encoder hands out no datagram faster. None: as fast as they are polled (tests, benchmarks).
+    pub rate_mbps: Option<f64>,
+}
+
+/// The project's defaults (`docs/wire-format.md` §3), unpaced, for session 1: tests and
+/// benchmarks set what they vary and take the rest from here.
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig {
+            session_id: 1,
+            mtu_bytes: 1500,
+            data_shards: 32,
+            parity_shards: 8,
+            design: fec::DesignPoint {
+                loss: 0.0,
+                burst_datagrams: 0,
+            },
+            repair_delay: Duration::ZERO,
+            interleave_depth: 4,
+            flush_interval: Duration::from_millis(5),
+            heartbeat_interval: Duration::from_millis(500),
+            session_start_time_us: 1,
+            key: None,
+            encrypt: false,
+            rate_mbps: None,
+        }
+    }
 }
 
 impl EncoderConfig {
@@ -97,6 +126,9 @@ impl EncoderConfig {
         if self.repair_delay > MAX_REPAIR_DELAY {
             return Err(EncoderConfigError::RepairDelay);
         }
+        if self.rate_mbps.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err(EncoderConfigError::Rate);
+        }
         Ok(())
     }
 }
@@ -119,6 +151,19 @@ pub enum EncoderConfigError {
     Design,
     #[error("the repair delay must be at most 10 s")]
     RepairDelay,
+    #[error("the pacing rate must be a positive number of megabits per second")]
+    Rate,
+}
+
+/// One send's worth of datagrams from [`Encoder::poll_transmit_batch`]: `datagrams` of
+/// `segment_size` bytes back to back, the last possibly shorter (what UDP segmentation offload
+/// sends with one system call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    pub datagrams: usize,
+    pub segment_size: usize,
+    /// What the batch costs the pacer: its bytes and every datagram's IP and UDP headers.
+    pub wire_bytes: usize,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -396,6 +441,9 @@ pub struct Encoder {
     stats: EncoderStats,
     /// Set by `finish`: heartbeats from then on say the sender is stopping (§5.3).
     stopping: bool,
+    pacer: Option<Pacer>,
+    /// A datagram taken from the schedule but held back by the pacer or by a batch's shape.
+    held: Option<Bytes>,
 }
 
 impl Encoder {
@@ -413,7 +461,6 @@ impl Encoder {
                 .filter(|_| config.encrypt)
                 .map(|key| key.block_cipher(config.session_id)),
             max_shard_len,
-            config,
             topics: Vec::new(),
             open: OpenBlock {
                 content_len: CONTENT_HEADER_LEN,
@@ -432,6 +479,11 @@ impl Encoder {
             scratch: Vec::new(),
             stats: EncoderStats::default(),
             stopping: false,
+            pacer: config
+                .rate_mbps
+                .map(|rate| Pacer::new(rate, config.mtu_bytes, now)),
+            held: None,
+            config,
         })
     }
 
@@ -765,6 +817,7 @@ impl Encoder {
             && self.waiting.is_empty()
             && self.repairs.is_empty()
             && self.schedule_cursor == self.schedule.len()
+            && self.held.is_none()
     }
 
     pub fn handle_timeout(&mut self, now: Instant, unix_time_us: i64) {
@@ -790,11 +843,80 @@ impl Encoder {
             consider(self.waiting.front().map(|b| b.deadline));
         }
         consider(self.repairs.front().map(|r| r.due));
+        if self.held.is_some() {
+            consider(self.pacer.as_ref().map(Pacer::next_send_time));
+        }
         next
     }
 
-    /// The next datagram to send, if any is ready (wire-format.md §3.3).
+    /// The next datagram to send, if one is ready and the pacer allows it (wire-format.md §3.3).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        let datagram = self.held.take().or_else(|| self.next_datagram(now))?;
+        if let Some(pacer) = &mut self.pacer {
+            if !pacer.ready(now) {
+                self.held = Some(datagram);
+                return None;
+            }
+            pacer.consume(datagram.len() + IP_UDP_OVERHEAD);
+        }
+        Some(datagram)
+    }
+
+    /// The datagrams of one send, written back to back into `out`: up to `max_datagrams` of one
+    /// size (a shorter one may end the batch, never sit inside it), as many as the pacer's credit
+    /// allows, at least one when it allows any. None when nothing is ready or the pacer says
+    /// wait (`poll_timeout` then says until when).
+    pub fn poll_transmit_batch(
+        &mut self,
+        now: Instant,
+        max_datagrams: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<Batch> {
+        out.clear();
+        let first = self.held.take().or_else(|| self.next_datagram(now))?;
+        let segment = first.len();
+        let wire = |datagrams: usize| datagrams * (segment + IP_UDP_OVERHEAD);
+        let budget = match &mut self.pacer {
+            Some(pacer) => {
+                if !pacer.ready(now) {
+                    self.held = Some(first);
+                    return None;
+                }
+                pacer.budget(now).max(wire(1))
+            }
+            None => usize::MAX,
+        };
+        out.extend_from_slice(&first);
+        let mut count = 1;
+        while count < max_datagrams && wire(count + 1) <= budget {
+            match self.next_datagram(now) {
+                Some(d) if d.len() == segment => out.extend_from_slice(&d),
+                Some(d) if d.len() < segment => {
+                    out.extend_from_slice(&d);
+                    count += 1;
+                    break;
+                }
+                Some(d) => {
+                    self.held = Some(d);
+                    break;
+                }
+                None => break,
+            }
+            count += 1;
+        }
+        let wire_bytes = out.len() + count * IP_UDP_OVERHEAD;
+        if let Some(pacer) = &mut self.pacer {
+            pacer.consume(wire_bytes);
+        }
+        Some(Batch {
+            datagrams: count,
+            segment_size: segment,
+            wire_bytes,
+        })
+    }
+
+    /// Takes the next datagram off the schedule, paced or not.
+    fn next_datagram(&mut self, now: Instant) -> Option<Bytes> {
         // Repair shards that are due go first: their block has waited for them already.
         if let Some(repair) = self.repairs.front_mut().filter(|r| r.due <= now) {
             let at = repair.next * repair.stride;

@@ -2,11 +2,12 @@
 //! machines with no sockets and no clock (the quinn-proto model): time is passed in, datagrams are
 //! bytes in and out. The format is specified in `docs/wire-format.md`.
 //!
-//! - [`Encoder`]: records in (`push`), datagrams out (`poll_transmit`), timers via
-//!   `poll_timeout` / `handle_timeout`.
+//! - [`Encoder`]: records in (`push`), datagrams out (`poll_transmit`, or
+//!   `poll_transmit_batch` for one paced send of up to N datagrams), timers via `poll_timeout` /
+//!   `handle_timeout`.
 //! - [`Reassembler`]: datagrams in (`handle_datagram`), records, gaps and link events out
 //!   (`poll_event`), timers via `poll_timeout` / `handle_timeout`.
-//! - [`Pacer`]: the rate ceiling the sender's I/O loop keeps to.
+//! - [`Pacer`]: the rate ceiling the encoder keeps to.
 //! - [`sim`]: an impaired in-memory link for tests.
 
 pub mod auth;
@@ -21,7 +22,7 @@ pub mod sim;
 pub use auth::LinkKey;
 pub use datagram::Rejected;
 pub use encoder::{
-    Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, RecordLimits,
+    Batch, Encoder, EncoderConfig, EncoderConfigError, EncoderStats, PushError, RecordLimits,
     RecordTooLarge, TopicId,
 };
 pub use fec::{DesignPoint, ParityPlan};

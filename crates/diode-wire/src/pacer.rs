@@ -1,5 +1,6 @@
 //! Pacing: the sender is the only party that can keep a hardware diode's receiving NIC from
 //! overflowing, so it never exceeds `rate_mbps`, measured in wire bytes (wire-format.md §1).
+//! The encoder keeps one (`EncoderConfig::rate_mbps`) and hands out no datagram beyond it.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,15 @@ impl Pacer {
 
     pub fn consume(&mut self, wire_bytes: usize) {
         self.balance -= wire_bytes as f64;
+    }
+
+    /// When anything may be sent again: once the debt of the last batch is paid back.
+    pub fn next_send_time(&self) -> Instant {
+        if self.balance >= 0.0 {
+            self.last
+        } else {
+            self.last + Duration::from_secs_f64(-self.balance / self.bytes_per_sec)
+        }
     }
 
     /// When `wire_bytes` more can be sent without debt.

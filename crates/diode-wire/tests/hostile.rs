@@ -22,13 +22,9 @@ fn config(mtu_bytes: usize, data_shards: usize, parity_shards: usize, key: bool)
             loss: 0.01,
             burst_datagrams: 0,
         },
-        repair_delay: std::time::Duration::ZERO,
-        interleave_depth: 4,
-        flush_interval: Duration::from_millis(5),
-        heartbeat_interval: Duration::from_millis(500),
-        session_start_time_us: 1,
         key: key.then(|| LinkKey::new(&[7; 32])),
         encrypt: key,
+        ..Default::default()
     }
 }
 

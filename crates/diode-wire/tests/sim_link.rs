@@ -30,20 +30,8 @@ const TOPICS: [&str; 3] = ["line3/telemetry", "historian/events", "plant/big"];
 fn encoder_config(session_id: u64) -> EncoderConfig {
     EncoderConfig {
         session_id,
-        mtu_bytes: 1500,
-        data_shards: 32,
-        parity_shards: 8,
-        design: diode_wire::DesignPoint {
-            loss: 0.0,
-            burst_datagrams: 0,
-        },
-        repair_delay: std::time::Duration::ZERO,
-        interleave_depth: 4,
-        flush_interval: Duration::from_millis(5),
-        heartbeat_interval: Duration::from_millis(500),
         session_start_time_us: 1_700_000_000_000_000,
-        key: None,
-        encrypt: false,
+        ..Default::default()
     }
 }
 
