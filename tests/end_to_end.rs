@@ -63,7 +63,7 @@ fn send_lines(addr: SocketAddr, lines: impl IntoIterator<Item = String>) {
 
 #[test]
 fn records_arrive_intact_in_order_once_over_an_impaired_link() {
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let relay = RelayConfig {
         impairments: Impairments {
             drop_rate: 0.03,
@@ -160,7 +160,7 @@ fn records_arrive_intact_in_order_once_over_an_impaired_link() {
 
 #[test]
 fn a_clean_link_loses_nothing() {
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let pair = Pair::start(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
@@ -179,7 +179,7 @@ fn a_clean_link_loses_nothing() {
 
 #[test]
 fn an_outage_is_reported_as_exact_gaps_and_link_down() {
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let pair = Pair::start(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
@@ -239,14 +239,14 @@ fn an_outage_is_reported_as_exact_gaps_and_link_down() {
 
 #[test]
 fn byte_streams_round_trip_through_tcp_sinks() {
-    let (raw_in, len_in) = (free_tcp_port(), free_tcp_port());
+    let (raw_in, len_in) = (free_port(), free_port());
     let raw_out = TcpListener::bind("127.0.0.1:0").unwrap();
     let len_out = TcpListener::bind("127.0.0.1:0").unwrap();
     let udp_out = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp_out
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let udp_in = free_udp_port();
+    let udp_in = free_port();
     let topics = format!(
         r#"[[topic]]
 name = "bulk/raw"
@@ -342,7 +342,7 @@ sink = {{ kind = "udp", target = "{}" }}
 
 #[test]
 fn sender_restart_starts_a_new_session_and_receiver_restart_joins() {
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let mut pair = Pair::start(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
@@ -430,7 +430,7 @@ fn a_bad_config_stops_the_service_naming_file_line_and_key() {
 
 #[test]
 fn the_documented_metrics_are_exported() {
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let pair = Pair::start(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
@@ -502,7 +502,7 @@ fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
         "{stderr}"
     );
 
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let pair = Pair::start_with(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
@@ -596,7 +596,7 @@ fn udp_sockets_of(pid: u32) -> Vec<(SocketAddr, SocketAddr, u64)> {
 /// host on the OT network sends to it is ever queued (it was bound to 0.0.0.0 and unconnected).
 #[test]
 fn the_sender_link_socket_accepts_nothing() {
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let pair = Pair::start(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
@@ -643,7 +643,7 @@ fn replays_are_refused_across_a_receiver_restart() {
         .status()
         .unwrap();
     assert!(status.success());
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let mut pair = Pair::start_with(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
@@ -707,7 +707,7 @@ fn replays_are_refused_across_a_receiver_restart() {
 /// point every record arrives, in order, once.
 #[test]
 fn small_blocks_ride_through_random_loss_and_bursts_at_the_design_point() {
-    let udp = free_udp_port();
+    let udp = free_port();
     let relay = RelayConfig {
         impairments: Impairments {
             drop_rate: 0.03,
@@ -761,7 +761,7 @@ fn small_blocks_ride_through_random_loss_and_bursts_at_the_design_point() {
 /// port once became five historian records.
 #[test]
 fn listening_sources_refuse_peers_not_allowed() {
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let topics = format!(
         "[[topic]]\nname = \"line3/telemetry\"\nsource = {{ kind = \"udp\", listen = \"127.0.0.1:{udp}\", allowed_peers = [\"127.0.0.2\"] }}\n\n[[topic]]\nname = \"historian/events\"\nsource = {{ kind = \"tcp\", listen = \"127.0.0.1:{tcp}\", framing = \"lines\", allowed_peers = [\"127.0.0.2\"] }}\n"
     );
@@ -822,7 +822,7 @@ fn every_metric_is_documented_and_every_documented_metric_exists() {
         .filter_map(|l| l.split('`').next())
         .map(str::to_owned)
         .collect();
-    let (udp, tcp) = (free_udp_port(), free_tcp_port());
+    let (udp, tcp) = (free_port(), free_port());
     let pair = Pair::start(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),

@@ -66,7 +66,7 @@ fn delivered(pair: &Pair, prefix_of: impl Fn(u64) -> String) -> Vec<u64> {
 
 #[test]
 fn a_sender_crash_is_a_new_session_and_the_receiver_carries_on() {
-    let tcp = free_tcp_port();
+    let tcp = free_port();
     let mut pair = pair(tcp);
     let addr: SocketAddr = loopback(tcp);
     let mut s = TcpStream::connect(addr).unwrap();
@@ -102,7 +102,7 @@ fn a_sender_crash_is_a_new_session_and_the_receiver_carries_on() {
 
 #[test]
 fn ten_seconds_of_darkness_then_the_link_comes_back() {
-    let tcp = free_tcp_port();
+    let tcp = free_port();
     let pair = pair(tcp);
     let mut s = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     let mut sent = 0u64;
@@ -161,7 +161,7 @@ fn ten_seconds_of_darkness_then_the_link_comes_back() {
 #[test]
 fn a_short_outage_is_ridden_through_with_outage_protection() {
     let run = |protection_ms: u64| {
-        let tcp = free_tcp_port();
+        let tcp = free_port();
         let pair = Pair::start_with(
             RelayConfig::default(),
             &TOPIC.replace("PORT", &tcp.to_string()),
@@ -214,7 +214,7 @@ fn a_short_outage_is_ridden_through_with_outage_protection() {
 
 #[test]
 fn a_flood_of_hostile_datagrams_during_real_traffic() {
-    let tcp = free_tcp_port();
+    let tcp = free_port();
     let pair = pair(tcp);
     let link = pair.link_port;
     // The link is working (a heartbeat decoded) before the flood begins: the flood tests that it

@@ -48,7 +48,7 @@ fn first_arrivals(values: impl IntoIterator<Item = u64>) -> (Vec<u64>, usize) {
 fn mqtt_sink_keeps_every_record_through_a_ten_second_broker_outage() {
     let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Mosquitto::start(dir.path(), free_tcp_port());
+    let mut broker = Mosquitto::start(dir.path(), free_port());
     // The consumer keeps a persistent session too, so it misses nothing across the restart.
     let mut consumer = KillOnDrop(
         Command::new(sub)
@@ -136,7 +136,7 @@ buffer_dir = "buffer/it-broker"
 
 #[test]
 fn a_buffered_route_replays_after_a_receiver_restart() {
-    let target_port = free_tcp_port();
+    let target_port = free_port();
     let source_port = free_port();
     let routes = format!(
         r##"[[route]]
@@ -346,8 +346,8 @@ fn the_embedded_broker_is_read_only_authenticated_and_bounded() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let broker_port = free_tcp_port();
-    let source_port = free_tcp_port();
+    let broker_port = free_port();
+    let source_port = free_port();
     let routes = format!(
         "[[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"mqtt_broker\", listen = \"127.0.0.1:{broker_port}\", topic_prefix = \"ot/\", username = \"scada\", password_file = \"broker.password\", max_connections = 40, client_queue_bytes = 1048576 }}\n"
     );
@@ -476,7 +476,7 @@ fn the_embedded_broker_is_read_only_authenticated_and_bounded() {
 #[test]
 fn the_embedded_broker_serves_records_to_mqtt_clients() {
     let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
-    let broker_port = free_tcp_port();
+    let broker_port = free_port();
     let source_port = free_port();
     let routes = format!(
         "[[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"mqtt_broker\", listen = \"127.0.0.1:{broker_port}\", topic_prefix = \"ot/\" }}\n"
@@ -516,7 +516,7 @@ fn the_embedded_broker_serves_records_to_mqtt_clients() {
 
 #[test]
 fn kafka_sink_produces_keyed_ordered_records_an_independent_client_reads() {
-    let broker = common::peers::Tansu::start(free_tcp_port());
+    let broker = common::peers::Tansu::start(free_port());
     let (a, b) = (free_port(), free_port());
     let topics = format!(
         "{}{}",
@@ -574,7 +574,7 @@ fn mqtt_over_tls_with_client_certificates_and_passwords_both_ways() {
     let sub = require("mosquitto_sub", "apt-get install mosquitto-clients");
     let dir = tempfile::tempdir().unwrap();
     let pki = common::peers::Pki::generate(dir.path());
-    let broker = Mosquitto::start_secure(dir.path(), free_tcp_port(), &pki, "diode", "s3cret pass");
+    let broker = Mosquitto::start_secure(dir.path(), free_port(), &pki, "diode", "s3cret pass");
     std::fs::write(dir.path().join("mqtt.pass"), "s3cret pass\n").unwrap();
     // A password file others can read is refused, like a key file.
     std::fs::set_permissions(
@@ -682,7 +682,7 @@ fn a_record_the_sink_can_never_accept_is_set_aside_and_the_route_goes_on() {
     target
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let source = free_tcp_port();
+    let source = free_port();
     let topics = format!(
         "[[topic]]\nname = \"historian/events\"\nsource = {{ kind = \"tcp\", listen = \"127.0.0.1:{source}\", framing = \"lines\" }}\n"
     );
@@ -738,7 +738,7 @@ fn the_embedded_broker_serves_over_tls_only_when_asked() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let broker_port = free_tcp_port();
+    let broker_port = free_port();
     let source_port = free_port();
     let routes = format!(
         "[[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"mqtt_broker\", listen = \"127.0.0.1:{broker_port}\", topic_prefix = \"ot/\", tls = {{ cert_file = \"{}\", key_file = \"{}\" }} }}\n",

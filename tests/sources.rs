@@ -23,7 +23,7 @@ sink = { kind = "file", path = "out.jsonl" }
 #[test]
 fn mqtt_messages_cross_with_their_topics_through_broker_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Mosquitto::start(dir.path(), free_tcp_port());
+    let mut broker = Mosquitto::start(dir.path(), free_port());
     let topics = format!(
         r#"[[topic]]
 name = "plant/mqtt"
@@ -125,7 +125,7 @@ source = {{ kind = "mqtt", broker = "127.0.0.1:{}", subscribe = ["plant/#"], qos
 #[test]
 fn an_mqtt_topic_longer_than_a_block_is_refused_and_the_link_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path(), free_tcp_port());
+    let broker = Mosquitto::start(dir.path(), free_port());
     let topics = format!(
         r#"[[topic]]
 name = "plant/mqtt"
@@ -220,7 +220,7 @@ fn f32_words(value: f32) -> [u16; 2] {
 #[test]
 fn modbus_values_are_polled_typed_and_scaled_and_nothing_is_written() {
     let _ = require("python3", "apt-get install python3 python3-venv");
-    let plc_port = free_tcp_port();
+    let plc_port = free_port();
     let mut plc = Plc::start(plc_port);
     plc.set("holding", 100, &[12345]);
     plc.set("input", 10, &f32_words(42.25));

@@ -36,14 +36,6 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-pub fn free_udp_port() -> u16 {
-    free_port()
-}
-
-pub fn free_tcp_port() -> u16 {
-    free_port()
-}
-
 /// Polls `check` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -173,9 +165,8 @@ impl Pair {
         sender_link: &str,
         receiver_link: &str,
     ) -> Pair {
-        let link_port = free_udp_port();
-        let receiver_metrics: SocketAddr =
-            format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let link_port = free_port();
+        let receiver_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let receiver_toml = dir.path().join("receiver.toml");
         std::fs::write(
             &receiver_toml,
@@ -191,7 +182,7 @@ impl Pair {
             receiver_metrics,
         );
         let relay = Relay::start(format!("127.0.0.1:{link_port}").parse().unwrap(), relay).unwrap();
-        let sender_metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let sender_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,

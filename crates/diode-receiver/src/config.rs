@@ -269,6 +269,7 @@ sink = { kind = "file", path = "out/records.jsonl" }
         assert!(
             loaded.routes[0]
                 .sink
+                .settings
                 .describe()
                 .starts_with(&format!("file {} ", out.display())),
             "{:?}",

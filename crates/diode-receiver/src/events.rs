@@ -74,7 +74,7 @@ impl LossLog {
 
     fn gap(&mut self, now: Instant, gap: &diode_wire::Gap) {
         if !self.folded.contains_key(&gap.topic) && self.take_token(now) {
-            log_gap(&gap.topic, gap.first_seq, gap.last_seq, gap.len(), 1);
+            log_gap(&gap.topic, gap.first_seq, gap.last_seq, gap.records(), 1);
             return;
         }
         let entry =
@@ -83,7 +83,7 @@ impl LossLog {
                 .or_insert((gap.first_seq, gap.last_seq, 0, 0));
         entry.0 = entry.0.min(gap.first_seq);
         entry.1 = entry.1.max(gap.last_seq);
-        entry.2 += gap.len();
+        entry.2 += gap.records();
         entry.3 += 1;
     }
 
@@ -178,7 +178,7 @@ impl Events {
                 losses.gap(Instant::now(), &gap);
                 Self::topic_counters(&self.metrics, &mut self.topic_counters, &gap.topic)
                     .lost
-                    .inc_by(gap.len());
+                    .inc_by(gap.records());
             }
             Event::BlocksLost {
                 session_id,

@@ -190,7 +190,7 @@ pub fn describe(loaded: &Loaded) -> String {
     }
     out += &format!("routes ({}):\n", loaded.routes.len());
     for (route, raw) in loaded.routes.iter().zip(&loaded.config.routes) {
-        let sink = route.sink.describe();
+        let sink = route.sink.settings.describe();
         out += &format!("  {:<10} {} -> {sink}\n", route.name, raw.topics.join(", "));
         out += &match &route.buffer {
             Some((dir, max, policy)) => format!(

@@ -18,7 +18,7 @@ use crate::buffer::{DiskBuffer, FullPolicy};
 use crate::filter::TopicFilter;
 use crate::metrics::{ReceiverMetrics, RouteMetrics};
 use crate::sinks::dead_letter::DeadLetters;
-use crate::sinks::{Sink, SinkConfig, SinkSettings, SiteLimits};
+use crate::sinks::{CheckedSink, Sink, SinkConfig, SiteLimits};
 
 /// `[[route]]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -71,7 +71,7 @@ fn default_dead_letter_max_bytes() -> u64 {
 pub struct Route {
     pub name: String,
     pub filters: Vec<TopicFilter>,
-    pub sink: Arc<dyn SinkSettings>,
+    pub sink: CheckedSink,
     pub queue_bytes: usize,
     /// The route's disk buffer, resolved: (directory, most bytes, policy).
     pub buffer: Option<(PathBuf, u64, FullPolicy)>,
@@ -99,10 +99,10 @@ impl RouteConfig {
             );
         }
         let sink = self.sink.check(&scope.child("sink"), site)?;
-        for claim in sink.claims() {
+        for claim in sink.settings.claims() {
             if let Some(first) = earlier
                 .iter()
-                .position(|r| r.sink.claims().contains(&claim))
+                .position(|r| r.sink.settings.claims().contains(&claim))
             {
                 return Err(scope.invalid(
                     "sink",
@@ -118,7 +118,7 @@ impl RouteConfig {
         let name = self
             .name
             .clone()
-            .unwrap_or_else(|| format!("{index}-{}", sink.kind()));
+            .unwrap_or_else(|| format!("{index}-{}", sink.kind));
         if earlier.iter().any(|r| r.name == name) {
             return Err(scope.invalid("name", format!("{name:?} is used twice")));
         }
@@ -254,15 +254,12 @@ impl Router {
                 dead: DeadLetters::new(route.dead_letter.0.clone(), route.dead_letter.1),
                 metrics: route_metrics.clone(),
             };
-            tasks.push(
-                route
-                    .sink
-                    .start(task)
-                    .map_err(|source| RouteStartError::Sink {
-                        route: route.name.clone(),
-                        source,
-                    })?,
-            );
+            tasks.push(route.sink.settings.start(task).map_err(|source| {
+                RouteStartError::Sink {
+                    route: route.name.clone(),
+                    source,
+                }
+            })?);
             queues.push(RouteQueue {
                 name: route.name,
                 filters: route.filters,

@@ -50,18 +50,27 @@ impl SinkConfig {
         &self,
         scope: &ConfigScope<'_>,
         site: &SiteLimits,
-    ) -> Result<Arc<dyn SinkSettings>, ConfigError> {
-        Ok(match self {
-            SinkConfig::File(c) => Arc::new(c.check(scope)?),
-            SinkConfig::Stdout(c) => Arc::new(c.clone()),
-            SinkConfig::Udp(c) => Arc::new(c.check(scope)?),
-            SinkConfig::Tcp(c) => Arc::new(c.check(scope)?),
-            SinkConfig::Mqtt(c) => Arc::new(c.check(scope, site)?),
-            SinkConfig::MqttBroker(c) => Arc::new(c.check(scope, site)?),
-            SinkConfig::Kafka(c) => Arc::new(c.check(scope)?),
-            SinkConfig::Syslog(c) => Arc::new(c.check(scope)?),
-        })
+    ) -> Result<CheckedSink, ConfigError> {
+        let (kind, settings): (_, Arc<dyn SinkSettings>) = match self {
+            SinkConfig::File(c) => ("file", Arc::new(c.check(scope)?)),
+            SinkConfig::Stdout(c) => ("stdout", Arc::new(c.clone())),
+            SinkConfig::Udp(c) => ("udp", Arc::new(c.check(scope)?)),
+            SinkConfig::Tcp(c) => ("tcp", Arc::new(c.check(scope)?)),
+            SinkConfig::Mqtt(c) => ("mqtt", Arc::new(c.check(scope, site)?)),
+            SinkConfig::MqttBroker(c) => ("mqtt_broker", Arc::new(c.check(scope, site)?)),
+            SinkConfig::Kafka(c) => ("kafka", Arc::new(c.check(scope)?)),
+            SinkConfig::Syslog(c) => ("syslog", Arc::new(c.check(scope)?)),
+        };
+        Ok(CheckedSink { kind, settings })
     }
+}
+
+/// A route's sink as checked at load.
+#[derive(Debug, Clone)]
+pub struct CheckedSink {
+    /// The `kind` of its table.
+    pub kind: &'static str,
+    pub settings: Arc<dyn SinkSettings>,
 }
 
 /// What the whole configuration sets that a sink's checks depend on.
@@ -80,9 +89,6 @@ impl SiteLimits {
 
 /// A sink's settings, checked and resolved, ready to start.
 pub trait SinkSettings: std::fmt::Debug + Send + Sync {
-    /// The `kind` of its table.
-    fn kind(&self) -> &'static str;
-
     /// What it does, in one line, for `diode-recv check`.
     fn describe(&self) -> String;
 

@@ -4,14 +4,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use diode_common::config::{ConfigError, ConfigScope, ConfigSource, MetricsConfig};
 use diode_wire::datagram::{DATAGRAM_OVERHEAD, IP_UDP_OVERHEAD};
 use serde::Deserialize;
 
-use crate::sources::{Claim, SiteLimits, Source};
+use crate::sources::{CheckedSource, Claim, SiteLimits};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,7 +178,7 @@ pub struct Loaded {
     /// `metrics.listen`, resolved.
     pub metrics_listen: Option<SocketAddr>,
     /// Each topic's source, checked and resolved, in topic order.
-    pub sources: Vec<Arc<dyn Source>>,
+    pub sources: Vec<CheckedSource>,
 }
 
 impl LinkConfig {
@@ -293,7 +292,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
                 ),
             ));
         }
-        for claim in checked.claims() {
+        for claim in checked.source.claims() {
             if let Some(first) = claimed.get(&claim) {
                 return Err(source.invalid(
                     "topic",
@@ -437,7 +436,7 @@ fn check_topic(
     topic: &TopicConfig,
     link: &LinkConfig,
     site: &SiteLimits,
-) -> Result<Arc<dyn Source>, ConfigError> {
+) -> Result<CheckedSource, ConfigError> {
     if !diode_wire::is_valid_topic(&topic.name) {
         return Err(scope.invalid(
             "name",
@@ -597,8 +596,8 @@ source = { kind = "syslog", listen = "127.0.0.1:5514", protocol = "udp" }
         let text = format!("{ISSUE_EXAMPLE}{PLANT_TOPICS}");
         let loaded = load(&write(dir.path(), "sender.toml", &text)).unwrap();
         assert_eq!(loaded.config.topics.len(), 5);
-        assert_eq!(loaded.sources[2].kind(), "mqtt");
-        assert_eq!(loaded.sources[3].kind(), "modbus");
+        assert_eq!(loaded.sources[2].kind, "mqtt");
+        assert_eq!(loaded.sources[3].kind, "modbus");
         let described = crate::describe(&loaded);
         assert!(
             described.contains("3 values in 3 read requests every 200 ms (read only)"),

@@ -125,8 +125,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             limits,
             shutdown: shutdown.clone(),
         };
-        let started = source.start(ctx).map_err(|e| StartError::Source {
-            what: format!("the {} source of topic {}", source.kind(), topic.name),
+        let started = source.source.start(ctx).map_err(|e| StartError::Source {
+            what: format!("the {} source of topic {}", source.kind, topic.name),
             source: e,
         })?;
         if let Some(local) = started.local_addr {
@@ -318,7 +318,7 @@ pub fn describe(loaded: &Loaded) -> String {
         .zip(&loaded.topic_origins)
         .zip(&loaded.sources)
     {
-        let source = source.describe();
+        let source = source.source.describe();
         let ceiling = topic
             .rate_mbps
             .map(|r| format!(", at most {r} Mb/s"))

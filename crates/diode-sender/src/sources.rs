@@ -55,15 +55,24 @@ impl SourceConfig {
         &self,
         scope: &ConfigScope<'_>,
         site: &SiteLimits,
-    ) -> Result<Arc<dyn Source>, ConfigError> {
-        Ok(match self {
-            SourceConfig::Udp(c) => Arc::new(c.check(scope)?),
-            SourceConfig::Tcp(c) => Arc::new(c.check(scope)?),
-            SourceConfig::Mqtt(c) => Arc::new(c.check(scope, site)?),
-            SourceConfig::Modbus(c) => Arc::new(c.check(scope, site)?),
-            SourceConfig::Syslog(c) => Arc::new(c.check(scope)?),
-        })
+    ) -> Result<CheckedSource, ConfigError> {
+        let (kind, source): (_, Arc<dyn Source>) = match self {
+            SourceConfig::Udp(c) => ("udp", Arc::new(c.check(scope)?)),
+            SourceConfig::Tcp(c) => ("tcp", Arc::new(c.check(scope)?)),
+            SourceConfig::Mqtt(c) => ("mqtt", Arc::new(c.check(scope, site)?)),
+            SourceConfig::Modbus(c) => ("modbus", Arc::new(c.check(scope, site)?)),
+            SourceConfig::Syslog(c) => ("syslog", Arc::new(c.check(scope)?)),
+        };
+        Ok(CheckedSource { kind, source })
     }
+}
+
+/// A topic's source as checked at load.
+#[derive(Debug, Clone)]
+pub struct CheckedSource {
+    /// The `kind` of its table.
+    pub kind: &'static str,
+    pub source: Arc<dyn Source>,
 }
 
 /// What the whole configuration sets that a source's checks depend on.
@@ -77,9 +86,6 @@ pub struct SiteLimits {
 
 /// A source, checked and resolved, ready to start.
 pub trait Source: std::fmt::Debug + Send + Sync {
-    /// The `kind` of its table.
-    fn kind(&self) -> &'static str;
-
     /// What it does, in one line, for `diode-send check`.
     fn describe(&self) -> String;
 
@@ -200,23 +206,36 @@ pub(crate) async fn emit(
     ctx.queue.send_async(ingest).await.map_err(|_| QueueClosed)
 }
 
-/// `allowed_peers` of a listening source, parsed; errors name the entry.
-pub(crate) fn check_peers(
-    scope: &ConfigScope<'_>,
-    peers: &[String],
-) -> Result<Arc<[SourceFilter]>, ConfigError> {
-    peers
-        .iter()
-        .enumerate()
-        .map(|(j, text)| {
-            text.parse().map_err(|_| {
-                scope.invalid(
-                    &format!("allowed_peers[{j}]"),
-                    format!("{text:?} is not an IP address or ip:port"),
-                )
+/// Where a listening source (udp, tcp, syslog) listens and whom it takes data from.
+#[derive(Debug, Clone)]
+pub(crate) struct Listening {
+    pub listen: SocketAddr,
+    /// `allowed_peers`, parsed (empty: any).
+    pub peers: Arc<[SourceFilter]>,
+}
+
+impl Listening {
+    /// Checks `listen` and `allowed_peers`; errors name the entry.
+    pub fn check(
+        scope: &ConfigScope<'_>,
+        listen: &str,
+        peers: &[String],
+    ) -> Result<Listening, ConfigError> {
+        let listen = scope.socket_addr("listen", listen)?;
+        let peers = peers
+            .iter()
+            .enumerate()
+            .map(|(j, text)| {
+                text.parse().map_err(|_| {
+                    scope.invalid(
+                        &format!("allowed_peers[{j}]"),
+                        format!("{text:?} is not an IP address or ip:port"),
+                    )
+                })
             })
-        })
-        .collect()
+            .collect::<Result<_, _>>()?;
+        Ok(Listening { listen, peers })
+    }
 }
 
 pub(crate) fn check_max_connections(

@@ -262,6 +262,74 @@ pub fn reconstruct(
     codec.reconstruct_data(&mut shards)
 }
 
+/// A block's shards as they arrive (wire-format.md §3.2), laid out for [`reconstruct`]: data
+/// shards back to back in `data`, parity shards in `parity`.
+#[derive(Debug)]
+pub struct ShardSet {
+    data_shards: usize,
+    shard_len: usize,
+    pub data: Vec<u8>,
+    pub parity: Vec<u8>,
+    present: Vec<bool>,
+    received: usize,
+    data_received: usize,
+}
+
+impl ShardSet {
+    pub fn new(data_shards: usize, parity_shards: usize, shard_len: usize) -> Self {
+        ShardSet {
+            data_shards,
+            shard_len,
+            data: vec![0; data_shards * shard_len],
+            parity: vec![0; parity_shards * shard_len],
+            present: vec![false; data_shards + parity_shards],
+            received: 0,
+            data_received: 0,
+        }
+    }
+
+    /// Keeps shard `index` (which the caller has checked is in the block); false if it was
+    /// there already.
+    pub fn put(&mut self, index: usize, shard: &[u8]) -> bool {
+        if self.present[index] {
+            return false;
+        }
+        self.present[index] = true;
+        self.received += 1;
+        let (k, len) = (self.data_shards, self.shard_len);
+        if index < k {
+            self.data[index * len..(index + 1) * len].copy_from_slice(shard);
+            self.data_received += 1;
+        } else {
+            self.parity[(index - k) * len..(index - k + 1) * len].copy_from_slice(shard);
+        }
+        true
+    }
+
+    /// Whether k shards are here, enough to rebuild the block.
+    pub fn is_complete(&self) -> bool {
+        self.received >= self.data_shards
+    }
+
+    /// Rebuilds the missing data shards of a complete set; `Ok(false)` when none was missing
+    /// (no decoding at all).
+    pub fn rebuild(&mut self, cache: &mut CodecCache) -> Result<bool, reed_solomon_erasure::Error> {
+        if self.data_received == self.data_shards {
+            return Ok(false);
+        }
+        let parity_shards = self.present.len() - self.data_shards;
+        let codec = cache.get(self.data_shards, parity_shards);
+        reconstruct(
+            &codec,
+            &mut self.data,
+            &mut self.parity,
+            self.shard_len,
+            &self.present,
+        )?;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,12 +99,9 @@ pub struct Gap {
 }
 
 impl Gap {
-    pub fn len(&self) -> u64 {
+    /// How many records it lost: a gap is never empty.
+    pub fn records(&self) -> u64 {
         (self.last_seq - self.first_seq).saturating_add(1)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -163,11 +160,7 @@ impl ReassemblerStats {
 enum BlockState {
     Receiving {
         geometry: BlockGeometry,
-        data: Vec<u8>,
-        parity: Vec<u8>,
-        present: Vec<bool>,
-        received: usize,
-        data_received: usize,
+        shards: fec::ShardSet,
     },
     Complete(Bytes),
     /// k shards arrived but did not rebuild: a lost block, never delivered.
@@ -398,10 +391,6 @@ impl Reassembler {
 
     pub fn session_id(&self) -> Option<u64> {
         self.session.as_ref().map(|s| s.id)
-    }
-
-    pub fn link_up(&self) -> bool {
-        self.link_up
     }
 
     /// Bytes held for blocks not yet delivered.
@@ -680,27 +669,19 @@ impl Reassembler {
             return;
         }
         held.checked = true;
-        let mut data = vec![0u8; k * len];
-        let mut parity = vec![0u8; m * len];
-        let mut present = vec![false; k + m];
+        let mut shards = fec::ShardSet::new(k, m, len);
         for &(i, at) in &held.shards {
             // Blocks lose their entry with their first evicted shard: the rest are all held.
             let (_, d) = &candidate.held[(at - candidate.base) as usize];
-            let shard = &d[datagram::HEADER_LEN..datagram::HEADER_LEN + len];
-            let i = i as usize;
-            present[i] = true;
-            if i < k {
-                data[i * len..(i + 1) * len].copy_from_slice(shard);
-            } else {
-                parity[(i - k) * len..(i - k + 1) * len].copy_from_slice(shard);
-            }
+            shards.put(
+                i as usize,
+                &d[datagram::HEADER_LEN..datagram::HEADER_LEN + len],
+            );
         }
-        if present[..k].iter().any(|p| !p) {
-            let codec = self.codecs.get(k, m);
-            if fec::reconstruct(&codec, &mut data, &mut parity, len, &present).is_err() {
-                return;
-            }
+        if shards.rebuild(&mut self.codecs).is_err() {
+            return;
         }
+        let data = shards.data;
         // Candidates are unauthenticated, hence never encrypted (§2: flag rules).
         if contains_heartbeat(&data) {
             self.candidates[index].proven = true;
@@ -834,11 +815,7 @@ impl Reassembler {
                 PendingBlock {
                     state: BlockState::Receiving {
                         geometry,
-                        data: vec![0; k * len],
-                        parity: vec![0; m * len],
-                        present: vec![false; k + m],
-                        received: 0,
-                        data_received: 0,
+                        shards: fec::ShardSet::new(k, m, len),
                     },
                     charged: charge,
                 },
@@ -851,11 +828,7 @@ impl Reassembler {
         let pending = session.pending.get_mut(&block).expect("inserted above");
         let BlockState::Receiving {
             geometry: expected,
-            data,
-            parity,
-            present,
-            received,
-            data_received,
+            shards,
         } = &mut pending.state
         else {
             self.stats.datagrams_unneeded += 1;
@@ -864,25 +837,17 @@ impl Reassembler {
         if *expected != geometry {
             return Err(Rejected::Inconsistent);
         }
-        let index = header.shard_index as usize;
-        if present[index] {
+        if !shards.put(header.shard_index as usize, shard) {
             return Err(Rejected::Duplicate);
         }
-        present[index] = true;
-        *received += 1;
-        if index < k {
-            data[index * len..(index + 1) * len].copy_from_slice(shard);
-            *data_received += 1;
-        } else {
-            parity[(index - k) * len..(index - k + 1) * len].copy_from_slice(shard);
-        }
-        if *received < k {
+        if !shards.is_complete() {
             return Ok(());
         }
         // §3.2: k shards rebuild the block; all data shards need no decoding at all.
-        if *data_received < k {
-            let codec = self.codecs.get(k, m);
-            if fec::reconstruct(&codec, data, parity, len, present).is_err() {
+        match shards.rebuild(&mut self.codecs) {
+            Ok(true) => self.stats.blocks_recovered += 1,
+            Ok(false) => {}
+            Err(_) => {
                 // Should not happen with k distinct shards; if it does, the holes must never be
                 // delivered as data: the block is lost, its records reported through their gap.
                 self.stats.malformed_blocks += 1;
@@ -896,10 +861,9 @@ impl Reassembler {
                 }
                 return Ok(());
             }
-            self.stats.blocks_recovered += 1;
         }
         self.stats.blocks_complete += 1;
-        let mut data = std::mem::take(data);
+        let mut data = std::mem::take(&mut shards.data);
         if header.encrypted && !self.decrypt(header.session_id, block, &mut data) {
             // Authenticated yet undecryptable: a sender with another key or a broken one. The
             // block's records are reported lost through the gap it leaves.
@@ -1314,7 +1278,7 @@ impl Reassembler {
             first_seq,
             last_seq,
         };
-        self.stats.records_lost = self.stats.records_lost.saturating_add(gap.len());
+        self.stats.records_lost = self.stats.records_lost.saturating_add(gap.records());
         self.events.push_back(Event::Gap(gap));
     }
 }

@@ -155,10 +155,6 @@ pub struct BrokerSettings {
 }
 
 impl SinkSettings for BrokerSettings {
-    fn kind(&self) -> &'static str {
-        "mqtt_broker"
-    }
-
     fn describe(&self) -> String {
         format!(
             "embedded MQTT broker on {}{} (read-only for clients, {}, at most {} clients), topics under {:?}",

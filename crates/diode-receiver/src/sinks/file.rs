@@ -59,10 +59,6 @@ impl FileConfig {
 }
 
 impl SinkSettings for FileConfig {
-    fn kind(&self) -> &'static str {
-        "file"
-    }
-
     fn describe(&self) -> String {
         format!(
             "file {} ({}){}{}",

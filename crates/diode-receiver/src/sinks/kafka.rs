@@ -69,10 +69,6 @@ impl KafkaConfig {
 }
 
 impl SinkSettings for KafkaConfig {
-    fn kind(&self) -> &'static str {
-        "kafka"
-    }
-
     fn describe(&self) -> String {
         format!(
             "kafka {} topic {:?}, keyed by diode topic",

@@ -87,10 +87,6 @@ pub struct MqttSettings {
 }
 
 impl SinkSettings for MqttSettings {
-    fn kind(&self) -> &'static str {
-        "mqtt"
-    }
-
     fn describe(&self) -> String {
         let c = &self.config;
         format!(

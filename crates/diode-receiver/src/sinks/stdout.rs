@@ -14,10 +14,6 @@ use crate::route::RouteTask;
 pub struct StdoutConfig {}
 
 impl SinkSettings for StdoutConfig {
-    fn kind(&self) -> &'static str {
-        "stdout"
-    }
-
     fn describe(&self) -> String {
         "stdout (JSON lines)".into()
     }

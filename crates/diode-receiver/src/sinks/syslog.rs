@@ -38,10 +38,6 @@ impl SyslogConfig {
 }
 
 impl SinkSettings for SyslogConfig {
-    fn kind(&self) -> &'static str {
-        "syslog"
-    }
-
     fn describe(&self) -> String {
         format!(
             "syslog RFC 5424 over {:?} to {}",

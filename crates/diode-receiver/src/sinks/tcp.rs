@@ -26,10 +26,6 @@ impl TcpConfig {
 }
 
 impl SinkSettings for TcpConfig {
-    fn kind(&self) -> &'static str {
-        "tcp"
-    }
-
     fn describe(&self) -> String {
         format!("tcp {}, framing {:?}", self.connect, self.framing).to_lowercase()
     }

@@ -29,10 +29,6 @@ impl UdpConfig {
 }
 
 impl SinkSettings for UdpConfig {
-    fn kind(&self) -> &'static str {
-        "udp"
-    }
-
     fn describe(&self) -> String {
         format!("udp {}", self.target)
     }

@@ -77,10 +77,6 @@ pub struct ModbusSource {
 }
 
 impl Source for ModbusSource {
-    fn kind(&self) -> &'static str {
-        "modbus"
-    }
-
     fn describe(&self) -> String {
         let c = &self.config;
         format!(

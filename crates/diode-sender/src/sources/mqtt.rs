@@ -94,10 +94,6 @@ pub struct MqttSource {
 }
 
 impl Source for MqttSource {
-    fn kind(&self) -> &'static str {
-        "mqtt"
-    }
-
     fn describe(&self) -> String {
         let c = &self.config;
         format!(

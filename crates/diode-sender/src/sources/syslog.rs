@@ -3,18 +3,14 @@
 //! original text. A message that does not parse passes through as its raw text, counted
 //! (`diode_source_unparsed_records_total`).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use bytes::{Buf, Bytes, BytesMut};
 use diode_common::config::{ConfigError, ConfigScope};
-use diode_common::net::SourceFilter;
 use diode_common::unix_time_us;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::{emit, Claim, ConnectionError, Source, SourceContext, Started};
+use super::{emit, Claim, ConnectionError, Listening, Source, SourceContext, Started};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,8 +50,7 @@ impl SyslogConfig {
         super::check_max_connections(scope, self.max_connections)?;
         Ok(SyslogSource {
             config: self.clone(),
-            listen: scope.socket_addr("listen", &self.listen)?,
-            peers: super::check_peers(scope, &self.allowed_peers)?,
+            at: Listening::check(scope, &self.listen, &self.allowed_peers)?,
         })
     }
 }
@@ -63,15 +58,10 @@ impl SyslogConfig {
 #[derive(Debug)]
 pub struct SyslogSource {
     config: SyslogConfig,
-    listen: SocketAddr,
-    peers: Arc<[SourceFilter]>,
+    at: Listening,
 }
 
 impl Source for SyslogSource {
-    fn kind(&self) -> &'static str {
-        "syslog"
-    }
-
     fn describe(&self) -> String {
         format!(
             "syslog over {} {}, rfc 5424 and 3164",
@@ -88,10 +78,10 @@ impl Source for SyslogSource {
     }
 
     fn start(&self, ctx: SourceContext) -> std::io::Result<Started> {
-        let peers = self.peers.clone();
+        let peers = self.at.peers.clone();
         match self.config.protocol {
             SyslogProtocol::Udp => {
-                let socket = super::bind_udp(self.listen, UDP_RECEIVE_BUFFER_BYTES)?;
+                let socket = super::bind_udp(self.at.listen, UDP_RECEIVE_BUFFER_BYTES)?;
                 Ok(Started {
                     local_addr: socket.local_addr().ok(),
                     task: Box::pin(super::run_datagrams(socket, peers, ctx, |raw, ctx| {
@@ -104,7 +94,7 @@ impl Source for SyslogSource {
                 })
             }
             SyslogProtocol::Tcp => {
-                let listener = super::bind_tcp(self.listen)?;
+                let listener = super::bind_tcp(self.at.listen)?;
                 Ok(Started {
                     local_addr: listener.local_addr().ok(),
                     task: Box::pin(super::run_listener(

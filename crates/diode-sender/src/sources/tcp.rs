@@ -1,18 +1,14 @@
 //! The TCP source: a listener whose connections are cut into records by `framing`: lines,
 //! length-prefixed records, or a raw byte stream (then one connection at a time, in order).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use bytes::{Buf, Bytes, BytesMut};
 use diode_common::config::{ConfigError, ConfigScope, Framing};
-use diode_common::net::SourceFilter;
 use diode_common::unix_time_us;
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::{emit, Claim, ConnectionError, Source, SourceContext, Started};
+use super::{emit, Claim, ConnectionError, Listening, Source, SourceContext, Started};
 
 /// Chunk size read from a raw TCP stream: one record per read of up to this many bytes.
 const RAW_CHUNK_BYTES: usize = 64 * 1024;
@@ -36,8 +32,7 @@ impl TcpConfig {
         super::check_max_connections(scope, self.max_connections)?;
         Ok(TcpSource {
             config: self.clone(),
-            listen: scope.socket_addr("listen", &self.listen)?,
-            peers: super::check_peers(scope, &self.allowed_peers)?,
+            at: Listening::check(scope, &self.listen, &self.allowed_peers)?,
         })
     }
 }
@@ -45,15 +40,10 @@ impl TcpConfig {
 #[derive(Debug)]
 pub struct TcpSource {
     config: TcpConfig,
-    listen: SocketAddr,
-    peers: Arc<[SourceFilter]>,
+    at: Listening,
 }
 
 impl Source for TcpSource {
-    fn kind(&self) -> &'static str {
-        "tcp"
-    }
-
     fn describe(&self) -> String {
         format!(
             "tcp {}, framing {:?}",
@@ -67,7 +57,7 @@ impl Source for TcpSource {
     }
 
     fn start(&self, ctx: SourceContext) -> std::io::Result<Started> {
-        let listener = super::bind_tcp(self.listen)?;
+        let listener = super::bind_tcp(self.at.listen)?;
         let framing = self.config.framing;
         // A raw stream is one ordered byte stream: one connection at a time.
         let max_connections = if framing == Framing::Raw {
@@ -80,7 +70,7 @@ impl Source for TcpSource {
             task: Box::pin(super::run_listener(
                 listener,
                 max_connections,
-                self.peers.clone(),
+                self.at.peers.clone(),
                 ctx,
                 move |stream, ctx| async move { read_records(stream, framing, &ctx).await },
             )),

@@ -1,14 +1,10 @@
 //! The UDP source: one datagram is one record, from the devices in `allowed_peers`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use bytes::Bytes;
 use diode_common::config::{ConfigError, ConfigScope};
-use diode_common::net::SourceFilter;
 use serde::Deserialize;
 
-use super::{Claim, Source, SourceContext, Started};
+use super::{Claim, Listening, Source, SourceContext, Started};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,8 +26,7 @@ impl UdpConfig {
     pub fn check(&self, scope: &ConfigScope<'_>) -> Result<UdpSource, ConfigError> {
         Ok(UdpSource {
             config: self.clone(),
-            listen: scope.socket_addr("listen", &self.listen)?,
-            peers: super::check_peers(scope, &self.allowed_peers)?,
+            at: Listening::check(scope, &self.listen, &self.allowed_peers)?,
         })
     }
 }
@@ -39,15 +34,10 @@ impl UdpConfig {
 #[derive(Debug)]
 pub struct UdpSource {
     config: UdpConfig,
-    listen: SocketAddr,
-    peers: Arc<[SourceFilter]>,
+    at: Listening,
 }
 
 impl Source for UdpSource {
-    fn kind(&self) -> &'static str {
-        "udp"
-    }
-
     fn describe(&self) -> String {
         format!("udp {}, one datagram a record", self.config.listen)
     }
@@ -57,12 +47,12 @@ impl Source for UdpSource {
     }
 
     fn start(&self, ctx: SourceContext) -> std::io::Result<Started> {
-        let socket = super::bind_udp(self.listen, self.config.receive_buffer_bytes)?;
+        let socket = super::bind_udp(self.at.listen, self.config.receive_buffer_bytes)?;
         Ok(Started {
             local_addr: socket.local_addr().ok(),
             task: Box::pin(super::run_datagrams(
                 socket,
-                self.peers.clone(),
+                self.at.peers.clone(),
                 ctx,
                 |datagram, _| (Bytes::copy_from_slice(datagram), None),
             )),
