@@ -33,6 +33,22 @@ pub enum ConfigError {
     },
 }
 
+/// A field's default written at the field, `#[serde(default = "default_usize::<1500>")]`,
+/// rather than in a function of its own further down.
+pub fn default_usize<const N: usize>() -> usize {
+    N
+}
+
+/// As [`default_usize`].
+pub fn default_u64<const N: u64>() -> u64 {
+    N
+}
+
+/// As [`default_usize`].
+pub fn default_u8<const N: u8>() -> u8 {
+    N
+}
+
 /// `[metrics]`: where the Prometheus endpoint listens.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

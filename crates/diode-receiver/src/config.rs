@@ -1,5 +1,6 @@
 //! `diode-recv` configuration: the link, the metrics endpoint, and routes from topic filters to sinks.
 
+use diode_common::config::{default_u64, default_usize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,14 +30,14 @@ pub struct LinkConfig {
     #[serde(default = "default_receive_buffer_bytes")]
     pub receive_buffer_bytes: usize,
     /// Memory for blocks still being rebuilt; past it the oldest is given up.
-    #[serde(default = "default_max_inflight_bytes")]
+    #[serde(default = "default_usize::<{ 32 << 20 }>")]
     pub max_inflight_bytes: usize,
     /// The oldest incomplete block is given up after this long without progress.
-    #[serde(default = "default_block_timeout_ms")]
+    #[serde(default = "default_u64::<200>")]
     pub block_timeout_ms: u64,
-    #[serde(default = "default_max_record_bytes")]
+    #[serde(default = "default_usize::<{ 16 << 20 }>")]
     pub max_record_bytes: usize,
-    #[serde(default = "default_max_topics")]
+    #[serde(default = "default_usize::<4096>")]
     pub max_topics: usize,
     /// The link key the sender uses, relative to this file: only datagrams it authenticates are
     /// accepted (docs/wire-format.md §2.1).
@@ -65,18 +66,6 @@ pub struct LinkConfig {
 /// stalls without the kernel dropping datagrams (see docs/performance.md).
 fn default_receive_buffer_bytes() -> usize {
     128 << 20
-}
-fn default_max_inflight_bytes() -> usize {
-    32 << 20
-}
-fn default_block_timeout_ms() -> u64 {
-    200
-}
-fn default_max_record_bytes() -> usize {
-    16 << 20
-}
-fn default_max_topics() -> usize {
-    4096
 }
 #[derive(Debug, Clone)]
 pub struct Loaded {

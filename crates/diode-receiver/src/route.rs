@@ -3,6 +3,7 @@
 //! [`Router`] the link thread hands records to (matching, byte budgets, batching, drop
 //! accounting), and the [`RouteTask`] that delivers them to the sink.
 
+use diode_common::config::default_u64;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,7 +40,7 @@ pub struct RouteConfig {
     /// replays what was not delivered.
     #[serde(default)]
     pub buffer_dir: Option<PathBuf>,
-    #[serde(default = "default_buffer_max_bytes")]
+    #[serde(default = "default_u64::<{ 1 << 30 }>")]
     pub buffer_max_bytes: u64,
     /// What a full buffer gives up: `drop_oldest` (default) or `drop_newest`.
     #[serde(default)]
@@ -50,19 +51,13 @@ pub struct RouteConfig {
     /// route's `buffer_dir`; without either, such records are counted and logged only.
     #[serde(default)]
     pub dead_letter_file: Option<PathBuf>,
-    #[serde(default = "default_dead_letter_max_bytes")]
+    #[serde(default = "default_u64::<{ 64 << 20 }>")]
     pub dead_letter_max_bytes: u64,
 }
 
 /// A sink stalled for 60 ms at 1 GB/s; past it a route without a disk buffer drops records
 /// (counted), and a buffered route's spooler has fallen that far behind its disk.
 fn default_queue_bytes() -> usize {
-    64 << 20
-}
-fn default_buffer_max_bytes() -> u64 {
-    1 << 30
-}
-fn default_dead_letter_max_bytes() -> u64 {
     64 << 20
 }
 

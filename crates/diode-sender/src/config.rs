@@ -1,6 +1,7 @@
 //! `diode-send` configuration: the link, the metrics endpoint and the topics with their sources.
 //! Topics come from `[[topic]]` tables and from `topics_dir`, one topic per file.
 
+use diode_common::config::{default_u64, default_usize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,20 +34,16 @@ pub struct SenderConfig {
 #[serde(deny_unknown_fields)]
 pub struct SafetyConfig {
     /// No device is polled more often than this; a faster `poll_interval_ms` is refused at load.
-    #[serde(default = "default_min_poll_interval_ms")]
+    #[serde(default = "default_u64::<100>")]
     pub min_poll_interval_ms: u64,
 }
 
 impl Default for SafetyConfig {
     fn default() -> Self {
         SafetyConfig {
-            min_poll_interval_ms: default_min_poll_interval_ms(),
+            min_poll_interval_ms: default_u64::<100>(),
         }
     }
-}
-
-fn default_min_poll_interval_ms() -> u64 {
-    100
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,11 +56,11 @@ pub struct LinkConfig {
     pub bind: String,
     /// Pacing ceiling in megabits per second of wire bytes (UDP payload + IP/UDP headers).
     pub rate_mbps: f64,
-    #[serde(default = "default_mtu")]
+    #[serde(default = "default_usize::<1500>")]
     pub mtu_bytes: usize,
-    #[serde(default = "default_data_shards")]
+    #[serde(default = "default_usize::<32>")]
     pub data_shards: usize,
-    #[serde(default = "default_parity_shards")]
+    #[serde(default = "default_usize::<8>")]
     pub parity_shards: usize,
     /// The independent datagram loss, in percent, at which every block, however small, is to be
     /// lost no more often than a full block of data_shards + parity_shards (wire-format.md §3.1):
@@ -82,24 +79,24 @@ pub struct LinkConfig {
     #[serde(default)]
     pub outage_protection_ms: u64,
     /// Blocks whose shards are spread over each other on the wire, against burst loss.
-    #[serde(default = "default_interleave_depth")]
+    #[serde(default = "default_usize::<4>")]
     pub interleave_depth: usize,
-    #[serde(default = "default_heartbeat_interval_ms")]
+    #[serde(default = "default_u64::<500>")]
     pub heartbeat_interval_ms: u64,
     /// A partial block leaves at most this long after its first record.
-    #[serde(default = "default_flush_interval_ms")]
+    #[serde(default = "default_u64::<5>")]
     pub flush_interval_ms: u64,
-    #[serde(default = "default_send_buffer_bytes")]
+    #[serde(default = "default_usize::<{ 4 << 20 }>")]
     pub send_buffer_bytes: usize,
     /// Encoded data held for the link before sources are slowed (TCP) or dropped (UDP).
-    #[serde(default = "default_max_queued_bytes")]
+    #[serde(default = "default_usize::<{ 16 << 20 }>")]
     pub max_queued_bytes: usize,
     /// Records waiting between the sources and the encoder, at most.
-    #[serde(default = "default_queue_records")]
+    #[serde(default = "default_usize::<65_536>")]
     pub queue_records: usize,
     /// Bytes of records waiting between the sources and the encoder, at most: with
     /// `max_queued_bytes`, what bounds the sender's memory.
-    #[serde(default = "default_queue_bytes")]
+    #[serde(default = "default_usize::<{ 16 << 20 }>")]
     pub queue_bytes: usize,
     /// The link key (`diode-send keygen --out FILE`), relative to this file: every datagram is
     /// then authenticated (docs/wire-format.md §2.1). The receiver needs the same key.
@@ -110,7 +107,7 @@ pub struct LinkConfig {
     #[serde(default)]
     pub encrypt: bool,
     /// Largest record accepted from any source.
-    #[serde(default = "default_max_record_bytes")]
+    #[serde(default = "default_usize::<{ 16 << 20 }>")]
     pub max_record_bytes: usize,
 }
 
@@ -128,41 +125,8 @@ pub struct TopicConfig {
 fn default_bind() -> String {
     "0.0.0.0:0".into()
 }
-fn default_mtu() -> usize {
-    1500
-}
-fn default_data_shards() -> usize {
-    32
-}
-fn default_parity_shards() -> usize {
-    8
-}
 fn default_design_loss_percent() -> f64 {
     1.0
-}
-fn default_interleave_depth() -> usize {
-    4
-}
-fn default_heartbeat_interval_ms() -> u64 {
-    500
-}
-fn default_flush_interval_ms() -> u64 {
-    5
-}
-fn default_send_buffer_bytes() -> usize {
-    4 << 20
-}
-fn default_max_queued_bytes() -> usize {
-    16 << 20
-}
-fn default_queue_records() -> usize {
-    65_536
-}
-fn default_queue_bytes() -> usize {
-    16 << 20
-}
-fn default_max_record_bytes() -> usize {
-    16 << 20
 }
 
 /// A loaded, checked configuration with every address resolved.

@@ -248,10 +248,6 @@ pub(crate) fn check_max_connections(
     Ok(())
 }
 
-pub(crate) fn default_max_connections() -> usize {
-    16
-}
-
 pub(crate) fn bind_udp(
     addr: SocketAddr,
     receive_buffer_bytes: usize,

@@ -19,6 +19,7 @@
 //! Parsing and encoding of MQTT packets is rumqttc's (`mqttbytes`), the client the project
 //! already uses for its MQTT source and sink.
 
+use diode_common::config::default_usize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,28 +61,18 @@ pub struct BrokerConfig {
     #[serde(default)]
     pub password_file: Option<std::path::PathBuf>,
     /// Clients connected at once, at most.
-    #[serde(default = "default_max_connections")]
+    #[serde(default = "default_usize::<64>")]
     pub max_connections: usize,
     /// Messages waiting for one client, at most; a client that falls further behind is
     /// disconnected (it may reconnect).
-    #[serde(default = "default_client_queue_bytes")]
+    #[serde(default = "default_usize::<{ 4 << 20 }>")]
     pub client_queue_bytes: usize,
     /// Retained messages (records whose MQTT origin was retained) kept for new subscribers.
-    #[serde(default = "default_retained_max_bytes")]
+    #[serde(default = "default_usize::<{ 16 << 20 }>")]
     pub retained_max_bytes: usize,
     /// Serve MQTT over TLS only: `tls = { cert_file, key_file }` (PEM; the key mode 0600).
     #[serde(default)]
     pub tls: Option<diode_common::mqtt::ServerTls>,
-}
-
-fn default_max_connections() -> usize {
-    64
-}
-fn default_client_queue_bytes() -> usize {
-    4 << 20
-}
-fn default_retained_max_bytes() -> usize {
-    16 << 20
 }
 
 impl BrokerConfig {

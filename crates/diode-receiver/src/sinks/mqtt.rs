@@ -2,6 +2,7 @@
 //! (when it came from an MQTT source, wire-format.md §5.4) or + its diode topic. At QoS 1 a batch
 //! counts as delivered only once the broker has acknowledged every message of it.
 
+use diode_common::config::default_u8;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ pub struct MqttConfig {
     pub broker: String,
     #[serde(default)]
     pub topic_prefix: String,
-    #[serde(default = "default_qos")]
+    #[serde(default = "default_u8::<1>")]
     pub qos: u8,
     pub client_id: String,
     #[serde(default)]
@@ -32,10 +33,6 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     #[serde(default)]
     pub tls: Option<diode_common::mqtt::MqttTls>,
-}
-
-fn default_qos() -> u8 {
-    1
 }
 
 /// A topic prefix is published under, so it must be a topic itself, without wildcards.

@@ -5,6 +5,7 @@
 //! One request is in flight per device at a time; a poll whose interval is below the site's floor
 //! is refused at load (`[safety] min_poll_interval_ms`).
 
+use diode_common::config::{default_u64, default_u8};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,19 +25,12 @@ use super::{SiteLimits, Source, SourceContext, Started};
 #[serde(deny_unknown_fields)]
 pub struct ModbusConfig {
     pub address: String,
-    #[serde(default = "default_unit_id")]
+    #[serde(default = "default_u8::<1>")]
     pub unit_id: u8,
     pub poll_interval_ms: u64,
-    #[serde(default = "default_timeout_ms")]
+    #[serde(default = "default_u64::<1000>")]
     pub timeout_ms: u64,
     pub registers: Vec<RegisterConfig>,
-}
-
-fn default_unit_id() -> u8 {
-    1
-}
-fn default_timeout_ms() -> u64 {
-    1000
 }
 
 impl ModbusConfig {

@@ -6,6 +6,7 @@
 //! persistent (clean session off): what the broker accepted while the sender was away or slow is
 //! delivered when it comes back.
 
+use diode_common::config::default_u8;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use super::{Claim, SiteLimits, Source, SourceContext, Started};
 pub struct MqttConfig {
     pub broker: String,
     pub subscribe: Vec<String>,
-    #[serde(default = "default_qos")]
+    #[serde(default = "default_u8::<1>")]
     pub qos: u8,
     pub client_id: String,
     #[serde(default)]
@@ -33,10 +34,6 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     #[serde(default)]
     pub tls: Option<diode_common::mqtt::MqttTls>,
-}
-
-fn default_qos() -> u8 {
-    1
 }
 
 impl MqttConfig {

@@ -4,7 +4,7 @@
 //! (`diode_source_unparsed_records_total`).
 
 use bytes::{Buf, Bytes, BytesMut};
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::{default_usize, ConfigError, ConfigScope};
 use diode_common::unix_time_us;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
@@ -18,7 +18,7 @@ pub struct SyslogConfig {
     pub listen: String,
     #[serde(default)]
     pub protocol: SyslogProtocol,
-    #[serde(default = "super::default_max_connections")]
+    #[serde(default = "default_usize::<16>")]
     pub max_connections: usize,
     /// As for `tcp`: the devices allowed to send.
     #[serde(default)]

@@ -2,7 +2,7 @@
 //! length-prefixed records, or a raw byte stream (then one connection at a time, in order).
 
 use bytes::{Buf, Bytes, BytesMut};
-use diode_common::config::{ConfigError, ConfigScope, Framing};
+use diode_common::config::{default_usize, ConfigError, ConfigScope, Framing};
 use diode_common::unix_time_us;
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
@@ -19,7 +19,7 @@ pub struct TcpConfig {
     pub listen: String,
     #[serde(default)]
     pub framing: Framing,
-    #[serde(default = "super::default_max_connections")]
+    #[serde(default = "default_usize::<16>")]
     pub max_connections: usize,
     /// Only these peers (`ip` or `ip:port`) may connect; others are refused, counted as
     /// `diode_source_errors_total{reason="peer"}`. Empty: any.

@@ -1,6 +1,7 @@
 //! The UDP source: one datagram is one record, from the devices in `allowed_peers`.
 
 use bytes::Bytes;
+use diode_common::config::default_usize;
 use diode_common::config::{ConfigError, ConfigScope};
 use serde::Deserialize;
 
@@ -10,16 +11,12 @@ use super::{Claim, Listening, Source, SourceContext, Started};
 #[serde(deny_unknown_fields)]
 pub struct UdpConfig {
     pub listen: String,
-    #[serde(default = "default_receive_buffer_bytes")]
+    #[serde(default = "default_usize::<{ 4 << 20 }>")]
     pub receive_buffer_bytes: usize,
     /// Only datagrams from these peers (`ip` or `ip:port`) are taken; others are dropped,
     /// counted as `diode_source_errors_total{reason="peer"}`. Empty: any.
     #[serde(default)]
     pub allowed_peers: Vec<String>,
-}
-
-fn default_receive_buffer_bytes() -> usize {
-    4 << 20
 }
 
 impl UdpConfig {
