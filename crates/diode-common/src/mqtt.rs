@@ -188,6 +188,12 @@ pub fn server_tls_config(
     Ok(Arc::new(config))
 }
 
+/// The largest MQTT packet a record of `max_record_bytes` can need: its payload, a topic of at
+/// most 65,535 bytes with its length, the fixed header and a packet id.
+pub fn max_packet_bytes(max_record_bytes: usize) -> usize {
+    max_record_bytes + 65_536 + 16
+}
+
 /// `host:port` or `[v6]:port`, without resolving the host: the client resolves it at each
 /// connection attempt, so a broker that moves is found again.
 pub fn split_host_port(broker: &str) -> Option<(String, u16)> {

@@ -83,7 +83,7 @@ pub struct SiteLimits {
 impl SiteLimits {
     /// The largest MQTT packet a record can need: its payload, a topic and properties.
     pub fn max_mqtt_packet_bytes(&self) -> usize {
-        self.max_record_bytes + 65_536 + 16
+        diode_common::mqtt::max_packet_bytes(self.max_record_bytes)
     }
 }
 

@@ -170,8 +170,7 @@ impl LinkConfig {
         } else {
             self.data_shards + self.parity_shards
         };
-        let shard = (self.mtu_bytes - IP_UDP_OVERHEAD - DATAGRAM_OVERHEAD) as f64;
-        shards as f64 * self.mtu_bytes as f64 / (self.data_shards as f64 * shard)
+        shards as f64 * self.mtu_bytes as f64 / (self.data_shards * self.shard_bytes()) as f64
     }
 
     /// When a block's repair shards follow it (§3.4): longer than the outage to ride through by
@@ -184,15 +183,16 @@ impl LinkConfig {
         }
     }
 
-    /// Wire bytes of the largest datagram.
-    pub fn max_datagram_wire_bytes(&self) -> usize {
-        self.mtu_bytes
+    /// Bytes of one shard (wire-format.md §2): the MTU less the IP, UDP and datagram headers (an
+    /// upper bound: an authenticated link's trailer takes a little of it).
+    pub fn shard_bytes(&self) -> usize {
+        self.mtu_bytes - IP_UDP_OVERHEAD - DATAGRAM_OVERHEAD
     }
 
     /// Payload bytes one full block carries (an upper bound: authentication and encryption take
     /// a little of it).
     pub fn block_capacity_bytes(&self) -> usize {
-        self.data_shards * (self.mtu_bytes - IP_UDP_OVERHEAD - DATAGRAM_OVERHEAD)
+        self.data_shards * self.shard_bytes()
     }
 }
 

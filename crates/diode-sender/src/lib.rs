@@ -234,9 +234,7 @@ fn protected_rate_shortfall(config: &config::SenderConfig) -> Option<f64> {
 /// A readable summary of what a configuration would do, for `diode-send check`.
 pub fn describe(loaded: &Loaded) -> String {
     let link = &loaded.config.link;
-    let shard = link.mtu_bytes
-        - diode_wire::datagram::IP_UDP_OVERHEAD
-        - diode_wire::datagram::DATAGRAM_OVERHEAD;
+    let shard = link.shard_bytes();
     let mut out = format!(
         "link: {} -> {} at most {} Mb/s, MTU {} ({} bytes a shard)\n\
          fec: {} data + {} parity shards a full block ({} bytes of records), interleaved {} blocks deep;\n     \

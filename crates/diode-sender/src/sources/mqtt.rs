@@ -74,7 +74,7 @@ impl MqttConfig {
                 tls: self.tls.as_ref(),
                 // The broker keeps QoS 1 messages for this client while the sender is away.
                 clean_session: false,
-                max_packet_bytes: site.max_record_bytes + 65_536 + 16,
+                max_packet_bytes: diode_common::mqtt::max_packet_bytes(site.max_record_bytes),
             },
         )?;
         Ok(MqttSource {
