@@ -16,11 +16,13 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// TOML syntax, an unknown key, a missing key or a value of the wrong type.
-    #[error("{path}:{line}:{column}: {message}")]
+    #[error("{path}:{line}:{column}: {}{message}", key.as_deref().map(|k| format!("`{k}`: ")).unwrap_or_default())]
     Syntax {
         path: String,
         line: usize,
         column: usize,
+        /// The dotted key the error is at (`topic[1].source.listen`), when it is at one.
+        key: Option<String>,
         message: String,
     },
     /// A well-formed value that is not acceptable.
@@ -240,8 +242,9 @@ impl ConfigSource {
         toml::from_str(&self.text).map_err(|e| {
             let start = e.span().map_or(0, |s| s.start).min(self.text.len());
             let (line, column) = line_column(&self.text, start);
-            let mut message = e.message().trim_end().to_owned();
-            // Serde's type errors do not name the key; the line they point at does.
+            let mut message = in_words(e.message().trim_end());
+            // Serde's type errors do not name the key: the key path at the error does, and the
+            // line's own text shows the value.
             if let Some(text) = self.text.lines().nth(line - 1) {
                 let text = text.trim();
                 if !text.is_empty() && !message.contains(text) {
@@ -252,6 +255,7 @@ impl ConfigSource {
                 path: self.path.display().to_string(),
                 line,
                 column,
+                key: e.span().and_then(|span| self.key_at(span.start)),
                 message,
             }
         })
@@ -274,6 +278,56 @@ impl ConfigSource {
             key: key.to_owned(),
             message: message.into(),
         }
+    }
+
+    /// The dotted key path of the entry at byte `offset`: at each level the last key that
+    /// starts before it, so a value, a key or a table header all name their key; the deepest
+    /// table when the offset is at a table before its first key.
+    fn key_at(&self, offset: usize) -> Option<String> {
+        let root = DeTable::parse(&self.text).ok()?;
+        // A table's own errors (a missing key) point at its header: read the name inside it.
+        let offset = offset
+            + self.text.as_bytes()[offset.min(self.text.len())..]
+                .iter()
+                .take_while(|&&b| b == b'[')
+                .count();
+        let mut path = String::new();
+        let mut value: Option<&DeValue> = None;
+        let mut table = Some(root.get_ref());
+        loop {
+            if let Some(t) = table.take() {
+                let Some((k, v)) = t
+                    .iter()
+                    .filter(|(k, _)| k.span().start <= offset)
+                    .max_by_key(|(k, _)| k.span().start)
+                else {
+                    // At the table itself, before its first key (a value of the wrong kind).
+                    break;
+                };
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k.get_ref());
+                value = Some(v.get_ref());
+            }
+            match value {
+                Some(DeValue::Table(t)) => table = Some(t),
+                Some(DeValue::Array(items)) => {
+                    let Some((i, item)) = items
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, item)| item.span().start <= offset)
+                        .max_by_key(|(_, item)| item.span().start)
+                    else {
+                        break;
+                    };
+                    path.push_str(&format!("[{i}]"));
+                    value = Some(item.get_ref());
+                }
+                _ => break,
+            }
+        }
+        (!path.is_empty()).then_some(path)
     }
 
     /// The line where `key` is set, or the deepest part of it that is; 1 if none is.
@@ -315,6 +369,44 @@ impl ConfigSource {
         }
         line_column(&self.text, offset).0
     }
+}
+
+/// Serde's messages name Rust types (`expected usize`): what a configuration file needs is the
+/// kind of value, in words.
+fn in_words(message: &str) -> String {
+    const WORDS: [(&str, &str); 14] = [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a sequence", "expected a list, [ ... ]"),
+        ("expected a map", "expected a table, { ... }"),
+        ("expected a string", "expected a string in quotes"),
+        ("expected a borrowed string", "expected a string in quotes"),
+    ];
+    let mut message = message.to_owned();
+    for (rust, words) in WORDS {
+        if let Some(at) = message.find(rust) {
+            // Only a whole word: `expected u8` is not `expected u80`.
+            let end = at + rust.len();
+            if !message[end..].starts_with(|c: char| c.is_alphanumeric()) {
+                message.replace_range(at..end, words);
+            }
+        }
+    }
+    if let Some(at) = message.find("expected struct ") {
+        let end = message[at + 16..]
+            .find(|c: char| !c.is_alphanumeric() && c != '_')
+            .map_or(message.len(), |e| at + 16 + e);
+        message.replace_range(at..end, "expected a table, { ... }");
+    }
+    message
 }
 
 enum Segment<'a> {
@@ -384,7 +476,7 @@ mod tests {
         let src = ConfigSource::from_text("s.toml", "[link]\nrate_mbs = 40\n");
         let err = src.parse::<Doc>().unwrap_err().to_string();
         assert!(
-            err.starts_with("s.toml:2:1: unknown field `rate_mbs`"),
+            err.starts_with("s.toml:2:1: `link.rate_mbs`: unknown field `rate_mbs`"),
             "{err}"
         );
         let src = ConfigSource::from_text("s.toml", "[link]\nrate_mbps = \"fast\"\n");
@@ -393,5 +485,64 @@ mod tests {
             err.starts_with("s.toml:2:") && err.contains("rate_mbps"),
             "{err}"
         );
+    }
+
+    /// Parser errors say what is expected in words and name the dotted key, as value errors do.
+    #[test]
+    fn type_errors_name_the_dotted_key_and_say_what_is_expected_in_words() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Sized {
+            #[allow(dead_code)]
+            link: SizedLink,
+            #[allow(dead_code)]
+            topic: Vec<Topic>,
+        }
+        #[derive(Debug, Deserialize)]
+        struct SizedLink {
+            #[allow(dead_code)]
+            mtu_bytes: usize,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Topic {
+            #[allow(dead_code)]
+            name: String,
+            #[allow(dead_code)]
+            source: Source,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Source {
+            #[allow(dead_code)]
+            listen: String,
+            #[allow(dead_code)]
+            #[serde(default)]
+            allowed_peers: Vec<String>,
+        }
+        let text = "[link]\nmtu_bytes = 1500\n\n[[topic]]\nname = \"a\"\nsource = { listen = \"x\" }\n\n[[topic]]\nname = \"b\"\nsource = { listen = \"y\", allowed_peers = \"10.0.0.1\" }\n";
+        let parse = |text: &str| {
+            ConfigSource::from_text("s.toml", text)
+                .parse::<Sized>()
+                .unwrap_err()
+                .to_string()
+        };
+        let err = parse(&text.replace("1500", "\"big\""));
+        assert!(
+            err.starts_with("s.toml:2:")
+                && err.contains("`link.mtu_bytes`: ")
+                && err.contains("expected a whole number, 0 or more")
+                && !err.contains("usize"),
+            "{err}"
+        );
+        let err = parse(text);
+        assert!(
+            err.starts_with("s.toml:10:")
+                && err.contains("`topic[1].source.allowed_peers`: ")
+                && err.contains("expected a list"),
+            "{err}"
+        );
+        let err = parse(&text.replace("name = \"b\"", "name = \"b\"\ncolour = 1"));
+        assert!(err.contains("`topic[1].colour`: unknown field"), "{err}");
     }
 }
