@@ -121,17 +121,20 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     });
     // A damaged state file stops the service: starting without its floor would accept a
     // replay of delivered records.
-    let saved_floor = match &loaded.state_file {
+    let saved = match &loaded.state_file {
         Some(path) => state::load(path)?,
         None => None,
     };
-    if let Some(floor) = saved_floor {
+    if let Some(saved) = &saved {
         tracing::info!(
-            session = format_args!("{:016x}", floor.session_id),
-            next_block = floor.next_block,
-            "replay floor restored: older sessions and delivered blocks are refused"
+            session = format_args!("{:016x}", saved.floor.session_id),
+            next_block = saved.floor.next_block,
+            topics = saved.watermarks.len(),
+            "replay floor restored: older sessions and delivered blocks are refused, and what \
+             this session sent while the receiver was down is reported lost"
         );
-        reassembler.restore_replay_floor(floor);
+        reassembler.restore_replay_floor(saved.floor);
+        reassembler.restore_watermarks(saved.watermarks.iter().cloned());
     }
     if loaded.keys.is_empty() {
         tracing::warn!(listen = %link_addr,
@@ -146,7 +149,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     let thread = LinkThread {
         reassembler,
         state_file: loaded.state_file.clone(),
-        saved_floor,
+        saved,
         allowed_sources: loaded.allowed_sources.clone(),
         socket,
         udp,

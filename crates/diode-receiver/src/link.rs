@@ -23,7 +23,7 @@ pub struct LinkThread {
     pub reassembler: Reassembler,
     /// Where the replay floor is kept across restarts, and the floor last written there.
     pub state_file: Option<std::path::PathBuf>,
-    pub saved_floor: Option<diode_wire::ReplayFloor>,
+    pub saved: Option<crate::state::Saved>,
     /// Datagrams from other addresses are dropped unread (`link.allowed_sources`).
     pub allowed_sources: Vec<diode_common::net::SourceFilter>,
     pub socket: UdpSocket,
@@ -174,18 +174,24 @@ impl LinkThread {
         }
     }
 
-    /// Writes the replay floor when it moved (once a second at most, and at a clean stop).
+    /// Writes the replay floor and the topics' marks when they moved (once a second at most,
+    /// and at a clean stop).
     fn save_floor(&mut self) {
         let Some(path) = &self.state_file else {
             return;
         };
-        let floor = self.reassembler.replay_floor();
-        if floor.is_none() || floor == self.saved_floor {
+        let Some(floor) = self.reassembler.replay_floor() else {
+            return;
+        };
+        let saved = crate::state::Saved {
+            floor,
+            watermarks: self.reassembler.watermarks(),
+        };
+        if self.saved.as_ref() == Some(&saved) {
             return;
         }
-        let floor = floor.expect("checked");
-        match crate::state::save(path, floor) {
-            Ok(()) => self.saved_floor = Some(floor),
+        match crate::state::save(path, &saved) {
+            Ok(()) => self.saved = Some(saved),
             Err(e) => {
                 static FAILED: LogThrottle = LogThrottle::new(Duration::from_secs(60));
                 if let Some(folded) = FAILED.allow() {

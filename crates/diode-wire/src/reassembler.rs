@@ -333,6 +333,9 @@ pub struct Reassembler {
     candidates: Vec<Candidate>,
     /// Restored from the receiver's state: the newest authenticated session known (§6.1).
     floor: Option<ReplayFloor>,
+    /// Restored with it: the next sequence number each topic of that session was to deliver, so
+    /// that what the session sent while this receiver was down is reported lost (§6.1).
+    watermarks: HashMap<Arc<str>, u64>,
     codecs: CodecCache,
     /// Block ciphers of the current session, one per configured key (§4.4).
     ciphers: Option<(u64, Vec<BlockCipher>)>,
@@ -352,6 +355,7 @@ impl Reassembler {
             displaced: None,
             candidates: Vec::new(),
             floor: None,
+            watermarks: HashMap::new(),
             codecs: CodecCache::with_budget(config.codec_cache_bytes),
             ciphers: None,
             events: VecDeque::new(),
@@ -378,6 +382,35 @@ impl Reassembler {
     /// refused as `replay`, and the same session resumes where delivery stopped.
     pub fn restore_replay_floor(&mut self, floor: ReplayFloor) {
         self.floor = Some(floor);
+    }
+
+    /// The next sequence number each topic of the current session is to deliver, for the
+    /// receiver to keep with its replay floor (§6.1). Empty on an unauthenticated link.
+    pub fn watermarks(&self) -> Vec<(Arc<str>, u64)> {
+        match &self.session {
+            Some(s) if !self.config.keys.is_empty() => {
+                let mut marks: Vec<_> = s
+                    .topics
+                    .iter()
+                    .filter_map(|(topic, state)| state.expected.map(|e| (topic.clone(), e)))
+                    .collect();
+                marks.sort();
+                marks
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Takes back what [`Reassembler::watermarks`] said before a restart, with the floor it was
+    /// kept with: when that session comes back, each topic expects to go on from its mark, so
+    /// the records it sent while this receiver was down are reported as gaps with their ranges,
+    /// at the first record or heartbeat that shows them. At most `max_topics` are kept.
+    pub fn restore_watermarks(&mut self, marks: impl IntoIterator<Item = (Arc<str>, u64)>) {
+        self.watermarks = marks
+            .into_iter()
+            .filter(|(topic, _)| frames::is_valid_topic(topic))
+            .take(self.config.max_topics)
+            .collect();
     }
 
     /// Bytes the cached Reed-Solomon codecs can come to hold.
@@ -732,21 +765,33 @@ impl Reassembler {
         }
         let mut mid_stream = header.block >= JOIN_FROM_START_BLOCKS && !from_start;
         let mut next_deliver = if mid_stream { header.block } else { 0 };
+        let mut restored = HashMap::new();
         if let Some(floor) = self
             .floor
             .filter(|f| header.authenticated && f.session_id == header.session_id)
         {
             // The receiver restarted within this session: what it delivered before is not
-            // delivered again, and nothing before the join is called lost.
+            // delivered again. The topics it had marks for go on from them, so what was sent
+            // while it was down is reported lost; others joined mid-stream.
             mid_stream = true;
             next_deliver = next_deliver.max(floor.next_block);
+            restored = std::mem::take(&mut self.watermarks)
+                .into_iter()
+                .map(|(topic, expected)| {
+                    let state = TopicState {
+                        expected: Some(expected),
+                        anchor: None,
+                    };
+                    (topic, state)
+                })
+                .collect();
         }
         let topics = match resumed {
             Some(topics) => {
                 mid_stream = false;
                 topics
             }
-            None => HashMap::new(),
+            None => restored,
         };
         self.session = Some(Session {
             id: header.session_id,
