@@ -224,11 +224,20 @@ impl Pair {
     }
 
     pub fn restart_receiver(&mut self, crash: bool) {
+        self.stop_receiver(crash);
+        self.start_receiver();
+    }
+
+    /// Stops the receiver (SIGTERM, or SIGKILL for a crash); `start_receiver` brings it back.
+    pub fn stop_receiver(&mut self, crash: bool) {
         if crash {
             self.receiver.kill();
         } else {
             self.receiver.stop();
         }
+    }
+
+    pub fn start_receiver(&mut self) {
         let metrics = self.receiver.metrics;
         self.receiver = Service::start(
             RECV,
