@@ -629,12 +629,9 @@ fn the_sender_link_socket_accepts_nothing() {
     assert_eq!(queued, 0, "datagrams queued on the sender's link socket");
 }
 
-/// With a key and a state file, a receiver that restarts still refuses a replay: of an old
-/// session, and of the current session's blocks it had already delivered (before, the restarted
-/// receiver delivered them all again as new). `allowed_sources` drops anything not from the
-/// diode's address before any check.
-#[test]
-fn replays_are_refused_across_a_receiver_restart() {
+/// A pair on a link key made by `diode-send keygen`, the receiver with a state file and
+/// `receiver_link` besides, the udp and lines topics; and the lines topic's TCP port.
+fn authenticated_pair_with_state(receiver_link: &str) -> (Pair, u16) {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("link.key");
     let status = std::process::Command::new(SEND)
@@ -644,14 +641,24 @@ fn replays_are_refused_across_a_receiver_restart() {
         .unwrap();
     assert!(status.success());
     let (udp, tcp) = (free_port(), free_port());
-    let mut pair = Pair::start_with(
+    let pair = Pair::start_with(
         RelayConfig::default(),
         &topics_udp_and_lines(udp, tcp),
         FILE_ROUTE,
         dir,
         "key_file = \"link.key\"",
-        "key_file = \"link.key\"\nstate_file = \"receiver.state\"\nallowed_sources = [\"127.0.0.1\"]",
+        &format!("key_file = \"link.key\"\nstate_file = \"receiver.state\"\n{receiver_link}"),
     );
+    (pair, tcp)
+}
+
+/// With a key and a state file, a receiver that restarts still refuses a replay: of an old
+/// session, and of the current session's blocks it had already delivered (before, the restarted
+/// receiver delivered them all again as new). `allowed_sources` drops anything not from the
+/// diode's address before any check.
+#[test]
+fn replays_are_refused_across_a_receiver_restart() {
+    let (mut pair, tcp) = authenticated_pair_with_state("allowed_sources = [\"127.0.0.1\"]");
     let out = pair.path("out/records.jsonl");
     pair.relay.start_capture();
     send_lines(loopback(tcp), (0..500).map(|i| format!("first {i}")));
@@ -706,23 +713,7 @@ fn replays_are_refused_across_a_receiver_restart() {
 /// receiver reports exactly the records it missed, with their range.
 #[test]
 fn records_sent_while_the_receiver_was_down_are_reported_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("link.key");
-    let status = std::process::Command::new(SEND)
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let (udp, tcp) = (free_port(), free_port());
-    let mut pair = Pair::start_with(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
-        dir,
-        "key_file = \"link.key\"",
-        "key_file = \"link.key\"\nstate_file = \"receiver.state\"",
-    );
+    let (mut pair, tcp) = authenticated_pair_with_state("");
     let out = pair.path("out/records.jsonl");
     send_lines(loopback(tcp), (0..500).map(|i| format!("before {i}")));
     assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 500));

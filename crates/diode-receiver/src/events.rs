@@ -266,18 +266,23 @@ impl Events {
             .set(diode_common::unix_time_us() / 1_000_000);
         if let Some(c) = &heartbeat.counters {
             let last = &view.counters;
-            self.metrics
-                .sender_records_in
-                .inc_by(c.records_in.saturating_sub(last.records_in));
-            self.metrics
-                .sender_datagrams_sent
-                .inc_by(c.datagrams_sent.saturating_sub(last.datagrams_sent));
-            self.metrics
-                .sender_link_bytes_sent
-                .inc_by(c.link_bytes_sent.saturating_sub(last.link_bytes_sent));
-            self.metrics
-                .sender_source_errors
-                .inc_by(c.source_errors.saturating_sub(last.source_errors));
+            let m = &self.metrics;
+            for (mirror, now, before) in [
+                (&m.sender_records_in, c.records_in, last.records_in),
+                (
+                    &m.sender_datagrams_sent,
+                    c.datagrams_sent,
+                    last.datagrams_sent,
+                ),
+                (
+                    &m.sender_link_bytes_sent,
+                    c.link_bytes_sent,
+                    last.link_bytes_sent,
+                ),
+                (&m.sender_source_errors, c.source_errors, last.source_errors),
+            ] {
+                mirror.inc_by(now.saturating_sub(before));
+            }
             view.counters = *c;
         }
         for topic in &heartbeat.topics {
