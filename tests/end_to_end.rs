@@ -750,6 +750,12 @@ fn records_sent_while_the_receiver_was_down_are_reported_lost() {
         .map(|r| r["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, (0..500).chain(800..1000).collect::<Vec<_>>());
+    // One sender session throughout, and every record says which: what makes (topic, seq) unique.
+    let sessions: std::collections::BTreeSet<String> = read_jsonl(&out)
+        .iter()
+        .map(|r| r["session"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
     pair.assert_one_way();
 }
 

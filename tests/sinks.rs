@@ -241,10 +241,15 @@ fn syslog_sink_frames_rfc5424_with_octet_counting() {
         let fields: Vec<&str> = message.splitn(7, ' ').collect();
         assert!(fields[1].ends_with('Z'), "timestamp {message}");
         assert_eq!(fields[3], "diode");
+        let (sd, text) = message.split_once("\"] ").expect("structured data");
+        assert_eq!(text, format!("door {n} opened"), "{message}");
+        let (ids, session) = sd.split_once(" session=\"").expect("the session");
         assert!(
-            message.ends_with(&format!(
-                "[diode@32473 topic=\"security/door\" seq=\"{n}\"] door {n} opened"
-            )),
+            ids.ends_with(&format!("[diode@32473 topic=\"security/door\" seq=\"{n}\"")),
+            "{message}"
+        );
+        assert!(
+            session.len() == 16 && session.chars().all(|c| c.is_ascii_hexdigit()),
             "{message}"
         );
     }
@@ -666,7 +671,8 @@ fn syslog_sink_over_udp_sends_one_message_a_datagram() {
         let message = std::str::from_utf8(&buf[..len]).unwrap();
         assert!(message.starts_with("<133>1 "), "{message}");
         assert!(
-            message.ends_with(&format!("seq=\"{n}\"] deny {n}")),
+            message.contains(&format!("seq=\"{n}\" session=\""))
+                && message.ends_with(&format!("\"] deny {n}")),
             "{message}"
         );
     }

@@ -538,6 +538,7 @@ fn encode_frame(record: &Record, out: &mut Vec<u8>) {
         time_deltas_us: vec![0],
         payloads: vec![record.payload.clone()],
         origins: record.origin.iter().cloned().collect(),
+        session_id: record.session_id,
     };
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_BYTES as usize]);
@@ -574,6 +575,8 @@ fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>, left: u64) -> std::io:
     Ok(Record {
         topic: Arc::from(batch.topic.as_str()),
         seq: batch.first_seq,
+        // 0 in what an earlier version kept: not known.
+        session_id: batch.session_id,
         time_us: batch.first_time_us,
         origin: batch
             .origins
@@ -592,6 +595,7 @@ mod tests {
         Record {
             topic: Arc::from(topic),
             seq,
+            session_id: 0x5E55 << 20,
             time_us: 1_764_000_000_000_000 + seq as i64,
             origin: (seq % 2 == 0).then(|| diode_wire::proto::Origin {
                 topic: format!("plant/{seq}"),

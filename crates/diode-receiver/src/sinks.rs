@@ -149,7 +149,8 @@ pub enum SinkError {
     Kafka(String),
 }
 
-/// One JSON line: `topic`, `seq`, `time` (RFC 3339, when the sender took it in), `origin` when
+/// One JSON line: `topic`, `seq`, `session` (the sender's session, 16 hex digits: with topic and
+/// seq what identifies a record for good), `time` (RFC 3339, when the sender took it in), `origin` when
 /// the source gave one (`{"topic", "qos", "retain"}`, wire-format.md §5.4), and `payload` (UTF-8)
 /// or `payload_base64`.
 pub fn json_line(record: &Record, out: &mut Vec<u8>) {
@@ -157,6 +158,8 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
     struct Line<'a> {
         topic: &'a str,
         seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
         time: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         origin: Option<Origin<'a>>,
@@ -183,6 +186,7 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
     let line = Line {
         topic: &record.topic,
         seq: record.seq,
+        session: (record.session_id != 0).then(|| format!("{:016x}", record.session_id)),
         time: diode_common::format_rfc3339_us(record.time_us),
         origin: record.origin.as_ref().map(|o| Origin {
             topic: &o.topic,
@@ -208,6 +212,7 @@ mod tests {
         let record = Record {
             topic: "line3/telemetry".into(),
             seq: 7,
+            session_id: 0x0123_4567_89ab_cdef,
             time_us: 1_764_100_000_123_456,
             origin: None,
             payload: Bytes::from_static(b"{\"t\":21.5}"),
@@ -216,6 +221,7 @@ mod tests {
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(line["topic"], "line3/telemetry");
         assert_eq!(line["seq"], 7);
+        assert_eq!(line["session"], "0123456789abcdef");
         assert_eq!(line["time"], "2025-11-25T19:46:40.123456Z");
         assert_eq!(line["payload"], "{\"t\":21.5}");
         let binary = Record {

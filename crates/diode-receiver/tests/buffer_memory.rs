@@ -31,6 +31,7 @@ fn a_large_backlog_opens_in_bounded_memory_and_is_counted_exactly() {
         for b in 0..batches {
             let records: Vec<Record> = (0..batch)
                 .map(|i| Record {
+                    session_id: 1,
                     topic: topic.clone(),
                     seq: (b * batch + i) as u64,
                     time_us: 1,

@@ -1071,6 +1071,8 @@ impl Encoder {
                         time_deltas_us: batch.time_deltas_us,
                         payloads: batch.payloads,
                         origins: batch.origins,
+                        // The receiver's own field: never on the link (wire-format.md §5.1).
+                        session_id: 0,
                     })),
                 },
                 content,

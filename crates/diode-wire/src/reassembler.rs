@@ -83,6 +83,10 @@ impl Default for ReassemblerConfig {
 pub struct Record {
     pub topic: Arc<str>,
     pub seq: u64,
+    /// The sender's session it came in: with the topic and sequence number, what identifies a
+    /// record for good (sequence numbers restart with each session, §1). 0: not known (a record
+    /// kept by a disk buffer of an earlier version).
+    pub session_id: u64,
     /// Microseconds since the Unix epoch, when the sender took the record in.
     pub time_us: i64,
     /// Where the record came from inside its source, when the source said (wire-format.md §5.4).
@@ -1128,6 +1132,8 @@ impl Reassembler {
     /// §5.1
     fn handle_batch(&mut self, now: Instant, batch: proto::RecordBatch, block_len: usize) {
         let count = batch.payloads.len() as u64;
+        // From the datagrams' headers, never from the batch (its field 7 is the disk buffer's).
+        let session_id = self.session.as_ref().map_or(0, |s| s.id);
         if !frames::is_valid_topic(&batch.topic)
             || batch.payloads.is_empty()
             || batch.payloads.len() != batch.time_deltas_us.len()
@@ -1157,6 +1163,7 @@ impl Reassembler {
                 Record {
                     topic: topic.clone(),
                     seq: batch.first_seq + i as u64,
+                    session_id,
                     time_us,
                     origin: origins.next().filter(frames::origin_is_present),
                     payload,
@@ -1222,6 +1229,7 @@ impl Reassembler {
             Record {
                 topic: topic.clone(),
                 seq: done.seq,
+                session_id: self.session.as_ref().map_or(0, |s| s.id),
                 time_us: done.time_us,
                 origin: done.origin,
                 payload: Bytes::from(done.data),

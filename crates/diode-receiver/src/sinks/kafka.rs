@@ -231,6 +231,12 @@ impl KafkaSink {
 fn to_kafka(record: &Record) -> rskafka::record::Record {
     let mut headers = BTreeMap::new();
     headers.insert("diode-seq".to_owned(), record.seq.to_string().into_bytes());
+    if record.session_id != 0 {
+        headers.insert(
+            "diode-session".to_owned(),
+            format!("{:016x}", record.session_id).into_bytes(),
+        );
+    }
     headers.insert(
         "diode-time-us".to_owned(),
         record.time_us.to_string().into_bytes(),

@@ -272,6 +272,7 @@ mod tests {
 
     fn record(topic: &str, origin: Option<&str>) -> Record {
         Record {
+            session_id: 0,
             topic: topic.into(),
             seq: 1,
             time_us: 0,

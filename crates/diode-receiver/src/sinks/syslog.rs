@@ -153,7 +153,8 @@ impl Sink for SyslogSink {
     }
 }
 
-/// `<PRI>1 TIMESTAMP HOST APP PROCID MSGID [diode@32473 topic=".." seq=".."] MSG` (RFC 5424 §6).
+/// `<PRI>1 TIMESTAMP HOST APP PROCID MSGID [diode@32473 topic=".." seq=".." session=".."] MSG`
+/// (RFC 5424 §6).
 pub fn format_5424(record: &Record, hostname: &str, out: &mut Vec<u8>) {
     // The sender's syslog source sends JSON with these fields (crates/diode-sender syslog.rs),
     // and says so in the record's origin: a payload of any other record that merely looks like
@@ -190,11 +191,15 @@ pub fn format_5424(record: &Record, hostname: &str, out: &mut Vec<u8>) {
     let time = diode_common::format_rfc3339_us(record.time_us);
     out.extend_from_slice(
         format!(
-            "<{pri}>1 {time} {host} {app} {} {} [diode@32473 topic=\"{}\" seq=\"{}\"] ",
+            "<{pri}>1 {time} {host} {app} {} {} [diode@32473 topic=\"{}\" seq=\"{}\"{}] ",
             field("procid", 128),
             field("msgid", 32),
             sd_escape(&record.topic),
-            record.seq
+            record.seq,
+            match record.session_id {
+                0 => String::new(),
+                id => format!(" session=\"{id:016x}\""),
+            }
         )
         .as_bytes(),
     );
@@ -255,6 +260,7 @@ mod tests {
 
     fn record(payload: &[u8]) -> Record {
         Record {
+            session_id: 0,
             topic: "security/syslog".into(),
             seq: 42,
             time_us: 1_764_100_000_123_456,
