@@ -84,10 +84,13 @@ impl MetricsConfig {
 /// One table of a configuration file (`topic[2].source`, `route[0].sink`, or a topic file's top
 /// level): a connector checks its own keys through it, and its errors still name the file, the
 /// line and the whole dotted key.
+/// `site` carries what the whole configuration sets that a table's checks depend on (each
+/// service's own limits).
 #[derive(Clone)]
-pub struct ConfigScope<'a> {
+pub struct ConfigScope<'a, S = ()> {
     source: &'a ConfigSource,
     prefix: String,
+    site: S,
 }
 
 impl<'a> ConfigScope<'a> {
@@ -96,7 +99,24 @@ impl<'a> ConfigScope<'a> {
         ConfigScope {
             source,
             prefix: prefix.into(),
+            site: (),
         }
+    }
+
+    /// The same table, with the service's limits its checks depend on.
+    pub fn with_site<S>(self, site: S) -> ConfigScope<'a, S> {
+        ConfigScope {
+            source: self.source,
+            prefix: self.prefix,
+            site,
+        }
+    }
+}
+
+impl<'a, S: Clone> ConfigScope<'a, S> {
+    /// The service's limits this table is checked against.
+    pub fn site(&self) -> &S {
+        &self.site
     }
 
     pub fn source(&self) -> &'a ConfigSource {
@@ -118,8 +138,12 @@ impl<'a> ConfigScope<'a> {
     }
 
     /// The table at `key` inside this one.
-    pub fn child(&self, key: &str) -> ConfigScope<'a> {
-        ConfigScope::new(self.source, self.key(key))
+    pub fn child(&self, key: &str) -> ConfigScope<'a, S> {
+        ConfigScope {
+            source: self.source,
+            prefix: self.key(key),
+            site: self.site.clone(),
+        }
     }
 
     pub fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {

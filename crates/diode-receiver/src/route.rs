@@ -93,7 +93,7 @@ impl RouteConfig {
                     .map_err(|e| scope.invalid(&format!("topics[{j}]"), e))?,
             );
         }
-        let sink = self.sink.check(&scope.child("sink"), site)?;
+        let sink = self.sink.check(&scope.child("sink").with_site(*site))?;
         for claim in sink.settings.claims() {
             if let Some(first) = earlier
                 .iter()

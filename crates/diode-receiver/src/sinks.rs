@@ -46,18 +46,14 @@ pub enum SinkConfig {
 
 impl SinkConfig {
     /// Checks the table (errors name its keys under `scope`) and resolves paths and addresses.
-    pub fn check(
-        &self,
-        scope: &ConfigScope<'_>,
-        site: &SiteLimits,
-    ) -> Result<CheckedSink, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<CheckedSink, ConfigError> {
         let (kind, settings): (_, Arc<dyn SinkSettings>) = match self {
             SinkConfig::File(c) => ("file", Arc::new(c.check(scope)?)),
             SinkConfig::Stdout(c) => ("stdout", Arc::new(c.clone())),
             SinkConfig::Udp(c) => ("udp", Arc::new(c.check(scope)?)),
             SinkConfig::Tcp(c) => ("tcp", Arc::new(c.check(scope)?)),
-            SinkConfig::Mqtt(c) => ("mqtt", Arc::new(c.check(scope, site)?)),
-            SinkConfig::MqttBroker(c) => ("mqtt_broker", Arc::new(c.check(scope, site)?)),
+            SinkConfig::Mqtt(c) => ("mqtt", Arc::new(c.check(scope)?)),
+            SinkConfig::MqttBroker(c) => ("mqtt_broker", Arc::new(c.check(scope)?)),
             SinkConfig::Kafka(c) => ("kafka", Arc::new(c.check(scope)?)),
             SinkConfig::Syslog(c) => ("syslog", Arc::new(c.check(scope)?)),
         };
@@ -72,6 +68,9 @@ pub struct CheckedSink {
     pub kind: &'static str,
     pub settings: Arc<dyn SinkSettings>,
 }
+
+/// A sink's table, with the limits its checks depend on.
+pub type Scope<'a> = ConfigScope<'a, SiteLimits>;
 
 /// What the whole configuration sets that a sink's checks depend on.
 #[derive(Debug, Clone, Copy)]

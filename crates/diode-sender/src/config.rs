@@ -427,7 +427,7 @@ fn check_topic(
             ));
         }
     }
-    topic.source.check(&scope.child("source"), site)
+    topic.source.check(&scope.child("source").with_site(*site))
 }
 
 #[cfg(test)]

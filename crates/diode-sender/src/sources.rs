@@ -51,16 +51,12 @@ pub enum SourceConfig {
 
 impl SourceConfig {
     /// Checks the table (errors name its keys under `scope`) and resolves its addresses.
-    pub fn check(
-        &self,
-        scope: &ConfigScope<'_>,
-        site: &SiteLimits,
-    ) -> Result<CheckedSource, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<CheckedSource, ConfigError> {
         let (kind, source): (_, Arc<dyn Source>) = match self {
             SourceConfig::Udp(c) => ("udp", Arc::new(c.check(scope)?)),
             SourceConfig::Tcp(c) => ("tcp", Arc::new(c.check(scope)?)),
-            SourceConfig::Mqtt(c) => ("mqtt", Arc::new(c.check(scope, site)?)),
-            SourceConfig::Modbus(c) => ("modbus", Arc::new(c.check(scope, site)?)),
+            SourceConfig::Mqtt(c) => ("mqtt", Arc::new(c.check(scope)?)),
+            SourceConfig::Modbus(c) => ("modbus", Arc::new(c.check(scope)?)),
             SourceConfig::Syslog(c) => ("syslog", Arc::new(c.check(scope)?)),
         };
         Ok(CheckedSource { kind, source })
@@ -74,6 +70,9 @@ pub struct CheckedSource {
     pub kind: &'static str,
     pub source: Arc<dyn Source>,
 }
+
+/// A source's table, with the limits its checks depend on.
+pub type Scope<'a> = ConfigScope<'a, SiteLimits>;
 
 /// What the whole configuration sets that a source's checks depend on.
 #[derive(Debug, Clone, Copy)]
@@ -217,7 +216,7 @@ pub(crate) struct Listening {
 impl Listening {
     /// Checks `listen` and `allowed_peers`; errors name the entry.
     pub fn check(
-        scope: &ConfigScope<'_>,
+        scope: &Scope<'_>,
         listen: &str,
         peers: &[String],
     ) -> Result<Listening, ConfigError> {
@@ -239,7 +238,7 @@ impl Listening {
 }
 
 pub(crate) fn check_max_connections(
-    scope: &ConfigScope<'_>,
+    scope: &Scope<'_>,
     max_connections: usize,
 ) -> Result<(), ConfigError> {
     if max_connections == 0 {

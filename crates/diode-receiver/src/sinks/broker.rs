@@ -37,11 +37,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use serde::Deserialize;
 
 use super::mqtt::{republish_topic, republished_part};
-use super::{Refusals, Sink, SinkError, SinkSettings, SiteLimits};
+use super::{Refusals, Scope, Sink, SinkError, SinkSettings};
 use crate::filter::TopicFilter;
 use crate::metrics::RouteMetrics;
 use crate::route::RouteTask;
@@ -76,11 +76,7 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
-    pub fn check(
-        &self,
-        scope: &ConfigScope<'_>,
-        site: &SiteLimits,
-    ) -> Result<BrokerSettings, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<BrokerSettings, ConfigError> {
         let listen = scope.socket_addr("listen", &self.listen)?;
         let tls = match &self.tls {
             Some(tls) => Some(diode_common::mqtt::server_tls_config(
@@ -117,7 +113,7 @@ impl BrokerConfig {
             max_connections: self.max_connections,
             client_queue_bytes: self.client_queue_bytes,
             retained_max_bytes: self.retained_max_bytes,
-            max_packet_bytes: site.max_mqtt_packet_bytes(),
+            max_packet_bytes: scope.site().max_mqtt_packet_bytes(),
             tls,
         })
     }

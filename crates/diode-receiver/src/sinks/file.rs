@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use diode_wire::Record;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use super::{json_line, Refusals, Sink, SinkError, SinkSettings};
+use super::{json_line, Refusals, Scope, Sink, SinkError, SinkSettings};
 use crate::metrics::RouteMetrics;
 use crate::route::RouteTask;
 
@@ -40,7 +40,7 @@ pub enum FileFormat {
 
 impl FileConfig {
     /// Resolves `path` against the configuration file's directory.
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<FileConfig, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<FileConfig, ConfigError> {
         let path = scope.resolve(&self.path);
         if let Some(dir) = path.parent() {
             scope.writable_dir("path", dir)?;

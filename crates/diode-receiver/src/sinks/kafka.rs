@@ -6,13 +6,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use diode_wire::Record;
 use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use serde::Deserialize;
 
-use super::{Refusals, Sink, SinkError, SinkSettings};
+use super::{Refusals, Scope, Sink, SinkError, SinkSettings};
 use crate::metrics::RouteMetrics;
 use crate::route::RouteTask;
 
@@ -39,7 +39,7 @@ fn default_create_partitions() -> i32 {
 }
 
 impl KafkaConfig {
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<KafkaConfig, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<KafkaConfig, ConfigError> {
         if self.brokers.is_empty() {
             return Err(scope.invalid("brokers", "list at least one bootstrap broker"));
         }

@@ -6,13 +6,13 @@ use diode_common::config::default_u8;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use diode_wire::Record;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{Refusals, Sink, SinkError, SinkSettings, SiteLimits};
+use super::{Refusals, Scope, Sink, SinkError, SinkSettings};
 use crate::metrics::RouteMetrics;
 use crate::route::RouteTask;
 
@@ -36,10 +36,7 @@ pub struct MqttConfig {
 }
 
 /// A topic prefix is published under, so it must be a topic itself, without wildcards.
-pub(crate) fn check_topic_prefix(
-    scope: &ConfigScope<'_>,
-    topic_prefix: &str,
-) -> Result<(), ConfigError> {
+pub(crate) fn check_topic_prefix(scope: &Scope<'_>, topic_prefix: &str) -> Result<(), ConfigError> {
     if topic_prefix.contains(['+', '#']) {
         return Err(scope.invalid("topic_prefix", "must not contain MQTT wildcards"));
     }
@@ -47,11 +44,7 @@ pub(crate) fn check_topic_prefix(
 }
 
 impl MqttConfig {
-    pub fn check(
-        &self,
-        scope: &ConfigScope<'_>,
-        site: &SiteLimits,
-    ) -> Result<MqttSettings, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<MqttSettings, ConfigError> {
         if self.qos > 1 {
             return Err(scope.invalid("qos", format!("{}: 0 or 1", self.qos)));
         }
@@ -67,7 +60,7 @@ impl MqttConfig {
                 password_file: self.password_file.as_ref(),
                 tls: self.tls.as_ref(),
                 clean_session: false,
-                max_packet_bytes: site.max_mqtt_packet_bytes(),
+                max_packet_bytes: scope.site().max_mqtt_packet_bytes(),
             },
         )?;
         Ok(MqttSettings {

@@ -3,13 +3,13 @@
 //! application and message; any other record is sent as local0.notice from `diode`, with its
 //! topic and sequence number as structured data so the SIEM can trace it.
 
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use diode_wire::Record;
 use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::{Refusals, Sink, SinkError, SinkSettings};
+use super::{Refusals, Scope, Sink, SinkError, SinkSettings};
 use crate::metrics::RouteMetrics;
 use crate::route::RouteTask;
 
@@ -31,7 +31,7 @@ pub enum SyslogProtocol {
 }
 
 impl SyslogConfig {
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<SyslogConfig, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<SyslogConfig, ConfigError> {
         scope.socket_addr("target", &self.target)?;
         Ok(self.clone())
     }

@@ -1,12 +1,12 @@
 //! The TCP sink: the payloads framed as the TCP source frames them; reconnects with backoff.
 
-use diode_common::config::{ConfigError, ConfigScope, Framing};
+use diode_common::config::{ConfigError, Framing};
 use diode_wire::Record;
 use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 
-use super::{Refusals, Sink, SinkError, SinkSettings};
+use super::{Refusals, Scope, Sink, SinkError, SinkSettings};
 use crate::metrics::RouteMetrics;
 use crate::route::RouteTask;
 
@@ -19,7 +19,7 @@ pub struct TcpConfig {
 }
 
 impl TcpConfig {
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<TcpConfig, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<TcpConfig, ConfigError> {
         scope.socket_addr("connect", &self.connect)?;
         Ok(self.clone())
     }

@@ -2,13 +2,13 @@
 
 use std::net::SocketAddr;
 
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use diode_wire::Record;
 use quinn_udp::{Transmit, UdpSocketState};
 use serde::Deserialize;
 use tokio::net::UdpSocket;
 
-use super::{Refusals, Sink, SinkError, SinkSettings};
+use super::{Refusals, Scope, Sink, SinkError, SinkSettings};
 use crate::metrics::RouteMetrics;
 use crate::route::RouteTask;
 
@@ -22,7 +22,7 @@ pub struct UdpConfig {
 }
 
 impl UdpConfig {
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<UdpConfig, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<UdpConfig, ConfigError> {
         scope.socket_addr("target", &self.target)?;
         Ok(self.clone())
     }

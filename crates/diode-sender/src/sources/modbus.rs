@@ -11,13 +11,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use serde::Deserialize;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{SiteLimits, Source, SourceContext, Started};
+use super::{Scope, Source, SourceContext, Started};
 
 /// `source = { kind = "modbus", ... }`: one device, polled with read function codes only; each
 /// poll is one JSON record. There is no key for a function code.
@@ -34,18 +34,15 @@ pub struct ModbusConfig {
 }
 
 impl ModbusConfig {
-    pub fn check(
-        &self,
-        scope: &ConfigScope<'_>,
-        site: &SiteLimits,
-    ) -> Result<ModbusSource, ConfigError> {
-        if self.poll_interval_ms < site.min_poll_interval_ms {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<ModbusSource, ConfigError> {
+        if self.poll_interval_ms < scope.site().min_poll_interval_ms {
             return Err(scope.invalid(
                 "poll_interval_ms",
                 format!(
                     "{} ms is below the site's floor of {} ms \
                      (safety.min_poll_interval_ms): polling faster could load the device",
-                    self.poll_interval_ms, site.min_poll_interval_ms
+                    self.poll_interval_ms,
+                    scope.site().min_poll_interval_ms
                 ),
             ));
         }

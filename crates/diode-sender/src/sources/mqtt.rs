@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use diode_wire::proto::Origin;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Deserialize;
 
-use super::{Claim, SiteLimits, Source, SourceContext, Started};
+use super::{Claim, Scope, Source, SourceContext, Started};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,11 +37,7 @@ pub struct MqttConfig {
 }
 
 impl MqttConfig {
-    pub fn check(
-        &self,
-        scope: &ConfigScope<'_>,
-        site: &SiteLimits,
-    ) -> Result<MqttSource, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<MqttSource, ConfigError> {
         if self.subscribe.is_empty() {
             return Err(scope.invalid("subscribe", "subscribe to at least one topic filter"));
         }
@@ -74,7 +70,9 @@ impl MqttConfig {
                 tls: self.tls.as_ref(),
                 // The broker keeps QoS 1 messages for this client while the sender is away.
                 clean_session: false,
-                max_packet_bytes: diode_common::mqtt::max_packet_bytes(site.max_record_bytes),
+                max_packet_bytes: diode_common::mqtt::max_packet_bytes(
+                    scope.site().max_record_bytes,
+                ),
             },
         )?;
         Ok(MqttSource {

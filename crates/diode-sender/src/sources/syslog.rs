@@ -4,13 +4,13 @@
 //! (`diode_source_unparsed_records_total`).
 
 use bytes::{Buf, Bytes, BytesMut};
-use diode_common::config::{default_usize, ConfigError, ConfigScope};
+use diode_common::config::{default_usize, ConfigError};
 use diode_common::unix_time_us;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::{emit, Claim, ConnectionError, Listening, Source, SourceContext, Started};
+use super::{emit, Claim, ConnectionError, Listening, Scope, Source, SourceContext, Started};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,7 +46,7 @@ impl SyslogProtocol {
 const UDP_RECEIVE_BUFFER_BYTES: usize = 4 << 20;
 
 impl SyslogConfig {
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<SyslogSource, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<SyslogSource, ConfigError> {
         super::check_max_connections(scope, self.max_connections)?;
         Ok(SyslogSource {
             config: self.clone(),

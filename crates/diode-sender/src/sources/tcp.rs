@@ -2,13 +2,13 @@
 //! length-prefixed records, or a raw byte stream (then one connection at a time, in order).
 
 use bytes::{Buf, Bytes, BytesMut};
-use diode_common::config::{default_usize, ConfigError, ConfigScope, Framing};
+use diode_common::config::{default_usize, ConfigError, Framing};
 use diode_common::unix_time_us;
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::{emit, Claim, ConnectionError, Listening, Source, SourceContext, Started};
+use super::{emit, Claim, ConnectionError, Listening, Scope, Source, SourceContext, Started};
 
 /// Chunk size read from a raw TCP stream: one record per read of up to this many bytes.
 const RAW_CHUNK_BYTES: usize = 64 * 1024;
@@ -28,7 +28,7 @@ pub struct TcpConfig {
 }
 
 impl TcpConfig {
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<TcpSource, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<TcpSource, ConfigError> {
         super::check_max_connections(scope, self.max_connections)?;
         Ok(TcpSource {
             config: self.clone(),

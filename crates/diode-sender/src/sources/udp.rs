@@ -2,10 +2,10 @@
 
 use bytes::Bytes;
 use diode_common::config::default_usize;
-use diode_common::config::{ConfigError, ConfigScope};
+use diode_common::config::ConfigError;
 use serde::Deserialize;
 
-use super::{Claim, Listening, Source, SourceContext, Started};
+use super::{Claim, Listening, Scope, Source, SourceContext, Started};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,7 +20,7 @@ pub struct UdpConfig {
 }
 
 impl UdpConfig {
-    pub fn check(&self, scope: &ConfigScope<'_>) -> Result<UdpSource, ConfigError> {
+    pub fn check(&self, scope: &Scope<'_>) -> Result<UdpSource, ConfigError> {
         Ok(UdpSource {
             config: self.clone(),
             at: Listening::check(scope, &self.listen, &self.allowed_peers)?,
