@@ -450,9 +450,15 @@ async fn on_disk<T: Send + 'static>(
     work: impl FnOnce(&mut DiskBuffer) -> T + Send + 'static,
 ) -> T {
     let buffer = buffer.clone();
-    tokio::task::spawn_blocking(move || work(&mut buffer.lock().expect("not poisoned")))
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    match tokio::task::spawn_blocking(move || work(&mut buffer.lock().expect("not poisoned"))).await
+    {
+        Ok(done) => done,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Cancelled only while the runtime shuts down, which drops this task too.
+            Err(_) => std::future::pending().await,
+        },
+    }
 }
 
 async fn run_buffered<S: Sink>(
@@ -476,6 +482,9 @@ async fn run_buffered<S: Sink>(
         route.to_owned(),
     ));
     loop {
+        // Read before the peek: if the spooler had closed by then, its last append is in what
+        // the peek sees, so an empty peek means the buffer is drained.
+        let was_closed = closed.load(std::sync::atomic::Ordering::Acquire);
         let next = on_disk(&buffer, |b| {
             b.peek(BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES)
         })
@@ -497,7 +506,7 @@ async fn run_buffered<S: Sink>(
             Ok(None) => {
                 // Read again after a wake-up: an append may land between the read and the wait,
                 // and Notify keeps that one permit for us.
-                if closed.load(std::sync::atomic::Ordering::Acquire) {
+                if was_closed {
                     break;
                 }
                 appended.notified().await;

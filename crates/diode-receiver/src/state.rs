@@ -68,7 +68,7 @@ fn parse(text: &str) -> Option<Saved> {
         }
     }
     let mut watermarks = Vec::new();
-    for line in lines {
+    for line in lines.filter(|l| !l.trim().is_empty()) {
         let (seq, topic) = line.strip_prefix("seq=")?.split_once(" topic=")?;
         watermarks.push((Arc::from(topic), seq.parse().ok()?));
     }
@@ -130,6 +130,12 @@ mod tests {
         // The one-line files of earlier versions still load, without marks.
         std::fs::write(&path, "session=0123456789abcdef next_block=42\n").unwrap();
         assert!(load(&path).unwrap().unwrap().watermarks.is_empty());
+        std::fs::write(&path, "session=1 next_block=1\nseq=3 topic=a\n\n").unwrap();
+        assert_eq!(
+            load(&path).unwrap().unwrap().watermarks.len(),
+            1,
+            "a blank line is fine"
+        );
         std::fs::write(&path, "session=zz next_block=1\n").unwrap();
         assert!(matches!(load(&path), Err(StateError::Format { .. })));
         std::fs::write(&path, "session=1 next_block=1\nseq=x topic=a\n").unwrap();

@@ -24,6 +24,8 @@ use crate::pacer::Pacer;
 
 /// The 4-byte content length that opens every block (wire-format.md §4.1).
 const CONTENT_HEADER_LEN: usize = 4;
+/// The most UDP payload one send may carry, GSO batches included.
+const MAX_UDP_PAYLOAD_BYTES: usize = 65_507;
 /// Topics per heartbeat catalogue turn (wire-format.md §5.3).
 const CATALOGUE_TURN_TOPICS: usize = 128;
 
@@ -888,7 +890,11 @@ impl Encoder {
         };
         out.extend_from_slice(&first);
         let mut count = 1;
-        while count < max_datagrams && wire(count + 1) <= budget {
+        // The kernel takes at most 64 KiB of UDP payload in one segmented send.
+        while count < max_datagrams
+            && wire(count + 1) <= budget
+            && out.len() + segment <= MAX_UDP_PAYLOAD_BYTES
+        {
             match self.next_datagram(now) {
                 Some(d) if d.len() == segment => out.extend_from_slice(&d),
                 Some(d) if d.len() < segment => {

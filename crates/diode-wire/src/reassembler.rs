@@ -390,19 +390,26 @@ impl Reassembler {
 
     /// The next sequence number each topic of the current session is to deliver, for the
     /// receiver to keep with its replay floor (§6.1). Empty on an unauthenticated link.
+    /// Until the floor's session comes back, the marks restored with it: a receiver that
+    /// restarts again meanwhile must not lose them.
     pub fn watermarks(&self) -> Vec<(Arc<str>, u64)> {
-        match &self.session {
-            Some(s) if !self.config.keys.is_empty() => {
-                let mut marks: Vec<_> = s
-                    .topics
-                    .iter()
-                    .filter_map(|(topic, state)| state.expected.map(|e| (topic.clone(), e)))
-                    .collect();
-                marks.sort();
-                marks
-            }
-            _ => Vec::new(),
+        if self.config.keys.is_empty() {
+            return Vec::new();
         }
+        let mut marks: Vec<_> = match &self.session {
+            Some(s) => s
+                .topics
+                .iter()
+                .filter_map(|(topic, state)| state.expected.map(|e| (topic.clone(), e)))
+                .collect(),
+            None => self
+                .watermarks
+                .iter()
+                .map(|(topic, e)| (topic.clone(), *e))
+                .collect(),
+        };
+        marks.sort();
+        marks
     }
 
     /// Takes back what [`Reassembler::watermarks`] said before a restart, with the floor it was

@@ -157,6 +157,41 @@ fn batches_grow_with_the_rate_up_to_the_count_asked_for() {
 }
 
 #[test]
+fn a_batch_never_exceeds_what_one_udp_send_carries() {
+    // 9000-byte jumbo frames at 10 Gb/s: the credit allows far more than 64 KiB at once.
+    let now = Instant::now();
+    let mut encoder = Encoder::new(
+        EncoderConfig {
+            mtu_bytes: 9000,
+            rate_mbps: Some(10_000.0),
+            ..Default::default()
+        },
+        now,
+    )
+    .unwrap();
+    let topic = encoder.add_topic("plant/bulk").unwrap();
+    for _ in 0..200 {
+        encoder
+            .push(now, topic, 0, Bytes::from(vec![7u8; 8000]))
+            .unwrap();
+    }
+    encoder.flush(now);
+    let mut buf = Vec::new();
+    let mut t = now + Duration::from_millis(1);
+    let mut largest = 0;
+    while !encoder.is_idle() {
+        encoder.handle_timeout(t, 0);
+        while let Some(batch) = encoder.poll_transmit_batch(t, 32, &mut buf) {
+            check_shape(&batch, &buf, 32);
+            assert!(buf.len() <= 65_507, "{batch:?}");
+            largest = largest.max(batch.datagrams);
+        }
+        t += Duration::from_millis(1);
+    }
+    assert!(largest >= 7, "{largest}");
+}
+
+#[test]
 fn an_unpaced_encoder_sends_everything_at_once() {
     let now = Instant::now();
     let mut encoder = Encoder::new(EncoderConfig::default(), now).unwrap();

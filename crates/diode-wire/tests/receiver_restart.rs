@@ -114,6 +114,13 @@ fn what_was_sent_while_the_receiver_was_down_is_reported_lost_with_its_ranges() 
     // Down while 200 records of each topic go by.
     pair.send(200, None);
 
+    // Restarted again before the session came back: what it would keep still holds the marks.
+    let mut crashed_again = receiver(&key);
+    crashed_again.restore_replay_floor(floor);
+    crashed_again.restore_watermarks(marks.clone());
+    assert_eq!(crashed_again.watermarks(), marks);
+    drop(crashed_again);
+
     let mut restarted = receiver(&key);
     restarted.restore_replay_floor(floor);
     restarted.restore_watermarks(marks);
