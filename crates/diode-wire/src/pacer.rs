@@ -50,23 +50,14 @@ impl Pacer {
         self.balance -= wire_bytes as f64;
     }
 
-    /// When anything may be sent again: once the debt of the last batch is paid back.
+    /// When anything may be sent again: once the debt of the last batch is paid back, with a
+    /// byte of credit so that a rounding remainder of debt cannot make a caller wake, find the
+    /// pacer still not ready, and ask again at the same instant.
     pub fn next_send_time(&self) -> Instant {
         if self.balance >= 0.0 {
             self.last
         } else {
-            self.last + Duration::from_secs_f64(-self.balance / self.bytes_per_sec)
-        }
-    }
-
-    /// When `wire_bytes` more can be sent without debt.
-    pub fn ready_at(&mut self, now: Instant, wire_bytes: usize) -> Instant {
-        self.refill(now);
-        let short = wire_bytes as f64 - self.balance;
-        if short <= 0.0 {
-            now
-        } else {
-            now + Duration::from_secs_f64(short / self.bytes_per_sec)
+            self.last + Duration::from_secs_f64((1.0 - self.balance) / self.bytes_per_sec)
         }
     }
 }
@@ -87,7 +78,7 @@ mod tests {
                 pacer.consume(1500);
                 sent.push(now);
             } else {
-                now = pacer.ready_at(now, 1);
+                now = pacer.next_send_time();
             }
         }
         let total = sent.len() as f64 * 1500.0 * 8.0 / 1e6;
