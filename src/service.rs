@@ -1,5 +1,6 @@
 //! What `diode-send` and `diode-recv` share as programs: `--config FILE` runs the service until
-//! SIGTERM or Ctrl-C, `check --config FILE` validates a file and prints what it would do. A
+//! SIGTERM or Ctrl-C, `check --config FILE` validates a file and prints what it would do, and
+//! each service's own tools (`diode-send replay`, `diode-recv gaps`) read the same file. A
 //! configuration error exits with status 2, a failure to start with status 1.
 
 use std::fmt::Display;
@@ -13,16 +14,22 @@ use diode_common::Shutdown;
 
 #[derive(Parser)]
 #[command(version)]
-struct Args {
+struct Args<T: Tool> {
     /// The configuration file (see deploy/).
     #[arg(long, short)]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<Command<T>>,
+}
+
+/// A service's own subcommands, each of which reads the service's configuration.
+pub trait Tool: Subcommand {
+    /// The configuration file given to the subcommand itself, if any.
+    fn config(&self) -> Option<&Path>;
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Command<T: Tool> {
     /// Checks a configuration file and prints what it would do.
     Check {
         /// The configuration file to check (or give --config before `check`).
@@ -36,17 +43,21 @@ enum Command {
         #[arg(long, short)]
         out: PathBuf,
     },
+    #[command(flatten)]
+    Tool(T),
 }
 
-pub struct Service<L> {
+pub struct Service<L, T> {
     pub name: &'static str,
     /// One line for `--help`.
     pub about: &'static str,
     pub load: fn(&Path) -> Result<L, ConfigError>,
     pub describe: fn(&L) -> String,
+    /// Runs one of the service's own subcommands on the loaded configuration.
+    pub tool: fn(&L, T) -> ExitCode,
 }
 
-impl<L> Service<L> {
+impl<L, T: Tool> Service<L, T> {
     /// Parses the command line; `run` starts the service and resolves when it has stopped after
     /// `shutdown`.
     pub fn main<F, Fut, E>(&self, run: F) -> ExitCode
@@ -55,16 +66,29 @@ impl<L> Service<L> {
         Fut: Future<Output = Result<(), E>>,
         E: Display,
     {
-        let matches = Args::command()
+        let matches = Args::<T>::command()
             .name(self.name)
             .about(self.about)
             .get_matches();
-        let args = match Args::from_arg_matches(&matches) {
+        let args = match Args::<T>::from_arg_matches(&matches) {
             Ok(args) => args,
             Err(e) => e.exit(),
         };
         diode_common::init_logging();
         let (path, check) = match (args.command, args.config) {
+            (Some(Command::Tool(tool)), config) => {
+                let Some(path) = tool.config().map(Path::to_owned).or(config) else {
+                    eprintln!("error: this command needs --config FILE");
+                    return ExitCode::from(2);
+                };
+                return match (self.load)(&path) {
+                    Ok(loaded) => (self.tool)(&loaded, tool),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
             (Some(Command::Keygen { out }), _) => {
                 return match diode_common::keyfile::generate(&out) {
                     Ok(key) => {

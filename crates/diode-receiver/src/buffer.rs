@@ -22,10 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use diode_wire::proto::RecordBatch;
 use diode_wire::Record;
-use prost::Message;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -531,65 +528,27 @@ fn read_cursor(path: &Path) -> Option<Position> {
 }
 
 fn encode_frame(record: &Record, out: &mut Vec<u8>) {
-    let batch = RecordBatch {
-        topic: record.topic.to_string(),
-        first_seq: record.seq,
-        first_time_us: record.time_us,
-        time_deltas_us: vec![0],
-        payloads: vec![record.payload.clone()],
-        origins: record.origin.iter().cloned().collect(),
-        session_id: record.session_id,
-    };
-    let start = out.len();
-    out.extend_from_slice(&[0; FRAME_HEADER_BYTES as usize]);
-    batch.encode(out).expect("Vec grows");
-    let body = &out[start + FRAME_HEADER_BYTES as usize..];
-    let len = body.len() as u32;
-    let crc = crc32fast::hash(body);
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    diode_wire::stored::encode(record, out);
 }
 
 /// One frame of a segment with `left` bytes from here to its end; an error for a torn or damaged
 /// frame. A damaged length cannot make it allocate more than what is left of the segment.
 fn read_frame(reader: &mut impl Read, body: &mut Vec<u8>, left: u64) -> std::io::Result<Record> {
-    let mut header = [0u8; 8];
+    let mut header = [0u8; diode_wire::stored::HEADER_BYTES];
     reader.read_exact(&mut header)?;
-    let len = u32::from_be_bytes(header[..4].try_into().expect("4")) as usize;
-    let crc = u32::from_be_bytes(header[4..].try_into().expect("4"));
+    let (len, crc) = diode_wire::stored::header(header);
     if len as u64 > left.saturating_sub(FRAME_HEADER_BYTES) {
         return Err(std::io::ErrorKind::InvalidData.into());
     }
     body.resize(len, 0);
     reader.read_exact(body)?;
-    if crc32fast::hash(body) != crc {
-        return Err(std::io::ErrorKind::InvalidData.into());
-    }
-    let batch = RecordBatch::decode(&body[..])
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-    let payload: Bytes = batch
-        .payloads
-        .into_iter()
-        .next()
-        .ok_or(std::io::ErrorKind::InvalidData)?;
-    Ok(Record {
-        topic: Arc::from(batch.topic.as_str()),
-        seq: batch.first_seq,
-        // 0 in what an earlier version kept: not known.
-        session_id: batch.session_id,
-        time_us: batch.first_time_us,
-        origin: batch
-            .origins
-            .into_iter()
-            .next()
-            .filter(diode_wire::frames::origin_is_present),
-        payload,
-    })
+    diode_wire::stored::decode(body, crc).ok_or(std::io::ErrorKind::InvalidData.into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn record(topic: &str, seq: u64, len: usize) -> Record {
         Record {
@@ -603,6 +562,7 @@ mod tests {
                 retain: false,
                 protocol: "mqtt".into(),
             }),
+            late: seq % 3 == 0,
             payload: Bytes::from(vec![seq as u8; len]),
         }
     }

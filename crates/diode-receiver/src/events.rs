@@ -125,12 +125,14 @@ impl LossLog {
 }
 
 fn log_gap(topic: &str, first_seq: u64, last_seq: u64, records: u64, gaps: u64) {
+    // What an OT operator types in to have them sent again, if the sender keeps a journal.
     tracing::warn!(
         topic = %topic,
         first_seq,
         last_seq,
         records,
         gaps,
+        replay = format_args!("diode-send replay --topic '{topic}' --seq {first_seq}-{last_seq}"),
         "records lost beyond repair"
     );
 }
@@ -169,9 +171,12 @@ impl Events {
         let losses = &mut self.losses;
         match event {
             Event::Record(record) => {
-                Self::topic_counters(&self.metrics, &mut self.topic_counters, &record.topic)
-                    .out
-                    .inc();
+                let counters =
+                    Self::topic_counters(&self.metrics, &mut self.topic_counters, &record.topic);
+                counters.out.inc();
+                if record.late {
+                    counters.recovered.inc();
+                }
                 self.router.route(&record);
             }
             Event::Gap(gap) => {
@@ -248,6 +253,7 @@ impl Events {
             TopicCounters {
                 out: metrics.records_out.get_or_create_owned(&labels),
                 lost: metrics.records_lost.get_or_create_owned(&labels),
+                recovered: metrics.records_recovered.get_or_create_owned(&labels),
             }
         })
     }

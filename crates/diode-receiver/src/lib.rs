@@ -126,24 +126,32 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         None => None,
     };
     if let Some(saved) = &saved {
+        if let Some(floor) = saved.floor {
+            tracing::info!(
+                session = format_args!("{:016x}", floor.session_id),
+                next_block = floor.next_block,
+                "replay floor restored: older sessions and delivered blocks are refused"
+            );
+            reassembler.restore_replay_floor(floor);
+        }
         tracing::info!(
-            session = format_args!("{:016x}", saved.floor.session_id),
-            next_block = saved.floor.next_block,
             topics = saved.watermarks.len(),
-            "replay floor restored: older sessions and delivered blocks are refused, and what \
-             this session sent while the receiver was down is reported lost"
+            open_gaps = saved.gaps.len(),
+            "state restored: what the sender sent while this receiver was down is reported \
+             lost, and replays from its journal fill the open gaps"
         );
-        reassembler.restore_replay_floor(saved.floor);
         reassembler.restore_watermarks(saved.watermarks.iter().cloned());
+        reassembler.restore_gaps(saved.gaps.iter().cloned());
     }
     if loaded.keys.is_empty() {
         tracing::warn!(listen = %link_addr,
             "no link key: anyone who can reach this port can inject datagrams, and forged records \
              would be delivered as plant data; set link.key_file on both sides (diode-send keygen)");
-    } else if loaded.state_file.is_none() {
+    }
+    if loaded.state_file.is_none() {
         tracing::warn!(
-            "no link.state_file: after a restart this receiver cannot refuse a replay \
-            of records it already delivered"
+            "no link.state_file: after a restart this receiver cannot report what was lost \
+             while it was down, nor refuse a replay of records it already delivered"
         );
     }
     let thread = LinkThread {

@@ -95,7 +95,7 @@ impl LinkThread {
                 .min(Instant::now() + IDLE_WAKE);
             tokio::select! {
                 _ = shutdown.wait() => {
-                    self.save_floor();
+                    self.save_state();
                     return;
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
@@ -154,7 +154,10 @@ impl LinkThread {
         }
         if now >= scratch.next_gauges {
             scratch.next_gauges = now + GAUGE_INTERVAL;
-            self.save_floor();
+            self.save_state();
+            self.metrics
+                .gaps_open
+                .set(self.reassembler.open_gap_count() as i64);
             self.metrics
                 .inflight_bytes
                 .set(self.reassembler.inflight_bytes() as i64);
@@ -174,19 +177,20 @@ impl LinkThread {
         }
     }
 
-    /// Writes the replay floor and the topics' marks when they moved (once a second at most,
-    /// and at a clean stop).
-    fn save_floor(&mut self) {
+    /// Writes the replay floor, the topics' marks and the open gaps when they moved (once a
+    /// second at most, and at a clean stop).
+    fn save_state(&mut self) {
         let Some(path) = &self.state_file else {
             return;
         };
-        let Some(floor) = self.reassembler.replay_floor() else {
-            return;
-        };
         let saved = crate::state::Saved {
-            floor,
+            floor: self.reassembler.replay_floor(),
             watermarks: self.reassembler.watermarks(),
+            gaps: self.reassembler.open_gaps(),
         };
+        if saved.floor.is_none() && saved.watermarks.is_empty() && saved.gaps.is_empty() {
+            return;
+        }
         if self.saved.as_ref() == Some(&saved) {
             return;
         }

@@ -34,7 +34,11 @@ pub struct ReceiverMetrics {
     pub frames_malformed: Counter,
     pub records_out: Family<TopicLabels, Counter>,
     pub records_lost: Family<TopicLabels, Counter>,
+    pub records_recovered: Family<TopicLabels, Counter>,
     pub records_duplicate: Counter,
+    pub replayed_duplicate: Counter,
+    pub gaps_open: Gauge,
+    pub gaps_forgotten: Counter,
     pub sessions: Counter,
     pub link_up: Gauge,
     pub inflight_bytes: Gauge,
@@ -65,7 +69,11 @@ impl ReceiverMetrics {
             frames_malformed: Counter::default(),
             records_out: Family::default(),
             records_lost: Family::default(),
+            records_recovered: Family::default(),
             records_duplicate: Counter::default(),
+            replayed_duplicate: Counter::default(),
+            gaps_open: Gauge::default(),
+            gaps_forgotten: Counter::default(),
             sessions: Counter::default(),
             link_up: Gauge::default(),
             inflight_bytes: Gauge::default(),
@@ -133,6 +141,26 @@ impl ReceiverMetrics {
             "diode_records_duplicate",
             "Records dropped as already delivered",
             m.records_duplicate.clone(),
+        );
+        r.register(
+            "diode_records_recovered",
+            "Records reported lost, then delivered late from a replay of the sender's journal",
+            m.records_recovered.clone(),
+        );
+        r.register(
+            "diode_replayed_records_duplicate",
+            "Replayed records dropped: delivered already, or not in any open gap",
+            m.replayed_duplicate.clone(),
+        );
+        r.register(
+            "diode_gaps_open",
+            "Gaps reported lost and not yet filled by a replay (diode-recv gaps lists them)",
+            m.gaps_open.clone(),
+        );
+        r.register(
+            "diode_gaps_forgotten",
+            "Open gaps forgotten to stay within their bounds: a replay can no longer fill them",
+            m.gaps_forgotten.clone(),
         );
         r.register(
             "diode_sessions",
@@ -249,6 +277,10 @@ impl ReceiverMetrics {
         );
         self.records_duplicate
             .inc_by(stats.duplicate_records - last.duplicate_records);
+        self.replayed_duplicate
+            .inc_by(stats.replayed_duplicates - last.replayed_duplicates);
+        self.gaps_forgotten
+            .inc_by(stats.gaps_forgotten - last.gaps_forgotten);
         self.sessions.inc_by(stats.sessions - last.sessions);
     }
 
@@ -286,4 +318,5 @@ pub struct RouteMetrics {
 pub struct TopicCounters {
     pub out: Counter,
     pub lost: Counter,
+    pub recovered: Counter,
 }

@@ -150,8 +150,9 @@ pub enum SinkError {
 
 /// One JSON line: `topic`, `seq`, `session` (the sender's session, 16 hex digits: with topic and
 /// seq what identifies a record for good), `time` (RFC 3339, when the sender took it in), `origin` when
-/// the source gave one (`{"topic", "qos", "retain"}`, wire-format.md §5.4), and `payload` (UTF-8)
-/// or `payload_base64`.
+/// the source gave one (`{"topic", "qos", "retain"}`, wire-format.md §5.4), `late: true` when it
+/// filled a gap from a replay of the sender's journal (§6.7), and `payload` (UTF-8) or
+/// `payload_base64`.
 pub fn json_line(record: &Record, out: &mut Vec<u8>) {
     #[derive(serde::Serialize)]
     struct Line<'a> {
@@ -162,6 +163,8 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
         time: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         origin: Option<Origin<'a>>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        late: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         payload: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,6 +196,7 @@ pub fn json_line(record: &Record, out: &mut Vec<u8>) {
             retain: o.retain,
             protocol: &o.protocol,
         }),
+        late: record.late,
         payload,
         payload_base64,
     };
@@ -214,6 +218,7 @@ mod tests {
             session_id: 0x0123_4567_89ab_cdef,
             time_us: 1_764_100_000_123_456,
             origin: None,
+            late: false,
             payload: Bytes::from_static(b"{\"t\":21.5}"),
         };
         json_line(&record, &mut out);
@@ -233,6 +238,7 @@ mod tests {
         assert_eq!(line["payload_base64"], "/wA=");
         assert!(line.get("payload").is_none());
         assert!(line.get("origin").is_none());
+        assert!(line.get("late").is_none());
         let from_mqtt = Record {
             origin: Some(diode_wire::proto::Origin {
                 topic: "plant/line3/speed".into(),
@@ -248,5 +254,13 @@ mod tests {
         assert_eq!(line["origin"]["topic"], "plant/line3/speed");
         assert_eq!(line["origin"]["qos"], 1);
         assert_eq!(line["origin"]["retain"], true);
+        let late = Record {
+            late: true,
+            ..from_mqtt
+        };
+        out.clear();
+        json_line(&late, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["late"], true);
     }
 }

@@ -36,6 +36,7 @@ fn a_large_backlog_opens_in_bounded_memory_and_is_counted_exactly() {
                     seq: (b * batch + i) as u64,
                     time_us: 1,
                     origin: None,
+                    late: false,
                     payload: payload.clone(),
                 })
                 .collect();

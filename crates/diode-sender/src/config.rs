@@ -26,6 +26,53 @@ pub struct SenderConfig {
     pub topics: Vec<TopicConfig>,
     #[serde(default)]
     pub safety: SafetyConfig,
+    #[serde(default)]
+    pub journal: Option<JournalConfig>,
+}
+
+/// `[journal]`: every record sent, kept on disk so it can be sent again (`diode-send replay`,
+/// continuous backfill), and sequence numbers that go on across restarts (docs/backfill.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Where the journal lives, relative to this file; it also keeps each topic's next
+    /// sequence number, so a restart goes on from there.
+    pub dir: PathBuf,
+    /// Each topic's journal keeps at most this many bytes (oldest records dropped first),
+    /// unless the topic says otherwise; 0: topics are journaled only if they say so.
+    #[serde(default = "default_u64::<{ 1 << 30 }>")]
+    pub max_bytes: u64,
+    /// ... and records at most this old.
+    #[serde(default = "default_u64::<{ 7 * 86_400 }>")]
+    pub max_age_secs: u64,
+    /// The ceiling of `diode-send replay`, in megabits per second of record payload.
+    #[serde(default = "default_replay_rate_mbps")]
+    pub replay_rate_mbps: f64,
+    /// Continuous backfill: the journal's last this many seconds sent again, over and over,
+    /// so that a gap shorter than that heals with no one acting. 0: off.
+    #[serde(default)]
+    pub backfill_window_secs: u64,
+    /// The ceiling of continuous backfill, in megabits per second of record payload: a round
+    /// covers its window only if this is above what the journaled topics take in.
+    #[serde(default = "default_backfill_rate_mbps")]
+    pub backfill_rate_mbps: f64,
+}
+
+/// A topic's own journal budget, over `[journal]`'s (`journal = { max_bytes = 0 }`: none).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicJournalConfig {
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_age_secs: Option<u64>,
+}
+
+fn default_replay_rate_mbps() -> f64 {
+    10.0
+}
+fn default_backfill_rate_mbps() -> f64 {
+    1.0
 }
 
 /// `[safety]`: the site's limits on how hard the sender may ask plant devices, kept apart from the
@@ -120,6 +167,9 @@ pub struct TopicConfig {
     /// link from the others: sources that can wait are slowed, UDP sources drop (counted).
     #[serde(default)]
     pub rate_mbps: Option<f64>,
+    /// This topic's journal budget, when it differs from `[journal]`'s.
+    #[serde(default)]
+    pub journal: Option<TopicJournalConfig>,
 }
 
 fn default_bind() -> String {
@@ -143,6 +193,10 @@ pub struct Loaded {
     pub metrics_listen: Option<SocketAddr>,
     /// Each topic's source, checked and resolved, in topic order.
     pub sources: Vec<CheckedSource>,
+    /// `journal.dir`, resolved.
+    pub journal_dir: Option<PathBuf>,
+    /// Each topic's journal budget, in topic order (`None`: not journaled).
+    pub journal_budgets: Vec<Option<crate::journal::Budget>>,
 }
 
 impl LinkConfig {
@@ -288,6 +342,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     }
     let destination = source.socket_addr("link.destination", &config.link.destination)?;
     let bind = source.socket_addr("link.bind", &config.link.bind)?;
+    let (journal_dir, journal_budgets) = check_journal(&source, &config, &origins)?;
     Ok(Loaded {
         config,
         destination,
@@ -296,7 +351,69 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         key,
         metrics_listen,
         sources,
+        journal_dir,
+        journal_budgets,
     })
+}
+
+type JournalPlan = (Option<PathBuf>, Vec<Option<crate::journal::Budget>>);
+
+fn check_journal(
+    source: &ConfigSource,
+    config: &SenderConfig,
+    origins: &[String],
+) -> Result<JournalPlan, ConfigError> {
+    let Some(journal) = &config.journal else {
+        if let Some((i, _)) = config
+            .topics
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.journal.is_some())
+        {
+            return Err(source.invalid(
+                "journal",
+                format!(
+                    "{} sets a journal budget, but there is no [journal] section to say where \
+                     the journal lives",
+                    origins[i]
+                ),
+            ));
+        }
+        return Ok((None, vec![None; config.topics.len()]));
+    };
+    let dir = source.resolve(&journal.dir);
+    source.writable_dir("journal.dir", &dir)?;
+    for (key, rate) in [
+        ("journal.replay_rate_mbps", journal.replay_rate_mbps),
+        ("journal.backfill_rate_mbps", journal.backfill_rate_mbps),
+    ] {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(source.invalid(
+                key,
+                format!("{rate} must be a positive number of megabits per second"),
+            ));
+        }
+    }
+    if journal.max_age_secs == 0 {
+        return Err(source.invalid("journal.max_age_secs", "must be at least 1"));
+    }
+    let budgets = config
+        .topics
+        .iter()
+        .map(|topic| {
+            let own = topic.journal.unwrap_or(TopicJournalConfig {
+                max_bytes: None,
+                max_age_secs: None,
+            });
+            let max_bytes = own.max_bytes.unwrap_or(journal.max_bytes);
+            let max_age_secs = own.max_age_secs.unwrap_or(journal.max_age_secs).max(1);
+            (max_bytes > 0).then(|| crate::journal::Budget {
+                max_bytes,
+                max_age: Duration::from_secs(max_age_secs),
+            })
+        })
+        .collect();
+    Ok((Some(dir), budgets))
 }
 
 fn validate_link(source: &ConfigSource, link: &LinkConfig) -> Result<(), ConfigError> {

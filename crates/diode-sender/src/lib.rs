@@ -7,9 +7,11 @@
 //! ```
 
 pub mod config;
+pub mod journal;
 pub mod link;
 pub mod metrics;
 pub mod rate;
+pub mod replay;
 pub mod sources;
 
 use std::net::SocketAddr;
@@ -47,6 +49,12 @@ pub enum StartError {
     Topic(String, diode_wire::encoder::AddTopicError),
     #[error("cannot start the link thread: {0}")]
     Thread(std::io::Error),
+    #[error("journal {dir}: {source}")]
+    Journal {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A started sender.
@@ -102,13 +110,27 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     let (queue_tx, queue_rx) = flume::bounded(link.queue_records);
     let budget = diode_common::budget::ByteBudget::new(link.queue_bytes);
 
+    let names: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
+    let journal_error = |dir: &std::path::Path| {
+        let dir = dir.display().to_string();
+        move |source| StartError::Journal { dir, source }
+    };
+    let (sequences, first_seqs) = match &loaded.journal_dir {
+        Some(dir) => {
+            let (sequences, first) =
+                journal::Sequences::open(dir, &names).map_err(journal_error(dir))?;
+            (Some(sequences), first)
+        }
+        None => (None, vec![0; names.len()]),
+    };
+
     let limits = encoder.limits();
     let mut topic_metrics = Vec::new();
     let mut tasks = Vec::new();
     let mut source_addrs = Vec::new();
-    for (topic, source) in config.topics.iter().zip(&loaded.sources) {
+    for ((topic, source), first_seq) in config.topics.iter().zip(&loaded.sources).zip(&first_seqs) {
         let id = encoder
-            .add_topic(&topic.name)
+            .add_topic_from(&topic.name, *first_seq)
             .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
         let tm = metrics.topic(&topic.name);
         topic_metrics.push(tm.clone());
@@ -174,6 +196,19 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         None => None,
     };
 
+    let journal = match (&loaded.journal_dir, sequences, &config.journal) {
+        (Some(dir), Some(sequences), Some(settings)) => Some(start_journal(
+            dir,
+            sequences,
+            settings,
+            &loaded.journal_budgets,
+            &names,
+            &metrics,
+            &shutdown,
+        )?),
+        _ => None,
+    };
+
     for task in tasks {
         tokio::spawn(task);
     }
@@ -191,6 +226,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         topics: topic_metrics,
         shutdown,
         batch: Vec::with_capacity(64 * 1024),
+        journal,
     };
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
 
@@ -216,6 +252,70 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         source_addrs,
         registry,
         done,
+    })
+}
+
+/// Opens the journal, starts its writer and the replayer, and returns the link thread's end.
+fn start_journal(
+    dir: &std::path::Path,
+    sequences: journal::Sequences,
+    settings: &config::JournalConfig,
+    budgets: &[Option<journal::Budget>],
+    names: &[String],
+    metrics: &SenderMetrics,
+    shutdown: &Shutdown,
+) -> Result<link::LinkJournal, StartError> {
+    let error = |source| StartError::Journal {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let topics: Vec<_> = names
+        .iter()
+        .zip(budgets)
+        .map(|(name, budget)| (name.clone(), *budget, metrics.journal(name)))
+        .collect();
+    let (writer, handle) =
+        journal::open_writer(dir, &topics, metrics.journal_errors.clone()).map_err(error)?;
+    let writer = std::thread::Builder::new()
+        .name("diode-journal".into())
+        .spawn(move || writer.run())
+        .map_err(StartError::Thread)?;
+    let (replay_tx, replay_rx) = flume::bounded(1024);
+    let replayer = replay::Replayer {
+        root: dir.to_owned(),
+        topics: names
+            .iter()
+            .zip(budgets)
+            .map(|(name, budget)| (name.clone(), budget.is_some()))
+            .collect(),
+        out: replay_tx,
+        rate_mbps: settings.replay_rate_mbps,
+        backfill: (settings.backfill_window_secs > 0).then(|| replay::Backfill {
+            window: std::time::Duration::from_secs(settings.backfill_window_secs),
+            rate_mbps: settings.backfill_rate_mbps,
+        }),
+        shutdown: shutdown.clone(),
+        metrics: metrics.replay.clone(),
+    };
+    std::thread::Builder::new()
+        .name("diode-replay".into())
+        .spawn(move || replayer.run())
+        .map_err(StartError::Thread)?;
+    tracing::info!(
+        dir = %dir.display(),
+        topics = budgets.iter().filter(|b| b.is_some()).count(),
+        backfill_window_secs = settings.backfill_window_secs,
+        "journal open"
+    );
+    Ok(link::LinkJournal {
+        names: names
+            .iter()
+            .map(|n| std::sync::Arc::from(n.as_str()))
+            .collect(),
+        handle,
+        sequences,
+        replay: replay_rx,
+        writer: Some(writer),
     })
 }
 

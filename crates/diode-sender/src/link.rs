@@ -32,6 +32,19 @@ pub struct LinkThread {
     pub shutdown: Shutdown,
     /// Datagrams of one GSO send, back to back.
     pub batch: Vec<u8>,
+    pub journal: Option<LinkJournal>,
+}
+
+/// The link thread's side of the journal: what it sends goes in, replayed records come out, and
+/// no sequence number is used before it is reserved on disk.
+pub struct LinkJournal {
+    /// Topic names by index, as the journal's records carry them.
+    pub names: Vec<std::sync::Arc<str>>,
+    pub handle: crate::journal::JournalHandle,
+    pub sequences: crate::journal::Sequences,
+    pub replay: flume::Receiver<crate::replay::Replayed>,
+    /// Joined at the end, so the journal is synced before the sender says it has stopped.
+    pub writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Datagrams per send: quinn-udp's batch size, and within the kernel's 64 GSO segments.
@@ -47,6 +60,7 @@ impl LinkThread {
         loop {
             let now = Instant::now();
             let mut disconnected = false;
+            let mut live_waiting = false;
             while self.encoder.queued_bytes() < self.max_queued_bytes {
                 match self.queue.try_recv() {
                     Ok(ingest) => self.push(now, ingest),
@@ -56,6 +70,12 @@ impl LinkThread {
                         break;
                     }
                 }
+                live_waiting = self.encoder.queued_bytes() >= self.max_queued_bytes;
+            }
+            // Replayed records only when no live one waits, and into half the queue at most,
+            // so that a replay never delays live traffic.
+            if !live_waiting {
+                self.take_replayed(now);
             }
             // Drops at the sources go into heartbeats, so the IT side sees OT-side loss. Heartbeats
             // are hundreds of milliseconds apart: this need not run for every record.
@@ -92,6 +112,7 @@ impl LinkThread {
                     if !self.encoder.is_idle() {
                         tracing::warn!("stopped before the link queue was empty");
                     }
+                    self.close_journal();
                     return;
                 }
             }
@@ -107,7 +128,11 @@ impl LinkThread {
             // the flush deadline); while a block is open, later records wait in the queue until
             // the next timer and are taken in together, rather than waking the thread one by one.
             let waiting_for_first_record = !self.encoder.has_open_block();
-            if queue_open && waiting_for_first_record {
+            let replay_ready =
+                self.replay_room() && self.journal.as_ref().is_some_and(|j| !j.replay.is_empty());
+            if replay_ready {
+                // Replayed records wait: go round again at once.
+            } else if queue_open && waiting_for_first_record {
                 match self.queue.recv_deadline(wake) {
                     Ok(ingest) => self.push(Instant::now(), ingest),
                     Err(flume::RecvTimeoutError::Timeout) => {}
@@ -121,6 +146,20 @@ impl LinkThread {
 
     fn push(&mut self, now: Instant, ingest: Ingest) {
         let topic = ingest.topic.index();
+        if let Some(journal) = self.journal.as_mut() {
+            let next = self.encoder.next_seq(ingest.topic).unwrap_or(0);
+            if !journal.sequences.covers(topic, next) {
+                // Synced before the number is used: a crash can skip numbers, never reuse one.
+                if let Err(e) = journal.sequences.reserve(topic, next, now) {
+                    self.metrics.journal_errors.inc();
+                    tracing::error!(error = %e, "journal: cannot keep the sequence numbers");
+                }
+            }
+        }
+        let kept = self
+            .journal
+            .as_ref()
+            .map(|_| (ingest.origin.clone(), ingest.payload.clone()));
         // The record's budget returns to the sources once the encoder holds it.
         match self.encoder.push_with_origin(
             now,
@@ -129,14 +168,76 @@ impl LinkThread {
             ingest.origin,
             ingest.payload,
         ) {
-            Ok(_) => {
+            Ok(seq) => {
                 self.topics[topic].records_in.inc();
+                if let (Some(journal), Some((origin, payload))) = (&self.journal, kept) {
+                    let entry = crate::journal::Entry {
+                        topic: journal.names[topic].clone(),
+                        seq,
+                        session_id: self.encoder.session_id(),
+                        time_us: ingest.time_us,
+                        origin,
+                        late: false,
+                        payload,
+                    };
+                    journal.handle.append(topic, entry);
+                }
             }
             Err(e) => {
                 // Sources check the same limits first; this is the encoder's own guard.
                 self.topics[topic].dropped_oversize.inc();
                 tracing::warn!(error = %e, "record refused by the encoder");
             }
+        }
+    }
+
+    fn replay_room(&self) -> bool {
+        self.encoder.queued_bytes() < self.max_queued_bytes / 2
+    }
+
+    fn take_replayed(&mut self, now: Instant) {
+        while self.replay_room() {
+            let Some(journal) = &self.journal else {
+                return;
+            };
+            let Ok(replayed) = journal.replay.try_recv() else {
+                return;
+            };
+            let entry = replayed.entry;
+            let result = self.encoder.push_replay(
+                now,
+                diode_wire::TopicId::from_index(replayed.topic),
+                entry.seq,
+                entry.time_us,
+                entry.origin,
+                entry.payload,
+            );
+            if let Err(e) = result {
+                // A journal from before a reset of the sequence file, or damaged: not sent.
+                tracing::debug!(error = %e, "replayed record refused by the encoder");
+            }
+        }
+    }
+
+    /// At a clean stop: the exact next sequence numbers, and the journal synced.
+    fn close_journal(&mut self) {
+        let Some(mut journal) = self.journal.take() else {
+            return;
+        };
+        let next: Vec<u64> = (0..self.topics.len())
+            .map(|i| {
+                self.encoder
+                    .next_seq(diode_wire::TopicId::from_index(i))
+                    .unwrap_or(0)
+            })
+            .collect();
+        if let Err(e) = journal.sequences.close(&next) {
+            tracing::error!(error = %e, "journal: cannot keep the sequence numbers");
+        }
+        let writer = journal.writer.take();
+        drop(journal);
+        if let Some(writer) = writer {
+            let _ = writer.join();
         }
     }
 

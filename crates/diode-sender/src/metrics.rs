@@ -33,6 +33,31 @@ pub struct SenderMetrics {
     pub send_errors: Counter,
     pub queued_bytes: Gauge,
     pub session_start_seconds: Gauge,
+    pub journal_records: Family<TopicLabels, Counter>,
+    pub journal_bytes: Family<TopicLabels, Gauge>,
+    pub journal_span_seconds: Family<TopicLabels, Gauge>,
+    pub journal_dropped: Family<TopicLabels, Counter>,
+    pub journal_errors: Counter,
+    pub replay: ReplayMetrics,
+}
+
+/// One journaled topic's handles (see `journal.rs`).
+#[derive(Clone)]
+pub struct JournalMetrics {
+    pub records: Counter,
+    pub bytes: Gauge,
+    pub span_seconds: Gauge,
+    /// Sent but not journaled: the journal's writer fell behind.
+    pub dropped: Counter,
+}
+
+#[derive(Clone, Default)]
+pub struct ReplayMetrics {
+    pub requests: Counter,
+    /// Records sent again on request.
+    pub records: Counter,
+    /// Records sent again by continuous backfill.
+    pub backfill_records: Counter,
 }
 
 /// Per-topic handles, resolved once so the hot path touches only atomics.
@@ -91,6 +116,12 @@ impl SenderMetrics {
             send_errors: Counter::default(),
             queued_bytes: Gauge::default(),
             session_start_seconds: Gauge::default(),
+            journal_records: Family::default(),
+            journal_bytes: Family::default(),
+            journal_span_seconds: Family::default(),
+            journal_dropped: Family::default(),
+            journal_errors: Counter::default(),
+            replay: ReplayMetrics::default(),
         };
         registry.register(
             "diode_records_in",
@@ -162,7 +193,59 @@ impl SenderMetrics {
             "Unix time the current session started",
             m.session_start_seconds.clone(),
         );
+        registry.register(
+            "diode_journal_records",
+            "Records written to the journal",
+            m.journal_records.clone(),
+        );
+        registry.register(
+            "diode_journal_bytes",
+            "Bytes the topic's journal holds on disk",
+            m.journal_bytes.clone(),
+        );
+        registry.register(
+            "diode_journal_span_seconds",
+            "Ingest time between the oldest and the newest record the topic's journal holds",
+            m.journal_span_seconds.clone(),
+        );
+        registry.register(
+            "diode_journal_records_dropped",
+            "Records sent but not journaled because the journal's writer fell behind",
+            m.journal_dropped.clone(),
+        );
+        registry.register(
+            "diode_journal_errors",
+            "Journal writes, syncs or trims that failed (see the log)",
+            m.journal_errors.clone(),
+        );
+        registry.register(
+            "diode_replay_requests",
+            "Replay requests served (diode-send replay)",
+            m.replay.requests.clone(),
+        );
+        registry.register(
+            "diode_replayed_records",
+            "Records sent again from the journal on request",
+            m.replay.records.clone(),
+        );
+        registry.register(
+            "diode_backfill_records",
+            "Records sent again from the journal by continuous backfill",
+            m.replay.backfill_records.clone(),
+        );
         m
+    }
+
+    pub fn journal(&self, topic: &str) -> JournalMetrics {
+        let labels = TopicLabels {
+            topic: topic.to_owned(),
+        };
+        JournalMetrics {
+            records: self.journal_records.get_or_create_owned(&labels),
+            bytes: self.journal_bytes.get_or_create_owned(&labels),
+            span_seconds: self.journal_span_seconds.get_or_create_owned(&labels),
+            dropped: self.journal_dropped.get_or_create_owned(&labels),
+        }
     }
 
     pub fn topic(&self, topic: &str) -> TopicMetrics {

@@ -174,6 +174,9 @@ pub enum PushError {
     UnknownTopic(u32),
     #[error(transparent)]
     TooLarge(#[from] RecordTooLarge),
+    /// A replay can only send again what was sent.
+    #[error("sequence number {seq} has not been sent yet (the topic's next is {next})")]
+    NotYetSent { seq: u64, next: u64 },
 }
 
 /// A record whose metadata leaves no room for even one byte of it in an empty block.
@@ -243,6 +246,7 @@ impl RecordLimits {
             time_us: -1,
             total_len: payload_len,
             offset,
+            replayed: true,
         };
         let data = payload_len.min(1);
         let first = frames::frame_stream_len(head(origin_len, 0).body_len(data));
@@ -274,6 +278,7 @@ impl RecordLimits {
                 time_us: -1,
                 total_len: usize::MAX >> 1,
                 offset: 0,
+                replayed: true,
             };
             frames::frame_stream_len(head.body_len(1)) <= self.room
         };
@@ -332,16 +337,23 @@ pub struct EncoderStats {
     pub datagrams_out: u64,
     /// Of those, repair shards sent after their block (§3.4).
     pub repair_datagrams_out: u64,
+    /// Records sent again from the journal (§5.5).
+    pub records_replayed: u64,
     /// UDP payload plus IP and UDP headers (wire-format.md §1).
     pub wire_bytes_out: u64,
 }
 
 struct Topic {
     name: String,
+    /// Where this session's numbering began, announced in heartbeats (§5.3).
+    first_seq: u64,
     next_seq: u64,
     dropped: u64,
     /// Index of this topic's batch in the open block, if it has one.
     open_batch: Option<usize>,
+    /// Likewise for records sent again from the journal (§5.5), which never share a batch with
+    /// live ones.
+    open_replay_batch: Option<usize>,
 }
 
 struct OpenBatch {
@@ -356,6 +368,7 @@ struct OpenBatch {
     deltas_len: usize,
     payloads_len: usize,
     origins_len: usize,
+    replayed: bool,
 }
 
 impl OpenBatch {
@@ -366,7 +379,17 @@ impl OpenBatch {
             + frames::packed_len(self.deltas_len)
             + self.payloads_len
             + self.origins_len
+            + frames::bool_len(self.replayed)
     }
+}
+
+/// What places a record in a block, besides its bytes.
+#[derive(Clone, Copy)]
+struct Placed {
+    topic: TopicId,
+    seq: u64,
+    time_us: i64,
+    replayed: bool,
 }
 
 struct Fragment {
@@ -377,6 +400,7 @@ struct Fragment {
     offset: usize,
     data: Bytes,
     origin: Option<proto::Origin>,
+    replayed: bool,
 }
 
 /// The block being filled (wire-format.md §4.3 gives the order of its frames).
@@ -499,6 +523,12 @@ impl Encoder {
     }
 
     pub fn add_topic(&mut self, name: &str) -> Result<TopicId, AddTopicError> {
+        self.add_topic_from(name, 0)
+    }
+
+    /// Registers a topic whose first record gets `next_seq`: a restarted sender goes on from
+    /// where its last run stopped (wire-format.md §1).
+    pub fn add_topic_from(&mut self, name: &str, next_seq: u64) -> Result<TopicId, AddTopicError> {
         if !frames::is_valid_topic(name) {
             return Err(AddTopicError::InvalidName(name.to_owned()));
         }
@@ -507,11 +537,22 @@ impl Encoder {
         }
         self.topics.push(Topic {
             name: name.to_owned(),
-            next_seq: 0,
+            first_seq: next_seq,
+            next_seq,
             dropped: 0,
             open_batch: None,
+            open_replay_batch: None,
         });
         Ok(TopicId(self.topics.len() as u32 - 1))
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.config.session_id
+    }
+
+    /// The sequence number the topic's next record gets.
+    pub fn next_seq(&self, topic: TopicId) -> Option<u64> {
+        self.topics.get(topic.index()).map(|t| t.next_seq)
     }
 
     pub fn stats(&self) -> &EncoderStats {
@@ -573,11 +614,20 @@ impl Encoder {
         t.next_seq += 1;
         self.stats.records_in += 1;
         self.stats.payload_bytes_in += payload.len() as u64;
-        self.place_record(now, topic, seq, time_us, origin, payload);
+        let record = Placed {
+            topic,
+            seq,
+            time_us,
+            replayed: false,
+        };
+        self.place_record(now, record, origin, payload);
         Ok(seq)
     }
 
-    fn place_record(
+    /// Sends a record again, from the sender's journal, with the sequence number it was first
+    /// sent with (wire-format.md §5.5): it travels in batches of its own, marked replayed, so
+    /// the receiver delivers it only if it fills a gap.
+    pub fn push_replay(
         &mut self,
         now: Instant,
         topic: TopicId,
@@ -585,59 +635,102 @@ impl Encoder {
         time_us: i64,
         origin: Option<proto::Origin>,
         payload: Bytes,
+    ) -> Result<(), PushError> {
+        let origin = origin.filter(frames::origin_is_present);
+        let t = self
+            .topics
+            .get(topic.index())
+            .ok_or(PushError::UnknownTopic(topic.0))?;
+        if seq >= t.next_seq {
+            return Err(PushError::NotYetSent {
+                seq,
+                next: t.next_seq,
+            });
+        }
+        if let Err(e) = self
+            .limits
+            .check(t.name.len(), origin.as_ref(), payload.len())
+        {
+            self.stats.records_refused += 1;
+            return Err(e.into());
+        }
+        self.stats.records_replayed += 1;
+        let record = Placed {
+            topic,
+            seq,
+            time_us,
+            replayed: true,
+        };
+        self.place_record(now, record, origin, payload);
+        Ok(())
+    }
+
+    fn place_record(
+        &mut self,
+        now: Instant,
+        record: Placed,
+        origin: Option<proto::Origin>,
+        payload: Bytes,
     ) {
-        if self.try_add_to_batch(now, topic, seq, time_us, &origin, &payload) {
+        if self.try_add_to_batch(now, record, &origin, &payload) {
             return;
         }
         // Small records are never cut: a record of up to one shard that does not fit closes the
         // block (wasting less than a shard) and opens the next one.
-        let alone = CONTENT_HEADER_LEN
-            + self.new_batch_stream_len(topic, seq, time_us, &origin, payload.len());
+        let alone = CONTENT_HEADER_LEN + self.new_batch_stream_len(record, &origin, payload.len());
         if payload.len() <= self.max_shard_len && alone <= self.capacity && !self.open.is_empty() {
             self.seal(now);
-            if self.try_add_to_batch(now, topic, seq, time_us, &origin, &payload) {
+            if self.try_add_to_batch(now, record, &origin, &payload) {
                 return;
             }
         }
-        self.place_fragments(now, topic, seq, time_us, origin, payload);
+        self.place_fragments(now, record, origin, payload);
     }
 
     fn new_batch_stream_len(
         &self,
-        topic: TopicId,
-        seq: u64,
-        time_us: i64,
+        record: Placed,
         origin: &Option<proto::Origin>,
         len: usize,
     ) -> usize {
         let batch = OpenBatch {
-            topic,
-            first_seq: seq,
-            first_time_us: time_us,
-            last_time_us: time_us,
+            topic: record.topic,
+            first_seq: record.seq,
+            first_time_us: record.time_us,
+            last_time_us: record.time_us,
             time_deltas_us: Vec::new(),
             payloads: Vec::new(),
             origins: Vec::new(),
             deltas_len: 1,
             payloads_len: frames::repeated_bytes_elem_len(len),
             origins_len: origin.as_ref().map_or(0, frames::origin_field_len),
+            replayed: record.replayed,
         };
-        frames::frame_stream_len(batch.body_len(self.topics[topic.index()].name.len()))
+        frames::frame_stream_len(batch.body_len(self.topics[record.topic.index()].name.len()))
     }
 
     /// Appends to the topic's batch in the open block if the block has room.
     fn try_add_to_batch(
         &mut self,
         now: Instant,
-        topic: TopicId,
-        seq: u64,
-        time_us: i64,
+        record: Placed,
         origin: &Option<proto::Origin>,
         payload: &Bytes,
     ) -> bool {
+        let Placed { topic, time_us, .. } = record;
         let topic_len = self.topics[topic.index()].name.len();
         let elem_len = frames::repeated_bytes_elem_len(payload.len());
-        match self.topics[topic.index()].open_batch {
+        let t = &self.topics[topic.index()];
+        let open = if record.replayed {
+            // A batch's sequence numbers follow each other: a replay that skips starts another.
+            t.open_replay_batch.filter(|&i| {
+                let batch = &self.open.batches[i];
+                batch.first_seq + batch.payloads.len() as u64 == record.seq
+            })
+        } else {
+            t.open_batch
+        };
+        match open {
             Some(index) => {
                 let batch = &self.open.batches[index];
                 let delta = time_us.wrapping_sub(batch.last_time_us);
@@ -677,14 +770,19 @@ impl Encoder {
                 self.open.content_len += grown;
             }
             None => {
-                let added = self.new_batch_stream_len(topic, seq, time_us, origin, payload.len());
+                let added = self.new_batch_stream_len(record, origin, payload.len());
                 if self.open.content_len + added > self.capacity {
                     return false;
                 }
-                self.topics[topic.index()].open_batch = Some(self.open.batches.len());
+                let slot = if record.replayed {
+                    &mut self.topics[topic.index()].open_replay_batch
+                } else {
+                    &mut self.topics[topic.index()].open_batch
+                };
+                *slot = Some(self.open.batches.len());
                 self.open.batches.push(OpenBatch {
                     topic,
-                    first_seq: seq,
+                    first_seq: record.seq,
                     first_time_us: time_us,
                     last_time_us: time_us,
                     time_deltas_us: vec![0],
@@ -693,6 +791,7 @@ impl Encoder {
                     deltas_len: 1,
                     payloads_len: elem_len,
                     origins_len: origin.as_ref().map_or(0, frames::origin_field_len),
+                    replayed: record.replayed,
                 });
                 self.open.content_len += added;
             }
@@ -709,12 +808,16 @@ impl Encoder {
     fn place_fragments(
         &mut self,
         now: Instant,
-        topic: TopicId,
-        seq: u64,
-        time_us: i64,
+        record: Placed,
         mut origin: Option<proto::Origin>,
         payload: Bytes,
     ) {
+        let Placed {
+            topic,
+            seq,
+            time_us,
+            replayed,
+        } = record;
         let topic_len = self.topics[topic.index()].name.len();
         let total_len = payload.len();
         let mut offset = 0;
@@ -732,6 +835,7 @@ impl Encoder {
                 time_us,
                 total_len,
                 offset,
+                replayed,
             };
             let data_len = head.max_data(room, total_len - offset);
             let ends_record = offset + data_len == total_len;
@@ -758,6 +862,7 @@ impl Encoder {
                 offset,
                 data: payload.slice(offset..offset + data_len),
                 origin: if offset == 0 { origin.take() } else { None },
+                replayed,
             };
             self.open.content_len += frames::frame_stream_len(body);
             self.open
@@ -1012,6 +1117,7 @@ impl Encoder {
                 name: topic.name.clone(),
                 next_seq: topic.next_seq,
                 records_dropped: topic.dropped,
+                first_seq: topic.first_seq,
             };
             if heartbeat.encoded_len() + status.encoded_len() + 4 > self.capacity / 2 {
                 break;
@@ -1055,6 +1161,7 @@ impl Encoder {
                 offset: f.offset as u64,
                 data: f.data,
                 origin: f.origin,
+                replayed: f.replayed,
             })),
         };
         let encode = |frame: proto::Frame, content: &mut Vec<u8>| {
@@ -1068,6 +1175,7 @@ impl Encoder {
         for batch in open.batches {
             let topic = &mut self.topics[batch.topic.index()];
             topic.open_batch = None;
+            topic.open_replay_batch = None;
             encode(
                 proto::Frame {
                     body: Some(proto::frame::Body::Records(proto::RecordBatch {
@@ -1079,6 +1187,7 @@ impl Encoder {
                         origins: batch.origins,
                         // The receiver's own field: never on the link (wire-format.md §5.1).
                         session_id: 0,
+                        replayed: batch.replayed,
                     })),
                 },
                 content,

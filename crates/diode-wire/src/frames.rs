@@ -35,6 +35,15 @@ pub(crate) fn scalar_len(value: u64) -> usize {
     }
 }
 
+/// A proto3 bool field: omitted when false.
+pub(crate) fn bool_len(value: bool) -> usize {
+    if value {
+        2
+    } else {
+        0
+    }
+}
+
 /// A proto3 string or bytes field: omitted when empty.
 pub(crate) fn bytes_field_len(len: usize) -> usize {
     if len == 0 {
@@ -86,6 +95,7 @@ pub(crate) struct FragmentHead {
     pub time_us: i64,
     pub total_len: usize,
     pub offset: usize,
+    pub replayed: bool,
 }
 
 impl FragmentHead {
@@ -98,6 +108,7 @@ impl FragmentHead {
             + scalar_len(self.offset as u64)
             + bytes_field_len(data_len)
             + self.origin_len
+            + bool_len(self.replayed)
     }
 
     /// The largest data, at most `remaining`, whose frame fits in `room` bytes (0 if none).
@@ -143,6 +154,7 @@ mod tests {
                     offset: offset as u64,
                     data: vec![1u8; len].into(),
                     origin: None,
+                    replayed: seq == 300,
                 })),
             };
             let head = FragmentHead {
@@ -152,6 +164,7 @@ mod tests {
                 time_us: time,
                 total_len: total,
                 offset,
+                replayed: seq == 300,
             };
             let body = head.body_len(len);
             assert_eq!(
@@ -189,6 +202,7 @@ mod tests {
             time_us: 1,
             total_len: 1 << 20,
             offset: 5000,
+            replayed: false,
         };
         for room in 20..3000 {
             let data = head.max_data(room, usize::MAX);

@@ -15,9 +15,11 @@ pub mod datagram;
 pub mod encoder;
 pub mod fec;
 pub mod frames;
+pub mod gaps;
 pub mod pacer;
 pub mod reassembler;
 pub mod sim;
+pub mod stored;
 
 pub use auth::LinkKey;
 pub use datagram::Rejected;
@@ -27,7 +29,8 @@ pub use encoder::{
 };
 pub use fec::{DesignPoint, ParityPlan};
 pub use frames::{is_valid_topic, origin_is_present, proto};
+pub use gaps::OpenGap;
 pub use pacer::Pacer;
 pub use reassembler::{
-    Event, Gap, Reassembler, ReassemblerConfig, ReassemblerStats, Record, ReplayFloor,
+    Event, Gap, Mark, Reassembler, ReassemblerConfig, ReassemblerStats, Record, ReplayFloor,
 };

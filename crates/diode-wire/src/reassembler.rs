@@ -20,6 +20,7 @@ use crate::auth::{BlockCipher, LinkKey, SEAL_TAG_LEN};
 use crate::datagram::{self, BlockGeometry, Header, Rejected};
 use crate::fec::{self, CodecCache};
 use crate::frames::{self, proto};
+use crate::gaps::{GapBook, OpenGap};
 
 /// Retired session ids remembered to reject their late datagrams (§6.1).
 const RETIRED_SESSIONS: usize = 16;
@@ -91,15 +92,22 @@ pub struct Record {
     pub time_us: i64,
     /// Where the record came from inside its source, when the source said (wire-format.md §5.4).
     pub origin: Option<proto::Origin>,
+    /// Sent again from the sender's journal (§5.5): it fills a gap reported earlier, so it
+    /// comes after records with higher sequence numbers.
+    pub late: bool,
     pub payload: Bytes,
 }
 
-/// Records `first_seq..=last_seq` of `topic` are lost for good.
+/// Records `first_seq..=last_seq` of `topic` are lost, unless a replay from the sender's
+/// journal fills the gap later (§6.7). They were taken in after `after_us` and before
+/// `before_us` (the sender's clock; 0 when not known).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gap {
     pub topic: Arc<str>,
     pub first_seq: u64,
     pub last_seq: u64,
+    pub after_us: i64,
+    pub before_us: i64,
 }
 
 impl Gap {
@@ -146,6 +154,12 @@ pub struct ReassemblerStats {
     pub records_out: u64,
     pub records_lost: u64,
     pub duplicate_records: u64,
+    /// Replayed records that filled a gap (§6.7), delivered late.
+    pub records_recovered: u64,
+    /// Replayed records not needed: delivered already, or before what this receiver knows.
+    pub replayed_duplicates: u64,
+    /// Open gaps forgotten to stay within their caps: no replay can fill them now.
+    pub gaps_forgotten: u64,
     pub records_over_topic_cap: u64,
     pub oversize_records: u64,
     pub heartbeats: u64,
@@ -179,6 +193,7 @@ struct PendingBlock {
 
 struct PartialRecord {
     topic: String,
+    replayed: bool,
     seq: u64,
     time_us: i64,
     total_len: usize,
@@ -232,6 +247,33 @@ impl Session {
 struct TopicState {
     expected: Option<u64>,
     anchor: Option<(u64, Instant)>,
+    /// The ingest time of the last record delivered, to date the gap after it.
+    last_time_us: i64,
+    /// Until a heartbeat of the session says where the sender's numbering of the topic began.
+    unresolved: Option<Unresolved>,
+}
+
+/// What a topic's first records in a session cannot tell alone (§6.4): whether the sender's
+/// numbering went on from where an earlier session left it, or started over. The session's
+/// heartbeats say where it began (`first_seq`); until one does, records are delivered and the
+/// first one seen is remembered, so the gap before it is reported then.
+#[derive(Clone, Copy)]
+struct Unresolved {
+    /// The session was seen from its start: every record of it counts.
+    from_start: bool,
+    /// Where an earlier session, or this receiver before its restart, left the topic.
+    carried: Option<Mark>,
+    /// The first record seen: (sequence number, ingest time).
+    first_seen: Option<(u64, i64)>,
+}
+
+/// Where a topic stood: its next expected sequence number, the ingest time of the record
+/// before it (0: not known), and the session it stood there in (0: not known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mark {
+    pub next_seq: u64,
+    pub last_time_us: i64,
+    pub session_id: u64,
 }
 
 impl TopicState {
@@ -337,9 +379,12 @@ pub struct Reassembler {
     candidates: Vec<Candidate>,
     /// Restored from the receiver's state: the newest authenticated session known (§6.1).
     floor: Option<ReplayFloor>,
-    /// Restored with it: the next sequence number each topic of that session was to deliver, so
-    /// that what the session sent while this receiver was down is reported lost (§6.1).
-    watermarks: HashMap<Arc<str>, u64>,
+    /// Per topic, where the last session (or the receiver before its restart) left it: the
+    /// same session goes on from there, and so does a sender whose numbering goes on across its
+    /// restarts (§6.1, §6.4).
+    carried: HashMap<Arc<str>, Mark>,
+    /// Gaps still open, across sessions, for replayed records to fill (§6.7).
+    gaps: GapBook,
     codecs: CodecCache,
     /// Block ciphers of the current session, one per configured key (§4.4).
     ciphers: Option<(u64, Vec<BlockCipher>)>,
@@ -359,7 +404,8 @@ impl Reassembler {
             displaced: None,
             candidates: Vec::new(),
             floor: None,
-            watermarks: HashMap::new(),
+            carried: HashMap::new(),
+            gaps: GapBook::default(),
             codecs: CodecCache::with_budget(config.codec_cache_bytes),
             ciphers: None,
             events: VecDeque::new(),
@@ -388,36 +434,56 @@ impl Reassembler {
         self.floor = Some(floor);
     }
 
-    /// The next sequence number each topic of the current session is to deliver, for the
-    /// receiver to keep with its replay floor (§6.1). Empty on an unauthenticated link.
-    /// Until the floor's session comes back, the marks restored with it: a receiver that
-    /// restarts again meanwhile must not lose them.
-    pub fn watermarks(&self) -> Vec<(Arc<str>, u64)> {
-        if self.config.keys.is_empty() {
-            return Vec::new();
+    /// Where each topic stands, for the receiver to keep across its restarts (§6.1, §6.4):
+    /// the current session's topics, and the marks carried from before that it has not seen
+    /// yet (a receiver that restarts again meanwhile must not lose them).
+    pub fn watermarks(&self) -> Vec<(Arc<str>, Mark)> {
+        let mut marks = self.carried.clone();
+        if let Some(s) = &self.session {
+            marks.extend(s.topics.iter().filter_map(|(topic, state)| {
+                let carried = state.unresolved.and_then(|u| u.carried);
+                let mark = match state.expected {
+                    Some(next_seq) => Mark {
+                        next_seq,
+                        last_time_us: state.last_time_us,
+                        session_id: s.id,
+                    },
+                    None => carried?,
+                };
+                Some((topic.clone(), mark))
+            }));
         }
-        let mut marks: Vec<_> = match &self.session {
-            Some(s) => s
-                .topics
-                .iter()
-                .filter_map(|(topic, state)| state.expected.map(|e| (topic.clone(), e)))
-                .collect(),
-            None => self
-                .watermarks
-                .iter()
-                .map(|(topic, e)| (topic.clone(), *e))
-                .collect(),
-        };
+        let mut marks: Vec<_> = marks.into_iter().collect();
         marks.sort();
         marks
     }
 
-    /// Takes back what [`Reassembler::watermarks`] said before a restart, with the floor it was
-    /// kept with: when that session comes back, each topic expects to go on from its mark, so
-    /// the records it sent while this receiver was down are reported as gaps with their ranges,
-    /// at the first record or heartbeat that shows them. At most `max_topics` are kept.
-    pub fn restore_watermarks(&mut self, marks: impl IntoIterator<Item = (Arc<str>, u64)>) {
-        self.watermarks = marks
+    /// Gaps reported and not yet filled by replayed records (§6.7), by topic and sequence
+    /// number, for the receiver to keep across restarts and to list for operators.
+    pub fn open_gaps(&self) -> Vec<(Arc<str>, OpenGap)> {
+        self.gaps.list()
+    }
+
+    /// How many gaps are open (§6.7).
+    pub fn open_gap_count(&self) -> usize {
+        self.gaps.len()
+    }
+
+    /// Takes back what [`Reassembler::open_gaps`] said before a restart.
+    pub fn restore_gaps(&mut self, gaps: impl IntoIterator<Item = (Arc<str>, OpenGap)>) {
+        for (topic, gap) in gaps {
+            if frames::is_valid_topic(&topic) {
+                self.gaps.open(&topic, gap);
+            }
+        }
+    }
+
+    /// Takes back what [`Reassembler::watermarks`] said before a restart: when a topic's
+    /// session comes back, or a later one that numbers on (§6.4), the topic goes on from its
+    /// mark, so the records sent while this receiver was down are reported as gaps with their
+    /// ranges, at the first record or heartbeat that shows them. At most `max_topics` are kept.
+    pub fn restore_watermarks(&mut self, marks: impl IntoIterator<Item = (Arc<str>, Mark)>) {
+        self.carried = marks
             .into_iter()
             .filter(|(topic, _)| frames::is_valid_topic(topic))
             .take(self.config.max_topics)
@@ -751,6 +817,22 @@ impl Reassembler {
             if let Some(end) = end {
                 self.advance_to(now, end);
             }
+            // Where it left each topic: the new session may go on from there (§6.4).
+            if let Some(s) = &self.session {
+                for (topic, state) in &s.topics {
+                    let carried = state.unresolved.and_then(|u| u.carried);
+                    let mark = match (state.expected, carried) {
+                        (Some(next_seq), _) => Mark {
+                            next_seq,
+                            last_time_us: state.last_time_us,
+                            session_id: s.id,
+                        },
+                        (None, Some(mark)) => mark,
+                        (None, None) => continue,
+                    };
+                    self.carried.insert(topic.clone(), mark);
+                }
+            }
             if self.retired.len() == RETIRED_SESSIONS {
                 self.retired.pop_front();
             }
@@ -776,33 +858,22 @@ impl Reassembler {
         }
         let mut mid_stream = header.block >= JOIN_FROM_START_BLOCKS && !from_start;
         let mut next_deliver = if mid_stream { header.block } else { 0 };
-        let mut restored = HashMap::new();
         if let Some(floor) = self
             .floor
             .filter(|f| header.authenticated && f.session_id == header.session_id)
         {
             // The receiver restarted within this session: what it delivered before is not
-            // delivered again. The topics it had marks for go on from them, so what was sent
-            // while it was down is reported lost; others joined mid-stream.
+            // delivered again. The topics it has marks for go on from them (see `topic`), so
+            // what was sent while it was down is reported lost; others joined mid-stream.
             mid_stream = true;
             next_deliver = next_deliver.max(floor.next_block);
-            restored = std::mem::take(&mut self.watermarks)
-                .into_iter()
-                .map(|(topic, expected)| {
-                    let state = TopicState {
-                        expected: Some(expected),
-                        anchor: None,
-                    };
-                    (topic, state)
-                })
-                .collect();
         }
         let topics = match resumed {
             Some(topics) => {
                 mid_stream = false;
                 topics
             }
-            None => restored,
+            None => HashMap::new(),
         };
         self.session = Some(Session {
             id: header.session_id,
@@ -1154,6 +1225,7 @@ impl Reassembler {
             self.stats.records_over_topic_cap += count;
             return;
         };
+        let replayed = batch.replayed;
         let mut time_us = batch.first_time_us;
         let mut origins = batch.origins.into_iter();
         for (i, (delta, payload)) in batch.time_deltas_us.iter().zip(batch.payloads).enumerate() {
@@ -1173,6 +1245,7 @@ impl Reassembler {
                     session_id,
                     time_us,
                     origin: origins.next().filter(frames::origin_is_present),
+                    late: replayed,
                     payload,
                 },
             );
@@ -1202,6 +1275,7 @@ impl Reassembler {
         if offset == 0 {
             session.partial = Some(PartialRecord {
                 topic: fragment.topic.clone(),
+                replayed: fragment.replayed,
                 seq: fragment.seq,
                 time_us: fragment.time_us,
                 total_len: total as usize,
@@ -1211,6 +1285,7 @@ impl Reassembler {
         }
         let continues = session.partial.as_ref().is_some_and(|p| {
             p.topic == fragment.topic
+                && p.replayed == fragment.replayed
                 && p.seq == fragment.seq
                 && p.total_len as u64 == total
                 && p.data.len() as u64 == offset
@@ -1239,6 +1314,7 @@ impl Reassembler {
                 session_id: self.session.as_ref().map_or(0, |s| s.id),
                 time_us: done.time_us,
                 origin: done.origin,
+                late: done.replayed,
                 payload: Bytes::from(done.data),
             },
         );
@@ -1268,6 +1344,7 @@ impl Reassembler {
             let Some(topic) = self.topic(&status.name) else {
                 continue;
             };
+            self.resolve_start(&topic, status.first_seq, now);
             let session = self.session.as_mut().expect("blocks belong to a session");
             let state = session.topics.get_mut(&topic).expect("just looked up");
             if !state.plausible(status.next_seq, now) {
@@ -1277,7 +1354,14 @@ impl Reassembler {
             match state.expected {
                 Some(e) if status.next_seq > e => {
                     state.expected = Some(status.next_seq);
-                    self.report_gap(&topic, e, status.next_seq - 1);
+                    let after_us = state.last_time_us;
+                    self.report_gap(
+                        &topic,
+                        e,
+                        status.next_seq - 1,
+                        after_us,
+                        heartbeat.sent_time_us,
+                    );
                 }
                 Some(_) => {}
                 // Joined mid-stream: what came before is not ours to call lost (§6.1).
@@ -1297,48 +1381,158 @@ impl Reassembler {
             return None;
         }
         let key: Arc<str> = Arc::from(name);
-        // From the session's start every record is accounted for, from sequence number 0 (§6.1).
-        let expected = if session.mid_stream { None } else { Some(0) };
-        session.topics.insert(
-            key.clone(),
-            TopicState {
-                expected,
-                anchor: expected.map(|e| (e, session.started_at)),
+        // From the session's start every record is accounted for, from where its numbering
+        // began, which its heartbeats say (§6.1, §6.4).
+        let carried = self.carried.remove(&key);
+        let state = match carried {
+            // The same session, after this receiver's restart: it goes on from its mark.
+            Some(mark) if mark.session_id == session.id => TopicState {
+                expected: Some(mark.next_seq),
+                anchor: None,
+                last_time_us: mark.last_time_us,
+                unresolved: None,
             },
-        );
+            carried => TopicState {
+                expected: None,
+                anchor: None,
+                last_time_us: 0,
+                unresolved: Some(Unresolved {
+                    from_start: !session.mid_stream,
+                    carried,
+                    first_seen: None,
+                }),
+            },
+        };
+        session.topics.insert(key.clone(), state);
         Some(key)
     }
 
-    /// §6.4
-    fn deliver(&mut self, now: Instant, topic: &Arc<str>, record: Record) {
+    /// §6.4, and §6.7 for replayed records.
+    fn deliver(&mut self, now: Instant, topic: &Arc<str>, mut record: Record) {
         let session = self.session.as_mut().expect("records belong to a session");
         let state = session.topics.get_mut(topic).expect("registered by caller");
-        if !state.plausible(record.seq, now) {
+        let replayed = record.late;
+        // Until a heartbeat says where the session's numbering began, a replayed record below a
+        // carried mark is judged against that mark: it can only fill a gap.
+        let pending_mark = state
+            .unresolved
+            .and_then(|u| u.carried)
+            .filter(|m| replayed && record.seq < m.next_seq)
+            .map(|m| m.next_seq);
+        let expected = pending_mark.or(state.expected);
+        // Below what is expected, a record can at most fill a gap: only the others can move
+        // the topic on, and they are held to the plausibility bound (§6.6).
+        if expected.is_none_or(|e| record.seq >= e) && !state.plausible(record.seq, now) {
             self.stats.malformed_frames += 1;
             return;
         }
-        match state.expected {
+        match expected {
             Some(e) if record.seq < e => {
-                self.stats.duplicate_records += 1;
+                if replayed && self.gaps.fill(topic, record.seq) {
+                    self.stats.records_recovered += 1;
+                    self.stats.records_out += 1;
+                    self.events.push_back(Event::Record(record));
+                } else if replayed {
+                    self.stats.replayed_duplicates += 1;
+                } else {
+                    self.stats.duplicate_records += 1;
+                }
+                return;
+            }
+            // Joined mid-stream: only the live stream says where it stands.
+            None if replayed => {
+                self.stats.replayed_duplicates += 1;
                 return;
             }
             Some(e) if record.seq > e => {
                 state.expected = Some(record.seq.saturating_add(1));
-                self.report_gap(topic, e, record.seq - 1);
+                let after_us = state.last_time_us;
+                state.last_time_us = record.time_us;
+                self.report_gap(topic, e, record.seq - 1, after_us, record.time_us);
             }
-            _ => state.expected = Some(record.seq.saturating_add(1)),
+            _ => {
+                if let Some(unresolved) = state.unresolved.as_mut() {
+                    unresolved
+                        .first_seen
+                        .get_or_insert((record.seq, record.time_us));
+                }
+                state.expected = Some(record.seq.saturating_add(1));
+                state.last_time_us = record.time_us;
+            }
         }
+        // In order, replayed or not: a replayed one got here before its live copy, which will
+        // be a duplicate.
+        record.late = false;
         self.stats.records_out += 1;
         self.events.push_back(Event::Record(record));
     }
 
-    fn report_gap(&mut self, topic: &Arc<str>, first_seq: u64, last_seq: u64) {
+    /// A heartbeat says the session's numbering of `topic` began at `first_seq` (§5.3): the
+    /// topic goes on from an earlier session's mark if the sender numbered on from it, or
+    /// from `first_seq` if the session was seen from its start; what lies between that and the
+    /// first record seen is a gap (§6.4).
+    fn resolve_start(&mut self, topic: &Arc<str>, first_seq: u64, now: Instant) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let Some(state) = session.topics.get_mut(topic) else {
+            return;
+        };
+        let Some(unresolved) = state.unresolved.take() else {
+            return;
+        };
+        let lower = match unresolved.carried {
+            Some(mark) if first_seq >= mark.next_seq => Some((mark.next_seq, mark.last_time_us)),
+            carried => {
+                if carried.is_some() {
+                    // The sender started its numbering over: old gaps name other records.
+                    self.gaps.clear(topic);
+                }
+                unresolved.from_start.then_some((first_seq, 0))
+            }
+        };
+        let Some((lower, lower_time_us)) = lower else {
+            return;
+        };
+        match unresolved.first_seen {
+            Some((seen, seen_time_us)) if lower < seen => {
+                self.report_gap(topic, lower, seen - 1, lower_time_us, seen_time_us)
+            }
+            Some(_) => {}
+            None => {
+                state.expected = Some(lower);
+                state.last_time_us = lower_time_us;
+                state.anchor.get_or_insert((lower, now));
+            }
+        }
+    }
+
+    fn report_gap(
+        &mut self,
+        topic: &Arc<str>,
+        first_seq: u64,
+        last_seq: u64,
+        after_us: i64,
+        before_us: i64,
+    ) {
         let gap = Gap {
             topic: topic.clone(),
             first_seq,
             last_seq,
+            after_us,
+            before_us,
         };
         self.stats.records_lost = self.stats.records_lost.saturating_add(gap.records());
+        self.gaps.open(
+            topic,
+            OpenGap {
+                first_seq,
+                last_seq,
+                after_us,
+                before_us,
+            },
+        );
+        self.stats.gaps_forgotten = self.gaps.forgotten;
         self.events.push_back(Event::Gap(gap));
     }
 }

@@ -105,9 +105,17 @@ fn what_was_sent_while_the_receiver_was_down_is_reported_lost_with_its_ranges() 
     assert!(gaps(&events).is_empty());
     let floor = first.replay_floor().unwrap();
     let marks = first.watermarks();
+    let next: Vec<(Arc<str>, u64, u64)> = marks
+        .iter()
+        .map(|(t, m)| (t.clone(), m.next_seq, m.session_id))
+        .collect();
+    let session = 0x5E55 << 20;
     assert_eq!(
-        marks,
-        vec![(Arc::from(TOPICS[1]), 300), (Arc::from(TOPICS[0]), 300)]
+        next,
+        vec![
+            (Arc::from(TOPICS[1]), 300, session),
+            (Arc::from(TOPICS[0]), 300, session)
+        ]
     );
     drop(first);
 

@@ -795,6 +795,7 @@ fn batch_content(topic: &str, first_seq: u64, payload: &[u8]) -> Vec<u8> {
             payloads: vec![Bytes::copy_from_slice(payload)],
             origins: Vec::new(),
             session_id: 0,
+            replayed: false,
         })),
     };
     let frames = frame.encode_length_delimited_to_vec();

@@ -241,6 +241,10 @@ fn to_kafka(record: &Record) -> rskafka::record::Record {
         "diode-time-us".to_owned(),
         record.time_us.to_string().into_bytes(),
     );
+    if record.late {
+        // Filled a gap from a replay of the sender's journal (wire-format.md §6.7).
+        headers.insert("diode-late".to_owned(), b"1".to_vec());
+    }
     if let Some(origin) = record
         .origin
         .as_ref()

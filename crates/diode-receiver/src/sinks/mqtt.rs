@@ -274,6 +274,7 @@ mod tests {
                 protocol: "mqtt".into(),
                 ..Origin::default()
             }),
+            late: false,
             payload: Bytes::new(),
         }
     }

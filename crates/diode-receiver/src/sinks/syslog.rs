@@ -191,7 +191,7 @@ pub fn format_5424(record: &Record, hostname: &str, out: &mut Vec<u8>) {
     let time = diode_common::format_rfc3339_us(record.time_us);
     out.extend_from_slice(
         format!(
-            "<{pri}>1 {time} {host} {app} {} {} [diode@32473 topic=\"{}\" seq=\"{}\"{}] ",
+            "<{pri}>1 {time} {host} {app} {} {} [diode@32473 topic=\"{}\" seq=\"{}\"{}{}] ",
             field("procid", 128),
             field("msgid", 32),
             sd_escape(&record.topic),
@@ -199,7 +199,9 @@ pub fn format_5424(record: &Record, hostname: &str, out: &mut Vec<u8>) {
             match record.session_id {
                 0 => String::new(),
                 id => format!(" session=\"{id:016x}\""),
-            }
+            },
+            // Filled a gap from a replay of the sender's journal (wire-format.md §6.7).
+            if record.late { " late=\"1\"" } else { "" }
         )
         .as_bytes(),
     );
@@ -265,6 +267,7 @@ mod tests {
             seq: 42,
             time_us: 1_764_100_000_123_456,
             origin: None,
+            late: false,
             payload: Bytes::copy_from_slice(payload),
         }
     }

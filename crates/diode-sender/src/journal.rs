@@ -1,0 +1,616 @@
+//! The sender's journal: every record it sends, kept on disk per topic within a size and age
+//! budget, so that what the receiver reports lost can be sent again (`diode-send replay`, or
+//! continuously in the background) with no return channel. And the sequence numbers: kept
+//! ahead of use in a small synced file, so a restarted sender goes on where the last one left
+//! off and a (topic, sequence number) pair never names two different records.
+//!
+//! ```text
+//! <dir>/sequences                      next sequence number per topic, reserved ahead (synced)
+//! <dir>/topics/<topic>/<first seq>.seg records as diode_wire::stored keeps them
+//! <dir>/replay/<id>.req                requests written by `diode-send replay`
+//! ```
+//!
+//! Entries are written by a thread of their own, fed by the link thread through a bounded
+//! channel (a full channel costs the journal an entry, counted, never the link a record). A
+//! torn last entry after a crash fails its CRC and ends the segment there.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use diode_wire::{stored, Record};
+
+use crate::metrics::JournalMetrics;
+
+const SEGMENT_MAGIC: &[u8; 8] = b"DIODEJ1\n";
+/// An entry larger than this is not one the sender wrote (records are at most 16 MiB).
+const MAX_ENTRY_BYTES: usize = 64 << 20;
+/// How often written entries are synced to disk and the budget is enforced.
+const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Sequence numbers reserved at a time, at least and at most: a crash skips at most the unused
+/// rest of a reservation, which the receiver reports as a gap that replay cannot fill.
+const MIN_RESERVATION: u64 = 64;
+const MAX_RESERVATION: u64 = 1 << 20;
+
+/// One record as the journal keeps it: with its topic, its session and when it was taken in.
+pub type Entry = Record;
+
+/// A topic's journal budget: the oldest segments go first when either is exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+}
+
+/// The directory a topic's segments live in: its name with every byte outside `[A-Za-z0-9._-]`
+/// written as `%XX`, so no topic can name a path outside the journal.
+pub fn topic_dir(root: &Path, topic: &str) -> PathBuf {
+    let mut name = String::new();
+    for b in topic.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && !name.is_empty()) {
+            name.push(b as char);
+        } else {
+            name += &format!("%{b:02X}");
+        }
+    }
+    root.join("topics").join(name)
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+/// Reads a segment's entries in order, stopping at the first that is torn or damaged.
+pub struct SegmentReader {
+    file: io::BufReader<File>,
+    /// Bytes of whole, valid entries read so far, the magic included.
+    pub valid_len: u64,
+    buf: Vec<u8>,
+}
+
+impl SegmentReader {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let mut file = io::BufReader::with_capacity(256 << 10, File::open(path)?);
+        let mut magic = [0u8; 8];
+        file.read_exact(&mut magic)?;
+        if &magic != SEGMENT_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a journal segment",
+            ));
+        }
+        Ok(SegmentReader {
+            file,
+            valid_len: SEGMENT_MAGIC.len() as u64,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn next_entry(&mut self) -> Option<Entry> {
+        let mut head = [0u8; stored::HEADER_BYTES];
+        self.file.read_exact(&mut head).ok()?;
+        let (len, crc) = stored::header(head);
+        if len > MAX_ENTRY_BYTES {
+            return None;
+        }
+        self.buf.resize(len, 0);
+        self.file.read_exact(&mut self.buf).ok()?;
+        let entry = stored::decode(&self.buf, crc)?;
+        self.valid_len += (stored::HEADER_BYTES + len) as u64;
+        Some(entry)
+    }
+}
+
+/// A segment on disk: its first sequence number (from its name) and its size.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub path: PathBuf,
+    pub first_seq: u64,
+    pub bytes: u64,
+}
+
+/// A topic's segments, oldest first.
+pub fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(first_seq) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        out.push(Segment {
+            path: entry.path(),
+            first_seq,
+            bytes: entry.metadata()?.len(),
+        });
+    }
+    out.sort_by_key(|s| s.first_seq);
+    Ok(out)
+}
+
+/// What a topic's journal holds, for `replay` and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub first_time_us: i64,
+    pub last_time_us: i64,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// Reads every entry of a topic's journal in sequence order whose sequence number is in `seqs`
+/// and whose time is in `times`, handing each to `each` (which returns false to stop).
+pub fn scan(
+    dir: &Path,
+    seqs: std::ops::RangeInclusive<u64>,
+    times: std::ops::RangeInclusive<i64>,
+    mut each: impl FnMut(Entry) -> bool,
+) -> io::Result<()> {
+    let segments = segments(dir)?;
+    for (i, segment) in segments.iter().enumerate() {
+        // A segment holds sequence numbers below the next one's first.
+        let end = segments.get(i + 1).map_or(u64::MAX, |s| s.first_seq);
+        if end <= *seqs.start() || segment.first_seq > *seqs.end() {
+            continue;
+        }
+        let mut reader = match SegmentReader::open(&segment.path) {
+            Ok(reader) => reader,
+            // Deleted by the budget meanwhile, or being created.
+            Err(_) => continue,
+        };
+        while let Some(entry) = reader.next_entry() {
+            if entry.seq > *seqs.end() {
+                return Ok(());
+            }
+            if seqs.contains(&entry.seq) && times.contains(&entry.time_us) && !each(entry) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a topic's journal holds now.
+pub fn span(dir: &Path) -> io::Result<Option<Span>> {
+    let mut span: Option<Span> = None;
+    scan(dir, 0..=u64::MAX, i64::MIN..=i64::MAX, |entry| {
+        let s = span.get_or_insert(Span {
+            first_seq: entry.seq,
+            first_time_us: entry.time_us,
+            ..Span::default()
+        });
+        s.last_seq = entry.seq;
+        s.last_time_us = entry.time_us;
+        s.records += 1;
+        true
+    })?;
+    if let Some(s) = span.as_mut() {
+        s.bytes = segments(dir)?.iter().map(|s| s.bytes).sum();
+    }
+    Ok(span)
+}
+
+/// One topic's journal as the writer keeps it.
+struct TopicJournal {
+    dir: PathBuf,
+    budget: Budget,
+    /// Closed segments, oldest first.
+    closed: Vec<Closed>,
+    active: Option<Active>,
+    metrics: JournalMetrics,
+}
+
+struct Closed {
+    segment: Segment,
+    first_time_us: i64,
+    last_time_us: i64,
+}
+
+struct Active {
+    segment: Segment,
+    file: BufWriter<File>,
+    last_time_us: i64,
+    first_time_us: i64,
+}
+
+impl TopicJournal {
+    fn open(dir: PathBuf, budget: Budget, metrics: JournalMetrics) -> io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        let mut closed = Vec::new();
+        for segment in segments(&dir)? {
+            // Its times, read once at start (segments are at most 64 MiB).
+            let (mut first_time_us, mut last_time_us) = (None, i64::MIN);
+            let mut valid = SEGMENT_MAGIC.len() as u64;
+            if let Ok(mut reader) = SegmentReader::open(&segment.path) {
+                while let Some(entry) = reader.next_entry() {
+                    first_time_us.get_or_insert(entry.time_us);
+                    last_time_us = entry.time_us;
+                }
+                valid = reader.valid_len;
+            }
+            if valid < segment.bytes {
+                // A torn tail from a crash: cut it off, so appends never follow garbage.
+                OpenOptions::new()
+                    .write(true)
+                    .open(&segment.path)?
+                    .set_len(valid)?;
+            }
+            let segment = Segment {
+                bytes: valid,
+                ..segment
+            };
+            closed.push(Closed {
+                segment,
+                first_time_us: first_time_us.unwrap_or(last_time_us),
+                last_time_us,
+            });
+        }
+        let journal = TopicJournal {
+            dir,
+            budget,
+            closed,
+            active: None,
+            metrics,
+        };
+        journal.update_metrics();
+        Ok(journal)
+    }
+
+    fn segment_limit(&self) -> u64 {
+        (self.budget.max_bytes / 8).clamp(1 << 20, 64 << 20)
+    }
+
+    fn append(&mut self, entry: &Entry, scratch: &mut Vec<u8>) -> io::Result<()> {
+        scratch.clear();
+        stored::encode(entry, scratch);
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.segment.bytes + scratch.len() as u64 > self.segment_limit())
+        {
+            self.close_active()?;
+        }
+        if self.active.is_none() {
+            let path = self.dir.join(segment_name(entry.seq));
+            let mut file = BufWriter::with_capacity(
+                256 << 10,
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&path)?,
+            );
+            file.write_all(SEGMENT_MAGIC)?;
+            self.active = Some(Active {
+                segment: Segment {
+                    path,
+                    first_seq: entry.seq,
+                    bytes: SEGMENT_MAGIC.len() as u64,
+                },
+                file,
+                last_time_us: entry.time_us,
+                first_time_us: entry.time_us,
+            });
+        }
+        let active = self.active.as_mut().expect("opened above");
+        active.file.write_all(scratch)?;
+        active.segment.bytes += scratch.len() as u64;
+        active.last_time_us = entry.time_us;
+        self.metrics.records.inc();
+        Ok(())
+    }
+
+    fn close_active(&mut self) -> io::Result<()> {
+        if let Some(mut active) = self.active.take() {
+            active.file.flush()?;
+            active.file.get_ref().sync_data()?;
+            self.closed.push(Closed {
+                segment: active.segment,
+                first_time_us: active.first_time_us,
+                last_time_us: active.last_time_us,
+            });
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.active.as_mut() {
+            Some(active) => active.file.flush(),
+            None => Ok(()),
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        if let Some(active) = self.active.as_mut() {
+            active.file.flush()?;
+            active.file.get_ref().sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest closed segments past the budget's size or age.
+    fn enforce_budget(&mut self, now_us: i64) -> io::Result<()> {
+        let max_age_us = self.budget.max_age.as_micros().min(i64::MAX as u128) as i64;
+        while let Some(oldest) = self.closed.first() {
+            let too_big = self.bytes() > self.budget.max_bytes;
+            let too_old = now_us.saturating_sub(oldest.last_time_us) > max_age_us;
+            if !(too_big || too_old) {
+                break;
+            }
+            match fs::remove_file(&oldest.segment.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            self.closed.remove(0);
+        }
+        self.update_metrics();
+        Ok(())
+    }
+
+    fn bytes(&self) -> u64 {
+        self.closed.iter().map(|c| c.segment.bytes).sum::<u64>()
+            + self.active.as_ref().map_or(0, |a| a.segment.bytes)
+    }
+
+    fn update_metrics(&self) {
+        self.metrics.bytes.set(self.bytes() as i64);
+        let first = self
+            .closed
+            .first()
+            .map(|c| c.first_time_us)
+            .or(self.active.as_ref().map(|a| a.first_time_us));
+        let last = self
+            .active
+            .as_ref()
+            .map(|a| a.last_time_us)
+            .or(self.closed.last().map(|c| c.last_time_us));
+        let span_us = match (first, last) {
+            (Some(first), Some(last)) => last.saturating_sub(first).max(0),
+            _ => 0,
+        };
+        self.metrics.span_seconds.set(span_us / 1_000_000);
+    }
+}
+
+/// One record for the writer thread: the topic's index in the configuration and the record.
+pub struct Append {
+    pub topic: usize,
+    pub entry: Entry,
+}
+
+/// The journal writer: its own thread, fed by [`JournalHandle::append`].
+pub struct JournalWriter {
+    topics: Vec<Option<TopicJournal>>,
+    rx: flume::Receiver<Append>,
+    errors: prometheus_client::metrics::counter::Counter,
+}
+
+/// The link thread's end of the journal.
+#[derive(Clone)]
+pub struct JournalHandle {
+    tx: flume::Sender<Append>,
+    /// Which topics are journaled, by index.
+    journaled: std::sync::Arc<[bool]>,
+    dropped: Vec<prometheus_client::metrics::counter::Counter>,
+}
+
+/// Entries the link thread may be ahead of the writer by before entries are dropped.
+const WRITER_QUEUE_ENTRIES: usize = 1 << 16;
+
+impl JournalHandle {
+    /// Hands a sent record to the writer; never blocks (a full queue drops it, counted).
+    pub fn append(&self, topic: usize, entry: Entry) {
+        if !self.journaled.get(topic).copied().unwrap_or(false) {
+            return;
+        }
+        if self.tx.try_send(Append { topic, entry }).is_err() {
+            self.dropped[topic].inc();
+        }
+    }
+}
+
+/// Opens (and creates) the journal of each topic that has a budget (`None`: not journaled).
+pub fn open_writer(
+    root: &Path,
+    topics: &[(String, Option<Budget>, JournalMetrics)],
+    errors: prometheus_client::metrics::counter::Counter,
+) -> io::Result<(JournalWriter, JournalHandle)> {
+    let mut journals = Vec::new();
+    let mut journaled = Vec::new();
+    let mut dropped = Vec::new();
+    for (name, budget, metrics) in topics {
+        dropped.push(metrics.dropped.clone());
+        journaled.push(budget.is_some());
+        journals.push(match budget {
+            Some(budget) => Some(TopicJournal::open(
+                topic_dir(root, name),
+                *budget,
+                metrics.clone(),
+            )?),
+            None => None,
+        });
+    }
+    let (tx, rx) = flume::bounded(WRITER_QUEUE_ENTRIES);
+    Ok((
+        JournalWriter {
+            topics: journals,
+            rx,
+            errors,
+        },
+        JournalHandle {
+            tx,
+            journaled: journaled.into(),
+            dropped,
+        },
+    ))
+}
+
+impl JournalWriter {
+    /// Writes until every [`JournalHandle`] is gone, then syncs and returns.
+    pub fn run(mut self) {
+        let mut scratch = Vec::new();
+        let mut next_sync = Instant::now() + SYNC_INTERVAL;
+        let mut noted_errors = 0u32;
+        let mut error =
+            |e: io::Error, what: &str, errors: &prometheus_client::metrics::counter::Counter| {
+                errors.inc();
+                noted_errors += 1;
+                if noted_errors <= 100 {
+                    tracing::error!(error = %e, "journal: {what}");
+                }
+            };
+        loop {
+            let first = match self.rx.recv_deadline(next_sync) {
+                Ok(append) => Some(append),
+                Err(flume::RecvTimeoutError::Timeout) => None,
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            };
+            // Whatever has queued up, then one flush: the page cache holds it from here, so a
+            // crash of this process loses nothing written.
+            for append in first.into_iter().chain(self.rx.try_iter().take(4096)) {
+                if let Some(journal) = self.topics.get_mut(append.topic).and_then(Option::as_mut) {
+                    if let Err(e) = journal.append(&append.entry, &mut scratch) {
+                        error(e, "cannot append", &self.errors);
+                    }
+                }
+            }
+            for journal in self.topics.iter_mut().flatten() {
+                if let Err(e) = journal.flush() {
+                    error(e, "cannot write", &self.errors);
+                }
+            }
+            if Instant::now() >= next_sync {
+                next_sync = Instant::now() + SYNC_INTERVAL;
+                let now_us = diode_common::unix_time_us();
+                for journal in self.topics.iter_mut().flatten() {
+                    if let Err(e) = journal.sync().and_then(|()| journal.enforce_budget(now_us)) {
+                        error(e, "cannot sync or trim", &self.errors);
+                    }
+                }
+            }
+        }
+        for journal in self.topics.iter_mut().flatten() {
+            if let Err(e) = journal.sync() {
+                error(e, "cannot sync at stop", &self.errors);
+            }
+        }
+    }
+}
+
+/// The next sequence number of each topic, kept ahead of use in `<dir>/sequences` (synced):
+/// the link thread asks for more before it uses them, and a clean stop writes the exact ones.
+pub struct Sequences {
+    path: PathBuf,
+    names: Vec<String>,
+    /// Per topic, the first sequence number not yet reserved.
+    reserved: Vec<u64>,
+    /// Per topic, how many the next reservation takes, and when the last one was made.
+    chunk: Vec<u64>,
+    last_reserved: Vec<Option<Instant>>,
+}
+
+impl Sequences {
+    /// Reads the file (a missing one: every topic starts at 0); returns each topic's first
+    /// sequence number for this run.
+    pub fn open(dir: &Path, names: &[String]) -> io::Result<(Self, Vec<u64>)> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join("sequences");
+        let mut known: HashMap<String, u64> = HashMap::new();
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+                    let parsed = line
+                        .strip_prefix("next=")
+                        .and_then(|rest| rest.split_once(" topic="))
+                        .and_then(|(n, topic)| Some((topic.to_owned(), n.parse().ok()?)));
+                    match parsed {
+                        Some((topic, next)) => {
+                            known.insert(topic, next);
+                        }
+                        None => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("{}: not a sequences file (line {line:?})", path.display()),
+                            ))
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let first: Vec<u64> = names
+            .iter()
+            .map(|n| known.get(n).copied().unwrap_or(0))
+            .collect();
+        let sequences = Sequences {
+            path,
+            names: names.to_vec(),
+            reserved: first.clone(),
+            chunk: vec![MIN_RESERVATION; names.len()],
+            last_reserved: vec![None; names.len()],
+        };
+        Ok((sequences, first))
+    }
+
+    /// Whether `next_seq` of `topic` may be used without asking for more.
+    pub fn covers(&self, topic: usize, next_seq: u64) -> bool {
+        self.reserved.get(topic).is_some_and(|r| next_seq < *r)
+    }
+
+    /// Reserves more sequence numbers for `topic`, from `next_seq` on, and syncs the file
+    /// before returning. Busy topics reserve more at a time (at most about one write a
+    /// second), quiet ones less (a crash then skips few).
+    pub fn reserve(&mut self, topic: usize, next_seq: u64, now: Instant) -> io::Result<()> {
+        let chunk = &mut self.chunk[topic];
+        match self.last_reserved[topic] {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                *chunk = (*chunk * 2).min(MAX_RESERVATION)
+            }
+            Some(last) if now.duration_since(last) > Duration::from_secs(10) => {
+                *chunk = (*chunk / 2).max(MIN_RESERVATION)
+            }
+            _ => {}
+        }
+        self.last_reserved[topic] = Some(now);
+        self.reserved[topic] = next_seq.saturating_add(*chunk);
+        let reserved = self.reserved.clone();
+        self.write(&reserved)
+    }
+
+    /// At a clean stop: the exact next sequence numbers, so the next run skips none.
+    pub fn close(&mut self, next: &[u64]) -> io::Result<()> {
+        self.write(next)
+    }
+
+    fn write(&self, next: &[u64]) -> io::Result<()> {
+        let mut text = String::from("# diode-send sequence numbers v1: do not edit\n");
+        for (name, n) in self.names.iter().zip(next) {
+            // Topic names hold no control characters (wire-format.md §1): one line each.
+            text += &format!("next={n} topic={name}\n");
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut file = File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        if let Some(parent) = self.path.parent() {
+            // The rename itself must reach the disk before these numbers are used.
+            File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
