@@ -15,7 +15,8 @@
 //! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer),
 //! `DIODE_BENCH_DESIGN_LOSS` (the sender's `design_loss_percent`, 1; 0: proportional parity),
 //! `DIODE_BENCH_SMALL_RATE` (records a second in `small`, 50000), `DIODE_BENCH_OUTAGE_MS` (the
-//! sender's `outage_protection_ms`, 0).
+//! sender's `outage_protection_ms`, 0), `DIODE_BENCH_JOURNAL` (1: the sender journals the topic,
+//! docs/backfill.md).
 //!
 //! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
@@ -207,6 +208,12 @@ impl Pair {
         } else {
             ""
         };
+        // DIODE_BENCH_JOURNAL=1 journals every record the sender sends.
+        let journal_table = if env_or("DIODE_BENCH_JOURNAL", 0) == 1 {
+            "[journal]\ndir = \"journal\"\nmax_bytes = 4294967296\n"
+        } else {
+            ""
+        };
         let (rm, sm) = (free_port(), free_port());
         let receiver_toml = dir.path().join("receiver.toml");
         std::fs::write(
@@ -223,7 +230,7 @@ impl Pair {
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,
-            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\noutage_protection_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into()), env_or("DIODE_BENCH_OUTAGE_MS", 0)),
+            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\noutage_protection_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{journal_table}[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into()), env_or("DIODE_BENCH_OUTAGE_MS", 0)),
         )
         .unwrap();
         let sender = Service::start(
@@ -245,6 +252,14 @@ impl Pair {
     }
 
     fn report_costs(&self, gigabytes: f64, seconds: f64) {
+        if env_or("DIODE_BENCH_JOURNAL", 0) == 1 {
+            println!(
+                "  journal: {} records written, {} not journaled (writer behind), {} MiB on disk",
+                self.sender.metric("diode_journal_records_total"),
+                self.sender.metric("diode_journal_records_dropped_total"),
+                self.sender.metric("diode_journal_bytes") / (1 << 20) as f64
+            );
+        }
         for (side, s) in [("sender", &self.sender), ("receiver", &self.receiver)] {
             println!(
                 "  {side:<9} {:>6.2} CPU s/GB  {:>5.1} % of a core  peak RSS {:>6.1} MiB",

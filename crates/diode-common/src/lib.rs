@@ -80,3 +80,18 @@ pub fn format_rfc3339_us(time_us: i64) -> String {
         "1970-01-01T00:00:00.000000Z".to_owned()
     }
 }
+
+/// `text` as one word for a POSIX shell, in single quotes: what a printed command may safely
+/// carry when `text` comes from the network (a topic name may hold `'`, `$(` or `;`).
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod shell_quote_tests {
+    #[test]
+    fn quotes_what_a_shell_would_interpret() {
+        assert_eq!(super::shell_quote("line3/x"), "'line3/x'");
+        assert_eq!(super::shell_quote("a'$(id)'"), r"'a'\''$(id)'\'''");
+    }
+}

@@ -132,7 +132,10 @@ fn log_gap(topic: &str, first_seq: u64, last_seq: u64, records: u64, gaps: u64) 
         last_seq,
         records,
         gaps,
-        replay = format_args!("diode-send replay --topic '{topic}' --seq {first_seq}-{last_seq}"),
+        replay = format_args!(
+            "diode-send replay --topic {} --seq {first_seq}-{last_seq}",
+            diode_common::shell_quote(topic)
+        ),
         "records lost beyond repair"
     );
 }

@@ -188,7 +188,10 @@ impl LinkThread {
             watermarks: self.reassembler.watermarks(),
             gaps: self.reassembler.open_gaps(),
         };
-        if saved.floor.is_none() && saved.watermarks.is_empty() && saved.gaps.is_empty() {
+        // Nothing to keep and nothing kept yet (a first start): no file. Once there is one,
+        // it follows the state, down to empty, so filled gaps never come back after a restart.
+        let empty = saved.floor.is_none() && saved.watermarks.is_empty() && saved.gaps.is_empty();
+        if empty && self.saved.is_none() && !path.exists() {
             return;
         }
         if self.saved.as_ref() == Some(&saved) {

@@ -173,12 +173,13 @@ pub fn describe_gaps(gaps: &[(Arc<str>, OpenGap)]) -> String {
             topic = Some(name);
         }
         out += &format!(
-            "  seq {}-{} ({} records), taken in after {} and before {}\n    diode-send replay --topic '{name}' --seq {}-{}\n",
+            "  seq {}-{} ({} records), taken in after {} and before {}\n    diode-send replay --topic {} --seq {}-{}\n",
             gap.first_seq,
             gap.last_seq,
             gap.records(),
             time(gap.after_us),
             time(gap.before_us),
+            diode_common::shell_quote(name),
             gap.first_seq,
             gap.last_seq,
         );

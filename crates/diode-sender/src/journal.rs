@@ -31,7 +31,7 @@ const MAX_ENTRY_BYTES: usize = 64 << 20;
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Sequence numbers reserved at a time, at least and at most: a crash skips at most the unused
 /// rest of a reservation, which the receiver reports as a gap that replay cannot fill.
-const MIN_RESERVATION: u64 = 64;
+const MIN_RESERVATION: u64 = 256;
 const MAX_RESERVATION: u64 = 1 << 20;
 
 /// One record as the journal keeps it: with its topic, its session and when it was taken in.
@@ -139,6 +139,16 @@ pub fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(out)
 }
 
+/// The last sequence number a segment holds.
+fn last_seq(path: &Path) -> Option<u64> {
+    let mut reader = SegmentReader::open(path).ok()?;
+    let mut last = None;
+    while let Some(entry) = reader.next_entry() {
+        last = Some(entry.seq);
+    }
+    last
+}
+
 /// What a topic's journal holds, for `replay` and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Span {
@@ -164,6 +174,16 @@ pub fn scan(
         let end = segments.get(i + 1).map_or(u64::MAX, |s| s.first_seq);
         if end <= *seqs.start() || segment.first_seq > *seqs.end() {
             continue;
+        }
+        // Ingest times only go up along a topic (one clock): a segment whose successor begins
+        // before the window holds nothing in it, and is not read (continuous backfill).
+        if *times.start() > i64::MIN {
+            let next_first = segments
+                .get(i + 1)
+                .and_then(|s| SegmentReader::open(&s.path).ok()?.next_entry());
+            if next_first.is_some_and(|e| e.time_us < *times.start()) {
+                continue;
+            }
         }
         let mut reader = match SegmentReader::open(&segment.path) {
             Ok(reader) => reader,
@@ -210,6 +230,8 @@ struct TopicJournal {
     closed: Vec<Closed>,
     active: Option<Active>,
     metrics: JournalMetrics,
+    /// One past the last sequence number it held at start: the run's numbers begin no lower.
+    next_seq: u64,
 }
 
 struct Closed {
@@ -257,12 +279,17 @@ impl TopicJournal {
                 last_time_us,
             });
         }
+        let next_seq = closed
+            .last()
+            .and_then(|c| last_seq(&c.segment.path))
+            .map_or(0, |s| s + 1);
         let journal = TopicJournal {
             dir,
             budget,
             closed,
             active: None,
             metrics,
+            next_seq,
         };
         journal.update_metrics();
         Ok(journal)
@@ -286,9 +313,10 @@ impl TopicJournal {
             let path = self.dir.join(segment_name(entry.seq));
             let mut file = BufWriter::with_capacity(
                 256 << 10,
+                // Numbers only go up (see `Sequences`), so a segment's name is never taken:
+                // an existing file is an error, not something to overwrite.
                 OpenOptions::new()
-                    .create(true)
-                    .truncate(true)
+                    .create_new(true)
                     .write(true)
                     .open(&path)?,
             );
@@ -340,9 +368,17 @@ impl TopicJournal {
         Ok(())
     }
 
-    /// Drops the oldest closed segments past the budget's size or age.
+    /// Drops the oldest closed segments past the budget's size or age; a quiet topic's active
+    /// segment, once all of it is too old, is closed so that it goes too.
     fn enforce_budget(&mut self, now_us: i64) -> io::Result<()> {
         let max_age_us = self.budget.max_age.as_micros().min(i64::MAX as u128) as i64;
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| now_us.saturating_sub(a.last_time_us) > max_age_us)
+        {
+            self.close_active()?;
+        }
         while let Some(oldest) = self.closed.first() {
             let too_big = self.bytes() > self.budget.max_bytes;
             let too_old = now_us.saturating_sub(oldest.last_time_us) > max_age_us;
@@ -389,6 +425,8 @@ impl TopicJournal {
 pub struct Append {
     pub topic: usize,
     pub entry: Entry,
+    /// Its share of the writer's queue, returned once written.
+    _room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The journal writer: its own thread, fed by [`JournalHandle::append`].
@@ -405,9 +443,13 @@ pub struct JournalHandle {
     /// Which topics are journaled, by index.
     journaled: std::sync::Arc<[bool]>,
     dropped: Vec<prometheus_client::metrics::counter::Counter>,
+    room: diode_common::budget::ByteBudget,
 }
 
-/// Entries the link thread may be ahead of the writer by before entries are dropped.
+/// Bytes of records the link thread may be ahead of the writer by before records go
+/// unjournaled (counted): what bounds the journal's memory when the disk is slower than the link.
+const WRITER_QUEUE_BYTES: usize = 64 << 20;
+/// ... and records, for small ones.
 const WRITER_QUEUE_ENTRIES: usize = 1 << 16;
 
 impl JournalHandle {
@@ -416,7 +458,16 @@ impl JournalHandle {
         if !self.journaled.get(topic).copied().unwrap_or(false) {
             return;
         }
-        if self.tx.try_send(Append { topic, entry }).is_err() {
+        let Some(room) = self.room.try_acquire(entry.payload.len() + 64) else {
+            self.dropped[topic].inc();
+            return;
+        };
+        let append = Append {
+            topic,
+            entry,
+            _room: room,
+        };
+        if self.tx.try_send(append).is_err() {
             self.dropped[topic].inc();
         }
     }
@@ -427,7 +478,7 @@ pub fn open_writer(
     root: &Path,
     topics: &[(String, Option<Budget>, JournalMetrics)],
     errors: prometheus_client::metrics::counter::Counter,
-) -> io::Result<(JournalWriter, JournalHandle)> {
+) -> io::Result<(JournalWriter, JournalHandle, Vec<u64>)> {
     let mut journals = Vec::new();
     let mut journaled = Vec::new();
     let mut dropped = Vec::new();
@@ -443,6 +494,10 @@ pub fn open_writer(
             None => None,
         });
     }
+    let next_seqs = journals
+        .iter()
+        .map(|j| j.as_ref().map_or(0, |j| j.next_seq))
+        .collect();
     let (tx, rx) = flume::bounded(WRITER_QUEUE_ENTRIES);
     Ok((
         JournalWriter {
@@ -454,7 +509,9 @@ pub fn open_writer(
             tx,
             journaled: journaled.into(),
             dropped,
+            room: diode_common::budget::ByteBudget::new(WRITER_QUEUE_BYTES),
         },
+        next_seqs,
     ))
 }
 
@@ -515,6 +572,9 @@ impl JournalWriter {
 pub struct Sequences {
     path: PathBuf,
     names: Vec<String>,
+    /// Topics the file names that this configuration does not: kept, so a topic taken out
+    /// and put back goes on from its number rather than 0.
+    others: Vec<(String, u64)>,
     /// Per topic, the first sequence number not yet reserved.
     reserved: Vec<u64>,
     /// Per topic, how many the next reservation takes, and when the last one was made.
@@ -524,8 +584,9 @@ pub struct Sequences {
 
 impl Sequences {
     /// Reads the file (a missing one: every topic starts at 0); returns each topic's first
-    /// sequence number for this run.
-    pub fn open(dir: &Path, names: &[String]) -> io::Result<(Self, Vec<u64>)> {
+    /// sequence number for this run: the file's, and never below `floor` (one past what the
+    /// topic's journal holds, should the file have been lost).
+    pub fn open(dir: &Path, names: &[String], floor: &[u64]) -> io::Result<(Self, Vec<u64>)> {
         fs::create_dir_all(dir)?;
         let path = dir.join("sequences");
         let mut known: HashMap<String, u64> = HashMap::new();
@@ -554,11 +615,21 @@ impl Sequences {
         }
         let first: Vec<u64> = names
             .iter()
-            .map(|n| known.get(n).copied().unwrap_or(0))
+            .enumerate()
+            .map(|(i, n)| {
+                let known = known.get(n).copied().unwrap_or(0);
+                known.max(floor.get(i).copied().unwrap_or(0))
+            })
             .collect();
+        let mut others: Vec<(String, u64)> = known
+            .into_iter()
+            .filter(|(n, _)| !names.contains(n))
+            .collect();
+        others.sort();
         let sequences = Sequences {
             path,
             names: names.to_vec(),
+            others,
             reserved: first.clone(),
             chunk: vec![MIN_RESERVATION; names.len()],
             last_reserved: vec![None; names.len()],
@@ -572,13 +643,14 @@ impl Sequences {
     }
 
     /// Reserves more sequence numbers for `topic`, from `next_seq` on, and syncs the file
-    /// before returning. Busy topics reserve more at a time (at most about one write a
-    /// second), quiet ones less (a crash then skips few).
+    /// before returning. Busy topics reserve more at a time (about one write a second at
+    /// most, after a burst's first few), quiet ones less (a crash then skips few). Only what
+    /// reached the disk counts as reserved: after a failure, the next record asks again.
     pub fn reserve(&mut self, topic: usize, next_seq: u64, now: Instant) -> io::Result<()> {
         let chunk = &mut self.chunk[topic];
         match self.last_reserved[topic] {
             Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
-                *chunk = (*chunk * 2).min(MAX_RESERVATION)
+                *chunk = (*chunk * 4).min(MAX_RESERVATION)
             }
             Some(last) if now.duration_since(last) > Duration::from_secs(10) => {
                 *chunk = (*chunk / 2).max(MIN_RESERVATION)
@@ -586,9 +658,11 @@ impl Sequences {
             _ => {}
         }
         self.last_reserved[topic] = Some(now);
-        self.reserved[topic] = next_seq.saturating_add(*chunk);
-        let reserved = self.reserved.clone();
-        self.write(&reserved)
+        let mut reserved = self.reserved.clone();
+        reserved[topic] = next_seq.saturating_add(*chunk);
+        self.write(&reserved)?;
+        self.reserved = reserved;
+        Ok(())
     }
 
     /// At a clean stop: the exact next sequence numbers, so the next run skips none.
@@ -598,7 +672,8 @@ impl Sequences {
 
     fn write(&self, next: &[u64]) -> io::Result<()> {
         let mut text = String::from("# diode-send sequence numbers v1: do not edit\n");
-        for (name, n) in self.names.iter().zip(next) {
+        let others = self.others.iter().map(|(n, s)| (n, s));
+        for (name, n) in self.names.iter().zip(next).chain(others) {
             // Topic names hold no control characters (wire-format.md §1): one line each.
             text += &format!("next={n} topic={name}\n");
         }

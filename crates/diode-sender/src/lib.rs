@@ -115,14 +115,26 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         let dir = dir.display().to_string();
         move |source| StartError::Journal { dir, source }
     };
-    let (sequences, first_seqs) = match &loaded.journal_dir {
-        Some(dir) => {
+    // The journal first: its last numbers are a floor for this run's (journal.rs).
+    let opened = match (&loaded.journal_dir, &config.journal) {
+        (Some(dir), Some(_)) => {
+            let topics: Vec<_> = names
+                .iter()
+                .zip(&loaded.journal_budgets)
+                .map(|(name, budget)| (name.clone(), *budget, metrics.journal(name)))
+                .collect();
+            let (writer, handle, floor) =
+                journal::open_writer(dir, &topics, metrics.journal_errors.clone())
+                    .map_err(journal_error(dir))?;
             let (sequences, first) =
-                journal::Sequences::open(dir, &names).map_err(journal_error(dir))?;
-            (Some(sequences), first)
+                journal::Sequences::open(dir, &names, &floor).map_err(journal_error(dir))?;
+            Some((writer, handle, sequences, first))
         }
-        None => (None, vec![0; names.len()]),
+        _ => None,
     };
+    let first_seqs = opened
+        .as_ref()
+        .map_or_else(|| vec![0; names.len()], |o| o.3.clone());
 
     let limits = encoder.limits();
     let mut topic_metrics = Vec::new();
@@ -196,10 +208,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         None => None,
     };
 
-    let journal = match (&loaded.journal_dir, sequences, &config.journal) {
-        (Some(dir), Some(sequences), Some(settings)) => Some(start_journal(
+    let journal = match (&loaded.journal_dir, opened, &config.journal) {
+        (Some(dir), Some((writer, handle, sequences, _)), Some(settings)) => Some(start_journal(
             dir,
-            sequences,
+            (writer, handle, sequences),
             settings,
             &loaded.journal_budgets,
             &names,
@@ -258,24 +270,17 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 /// Opens the journal, starts its writer and the replayer, and returns the link thread's end.
 fn start_journal(
     dir: &std::path::Path,
-    sequences: journal::Sequences,
+    (writer, handle, sequences): (
+        journal::JournalWriter,
+        journal::JournalHandle,
+        journal::Sequences,
+    ),
     settings: &config::JournalConfig,
     budgets: &[Option<journal::Budget>],
     names: &[String],
     metrics: &SenderMetrics,
     shutdown: &Shutdown,
 ) -> Result<link::LinkJournal, StartError> {
-    let error = |source| StartError::Journal {
-        dir: dir.display().to_string(),
-        source,
-    };
-    let topics: Vec<_> = names
-        .iter()
-        .zip(budgets)
-        .map(|(name, budget)| (name.clone(), *budget, metrics.journal(name)))
-        .collect();
-    let (writer, handle) =
-        journal::open_writer(dir, &topics, metrics.journal_errors.clone()).map_err(error)?;
     let writer = std::thread::Builder::new()
         .name("diode-journal".into())
         .spawn(move || writer.run())
@@ -316,6 +321,7 @@ fn start_journal(
         sequences,
         replay: replay_rx,
         writer: Some(writer),
+        reserve_failed: None,
     })
 }
 

@@ -45,6 +45,8 @@ pub struct LinkJournal {
     pub replay: flume::Receiver<crate::replay::Replayed>,
     /// Joined at the end, so the journal is synced before the sender says it has stopped.
     pub writer: Option<std::thread::JoinHandle<()>>,
+    /// When reserving sequence numbers last failed: retried a second later, not per record.
+    pub reserve_failed: Option<Instant>,
 }
 
 /// Datagrams per send: quinn-udp's batch size, and within the kernel's 64 GSO segments.
@@ -73,8 +75,8 @@ impl LinkThread {
                 live_waiting = self.encoder.queued_bytes() >= self.max_queued_bytes;
             }
             // Replayed records only when no live one waits, and into half the queue at most,
-            // so that a replay never delays live traffic.
-            if !live_waiting {
+            // so that a replay never delays live traffic; none once stopping.
+            if !live_waiting && stopping_since.is_none() {
                 self.take_replayed(now);
             }
             // Drops at the sources go into heartbeats, so the IT side sees OT-side loss. Heartbeats
@@ -128,8 +130,9 @@ impl LinkThread {
             // the flush deadline); while a block is open, later records wait in the queue until
             // the next timer and are taken in together, rather than waking the thread one by one.
             let waiting_for_first_record = !self.encoder.has_open_block();
-            let replay_ready =
-                self.replay_room() && self.journal.as_ref().is_some_and(|j| !j.replay.is_empty());
+            let replay_ready = stopping_since.is_none()
+                && self.replay_room()
+                && self.journal.as_ref().is_some_and(|j| !j.replay.is_empty());
             if replay_ready {
                 // Replayed records wait: go round again at once.
             } else if queue_open && waiting_for_first_record {
@@ -148,11 +151,24 @@ impl LinkThread {
         let topic = ingest.topic.index();
         if let Some(journal) = self.journal.as_mut() {
             let next = self.encoder.next_seq(ingest.topic).unwrap_or(0);
-            if !journal.sequences.covers(topic, next) {
+            let retry = journal
+                .reserve_failed
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+            if !journal.sequences.covers(topic, next) && retry {
                 // Synced before the number is used: a crash can skip numbers, never reuse one.
-                if let Err(e) = journal.sequences.reserve(topic, next, now) {
-                    self.metrics.journal_errors.inc();
-                    tracing::error!(error = %e, "journal: cannot keep the sequence numbers");
+                // If the disk refuses, records still flow (the plant's data comes first), but
+                // a crash before it recovers may reuse numbers: said loudly, once a second.
+                match journal.sequences.reserve(topic, next, now) {
+                    Ok(()) => journal.reserve_failed = None,
+                    Err(e) => {
+                        journal.reserve_failed = Some(now);
+                        self.metrics.journal_errors.inc();
+                        tracing::error!(
+                            error = %e,
+                            "journal: cannot keep the sequence numbers; until it can, a crash \
+                             may reuse some"
+                        );
+                    }
                 }
             }
         }

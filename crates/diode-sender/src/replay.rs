@@ -152,6 +152,13 @@ impl Pace {
     }
 
     fn wait(&mut self, bytes: usize) {
+        // Time spent waiting on a full queue is not credit for a burst later: at most 100 ms
+        // of it is kept.
+        let elapsed = self.since.elapsed().as_secs_f64();
+        let floor = (elapsed - 0.1) * self.bytes_per_sec;
+        if self.sent < floor {
+            self.sent = floor;
+        }
         self.sent += bytes as f64;
         let due = Duration::from_secs_f64(self.sent / self.bytes_per_sec);
         if let Some(pause) = due.checked_sub(self.since.elapsed()) {
@@ -248,6 +255,10 @@ impl Replayer {
         for (index, (name, journaled)) in self.topics.iter().enumerate() {
             if !journaled || self.shutdown.is_triggered() {
                 continue;
+            }
+            // An operator's request does not wait for a whole round.
+            for path in self.pending_requests() {
+                self.serve_request(&path);
             }
             let dir = journal::topic_dir(&self.root, name);
             let _ = journal::scan(&dir, 0..=u64::MAX, since..=i64::MAX, |entry| {

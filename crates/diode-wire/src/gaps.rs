@@ -73,12 +73,19 @@ impl GapBook {
             .is_some_and(|g| g.len() > MAX_GAPS_PER_TOPIC)
             || self.count > MAX_GAPS
         {
-            let victim = match self.topics.get(topic) {
-                Some(g) if !g.is_empty() => topic.clone(),
-                _ => match self.topics.iter().find(|(_, g)| !g.is_empty()) {
+            // Past a topic's cap, its own oldest goes; past the total, the oldest of the topic
+            // holding most, so one noisy (or forged) topic cannot push out the others' gaps.
+            let own = self
+                .topics
+                .get(topic)
+                .is_some_and(|g| g.len() > MAX_GAPS_PER_TOPIC);
+            let victim = if own {
+                topic.clone()
+            } else {
+                match self.topics.iter().max_by_key(|(_, g)| g.len()) {
                     Some((t, _)) => t.clone(),
                     None => return,
-                },
+                }
             };
             let gaps = self.topics.get_mut(&victim).expect("found above");
             gaps.pop_first();
@@ -206,6 +213,11 @@ mod tests {
                 book.open(&topic, gap(i * 3, i * 3 + 1));
             }
         }
+        assert_eq!(book.len(), MAX_GAPS);
+        // A quiet topic's one gap survives the flood of the others.
+        let quiet: Arc<str> = Arc::from("quiet");
+        book.open(&quiet, gap(5, 6));
+        assert!(book.list().iter().any(|(t, _)| *t == quiet));
         assert_eq!(book.len(), MAX_GAPS);
     }
 }

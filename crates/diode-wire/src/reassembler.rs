@@ -278,12 +278,46 @@ pub struct Mark {
 
 impl TopicState {
     fn plausible(&mut self, seq: u64, now: Instant) -> bool {
-        let (first, since) = *self.anchor.get_or_insert((seq, now));
+        self.anchor.get_or_insert((seq, now));
+        self.within_bound(seq, now)
+    }
+
+    /// Whether `seq` is within the §6.6 bound of the anchor (true while there is none).
+    fn within_bound(&self, seq: u64, now: Instant) -> bool {
+        let Some((first, since)) = self.anchor else {
+            return true;
+        };
         let secs = now.saturating_duration_since(since).as_secs();
         let frontier = first
             .saturating_add(MAX_SEQ_JUMP)
             .saturating_add(secs.saturating_mul(MAX_RECORDS_PER_SEC));
         seq <= frontier
+    }
+
+    /// Whether a topic that went on from `mark` can have reached `seq` by `time_us` (the
+    /// sender's clock, as the mark's time): the §6.6 bound counted from the mark. A mark of
+    /// unknown time bounds nothing.
+    fn carried_plausible(mark: Mark, seq: u64, time_us: i64) -> bool {
+        if mark.last_time_us == 0 {
+            return true;
+        }
+        let secs = (time_us.saturating_sub(mark.last_time_us).max(0) / 1_000_000) as u64;
+        seq <= mark
+            .next_seq
+            .saturating_add(MAX_SEQ_JUMP)
+            .saturating_add(secs.saturating_mul(MAX_RECORDS_PER_SEC))
+    }
+
+    /// An unresolved topic whose first numbers are beyond the bound of where it was expected
+    /// to start: a fresh receiver meeting a sender that has numbered on for long, or a forgery.
+    /// Either way nothing before them can be called lost: the topic is taken as joined
+    /// mid-stream, anchored where it is now.
+    fn rejoin_mid_stream(&mut self, seq: u64, now: Instant) {
+        if let Some(unresolved) = self.unresolved.as_mut() {
+            unresolved.from_start = false;
+            unresolved.carried = None;
+        }
+        self.anchor = Some((seq, now));
     }
 }
 
@@ -817,10 +851,20 @@ impl Reassembler {
             if let Some(end) = end {
                 self.advance_to(now, end);
             }
-            // Where it left each topic: the new session may go on from there (§6.4).
+            // Where it left each topic: the new session may go on from there (§6.4). A topic
+            // no heartbeat of it resolved is judged by its first record alone: at or above
+            // the mark it came with, the sender numbered on and what lies between is a gap.
+            let mut unreported = Vec::new();
             if let Some(s) = &self.session {
                 for (topic, state) in &s.topics {
                     let carried = state.unresolved.and_then(|u| u.carried);
+                    if let (Some(mark), Some((seen, seen_time_us))) =
+                        (carried, state.unresolved.and_then(|u| u.first_seen))
+                    {
+                        if seen > mark.next_seq {
+                            unreported.push((topic.clone(), mark, seen, seen_time_us));
+                        }
+                    }
                     let mark = match (state.expected, carried) {
                         (Some(next_seq), _) => Mark {
                             next_seq,
@@ -830,8 +874,23 @@ impl Reassembler {
                         (None, Some(mark)) => mark,
                         (None, None) => continue,
                     };
-                    self.carried.insert(topic.clone(), mark);
+                    // Bounded like the topics themselves: a train of forged sessions with
+                    // new names cannot grow it.
+                    if self.carried.len() < self.config.max_topics
+                        || self.carried.contains_key(topic)
+                    {
+                        self.carried.insert(topic.clone(), mark);
+                    }
                 }
+            }
+            for (topic, mark, seen, seen_time_us) in unreported {
+                self.report_gap(
+                    &topic,
+                    mark.next_seq,
+                    seen - 1,
+                    mark.last_time_us,
+                    seen_time_us,
+                );
             }
             if self.retired.len() == RETIRED_SESSIONS {
                 self.retired.pop_front();
@@ -1344,7 +1403,7 @@ impl Reassembler {
             let Some(topic) = self.topic(&status.name) else {
                 continue;
             };
-            self.resolve_start(&topic, status.first_seq, now);
+            self.resolve_start(&topic, status.first_seq, heartbeat.sent_time_us, now);
             let session = self.session.as_mut().expect("blocks belong to a session");
             let state = session.topics.get_mut(&topic).expect("just looked up");
             if !state.plausible(status.next_seq, now) {
@@ -1394,7 +1453,10 @@ impl Reassembler {
             },
             carried => TopicState {
                 expected: None,
-                anchor: None,
+                // From the session's start it begins at 0 unless it goes on from a mark, which
+                // `carried_plausible` bounds instead (§6.6).
+                anchor: (carried.is_none() && !session.mid_stream)
+                    .then_some((0, session.started_at)),
                 last_time_us: 0,
                 unresolved: Some(Unresolved {
                     from_start: !session.mid_stream,
@@ -1419,12 +1481,25 @@ impl Reassembler {
             .and_then(|u| u.carried)
             .filter(|m| replayed && record.seq < m.next_seq)
             .map(|m| m.next_seq);
+        if let Some(mark) = state.unresolved.and_then(|u| u.carried) {
+            let first = state.expected.is_none();
+            if first
+                && !replayed
+                && !TopicState::carried_plausible(mark, record.seq, record.time_us)
+            {
+                state.rejoin_mid_stream(record.seq, now);
+            }
+        }
         let expected = pending_mark.or(state.expected);
         // Below what is expected, a record can at most fill a gap: only the others can move
         // the topic on, and they are held to the plausibility bound (§6.6).
         if expected.is_none_or(|e| record.seq >= e) && !state.plausible(record.seq, now) {
-            self.stats.malformed_frames += 1;
-            return;
+            // Only a topic's very first number can start it somewhere unexpected.
+            if state.unresolved.is_none() || state.expected.is_some() || replayed {
+                self.stats.malformed_frames += 1;
+                return;
+            }
+            state.rejoin_mid_stream(record.seq, now);
         }
         match expected {
             Some(e) if record.seq < e => {
@@ -1471,13 +1546,20 @@ impl Reassembler {
     /// topic goes on from an earlier session's mark if the sender numbered on from it, or
     /// from `first_seq` if the session was seen from its start; what lies between that and the
     /// first record seen is a gap (§6.4).
-    fn resolve_start(&mut self, topic: &Arc<str>, first_seq: u64, now: Instant) {
+    fn resolve_start(&mut self, topic: &Arc<str>, first_seq: u64, sent_time_us: i64, now: Instant) {
         let Some(session) = self.session.as_mut() else {
             return;
         };
         let Some(state) = session.topics.get_mut(topic) else {
             return;
         };
+        let plausible = match state.unresolved.and_then(|u| u.carried) {
+            Some(mark) => TopicState::carried_plausible(mark, first_seq, sent_time_us),
+            None => state.within_bound(first_seq, now),
+        };
+        if !plausible {
+            state.rejoin_mid_stream(first_seq, now);
+        }
         let Some(unresolved) = state.unresolved.take() else {
             return;
         };

@@ -373,3 +373,47 @@ fn gap_bookkeeping_stays_bounded() {
         .push_replay(pair.now, topic, next, 0, None, Bytes::from_static(b"x"))
         .is_err());
 }
+
+/// A receiver installed fresh beside a sender whose numbering has gone on for long (a billion
+/// records): it delivers from the session's first record and calls nothing before it lost,
+/// rather than reporting a billion records lost or refusing the numbers as implausible.
+#[test]
+fn a_fresh_receiver_meets_a_sender_that_numbered_on_for_long() {
+    let mut rng = SimRng::new(13);
+    let mut pair = Pair::new(Impairments::default(), 13);
+    let mut encoder = Encoder::new(config(10 << 20), pair.now).unwrap();
+    pair.topics = TOPICS
+        .iter()
+        .map(|t| encoder.add_topic_from(t, 1_000_000_000).unwrap())
+        .collect();
+    pair.encoder = encoder;
+    pair.send(&mut rng, 300);
+    pair.settle();
+    pair.assert_exactly_once();
+    assert_eq!(pair.receiver.stats().records_lost, 0);
+    assert_eq!(pair.receiver.stats().malformed_frames, 0);
+}
+
+/// A mark carried across a receiver restart, then a record far beyond what the sender could
+/// have sent since (by its own clock): no gap of that size is reported.
+#[test]
+fn a_carried_mark_bounds_the_gap_a_forged_number_could_open() {
+    let mut rng = SimRng::new(17);
+    let mut pair = Pair::new(Impairments::default(), 17);
+    pair.send(&mut rng, 100);
+    pair.settle();
+    let marks = pair.receiver.watermarks();
+    let mut encoder = Encoder::new(config(11 << 20), pair.now).unwrap();
+    // The same ingest time as the mark's records: no time for 2^40 more records to go by.
+    pair.topics = TOPICS
+        .iter()
+        .map(|t| encoder.add_topic_from(t, 1 << 40).unwrap())
+        .collect();
+    pair.encoder = encoder;
+    pair.receiver = Reassembler::new(ReassemblerConfig::default());
+    pair.receiver.restore_watermarks(marks);
+    pair.send(&mut rng, 50);
+    pair.settle();
+    assert_eq!(pair.receiver.stats().records_lost, 0);
+    assert_eq!(pair.receiver.open_gap_count(), 0);
+}
