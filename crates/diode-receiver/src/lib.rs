@@ -196,6 +196,16 @@ pub fn describe(loaded: &Loaded) -> String {
                 .join(" and ")
         ),
     };
+    out += &match &loaded.state_file {
+        Some(path) => format!(
+            "state: {} (topics' marks and open gaps kept across restarts; `diode-recv gaps` \
+             lists what is missing)\n",
+            path.display()
+        ),
+        None => "state: none (set link.state_file: after a restart, what was sent meanwhile is \
+                 not reported, and no gap can be filled by a replay)\n"
+            .to_owned(),
+    };
     if let Some(m) = &loaded.config.metrics {
         out += &format!("metrics: http://{}/metrics\n", m.listen);
     }

@@ -411,6 +411,28 @@ pub fn describe(loaded: &Loaded) -> String {
         ),
         None => "auth: none (set link.key_file: see docs/wire-format.md §2.1)\n".to_owned(),
     };
+    out += &match (&loaded.journal_dir, &loaded.config.journal) {
+        (Some(dir), Some(journal)) => {
+            let journaled = loaded.journal_budgets.iter().flatten().count();
+            format!(
+                "journal: {} ({journaled} of {} topics; sequence numbers go on across restarts); \
+                 replay at most {} Mb/s{}\n",
+                dir.display(),
+                loaded.config.topics.len(),
+                journal.replay_rate_mbps,
+                if journal.backfill_window_secs > 0 {
+                    format!(
+                        ", continuous backfill of the last {} s at most {} Mb/s",
+                        journal.backfill_window_secs, journal.backfill_rate_mbps
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        }
+        _ => "journal: none (records lost on the way cannot be sent again: see docs/backfill.md)\n"
+            .to_owned(),
+    };
     if let Some(m) = &loaded.config.metrics {
         out += &format!("metrics: http://{}/metrics\n", m.listen);
     }
