@@ -16,8 +16,10 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diode_wire::{stored, Record};
@@ -242,9 +244,25 @@ struct Closed {
 
 struct Active {
     segment: Segment,
-    file: BufWriter<File>,
+    file: File,
+    /// Encoded records not yet written: records are encoded straight into it (their one copy
+    /// in this process) and it goes to the file in large writes.
+    pending: Vec<u8>,
     last_time_us: i64,
     first_time_us: i64,
+}
+
+/// Pending bytes written out at once.
+const WRITE_BYTES: usize = 1 << 20;
+
+impl Active {
+    fn write_pending(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all(&self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
 }
 
 impl TopicJournal {
@@ -299,27 +317,25 @@ impl TopicJournal {
         (self.budget.max_bytes / 8).clamp(1 << 20, 64 << 20)
     }
 
-    fn append(&mut self, entry: &Entry, scratch: &mut Vec<u8>) -> io::Result<()> {
-        scratch.clear();
-        stored::encode(entry, scratch);
+    fn append(&mut self, entry: &Entry) -> io::Result<()> {
+        // Sized before encoding, from the payload and a margin for its header and fields:
+        // segments need not be exact.
+        let estimate = (entry.payload.len() + entry.topic.len() + 96) as u64;
         if self
             .active
             .as_ref()
-            .is_some_and(|a| a.segment.bytes + scratch.len() as u64 > self.segment_limit())
+            .is_some_and(|a| a.segment.bytes + estimate > self.segment_limit())
         {
             self.close_active()?;
         }
         if self.active.is_none() {
             let path = self.dir.join(segment_name(entry.seq));
-            let mut file = BufWriter::with_capacity(
-                256 << 10,
-                // Numbers only go up (see `Sequences`), so a segment's name is never taken:
-                // an existing file is an error, not something to overwrite.
-                OpenOptions::new()
-                    .create_new(true)
-                    .write(true)
-                    .open(&path)?,
-            );
+            // Numbers only go up (see `Sequences`), so a segment's name is never taken: an
+            // existing file is an error, not something to overwrite.
+            let mut file = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)?;
             file.write_all(SEGMENT_MAGIC)?;
             self.active = Some(Active {
                 segment: Segment {
@@ -328,22 +344,27 @@ impl TopicJournal {
                     bytes: SEGMENT_MAGIC.len() as u64,
                 },
                 file,
+                pending: Vec::with_capacity(WRITE_BYTES + (64 << 10)),
                 last_time_us: entry.time_us,
                 first_time_us: entry.time_us,
             });
         }
         let active = self.active.as_mut().expect("opened above");
-        active.file.write_all(scratch)?;
-        active.segment.bytes += scratch.len() as u64;
+        let before = active.pending.len();
+        stored::encode(entry, &mut active.pending);
+        active.segment.bytes += (active.pending.len() - before) as u64;
         active.last_time_us = entry.time_us;
+        if active.pending.len() >= WRITE_BYTES {
+            active.write_pending()?;
+        }
         self.metrics.records.inc();
         Ok(())
     }
 
     fn close_active(&mut self) -> io::Result<()> {
         if let Some(mut active) = self.active.take() {
-            active.file.flush()?;
-            active.file.get_ref().sync_data()?;
+            active.write_pending()?;
+            active.file.sync_data()?;
             self.closed.push(Closed {
                 segment: active.segment,
                 first_time_us: active.first_time_us,
@@ -355,15 +376,15 @@ impl TopicJournal {
 
     fn flush(&mut self) -> io::Result<()> {
         match self.active.as_mut() {
-            Some(active) => active.file.flush(),
+            Some(active) => active.write_pending(),
             None => Ok(()),
         }
     }
 
     fn sync(&mut self) -> io::Result<()> {
         if let Some(active) = self.active.as_mut() {
-            active.file.flush()?;
-            active.file.get_ref().sync_data()?;
+            active.write_pending()?;
+            active.file.sync_data()?;
         }
         Ok(())
     }
@@ -432,6 +453,8 @@ pub struct Append {
 /// The journal writer: its own thread, fed by [`JournalHandle::append`].
 pub struct JournalWriter {
     topics: Vec<Option<TopicJournal>>,
+    /// Set by `start`: reservations made here, ahead of the link thread.
+    pub sequences: Option<SharedSequences>,
     rx: flume::Receiver<Append>,
     errors: prometheus_client::metrics::counter::Counter,
 }
@@ -502,6 +525,7 @@ pub fn open_writer(
     Ok((
         JournalWriter {
             topics: journals,
+            sequences: None,
             rx,
             errors,
         },
@@ -518,7 +542,6 @@ pub fn open_writer(
 impl JournalWriter {
     /// Writes until every [`JournalHandle`] is gone, then syncs and returns.
     pub fn run(mut self) {
-        let mut scratch = Vec::new();
         let mut next_sync = Instant::now() + SYNC_INTERVAL;
         let mut noted_errors = 0u32;
         let mut error =
@@ -530,7 +553,9 @@ impl JournalWriter {
                 }
             };
         loop {
-            let first = match self.rx.recv_deadline(next_sync) {
+            // Woken at least every 50 ms, so reservations asked for are made in time.
+            let wake = next_sync.min(Instant::now() + Duration::from_millis(50));
+            let first = match self.rx.recv_deadline(wake) {
                 Ok(append) => Some(append),
                 Err(flume::RecvTimeoutError::Timeout) => None,
                 Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -539,7 +564,7 @@ impl JournalWriter {
             // crash of this process loses nothing written.
             for append in first.into_iter().chain(self.rx.try_iter().take(4096)) {
                 if let Some(journal) = self.topics.get_mut(append.topic).and_then(Option::as_mut) {
-                    if let Err(e) = journal.append(&append.entry, &mut scratch) {
+                    if let Err(e) = journal.append(&append.entry) {
                         error(e, "cannot append", &self.errors);
                     }
                 }
@@ -547,6 +572,11 @@ impl JournalWriter {
             for journal in self.topics.iter_mut().flatten() {
                 if let Err(e) = journal.flush() {
                     error(e, "cannot write", &self.errors);
+                }
+            }
+            if let Some(sequences) = &self.sequences {
+                if let Err(e) = sequences.extend_wanted(Instant::now()) {
+                    error(e, "cannot reserve sequence numbers", &self.errors);
                 }
             }
             if Instant::now() >= next_sync {
@@ -564,6 +594,87 @@ impl JournalWriter {
                 error(e, "cannot sync at stop", &self.errors);
             }
         }
+    }
+}
+
+/// The link thread's view of the reserved sequence numbers, shared with the journal's writer,
+/// which reserves more in the background once half of a reservation is used: the link thread
+/// itself waits on the disk only if the writer did not get there in time.
+#[derive(Clone)]
+pub struct SharedSequences {
+    inner: Arc<Mutex<Sequences>>,
+    /// Per topic: the first number not reserved, and the number at which to ask for more.
+    limits: Arc<[AtomicU64]>,
+    low_water: Arc<[AtomicU64]>,
+    wanted: Arc<[AtomicBool]>,
+}
+
+impl SharedSequences {
+    pub fn new(sequences: Sequences) -> Self {
+        let limits: Vec<AtomicU64> = sequences
+            .reserved
+            .iter()
+            .map(|r| AtomicU64::new(*r))
+            .collect();
+        let low_water: Vec<AtomicU64> = sequences
+            .reserved
+            .iter()
+            .map(|r| AtomicU64::new(*r))
+            .collect();
+        let wanted: Vec<AtomicBool> = sequences
+            .reserved
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        SharedSequences {
+            inner: Arc::new(Mutex::new(sequences)),
+            limits: limits.into(),
+            low_water: low_water.into(),
+            wanted: wanted.into(),
+        }
+    }
+
+    /// Before `next` of `topic` is used (link thread): free unless the reservation runs low
+    /// (then the writer is asked for more) or out (then it is made here, synced).
+    pub fn ensure(&self, topic: usize, next: u64, now: Instant) -> io::Result<()> {
+        let Some(limit) = self.limits.get(topic) else {
+            return Ok(());
+        };
+        if next < self.low_water[topic].load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if next < limit.load(Ordering::Acquire) {
+            self.wanted[topic].store(true, Ordering::Release);
+            return Ok(());
+        }
+        self.extend(topic, next, now)
+    }
+
+    /// The writer's part: makes the reservations the link thread asked for.
+    pub fn extend_wanted(&self, now: Instant) -> io::Result<()> {
+        for topic in 0..self.wanted.len() {
+            if self.wanted[topic].swap(false, Ordering::AcqRel) {
+                let from = self.limits[topic].load(Ordering::Acquire);
+                self.extend(topic, from, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn extend(&self, topic: usize, from: u64, now: Instant) -> io::Result<()> {
+        let mut sequences = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have extended it meanwhile: never move a limit back.
+        let from = from.max(self.limits[topic].load(Ordering::Acquire));
+        let (limit, low) = sequences.reserve(topic, from, now)?;
+        self.low_water[topic].store(low, Ordering::Release);
+        self.limits[topic].store(limit, Ordering::Release);
+        Ok(())
+    }
+
+    /// At a clean stop: the exact next sequence numbers, so the next run skips none.
+    pub fn close(&self, next: &[u64]) -> io::Result<()> {
+        let sequences = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        sequences.write(next)
     }
 }
 
@@ -637,16 +748,11 @@ impl Sequences {
         Ok((sequences, first))
     }
 
-    /// Whether `next_seq` of `topic` may be used without asking for more.
-    pub fn covers(&self, topic: usize, next_seq: u64) -> bool {
-        self.reserved.get(topic).is_some_and(|r| next_seq < *r)
-    }
-
     /// Reserves more sequence numbers for `topic`, from `next_seq` on, and syncs the file
     /// before returning. Busy topics reserve more at a time (about one write a second at
     /// most, after a burst's first few), quiet ones less (a crash then skips few). Only what
     /// reached the disk counts as reserved: after a failure, the next record asks again.
-    pub fn reserve(&mut self, topic: usize, next_seq: u64, now: Instant) -> io::Result<()> {
+    fn reserve(&mut self, topic: usize, next_seq: u64, now: Instant) -> io::Result<(u64, u64)> {
         let chunk = &mut self.chunk[topic];
         match self.last_reserved[topic] {
             Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
@@ -658,16 +764,13 @@ impl Sequences {
             _ => {}
         }
         self.last_reserved[topic] = Some(now);
+        let chunk = *chunk;
         let mut reserved = self.reserved.clone();
-        reserved[topic] = next_seq.saturating_add(*chunk);
+        reserved[topic] = next_seq.saturating_add(chunk);
         self.write(&reserved)?;
         self.reserved = reserved;
-        Ok(())
-    }
-
-    /// At a clean stop: the exact next sequence numbers, so the next run skips none.
-    pub fn close(&mut self, next: &[u64]) -> io::Result<()> {
-        self.write(next)
+        // Asked for again once half of it is used, so the next one is ready in time.
+        Ok((self.reserved[topic], self.reserved[topic] - chunk / 2))
     }
 
     fn write(&self, next: &[u64]) -> io::Result<()> {
@@ -687,5 +790,133 @@ impl Sequences {
             File::open(parent)?.sync_all()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::SenderMetrics;
+    use bytes::Bytes;
+
+    fn record(topic: &str, seq: u64, time_us: i64) -> Entry {
+        Record {
+            topic: Arc::from(topic),
+            seq,
+            session_id: 9,
+            time_us,
+            origin: None,
+            late: false,
+            payload: Bytes::from(vec![seq as u8; 100 + (seq as usize % 7) * 1000]),
+        }
+    }
+
+    fn writer(
+        root: &Path,
+        budget: Budget,
+    ) -> (std::thread::JoinHandle<()>, JournalHandle, Vec<u64>) {
+        let metrics = SenderMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let topics = vec![
+            ("a/b".to_owned(), Some(budget), metrics.journal("a/b")),
+            ("plain".to_owned(), None, metrics.journal("plain")),
+        ];
+        let (writer, handle, next) = open_writer(root, &topics, Default::default()).unwrap();
+        (std::thread::spawn(move || writer.run()), handle, next)
+    }
+
+    const BIG: Budget = Budget {
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+    };
+
+    #[test]
+    fn records_come_back_in_order_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (thread, handle, next) = writer(dir.path(), BIG);
+        assert_eq!(next, vec![0, 0]);
+        for seq in 0..500 {
+            handle.append(0, record("a/b", seq, 1_000 + seq as i64));
+            handle.append(1, record("plain", seq, 0));
+        }
+        drop(handle);
+        thread.join().unwrap();
+        let topic = topic_dir(dir.path(), "a/b");
+        assert!(topic.ends_with("a%2Fb"), "{topic:?}");
+        assert!(!topic_dir(dir.path(), "plain").exists(), "not journaled");
+        let mut seen = Vec::new();
+        scan(&topic, 100..=199, 1_150..=i64::MAX, |e| {
+            seen.push(e.seq);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, (150..200).collect::<Vec<_>>());
+        let held = span(&topic).unwrap().unwrap();
+        assert_eq!((held.first_seq, held.last_seq, held.records), (0, 499, 500));
+
+        // A crash mid-write leaves half an entry: it is cut off when the journal reopens, and
+        // the run's numbers begin after the last whole record.
+        let segment = &segments(&topic).unwrap()[0];
+        let mut file = OpenOptions::new().append(true).open(&segment.path).unwrap();
+        file.write_all(&[0, 0, 1, 0, 9, 9]).unwrap();
+        drop(file);
+        let (thread, handle, next) = writer(dir.path(), BIG);
+        assert_eq!(next, vec![500, 0]);
+        handle.append(0, record("a/b", 500, 2_000));
+        drop(handle);
+        thread.join().unwrap();
+        assert_eq!(span(&topic).unwrap().unwrap().records, 501);
+    }
+
+    #[test]
+    fn the_budget_drops_the_oldest_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 1 MiB (the smallest), at most 3 MiB in all.
+        let budget = Budget {
+            max_bytes: 3 << 20,
+            max_age: Duration::from_secs(3600),
+        };
+        let (thread, handle, _) = writer(dir.path(), budget);
+        let now = diode_common::unix_time_us();
+        for seq in 0..3000 {
+            handle.append(0, record("a/b", seq, now));
+            if seq % 200 == 0 {
+                // Let the writer keep up: a full queue would drop records, not test the budget.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(handle);
+        thread.join().unwrap();
+        let topic = topic_dir(dir.path(), "a/b");
+        let held = span(&topic).unwrap().unwrap();
+        assert!(held.bytes <= (3 << 20) + (1 << 20), "{held:?}");
+        assert!(held.first_seq > 0 && held.last_seq == 2999, "{held:?}");
+    }
+
+    #[test]
+    fn sequence_numbers_go_on_and_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["a".to_owned(), "b".to_owned()];
+        let (sequences, first) = Sequences::open(dir.path(), &names, &[0, 0]).unwrap();
+        assert_eq!(first, vec![0, 0]);
+        let shared = SharedSequences::new(sequences);
+        let now = Instant::now();
+        // Out of reservation: made at once; then asked ahead, in the background.
+        shared.ensure(0, 0, now).unwrap();
+        for next in 0..MIN_RESERVATION {
+            shared.ensure(0, next, now).unwrap();
+        }
+        shared.extend_wanted(now).unwrap();
+        // A crash now: the next run starts past everything reserved.
+        let (_, after_crash) = Sequences::open(dir.path(), &names, &[0, 0]).unwrap();
+        assert!(after_crash[0] >= MIN_RESERVATION, "{after_crash:?}");
+        // A clean stop: exactly where it was; a topic taken out of the configuration keeps
+        // its number; the journal's own end is a floor.
+        shared.close(&[70, 3]).unwrap();
+        let (sequences, first) = Sequences::open(dir.path(), &names[..1], &[0]).unwrap();
+        assert_eq!(first, vec![70]);
+        SharedSequences::new(sequences).close(&[80]).unwrap();
+        let (_, first) = Sequences::open(dir.path(), &names, &[0, 10]).unwrap();
+        assert_eq!(first, vec![80, 10]);
     }
 }

@@ -270,7 +270,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 /// Opens the journal, starts its writer and the replayer, and returns the link thread's end.
 fn start_journal(
     dir: &std::path::Path,
-    (writer, handle, sequences): (
+    (mut writer, handle, sequences): (
         journal::JournalWriter,
         journal::JournalHandle,
         journal::Sequences,
@@ -281,6 +281,8 @@ fn start_journal(
     metrics: &SenderMetrics,
     shutdown: &Shutdown,
 ) -> Result<link::LinkJournal, StartError> {
+    let sequences = journal::SharedSequences::new(sequences);
+    writer.sequences = Some(sequences.clone());
     let writer = std::thread::Builder::new()
         .name("diode-journal".into())
         .spawn(move || writer.run())

@@ -41,7 +41,7 @@ pub struct LinkJournal {
     /// Topic names by index, as the journal's records carry them.
     pub names: Vec<std::sync::Arc<str>>,
     pub handle: crate::journal::JournalHandle,
-    pub sequences: crate::journal::Sequences,
+    pub sequences: crate::journal::SharedSequences,
     pub replay: flume::Receiver<crate::replay::Replayed>,
     /// Joined at the end, so the journal is synced before the sender says it has stopped.
     pub writer: Option<std::thread::JoinHandle<()>>,
@@ -154,11 +154,11 @@ impl LinkThread {
             let retry = journal
                 .reserve_failed
                 .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
-            if !journal.sequences.covers(topic, next) && retry {
+            if retry {
                 // Synced before the number is used: a crash can skip numbers, never reuse one.
                 // If the disk refuses, records still flow (the plant's data comes first), but
                 // a crash before it recovers may reuse numbers: said loudly, once a second.
-                match journal.sequences.reserve(topic, next, now) {
+                match journal.sequences.ensure(topic, next, now) {
                     Ok(()) => journal.reserve_failed = None,
                     Err(e) => {
                         journal.reserve_failed = Some(now);
