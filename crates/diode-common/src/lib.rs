@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod net;
 pub mod shutdown;
+pub mod status;
 pub mod throttle;
 
 pub use shutdown::Shutdown;

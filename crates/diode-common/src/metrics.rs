@@ -1,4 +1,5 @@
-//! The Prometheus endpoint: `GET /metrics` in the OpenMetrics text format.
+//! The metrics listener: `GET /metrics` in the OpenMetrics text format, and the status page
+//! (`/` and `/status.json`, see `status.rs`). Read-only: GET is all it answers.
 //!
 //! One registry per service instance (not a global), so a demo can run both services in one
 //! process without mixing their figures.
@@ -11,6 +12,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::status::{self, Board};
 use crate::Shutdown;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -22,10 +24,24 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve(
     listen: SocketAddr,
     registry: Arc<Registry>,
+    board: Arc<Board>,
     shutdown: Shutdown,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
+    {
+        // The charts' history: a sample every step, from the start.
+        let (board, shutdown) = (board.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(status::HISTORY_STEP);
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tick.tick() => board.sample(),
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = tokio::select! {
@@ -40,6 +56,7 @@ pub async fn serve(
                 },
             };
             let registry = registry.clone();
+            let board = board.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
                     let mut request = Vec::with_capacity(512);
@@ -52,7 +69,7 @@ pub async fn serve(
                             Ok(n) => request.extend_from_slice(&chunk[..n]),
                         }
                     }
-                    let response = respond(&request, &registry);
+                    let response = respond(&request, &registry, &board);
                     let _ = stream.write_all(&response).await;
                     let _ = stream.shutdown().await;
                 })
@@ -63,7 +80,7 @@ pub async fn serve(
     Ok(local)
 }
 
-fn respond(request: &[u8], registry: &Registry) -> Vec<u8> {
+fn respond(request: &[u8], registry: &Registry, board: &Board) -> Vec<u8> {
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (
@@ -85,8 +102,13 @@ fn respond(request: &[u8], registry: &Registry) -> Vec<u8> {
         }
         (b"GET", b"/") => (
             "200 OK",
-            "text/plain",
-            "diode: metrics at /metrics\n".into(),
+            "text/html; charset=utf-8",
+            status::html(&board.status()),
+        ),
+        (b"GET", b"/status.json") => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&board.status()).unwrap_or_default(),
         ),
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
@@ -105,6 +127,13 @@ mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
 
+    static LAYOUT: status::Layout = status::Layout {
+        service: "test",
+        summary: &[],
+        tables: &[],
+        charts: &[],
+    };
+
     #[tokio::test]
     async fn serves_metrics() {
         let mut registry = Registry::default();
@@ -112,9 +141,11 @@ mod tests {
         registry.register("diode_things", "Things", counter.clone());
         counter.inc_by(3);
         let shutdown = Shutdown::new();
+        let registry = Arc::new(registry);
         let addr = serve(
             "127.0.0.1:0".parse().unwrap(),
-            Arc::new(registry),
+            registry.clone(),
+            Board::new(&LAYOUT, registry),
             shutdown.clone(),
         )
         .await

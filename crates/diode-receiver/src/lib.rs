@@ -95,9 +95,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     let mut registry = Registry::default();
     let metrics = ReceiverMetrics::new(&mut registry);
     let registry = Arc::new(registry);
+    let board = diode_common::status::Board::new(&metrics::STATUS, registry.clone());
     let metrics_addr = match loaded.metrics_listen {
         Some(addr) => Some(
-            diode_common::metrics::serve(addr, registry.clone(), shutdown.clone())
+            diode_common::metrics::serve(addr, registry.clone(), board.clone(), shutdown.clone())
                 .await
                 .map_err(|source| StartError::Bind {
                     what: "the metrics endpoint".into(),
@@ -164,6 +165,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         events: events::Events::new(router, metrics.clone(), link.max_topics),
         metrics,
         shutdown,
+        board,
     };
     // When the loop ends it drops the route queues, which lets the sinks drain and stop.
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;

@@ -32,6 +32,8 @@ pub struct LinkThread {
     pub events: Events,
     pub metrics: ReceiverMetrics,
     pub shutdown: Shutdown,
+    /// The status page: what the metrics cannot say (session, open gaps), set once a second.
+    pub board: std::sync::Arc<diode_common::status::Board>,
 }
 
 /// Per-loop state that is not configuration.
@@ -155,6 +157,7 @@ impl LinkThread {
         if now >= scratch.next_gauges {
             scratch.next_gauges = now + GAUGE_INTERVAL;
             self.save_state();
+            self.update_board();
             self.metrics
                 .gaps_open
                 .set(self.reassembler.open_gap_count() as i64);
@@ -175,6 +178,36 @@ impl LinkThread {
                 }
             }
         }
+    }
+
+    fn update_board(&self) {
+        let gaps: Vec<_> = self
+            .reassembler
+            .open_gaps()
+            .into_iter()
+            .map(|(topic, g)| (topic, g.first_seq, g.last_seq, g.after_us, g.before_us))
+            .collect();
+        let (gaps, gaps_total) = diode_common::status::gap_lines(&gaps);
+        let session = self
+            .reassembler
+            .session_id()
+            .map_or("none yet".to_owned(), |id| format!("{id:016x}"));
+        let facts = vec![
+            ("Sender session".to_owned(), session),
+            (
+                "State file".to_owned(),
+                self.state_file
+                    .as_ref()
+                    .map_or("none: gaps are not kept across restarts".into(), |p| {
+                        p.display().to_string()
+                    }),
+            ),
+        ];
+        self.board.set_notes(diode_common::status::Notes {
+            facts,
+            gaps,
+            gaps_total,
+        });
     }
 
     /// Writes the replay floor, the topics' marks and the open gaps when they moved (once a

@@ -320,3 +320,131 @@ pub struct TopicCounters {
     pub lost: Counter,
     pub recovered: Counter,
 }
+
+/// The receiver's status page (`/`, `/status.json`): what an IT operator looks at first.
+pub static STATUS: diode_common::status::Layout = {
+    use diode_common::status::{Chart, Figure, Layout, Table, Unit};
+    const fn fig(label: &'static str, metric: &'static str, unit: Unit) -> Figure {
+        Figure {
+            label,
+            metric,
+            unit,
+            bad_above: None,
+            bad_below: None,
+        }
+    }
+    const fn bad_if_any(label: &'static str, metric: &'static str) -> Figure {
+        Figure {
+            bad_above: Some(0.0),
+            ..fig(label, metric, Unit::Count)
+        }
+    }
+    Layout {
+        service: "diode-recv",
+        summary: &[
+            Figure {
+                bad_below: Some(1.0),
+                ..fig("Link", "diode_link_up", Unit::UpDown)
+            },
+            Figure {
+                bad_above: Some(5.0),
+                ..fig(
+                    "Last heartbeat",
+                    "diode_last_heartbeat_seconds",
+                    Unit::Since,
+                )
+            },
+            fig("Records delivered", "diode_records_out_total", Unit::Count),
+            fig("Records lost", "diode_records_lost_total", Unit::Count),
+            fig(
+                "Recovered late",
+                "diode_records_recovered_total",
+                Unit::Count,
+            ),
+            bad_if_any("Open gaps", "diode_gaps_open"),
+            fig(
+                "Blocks repaired",
+                "diode_blocks_recovered_total",
+                Unit::Count,
+            ),
+            fig("Blocks lost", "diode_blocks_lost_total", Unit::Count),
+            fig(
+                "Datagrams rejected",
+                "diode_datagrams_rejected_total",
+                Unit::Count,
+            ),
+            bad_if_any("Kernel drops", "diode_kernel_udp_rcvbuf_errors_total"),
+            bad_if_any(
+                "Dropped at the sender",
+                "diode_sender_records_dropped_total",
+            ),
+            fig(
+                "Sender source errors",
+                "diode_sender_source_errors_total",
+                Unit::Count,
+            ),
+            bad_if_any("Dropped at sinks", "diode_sink_dropped_total"),
+        ],
+        tables: &[
+            Table {
+                title: "Topics",
+                label: "topic",
+                columns: &[
+                    ("delivered", "diode_records_out_total"),
+                    ("lost", "diode_records_lost_total"),
+                    ("recovered late", "diode_records_recovered_total"),
+                    (
+                        "dropped at the sender",
+                        "diode_sender_records_dropped_total",
+                    ),
+                ],
+                only_nonzero: false,
+            },
+            Table {
+                title: "Routes",
+                label: "route",
+                columns: &[
+                    ("delivered", "diode_sink_delivered_total"),
+                    ("dropped", "diode_sink_dropped_total"),
+                    ("dead letters", "diode_sink_dead_letters_total"),
+                    ("errors", "diode_sink_errors_total"),
+                    ("queued bytes", "diode_sink_queue_bytes"),
+                    ("disk backlog bytes", "diode_sink_backlog_bytes"),
+                ],
+                only_nonzero: false,
+            },
+            Table {
+                title: "Datagrams rejected",
+                label: "reason",
+                columns: &[("datagrams", "diode_datagrams_rejected_total")],
+                only_nonzero: true,
+            },
+        ],
+        charts: &[
+            Chart {
+                title: "Records delivered",
+                metric: "diode_records_out_total",
+                scale: 1.0,
+                unit: "records/s",
+            },
+            Chart {
+                title: "Datagrams received",
+                metric: "diode_datagrams_received_total",
+                scale: 1.0,
+                unit: "datagrams/s",
+            },
+            Chart {
+                title: "Link rate (the sender's count)",
+                metric: "diode_sender_link_bytes_sent_total",
+                scale: 8e-6,
+                unit: "Mb/s",
+            },
+            Chart {
+                title: "Records lost",
+                metric: "diode_records_lost_total",
+                scale: 1.0,
+                unit: "records/s",
+            },
+        ],
+    }
+};

@@ -195,9 +195,33 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     socket.set_nonblocking(false).map_err(link_socket_error)?;
 
     let registry = Arc::new(registry);
+    let board = diode_common::status::Board::new(&metrics::STATUS, registry.clone());
+    board.set_notes(diode_common::status::Notes {
+        facts: vec![
+            ("Session".into(), format!("{session_id:016x}")),
+            ("Destination".into(), loaded.destination.to_string()),
+            ("Link ceiling".into(), format!("{} Mb/s", link.rate_mbps)),
+            (
+                "Authentication".into(),
+                match (&loaded.key, link.encrypt) {
+                    (None, _) => "none".into(),
+                    (Some(_), false) => "HMAC-SHA256".into(),
+                    (Some(_), true) => "HMAC-SHA256, AES-256-GCM".into(),
+                },
+            ),
+            (
+                "Journal".into(),
+                loaded
+                    .journal_dir
+                    .as_ref()
+                    .map_or("none".into(), |d| d.display().to_string()),
+            ),
+        ],
+        ..Default::default()
+    });
     let metrics_addr = match loaded.metrics_listen {
         Some(addr) => Some(
-            diode_common::metrics::serve(addr, registry.clone(), shutdown.clone())
+            diode_common::metrics::serve(addr, registry.clone(), board.clone(), shutdown.clone())
                 .await
                 .map_err(|source| StartError::Bind {
                     what: "the metrics endpoint".into(),

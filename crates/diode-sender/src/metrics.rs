@@ -277,3 +277,97 @@ impl SenderMetrics {
         }
     }
 }
+
+/// The sender's status page (`/`, `/status.json`).
+pub static STATUS: diode_common::status::Layout = {
+    use diode_common::status::{Chart, Figure, Layout, Table, Unit};
+    const fn fig(label: &'static str, metric: &'static str, unit: Unit) -> Figure {
+        Figure {
+            label,
+            metric,
+            unit,
+            bad_above: None,
+            bad_below: None,
+        }
+    }
+    Layout {
+        service: "diode-send",
+        summary: &[
+            fig(
+                "Session started",
+                "diode_session_start_seconds",
+                Unit::Since,
+            ),
+            fig("Records in", "diode_records_in_total", Unit::Count),
+            Figure {
+                bad_above: Some(0.0),
+                ..fig(
+                    "Records dropped",
+                    "diode_records_dropped_total",
+                    Unit::Count,
+                )
+            },
+            fig("Source errors", "diode_source_errors_total", Unit::Count),
+            fig(
+                "Source connections",
+                "diode_source_connections",
+                Unit::Count,
+            ),
+            fig("Datagrams sent", "diode_datagrams_sent_total", Unit::Count),
+            fig(
+                "Link bytes sent",
+                "diode_link_bytes_sent_total",
+                Unit::Bytes,
+            ),
+            fig(
+                "Queued for the link",
+                "diode_encoder_queued_bytes",
+                Unit::Bytes,
+            ),
+            fig("Journal", "diode_journal_bytes", Unit::Bytes),
+            Figure {
+                bad_above: Some(0.0),
+                ..fig(
+                    "Not journaled",
+                    "diode_journal_records_dropped_total",
+                    Unit::Count,
+                )
+            },
+            fig("Replayed", "diode_replayed_records_total", Unit::Count),
+        ],
+        tables: &[Table {
+            title: "Topics",
+            label: "topic",
+            columns: &[
+                ("records in", "diode_records_in_total"),
+                ("dropped", "diode_records_dropped_total"),
+                ("source errors", "diode_source_errors_total"),
+                ("connections", "diode_source_connections"),
+                ("polls", "diode_source_polls_total"),
+                ("journal bytes", "diode_journal_bytes"),
+                ("journal span s", "diode_journal_span_seconds"),
+            ],
+            only_nonzero: false,
+        }],
+        charts: &[
+            Chart {
+                title: "Records in",
+                metric: "diode_records_in_total",
+                scale: 1.0,
+                unit: "records/s",
+            },
+            Chart {
+                title: "Link rate",
+                metric: "diode_link_bytes_sent_total",
+                scale: 8e-6,
+                unit: "Mb/s",
+            },
+            Chart {
+                title: "Records dropped",
+                metric: "diode_records_dropped_total",
+                scale: 1.0,
+                unit: "records/s",
+            },
+        ],
+    }
+};
