@@ -220,7 +220,9 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
         out.join("demo.log").display()
     );
     if let (Some(s), Some(r)) = (sender.metrics_addr, receiver.metrics_addr) {
-        println!("status pages, live while the demo runs: http://{s}/ (sender), http://{r}/ (receiver)");
+        println!(
+            "status pages, live while the demo runs: http://{s}/ (sender), http://{r}/ (receiver)"
+        );
         println!("metrics: http://{s}/metrics (sender), http://{r}/metrics (receiver)");
     }
     if let Some((host, port)) = args.mqtt_listen.rsplit_once(':') {

@@ -88,6 +88,15 @@ pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
+/// This host's name as syslog headers carry it (RFC 5424 §6.2.4), `-` when it has none usable.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty() && h.is_ascii() && !h.contains(' '))
+        .unwrap_or_else(|| "-".into())
+}
+
 #[cfg(test)]
 mod shell_quote_tests {
     #[test]

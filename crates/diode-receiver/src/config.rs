@@ -19,6 +19,10 @@ pub struct ReceiverConfig {
     pub metrics: Option<MetricsConfig>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// The receiver's own security events (rejected datagrams, sessions, link down and up,
+    /// losses: docs/operations.md) also as RFC 5424 messages to a SIEM, besides the log.
+    #[serde(default)]
+    pub security_events: Option<crate::sinks::syslog::SyslogConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +82,8 @@ pub struct Loaded {
     pub metrics_listen: Option<SocketAddr>,
     /// `link.state_file`, resolved against the config file's directory.
     pub state_file: Option<PathBuf>,
+    /// The index in `routes` of the internal route of the security events, if configured.
+    pub security_route: Option<usize>,
     /// `link.allowed_sources`, parsed.
     pub allowed_sources: Vec<diode_common::net::SourceFilter>,
 }
@@ -171,7 +177,29 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         let checked = route.check(&scope, i, &site, &routes)?;
         routes.push(checked);
     }
+    // The security events go through a route of their own, which no topic matches: the
+    // syslog sink's queue, reconnection and framing, and the route's metrics.
+    let security_route = match &config.security_events {
+        Some(settings) => {
+            let scope = ConfigScope::new(&source, "security_events").with_site(site);
+            let checked = settings.check(&scope)?;
+            routes.push(Route {
+                name: "security-events".into(),
+                filters: Vec::new(),
+                sink: crate::sinks::CheckedSink {
+                    kind: "syslog",
+                    settings: std::sync::Arc::new(checked),
+                },
+                queue_bytes: 1 << 20,
+                buffer: None,
+                dead_letter: (None, 0),
+            });
+            Some(routes.len() - 1)
+        }
+        None => None,
+    };
     Ok(Loaded {
+        security_route,
         config,
         listen,
         routes,

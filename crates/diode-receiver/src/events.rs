@@ -20,6 +20,7 @@ pub struct Events {
     sender: SenderView,
     losses: LossLog,
     max_topics: usize,
+    pub security: crate::security::SecurityEvents,
 }
 
 /// The sender's cumulative counters as last seen, to turn them into increments.
@@ -151,7 +152,12 @@ fn log_blocks(session: u64, first_block: u64, last_block: u64, blocks: u64) {
 }
 
 impl Events {
-    pub fn new(router: Router, metrics: ReceiverMetrics, max_topics: usize) -> Events {
+    pub fn new(
+        router: Router,
+        metrics: ReceiverMetrics,
+        max_topics: usize,
+        security: crate::security::SecurityEvents,
+    ) -> Events {
         Events {
             router,
             metrics,
@@ -159,7 +165,24 @@ impl Events {
             sender: SenderView::default(),
             losses: LossLog::default(),
             max_topics,
+            security,
         }
+    }
+
+    /// A security event (security.rs), as a log line and to the SIEM when configured.
+    pub fn security_event(&mut self, kind: crate::security::Kind, message: String) {
+        self.security.emit(&mut self.router, kind, message);
+    }
+
+    /// Rejections and losses since the last report, aggregated (security.rs).
+    pub fn security_tick(
+        &mut self,
+        now: Instant,
+        stats: &diode_wire::ReassemblerStats,
+        refused_source: u64,
+    ) {
+        self.security
+            .tick(&mut self.router, now, stats, refused_source);
     }
 
     /// Logs what loss lines were folded, as far as the budget allows, and hands the routes
@@ -212,13 +235,32 @@ impl Events {
                                 folded,
                                 "the sender restarted: new session"
                             );
+                            let message = format!(
+                                "new sender session {session_id:016x} replaced {previous:016x} \
+                                 (stopped cleanly: {stopped_cleanly}; {folded} more since the last)"
+                            );
+                            self.security.emit(
+                                &mut self.router,
+                                crate::security::Kind::Session,
+                                message,
+                            );
                         }
                     }
-                    None => tracing::info!(
-                        session = format_args!("{session_id:016x}"),
-                        mid_stream,
-                        "receiving session"
-                    ),
+                    None => {
+                        tracing::info!(
+                            session = format_args!("{session_id:016x}"),
+                            mid_stream,
+                            "receiving session"
+                        );
+                        let message = format!(
+                            "sender session {session_id:016x} (joined mid-stream: {mid_stream})"
+                        );
+                        self.security.emit(
+                            &mut self.router,
+                            crate::security::Kind::Session,
+                            message,
+                        );
+                    }
                 }
             }
             Event::Heartbeat(heartbeat) => {
@@ -231,14 +273,26 @@ impl Events {
             Event::LinkUp => {
                 tracing::info!("link up");
                 self.metrics.link_up.set(1);
+                self.security.emit(
+                    &mut self.router,
+                    crate::security::Kind::LinkUp,
+                    "link up".into(),
+                );
             }
             Event::LinkDown => {
-                if losses.sender_stopping {
+                let message = if losses.sender_stopping {
                     tracing::info!("link quiet: the sender stopped cleanly");
+                    "link quiet: the sender stopped cleanly"
                 } else {
                     tracing::warn!("link down: no datagram for four heartbeat intervals");
-                }
+                    "link down: no datagram for four heartbeat intervals"
+                };
                 self.metrics.link_up.set(0);
+                self.security.emit(
+                    &mut self.router,
+                    crate::security::Kind::LinkDown,
+                    message.into(),
+                );
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod filter;
 pub mod link;
 pub mod metrics;
 pub mod route;
+pub mod security;
 pub mod sinks;
 pub mod state;
 
@@ -109,6 +110,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         None => None,
     };
 
+    let configured_routes = loaded.config.routes.len();
     let (router, sinks) = route::Router::start(loaded.routes, &metrics)?;
 
     let mut reassembler = Reassembler::new(ReassemblerConfig {
@@ -162,7 +164,28 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         allowed_sources: loaded.allowed_sources.clone(),
         socket,
         udp,
-        events: events::Events::new(router, metrics.clone(), link.max_topics),
+        events: {
+            let mut events = events::Events::new(
+                router,
+                metrics.clone(),
+                link.max_topics,
+                security::SecurityEvents::new(loaded.security_route),
+            );
+            let message = format!(
+                "started: listening on {link_addr}, {} routes, link authenticated: {}, \
+                 allowed sources: {}",
+                configured_routes,
+                !loaded.keys.is_empty(),
+                if loaded.allowed_sources.is_empty() {
+                    "any".to_owned()
+                } else {
+                    format!("{}", loaded.allowed_sources.len())
+                }
+            );
+            events.security_event(security::Kind::Config, message);
+            events.router.flush();
+            events
+        },
         metrics,
         shutdown,
         board,
@@ -211,7 +234,17 @@ pub fn describe(loaded: &Loaded) -> String {
     if let Some(m) = &loaded.config.metrics {
         out += &format!("metrics: http://{}/metrics\n", m.listen);
     }
-    out += &format!("routes ({}):\n", loaded.routes.len());
+    out += &match &loaded.config.security_events {
+        Some(siem) => format!(
+            "security events: the log (target diode::security) and {} (MSGID DIODE_*, \
+             docs/operations.md)\n",
+            crate::sinks::SinkSettings::describe(siem)
+        ),
+        None => "security events: the log only (target diode::security; [security_events] \
+                 sends them to a SIEM)\n"
+            .to_owned(),
+    };
+    out += &format!("routes ({}):\n", loaded.config.routes.len());
     for (route, raw) in loaded.routes.iter().zip(&loaded.config.routes) {
         let sink = route.sink.settings.describe();
         out += &format!("  {:<10} {} -> {sink}\n", route.name, raw.topics.join(", "));

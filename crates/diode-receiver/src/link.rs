@@ -38,6 +38,8 @@ pub struct LinkThread {
 
 /// Per-loop state that is not configuration.
 struct Scratch {
+    /// Datagrams refused for their source address (`allowed_sources`).
+    refused_source: prometheus_client::metrics::counter::Counter,
     last_stats: ReassemblerStats,
     rcvbuf_seen: u64,
     next_gauges: Instant,
@@ -77,11 +79,6 @@ impl LinkThread {
             .map(|_| vec![0u8; (segments * 1500).max(65_536)])
             .collect();
         let mut metas = vec![RecvMeta::default(); BATCH_SIZE];
-        let mut scratch = Scratch {
-            last_stats: ReassemblerStats::default(),
-            rcvbuf_seen: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
-            next_gauges: Instant::now(),
-        };
         let shutdown = self.shutdown.clone();
         let refused_source =
             self.metrics
@@ -89,6 +86,12 @@ impl LinkThread {
                 .get_or_create_owned(&crate::metrics::ReasonLabels {
                     reason: "source".to_owned(),
                 });
+        let mut scratch = Scratch {
+            refused_source: refused_source.clone(),
+            last_stats: ReassemblerStats::default(),
+            rcvbuf_seen: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
+            next_gauges: Instant::now(),
+        };
         loop {
             let wake = self
                 .reassembler
@@ -158,6 +161,9 @@ impl LinkThread {
             scratch.next_gauges = now + GAUGE_INTERVAL;
             self.save_state();
             self.update_board();
+            let refused = scratch.refused_source.get();
+            self.events
+                .security_tick(now, self.reassembler.stats(), refused);
             self.metrics
                 .gaps_open
                 .set(self.reassembler.open_gap_count() as i64);

@@ -307,6 +307,24 @@ impl Router {
         }
     }
 
+    /// Adds a record to route `index` alone, whatever its filters (the internal route of the
+    /// security events); dropped, counted, when its queue is full.
+    pub fn push(&mut self, index: usize, record: &Record) {
+        let Some(route) = self.routes.get_mut(index) else {
+            return;
+        };
+        let cost = record.payload.len() + QUEUED_RECORD_OVERHEAD_BYTES;
+        match route.budget.try_acquire(cost) {
+            Some(budget) => route.pending.push(Queued {
+                record: record.clone(),
+                _budget: budget,
+            }),
+            None => {
+                route.metrics.dropped.inc();
+            }
+        }
+    }
+
     /// Hands each route what this pass gave it, in one delivery.
     pub fn flush(&mut self) {
         for route in &mut self.routes {

@@ -62,11 +62,7 @@ pub struct SyslogSink {
 
 impl SyslogSink {
     fn new(target: String, protocol: SyslogProtocol) -> SyslogSink {
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .ok()
-            .filter(|h| !h.is_empty() && h.is_ascii() && !h.contains(' '))
-            .unwrap_or_else(|| "-".into());
+        let hostname = diode_common::hostname();
         SyslogSink {
             target,
             protocol,
