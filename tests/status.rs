@@ -149,7 +149,7 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
         );
     }
     assert!(
-        page.contains("class=\"card bad\""),
+        page.contains("<div class=\"card bad\" data-metric=\"diode_gaps_open\">"),
         "an open gap is shown as a problem"
     );
     assert!(!page.contains("<script"), "no script on a read-only page");

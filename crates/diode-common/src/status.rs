@@ -148,26 +148,50 @@ fn samples(registry: &Registry) -> Vec<Sample> {
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter_map(|pair| {
-                    let (k, v) = pair.split_once('=')?;
-                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
-                })
-                .collect();
-            Some(Sample {
+        .filter_map(parse_sample)
+        .collect()
+}
+
+/// One line of the exposition text: `name{k="v",...} value`, label values unescaped (`\\`,
+/// `\"`, `\n`): a topic may hold commas, quotes and equals signs.
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (name, mut rest) = match line.find('{') {
+        Some(at) => (&line[..at], &line[at + 1..]),
+        None => {
+            let (name, value) = line.split_once(' ')?;
+            return Some(Sample {
+                name: name.to_owned(),
+                labels: BTreeMap::new(),
+                value: value.trim().parse().ok()?,
+            });
+        }
+    };
+    let mut labels = BTreeMap::new();
+    loop {
+        rest = rest.trim_start_matches(',');
+        if let Some(after) = rest.strip_prefix('}') {
+            return Some(Sample {
                 name: name.to_owned(),
                 labels,
-                value: value.parse().ok()?,
-            })
-        })
-        .collect()
+                value: after.trim().split(' ').next()?.parse().ok()?,
+            });
+        }
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.insert(key.to_owned(), value);
+        rest = &after[end + 1..];
+    }
 }
 
 fn total(samples: &[Sample], name: &str) -> f64 {
@@ -295,8 +319,15 @@ impl Board {
     }
 }
 
-/// The newest open gaps as the page lists them, with the command that replays each.
+/// The newest open gaps (by when their records were taken in) as the page lists them, with
+/// the command that replays each. Only those shown are formatted.
 pub fn gap_lines(gaps: &[(impl AsRef<str>, u64, u64, i64, i64)]) -> (Vec<GapLine>, usize) {
+    let mut newest: Vec<usize> = (0..gaps.len()).collect();
+    if newest.len() > MAX_GAP_LINES {
+        newest.select_nth_unstable_by_key(MAX_GAP_LINES, |&i| std::cmp::Reverse(gaps[i].4));
+        newest.truncate(MAX_GAP_LINES);
+    }
+    newest.sort_by_key(|&i| std::cmp::Reverse(gaps[i].4));
     let time = |us: i64| {
         if us == 0 {
             "unknown".to_owned()
@@ -304,13 +335,14 @@ pub fn gap_lines(gaps: &[(impl AsRef<str>, u64, u64, i64, i64)]) -> (Vec<GapLine
             crate::format_rfc3339_us(us)
         }
     };
-    let mut lines: Vec<GapLine> = gaps
-        .iter()
+    let lines: Vec<GapLine> = newest
+        .into_iter()
+        .map(|i| &gaps[i])
         .map(|(topic, first, last, after, before)| GapLine {
             topic: topic.as_ref().to_owned(),
             first_seq: *first,
             last_seq: *last,
-            records: (last - first).saturating_add(1),
+            records: last.saturating_sub(*first).saturating_add(1),
             after: time(*after),
             before: time(*before),
             replay: format!(
@@ -319,14 +351,15 @@ pub fn gap_lines(gaps: &[(impl AsRef<str>, u64, u64, i64, i64)]) -> (Vec<GapLine
             ),
         })
         .collect();
-    lines.sort_by(|a, b| b.before.cmp(&a.before));
-    lines.truncate(MAX_GAP_LINES);
     (lines, gaps.len())
 }
 
 fn count(v: f64) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
     let v = v.round() as i64;
-    let digits = v.abs().to_string();
+    let digits = v.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
         if i > 0 && (digits.len() - i) % 3 == 0 {
@@ -567,6 +600,18 @@ mod tests {
             unit: "/s",
         }],
     };
+
+    #[test]
+    fn label_values_with_commas_quotes_and_escapes_are_read_whole() {
+        let s = parse_sample(r#"diode_x_total{topic="a,b=\"c\"\\d",route="r"} 7"#).unwrap();
+        assert_eq!(s.name, "diode_x_total");
+        assert_eq!(s.labels["topic"], r#"a,b="c"\d"#);
+        assert_eq!(s.labels["route"], "r");
+        assert_eq!(s.value, 7.0);
+        assert_eq!(parse_sample("diode_up 1").unwrap().value, 1.0);
+        assert!(parse_sample(r#"diode_x{topic="unterminated} 1"#).is_none());
+        assert_eq!(count(f64::NEG_INFINITY), "-inf");
+    }
 
     #[test]
     fn the_page_shows_what_the_metrics_say_escaped() {

@@ -55,6 +55,7 @@ pub struct ReceiverMetrics {
     pub sink_errors: Family<RouteLabels, Counter>,
     pub sink_queue_bytes: Family<RouteLabels, Gauge>,
     pub sink_backlog_bytes: Family<RouteLabels, Gauge>,
+    pub sink_buffer_max_bytes: Family<RouteLabels, Gauge>,
 }
 
 impl ReceiverMetrics {
@@ -90,6 +91,7 @@ impl ReceiverMetrics {
             sink_errors: Family::default(),
             sink_queue_bytes: Family::default(),
             sink_backlog_bytes: Family::default(),
+            sink_buffer_max_bytes: Family::default(),
         };
         let r = registry;
         r.register(
@@ -242,6 +244,11 @@ impl ReceiverMetrics {
             "Bytes in a route's disk buffer not yet delivered",
             m.sink_backlog_bytes.clone(),
         );
+        r.register(
+            "diode_sink_buffer_max_bytes",
+            "What the route's disk buffer may hold (buffer_max_bytes; 0 without one)",
+            m.sink_buffer_max_bytes.clone(),
+        );
         // Every reason exists from the start, at 0, so alerts can be written against it.
         for reason in Rejected::ALL {
             let _ = m.datagrams_rejected.get_or_create(&ReasonLabels {
@@ -295,6 +302,7 @@ impl ReceiverMetrics {
             errors: self.sink_errors.get_or_create_owned(&labels),
             queue: self.sink_queue_bytes.get_or_create_owned(&labels),
             backlog: self.sink_backlog_bytes.get_or_create_owned(&labels),
+            buffer_max: self.sink_buffer_max_bytes.get_or_create_owned(&labels),
             budget,
         }
     }
@@ -310,6 +318,8 @@ pub struct RouteMetrics {
     pub queue: Gauge,
     /// Bytes in the route's disk buffer not yet delivered.
     pub backlog: Gauge,
+    /// What the route's disk buffer may hold (0: none), for "nearly full" alerts.
+    pub buffer_max: Gauge,
     pub budget: diode_common::budget::ByteBudget,
 }
 
@@ -410,6 +420,7 @@ pub static STATUS: diode_common::status::Layout = {
                     ("errors", "diode_sink_errors_total"),
                     ("queued bytes", "diode_sink_queue_bytes"),
                     ("disk backlog bytes", "diode_sink_backlog_bytes"),
+                    ("disk buffer bytes", "diode_sink_buffer_max_bytes"),
                 ],
                 only_nonzero: false,
             },

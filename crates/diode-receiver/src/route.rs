@@ -226,6 +226,9 @@ impl Router {
             let (tx, rx) = flume::unbounded();
             let budget = ByteBudget::new(route.queue_bytes);
             let route_metrics = metrics.route(&route.name, budget.clone());
+            if let Some((_, max_bytes, _)) = &route.buffer {
+                route_metrics.buffer_max.set(*max_bytes as i64);
+            }
             let buffer = match &route.buffer {
                 Some((dir, max_bytes, policy)) => {
                     let buffer = DiskBuffer::open(dir, *max_bytes, *policy).map_err(|source| {
