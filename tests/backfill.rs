@@ -269,3 +269,43 @@ fn a_sender_restart_keeps_the_journal_and_its_numbers() {
     assert_eq!(sessions.len(), 2, "{sessions:?}");
     pair.assert_one_way();
 }
+
+/// Without a journal, `link.state_file` alone keeps the numbers: a sender restart goes on from
+/// where it stopped, so (topic, seq) names one record across runs, and the receiver calls
+/// nothing lost.
+#[test]
+fn a_sender_state_file_keeps_the_numbers_without_a_journal() {
+    let tcp = free_port();
+    let topics = format!(
+        "[[topic]]\nname = \"{TOPIC}\"\n\
+         source = {{ kind = \"tcp\", listen = \"127.0.0.1:{tcp}\", framing = \"lines\" }}\n"
+    );
+    let mut pair = Pair::start_with(
+        RelayConfig::default(),
+        &topics,
+        FILE_ROUTE,
+        tempfile::tempdir().unwrap(),
+        "state_file = \"sender.state\"",
+        "",
+    );
+    let out = pair.path("out/records.jsonl");
+    feed(tcp, 0, 500, 5_000);
+    wait_for_all(&out, 500, &pair);
+    pair.restart_sender(false);
+    assert!(wait_for(Duration::from_secs(10), || TcpStream::connect(
+        loopback(tcp)
+    )
+    .is_ok()));
+    feed(tcp, 500, 1_000, 5_000);
+    wait_for_all(&out, 1_000, &pair);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_exactly_once(&out, 1_000, 0);
+    let seqs: Vec<u64> = read_jsonl(&out)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..1_000).collect::<Vec<_>>());
+    assert_eq!(pair.receiver.metric("diode_records_lost_total", &[]), 0.0);
+    assert!(pair.path("sender.state").exists());
+    pair.assert_one_way();
+}

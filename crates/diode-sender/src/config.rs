@@ -156,6 +156,11 @@ pub struct LinkConfig {
     /// Largest record accepted from any source.
     #[serde(default = "default_usize::<{ 16 << 20 }>")]
     pub max_record_bytes: usize,
+    /// Keeps each topic's next sequence number (relative to this file), so that a restart goes
+    /// on from there and (topic, seq) names one record for the life of the installation. Not
+    /// needed with `[journal]`, which keeps them itself.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,6 +202,8 @@ pub struct Loaded {
     pub journal_dir: Option<PathBuf>,
     /// Each topic's journal budget, in topic order (`None`: not journaled).
     pub journal_budgets: Vec<Option<crate::journal::Budget>>,
+    /// `link.state_file`, resolved, when there is no journal to keep the sequence numbers.
+    pub sequences_file: Option<PathBuf>,
 }
 
 impl LinkConfig {
@@ -343,6 +350,16 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     let destination = source.socket_addr("link.destination", &config.link.destination)?;
     let bind = source.socket_addr("link.bind", &config.link.bind)?;
     let (journal_dir, journal_budgets) = check_journal(&source, &config, &origins)?;
+    let sequences_file = match (&journal_dir, &config.link.state_file) {
+        (None, Some(file)) => {
+            let file = source.resolve(file);
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                source.writable_dir("link.state_file", dir)?;
+            }
+            Some(file)
+        }
+        _ => None,
+    };
     Ok(Loaded {
         config,
         destination,
@@ -353,6 +370,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
         sources,
         journal_dir,
         journal_budgets,
+        sequences_file,
     })
 }
 

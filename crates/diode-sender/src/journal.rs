@@ -698,8 +698,15 @@ impl Sequences {
     /// sequence number for this run: the file's, and never below `floor` (one past what the
     /// topic's journal holds, should the file have been lost).
     pub fn open(dir: &Path, names: &[String], floor: &[u64]) -> io::Result<(Self, Vec<u64>)> {
-        fs::create_dir_all(dir)?;
-        let path = dir.join("sequences");
+        Self::open_file(&dir.join("sequences"), names, floor)
+    }
+
+    /// As `open`, for a sender with no journal: the file alone (`link.state_file`).
+    pub fn open_file(path: &Path, names: &[String], floor: &[u64]) -> io::Result<(Self, Vec<u64>)> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)?;
+        }
+        let path = path.to_owned();
         let mut known: HashMap<String, u64> = HashMap::new();
         match fs::read_to_string(&path) {
             Ok(text) => {

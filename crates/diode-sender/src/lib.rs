@@ -132,9 +132,43 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         }
         _ => None,
     };
-    let first_seqs = opened
-        .as_ref()
-        .map_or_else(|| vec![0; names.len()], |o| o.3.clone());
+    // Without a journal, `link.state_file` alone keeps the numbers; a thread of its own makes
+    // the reservations ahead, as the journal's writer does.
+    let (opened, sequences, first_seqs) = match opened {
+        Some((mut writer, handle, sequences, first)) => {
+            let shared = journal::SharedSequences::new(sequences);
+            writer.sequences = Some(shared.clone());
+            (Some((writer, handle)), Some(shared), first)
+        }
+        None => match &loaded.sequences_file {
+            Some(path) => {
+                let (sequences, first) =
+                    journal::Sequences::open_file(path, &names, &vec![0; names.len()])
+                        .map_err(journal_error(path))?;
+                let shared = journal::SharedSequences::new(sequences);
+                let (reserver, stop) = (shared.clone(), shutdown.clone());
+                std::thread::Builder::new()
+                    .name("diode-sequences".into())
+                    .spawn(move || {
+                        while !stop.is_triggered() {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            if let Err(e) = reserver.extend_wanted(Instant::now()) {
+                                tracing::error!(error = %e, "cannot reserve sequence numbers");
+                            }
+                        }
+                    })
+                    .map_err(StartError::Thread)?;
+                (None, Some(shared), first)
+            }
+            None => {
+                tracing::warn!(
+                    "no link.state_file and no [journal]: sequence numbers start at 0 again with \
+                     each run, so (topic, seq) does not name one record for good"
+                );
+                (None, None, vec![0; names.len()])
+            }
+        },
+    };
 
     let limits = encoder.limits();
     let mut topic_metrics = Vec::new();
@@ -233,9 +267,9 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     };
 
     let journal = match (&loaded.journal_dir, opened, &config.journal) {
-        (Some(dir), Some((writer, handle, sequences, _)), Some(settings)) => Some(start_journal(
+        (Some(dir), Some((writer, handle)), Some(settings)) => Some(start_journal(
             dir,
-            (writer, handle, sequences),
+            (writer, handle),
             settings,
             &loaded.journal_budgets,
             &names,
@@ -263,6 +297,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         shutdown,
         batch: Vec::with_capacity(64 * 1024),
         journal,
+        sequences,
+        reserve_failed: None,
     };
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
 
@@ -294,19 +330,13 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
 /// Opens the journal, starts its writer and the replayer, and returns the link thread's end.
 fn start_journal(
     dir: &std::path::Path,
-    (mut writer, handle, sequences): (
-        journal::JournalWriter,
-        journal::JournalHandle,
-        journal::Sequences,
-    ),
+    (writer, handle): (journal::JournalWriter, journal::JournalHandle),
     settings: &config::JournalConfig,
     budgets: &[Option<journal::Budget>],
     names: &[String],
     metrics: &SenderMetrics,
     shutdown: &Shutdown,
 ) -> Result<link::LinkJournal, StartError> {
-    let sequences = journal::SharedSequences::new(sequences);
-    writer.sequences = Some(sequences.clone());
     let writer = std::thread::Builder::new()
         .name("diode-journal".into())
         .spawn(move || writer.run())
@@ -344,10 +374,8 @@ fn start_journal(
             .map(|n| std::sync::Arc::from(n.as_str()))
             .collect(),
         handle,
-        sequences,
         replay: replay_rx,
         writer: Some(writer),
-        reserve_failed: None,
     })
 }
 
@@ -456,8 +484,14 @@ pub fn describe(loaded: &Loaded) -> String {
                 }
             )
         }
-        _ => "journal: none (records lost on the way cannot be sent again: see docs/backfill.md)\n"
-            .to_owned(),
+        _ => format!(
+            "journal: none (records lost on the way cannot be sent again: see docs/backfill.md); \
+             sequence numbers {}\n",
+            match &loaded.sequences_file {
+                Some(file) => format!("kept in {} across restarts", file.display()),
+                None => "start at 0 with each run (set link.state_file)".into(),
+            }
+        ),
     };
     if let Some(m) = &loaded.config.metrics {
         out += &format!("metrics: http://{}/metrics\n", m.listen);

@@ -33,6 +33,10 @@ pub struct LinkThread {
     /// Datagrams of one GSO send, back to back.
     pub batch: Vec<u8>,
     pub journal: Option<LinkJournal>,
+    /// Sequence numbers kept across restarts (with a journal, or `link.state_file`).
+    pub sequences: Option<crate::journal::SharedSequences>,
+    /// When reserving sequence numbers last failed: retried a second later, not per record.
+    pub reserve_failed: Option<Instant>,
 }
 
 /// The link thread's side of the journal: what it sends goes in, replayed records come out, and
@@ -41,12 +45,9 @@ pub struct LinkJournal {
     /// Topic names by index, as the journal's records carry them.
     pub names: Vec<std::sync::Arc<str>>,
     pub handle: crate::journal::JournalHandle,
-    pub sequences: crate::journal::SharedSequences,
     pub replay: flume::Receiver<crate::replay::Replayed>,
     /// Joined at the end, so the journal is synced before the sender says it has stopped.
     pub writer: Option<std::thread::JoinHandle<()>>,
-    /// When reserving sequence numbers last failed: retried a second later, not per record.
-    pub reserve_failed: Option<Instant>,
 }
 
 /// Datagrams per send: quinn-udp's batch size, and within the kernel's 64 GSO segments.
@@ -149,19 +150,19 @@ impl LinkThread {
 
     fn push(&mut self, now: Instant, ingest: Ingest) {
         let topic = ingest.topic.index();
-        if let Some(journal) = self.journal.as_mut() {
+        if let Some(sequences) = &self.sequences {
             let next = self.encoder.next_seq(ingest.topic).unwrap_or(0);
-            let retry = journal
+            let retry = self
                 .reserve_failed
                 .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
             if retry {
                 // Synced before the number is used: a crash can skip numbers, never reuse one.
                 // If the disk refuses, records still flow (the plant's data comes first), but
                 // a crash before it recovers may reuse numbers: said loudly, once a second.
-                match journal.sequences.ensure(topic, next, now) {
-                    Ok(()) => journal.reserve_failed = None,
+                match sequences.ensure(topic, next, now) {
+                    Ok(()) => self.reserve_failed = None,
                     Err(e) => {
-                        journal.reserve_failed = Some(now);
+                        self.reserve_failed = Some(now);
                         self.metrics.journal_errors.inc();
                         tracing::error!(
                             error = %e,
@@ -237,19 +238,21 @@ impl LinkThread {
 
     /// At a clean stop: the exact next sequence numbers, and the journal synced.
     fn close_journal(&mut self) {
+        if let Some(sequences) = self.sequences.take() {
+            let next: Vec<u64> = (0..self.topics.len())
+                .map(|i| {
+                    self.encoder
+                        .next_seq(diode_wire::TopicId::from_index(i))
+                        .unwrap_or(0)
+                })
+                .collect();
+            if let Err(e) = sequences.close(&next) {
+                tracing::error!(error = %e, "cannot keep the sequence numbers");
+            }
+        }
         let Some(mut journal) = self.journal.take() else {
             return;
         };
-        let next: Vec<u64> = (0..self.topics.len())
-            .map(|i| {
-                self.encoder
-                    .next_seq(diode_wire::TopicId::from_index(i))
-                    .unwrap_or(0)
-            })
-            .collect();
-        if let Err(e) = journal.sequences.close(&next) {
-            tracing::error!(error = %e, "journal: cannot keep the sequence numbers");
-        }
         let writer = journal.writer.take();
         drop(journal);
         if let Some(writer) = writer {
