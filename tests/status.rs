@@ -142,6 +142,11 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
         format!("diode-send replay --topic '{TOPIC}' --seq 2000-2699"),
         format!("<b>{}</b>", grouped(delivered as u64)),
         "<b>up</b>".to_owned(),
+        // What metrics do not hold: the link's state since when, each topic's last record,
+        // each route's sink.
+        "<td>Link</td><td>up since 20".to_owned(),
+        format!("<td>{TOPIC}</td><td>2999</td><td>20"),
+        "<td>0-file</td><td>#</td><td>file".to_owned(),
     ] {
         assert!(
             page.contains(&expected),

@@ -74,6 +74,15 @@ pub struct Notes {
     pub facts: Vec<(String, String)>,
     pub gaps: Vec<GapLine>,
     pub gaps_total: usize,
+    /// Tables of what metrics do not hold (a topic's last record, a route's sink).
+    pub tables: Vec<NoteTable>,
+}
+
+#[derive(Clone, Serialize)]
+pub struct NoteTable {
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
 }
 
 #[derive(Clone, Serialize)]
@@ -99,6 +108,7 @@ pub struct Status {
     pub charts: Vec<ChartData>,
     pub gaps: Vec<GapLine>,
     pub gaps_total: usize,
+    pub notes: Vec<NoteTable>,
 }
 
 #[derive(Serialize)]
@@ -315,6 +325,7 @@ impl Board {
             charts,
             gaps: notes.gaps,
             gaps_total: notes.gaps_total,
+            notes: notes.tables,
         }
     }
 }
@@ -520,6 +531,25 @@ pub fn html(status: &Status) -> String {
         }
         out.push_str("</table></div>");
     }
+    for table in &status.notes {
+        let _ = write!(
+            out,
+            "<h2>{}</h2><div class=\"scroll\"><table><tr>",
+            escape(&table.title)
+        );
+        for column in &table.columns {
+            let _ = write!(out, "<th>{}</th>", escape(column));
+        }
+        out.push_str("</tr>");
+        for row in &table.rows {
+            out.push_str("<tr>");
+            for cell in row {
+                let _ = write!(out, "<td>{}</td>", escape(cell));
+            }
+            out.push_str("</tr>");
+        }
+        out.push_str("</table></div>");
+    }
     for table in &status.tables {
         let _ = write!(
             out,
@@ -635,6 +665,11 @@ mod tests {
             facts: vec![("Session".into(), "0123".into())],
             gaps,
             gaps_total: total,
+            tables: vec![NoteTable {
+                title: "Routes".into(),
+                columns: vec!["route".into(), "sink".into()],
+                rows: vec![vec!["0-file".into(), "<file>".into()]],
+            }],
         });
         let status = board.status();
         assert_eq!(status.summary[0].value, 2234.0);
@@ -649,6 +684,10 @@ mod tests {
         );
         assert!(!page.contains("<script>"), "escaped");
         assert!(page.contains("&lt;script&gt;x"));
+        assert!(
+            page.contains("<td>0-file</td><td>&lt;file&gt;</td>"),
+            "{page}"
+        );
         assert!(
             page.contains("5-9") && page.contains("--topic &#39;a&#39;\\&#39;&#39;b&#39;"),
             "{page}"

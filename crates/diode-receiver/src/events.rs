@@ -21,6 +21,8 @@ pub struct Events {
     losses: LossLog,
     max_topics: usize,
     pub security: crate::security::SecurityEvents,
+    /// The link's state and since when (Unix microseconds), for the status page.
+    link_since: Option<(bool, i64)>,
 }
 
 /// The sender's cumulative counters as last seen, to turn them into increments.
@@ -166,7 +168,36 @@ impl Events {
             losses: LossLog::default(),
             max_topics,
             security,
+            link_since: None,
         }
+    }
+
+    /// For the status page: the link's state since when, and each topic's last record.
+    pub fn status_notes(&self) -> (Option<String>, Vec<Vec<String>>) {
+        let link = self.link_since.map(|(up, since)| {
+            format!(
+                "{} since {}",
+                if up { "up" } else { "down" },
+                diode_common::format_rfc3339_us(since)
+            )
+        });
+        let mut rows: Vec<Vec<String>> = self
+            .topic_counters
+            .iter()
+            .map(|(topic, c)| {
+                vec![
+                    topic.to_string(),
+                    c.last_seq.map_or("-".into(), |s| s.to_string()),
+                    if c.last_time_us == 0 {
+                        "-".into()
+                    } else {
+                        diode_common::format_rfc3339_us(c.last_time_us)
+                    },
+                ]
+            })
+            .collect();
+        rows.sort();
+        (link, rows)
     }
 
     /// A security event (security.rs), as a log line and to the SIEM when configured.
@@ -202,6 +233,9 @@ impl Events {
                 counters.out.inc();
                 if record.late {
                     counters.recovered.inc();
+                } else {
+                    counters.last_seq = Some(record.seq);
+                    counters.last_time_us = record.time_us;
                 }
                 self.router.route(&record);
             }
@@ -273,6 +307,7 @@ impl Events {
             Event::LinkUp => {
                 tracing::info!("link up");
                 self.metrics.link_up.set(1);
+                self.link_since = Some((true, diode_common::unix_time_us()));
                 self.security.emit(
                     &mut self.router,
                     crate::security::Kind::LinkUp,
@@ -288,6 +323,7 @@ impl Events {
                     "link down: no datagram for four heartbeat intervals"
                 };
                 self.metrics.link_up.set(0);
+                self.link_since = Some((false, diode_common::unix_time_us()));
                 self.security.emit(
                     &mut self.router,
                     crate::security::Kind::LinkDown,
@@ -301,7 +337,7 @@ impl Events {
         metrics: &ReceiverMetrics,
         cache: &'a mut HashMap<Arc<str>, TopicCounters>,
         topic: &Arc<str>,
-    ) -> &'a TopicCounters {
+    ) -> &'a mut TopicCounters {
         // The reassembler caps distinct topics, which bounds this map and the label cardinality.
         cache.entry(topic.clone()).or_insert_with(|| {
             let labels = TopicLabels {
@@ -311,6 +347,8 @@ impl Events {
                 out: metrics.records_out.get_or_create_owned(&labels),
                 lost: metrics.records_lost.get_or_create_owned(&labels),
                 recovered: metrics.records_recovered.get_or_create_owned(&labels),
+                last_seq: None,
+                last_time_us: 0,
             }
         })
     }

@@ -111,6 +111,24 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     };
 
     let configured_routes = loaded.config.routes.len();
+    let route_notes: Vec<Vec<String>> = loaded
+        .routes
+        .iter()
+        .zip(&loaded.config.routes)
+        .map(|(route, raw)| {
+            vec![
+                route.name.clone(),
+                raw.topics.join(", "),
+                route.sink.settings.describe(),
+                route
+                    .buffer
+                    .as_ref()
+                    .map_or("none".into(), |(dir, max, _)| {
+                        format!("{} (up to {max} bytes)", dir.display())
+                    }),
+            ]
+        })
+        .collect();
     let (router, sinks) = route::Router::start(loaded.routes, &metrics)?;
 
     let mut reassembler = Reassembler::new(ReassemblerConfig {
@@ -189,6 +207,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         metrics,
         shutdown,
         board,
+        route_notes,
     };
     // When the loop ends it drops the route queues, which lets the sinks drain and stop.
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;

@@ -34,6 +34,8 @@ pub struct LinkThread {
     pub shutdown: Shutdown,
     /// The status page: what the metrics cannot say (session, open gaps), set once a second.
     pub board: std::sync::Arc<diode_common::status::Board>,
+    /// Per route: name, topics, sink and disk buffer as configured, for the page.
+    pub route_notes: Vec<Vec<String>>,
 }
 
 /// Per-loop state that is not configuration.
@@ -198,7 +200,12 @@ impl LinkThread {
             .reassembler
             .session_id()
             .map_or("none yet".to_owned(), |id| format!("{id:016x}"));
+        let (link, last_records) = self.events.status_notes();
         let facts = vec![
+            (
+                "Link".to_owned(),
+                link.unwrap_or_else(|| "no datagram yet".into()),
+            ),
             ("Sender session".to_owned(), session),
             (
                 "State file".to_owned(),
@@ -209,10 +216,28 @@ impl LinkThread {
                     }),
             ),
         ];
+        let tables = vec![
+            diode_common::status::NoteTable {
+                title: "Last record per topic".into(),
+                columns: vec!["topic".into(), "seq".into(), "taken in".into()],
+                rows: last_records,
+            },
+            diode_common::status::NoteTable {
+                title: "Routes and their sinks".into(),
+                columns: vec![
+                    "route".into(),
+                    "topics".into(),
+                    "sink".into(),
+                    "disk buffer".into(),
+                ],
+                rows: self.route_notes.clone(),
+            },
+        ];
         self.board.set_notes(diode_common::status::Notes {
             facts,
             gaps,
             gaps_total,
+            tables,
         });
     }
 

@@ -329,6 +329,9 @@ pub struct TopicCounters {
     pub out: Counter,
     pub lost: Counter,
     pub recovered: Counter,
+    /// The last record delivered in order: its sequence number and ingest time, for the page.
+    pub last_seq: Option<u64>,
+    pub last_time_us: i64,
 }
 
 /// The receiver's status page (`/`, `/status.json`): what an IT operator looks at first.
