@@ -131,6 +131,17 @@ fn assert_exactly_once(out: &Path, count: usize, late: usize) {
     assert_eq!(seqs.len(), count);
 }
 
+/// 20,000 records at 2,000 a second, the receiver stopped (cleanly) from the 2nd second to the
+/// 7th.
+fn receiver_down_for_5_s_of_20_000_records(pair: &mut Pair, tcp: u16) {
+    let feeder = std::thread::spawn(move || feed(tcp, 0, 20_000, 2_000));
+    std::thread::sleep(Duration::from_secs(2));
+    pair.stop_receiver(false);
+    std::thread::sleep(Duration::from_secs(5));
+    pair.start_receiver();
+    feeder.join().unwrap();
+}
+
 /// The case: the receiver down for 5 s while 20,000 records flow; back up, it reports
 /// the gap with its exact range; the OT operator replays that range from the journal; every
 /// record is in the file once, the replayed ones marked late, and no gap is left open.
@@ -138,12 +149,7 @@ fn assert_exactly_once(out: &Path, count: usize, late: usize) {
 fn an_operator_replay_fills_the_gap_a_receiver_restart_left() {
     let (mut pair, tcp) = journaled_pair("");
     let out = pair.path("out/records.jsonl");
-    let feeder = std::thread::spawn(move || feed(tcp, 0, 20_000, 2_000));
-    std::thread::sleep(Duration::from_secs(2));
-    pair.stop_receiver(false);
-    std::thread::sleep(Duration::from_secs(5));
-    pair.start_receiver();
-    feeder.join().unwrap();
+    receiver_down_for_5_s_of_20_000_records(&mut pair, tcp);
     assert!(wait_for(Duration::from_secs(10), || pair
         .receiver
         .metric("diode_gaps_open", &[])
@@ -205,12 +211,7 @@ fn an_operator_replay_fills_the_gap_a_receiver_restart_left() {
 fn continuous_backfill_heals_the_gap_with_no_one_acting() {
     let (mut pair, tcp) = journaled_pair("backfill_window_secs = 60\nbackfill_rate_mbps = 20");
     let out = pair.path("out/records.jsonl");
-    let feeder = std::thread::spawn(move || feed(tcp, 0, 20_000, 2_000));
-    std::thread::sleep(Duration::from_secs(2));
-    pair.stop_receiver(false);
-    std::thread::sleep(Duration::from_secs(5));
-    pair.start_receiver();
-    feeder.join().unwrap();
+    receiver_down_for_5_s_of_20_000_records(&mut pair, tcp);
     wait_for_all(&out, 20_000, &pair);
     assert!(wait_for(Duration::from_secs(10), || pair
         .receiver

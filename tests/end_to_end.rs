@@ -633,13 +633,7 @@ fn the_sender_link_socket_accepts_nothing() {
 /// `receiver_link` besides, the udp and lines topics; and the lines topic's TCP port.
 fn authenticated_pair_with_state(receiver_link: &str) -> (Pair, u16) {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("link.key");
-    let status = std::process::Command::new(SEND)
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    keygen(dir.path());
     let (udp, tcp) = (free_port(), free_port());
     let pair = Pair::start_with(
         RelayConfig::default(),

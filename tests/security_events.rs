@@ -16,13 +16,7 @@ fn a_forged_flood_makes_a_bounded_number_of_siem_events() {
     siem.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("link.key");
-    let status = std::process::Command::new(SEND)
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    keygen(dir.path());
     let tcp = free_port();
     let topics = format!(
         "[[topic]]\nname = \"historian/events\"\n\

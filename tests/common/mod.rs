@@ -143,6 +143,18 @@ pub struct Pair {
 pub const SEND: &str = env!("CARGO_BIN_EXE_diode-send");
 pub const RECV: &str = env!("CARGO_BIN_EXE_diode-recv");
 
+/// A new link key in `dir/link.key`, made as a user makes one (`diode-send keygen`).
+pub fn keygen(dir: &Path) -> PathBuf {
+    let key = dir.join("link.key");
+    let status = Command::new(SEND)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success(), "keygen failed");
+    key
+}
+
 impl Pair {
     /// `sender_topics` and `receiver_routes` are the `[[topic]]` and `[[route]]` tables.
     pub fn start(relay: RelayConfig, sender_topics: &str, receiver_routes: &str) -> Pair {

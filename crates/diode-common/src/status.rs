@@ -33,6 +33,27 @@ pub struct Figure {
     pub bad_below: Option<f64>,
 }
 
+impl Figure {
+    /// A figure that is never shown as a problem.
+    pub const fn new(label: &'static str, metric: &'static str, unit: Unit) -> Figure {
+        Figure {
+            label,
+            metric,
+            unit,
+            bad_above: None,
+            bad_below: None,
+        }
+    }
+
+    /// A count any of which is a problem.
+    pub const fn bad_if_any(label: &'static str, metric: &'static str) -> Figure {
+        Figure {
+            bad_above: Some(0.0),
+            ..Figure::new(label, metric, Unit::Count)
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub enum Unit {
     Count,

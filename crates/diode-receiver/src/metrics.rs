@@ -337,66 +337,51 @@ pub struct TopicCounters {
 /// The receiver's status page (`/`, `/status.json`): what an IT operator looks at first.
 pub static STATUS: diode_common::status::Layout = {
     use diode_common::status::{Chart, Figure, Layout, Table, Unit};
-    const fn fig(label: &'static str, metric: &'static str, unit: Unit) -> Figure {
-        Figure {
-            label,
-            metric,
-            unit,
-            bad_above: None,
-            bad_below: None,
-        }
-    }
-    const fn bad_if_any(label: &'static str, metric: &'static str) -> Figure {
-        Figure {
-            bad_above: Some(0.0),
-            ..fig(label, metric, Unit::Count)
-        }
-    }
     Layout {
         service: "diode-recv",
         summary: &[
             Figure {
                 bad_below: Some(1.0),
-                ..fig("Link", "diode_link_up", Unit::UpDown)
+                ..Figure::new("Link", "diode_link_up", Unit::UpDown)
             },
             Figure {
                 bad_above: Some(5.0),
-                ..fig(
+                ..Figure::new(
                     "Last heartbeat",
                     "diode_last_heartbeat_seconds",
                     Unit::Since,
                 )
             },
-            fig("Records delivered", "diode_records_out_total", Unit::Count),
-            fig("Records lost", "diode_records_lost_total", Unit::Count),
-            fig(
+            Figure::new("Records delivered", "diode_records_out_total", Unit::Count),
+            Figure::new("Records lost", "diode_records_lost_total", Unit::Count),
+            Figure::new(
                 "Recovered late",
                 "diode_records_recovered_total",
                 Unit::Count,
             ),
-            bad_if_any("Open gaps", "diode_gaps_open"),
-            fig(
+            Figure::bad_if_any("Open gaps", "diode_gaps_open"),
+            Figure::new(
                 "Blocks repaired",
                 "diode_blocks_recovered_total",
                 Unit::Count,
             ),
-            fig("Blocks lost", "diode_blocks_lost_total", Unit::Count),
-            fig(
+            Figure::new("Blocks lost", "diode_blocks_lost_total", Unit::Count),
+            Figure::new(
                 "Datagrams rejected",
                 "diode_datagrams_rejected_total",
                 Unit::Count,
             ),
-            bad_if_any("Kernel drops", "diode_kernel_udp_rcvbuf_errors_total"),
-            bad_if_any(
+            Figure::bad_if_any("Kernel drops", "diode_kernel_udp_rcvbuf_errors_total"),
+            Figure::bad_if_any(
                 "Dropped at the sender",
                 "diode_sender_records_dropped_total",
             ),
-            fig(
+            Figure::new(
                 "Sender source errors",
                 "diode_sender_source_errors_total",
                 Unit::Count,
             ),
-            bad_if_any("Dropped at sinks", "diode_sink_dropped_total"),
+            Figure::bad_if_any("Dropped at sinks", "diode_sink_dropped_total"),
         ],
         tables: &[
             Table {

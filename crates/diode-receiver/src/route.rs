@@ -211,6 +211,30 @@ struct RouteQueue {
     metrics: RouteMetrics,
 }
 
+impl RouteQueue {
+    /// Adds a record to this pass's delivery, within the route's byte budget; past it the
+    /// record is dropped, counted.
+    fn offer(&mut self, record: &Record) {
+        let cost = record.payload.len() + QUEUED_RECORD_OVERHEAD_BYTES;
+        match self.budget.try_acquire(cost) {
+            Some(budget) => self.pending.push(Queued {
+                record: record.clone(),
+                _budget: budget,
+            }),
+            None => {
+                if self.metrics.dropped.inc() % 10_000 == 0 {
+                    tracing::warn!(
+                        route = %self.name,
+                        topic = %record.topic,
+                        seq = record.seq,
+                        "sink queue full: dropping records (see diode_sink_dropped_total)"
+                    );
+                }
+            }
+        }
+    }
+}
+
 impl Router {
     /// Opens each route's disk buffer and starts its sink task. A buffer that cannot be opened
     /// stops the service: running without it would drop records the operator asked to keep.
@@ -289,42 +313,15 @@ impl Router {
                 .collect()
         });
         for &i in matching.iter() {
-            let route = &mut self.routes[i];
-            let cost = record.payload.len() + QUEUED_RECORD_OVERHEAD_BYTES;
-            match route.budget.try_acquire(cost) {
-                Some(budget) => route.pending.push(Queued {
-                    record: record.clone(),
-                    _budget: budget,
-                }),
-                None => {
-                    if route.metrics.dropped.inc() % 10_000 == 0 {
-                        tracing::warn!(
-                            route = %route.name,
-                            topic = %record.topic,
-                            seq = record.seq,
-                            "sink queue full: dropping records (see diode_sink_dropped_total)"
-                        );
-                    }
-                }
-            }
+            self.routes[i].offer(record);
         }
     }
 
     /// Adds a record to route `index` alone, whatever its filters (the internal route of the
     /// security events); dropped, counted, when its queue is full.
     pub fn push(&mut self, index: usize, record: &Record) {
-        let Some(route) = self.routes.get_mut(index) else {
-            return;
-        };
-        let cost = record.payload.len() + QUEUED_RECORD_OVERHEAD_BYTES;
-        match route.budget.try_acquire(cost) {
-            Some(budget) => route.pending.push(Queued {
-                record: record.clone(),
-                _budget: budget,
-            }),
-            None => {
-                route.metrics.dropped.inc();
-            }
+        if let Some(route) = self.routes.get_mut(index) {
+            route.offer(record);
         }
     }
 

@@ -281,59 +281,50 @@ impl SenderMetrics {
 /// The sender's status page (`/`, `/status.json`).
 pub static STATUS: diode_common::status::Layout = {
     use diode_common::status::{Chart, Figure, Layout, Table, Unit};
-    const fn fig(label: &'static str, metric: &'static str, unit: Unit) -> Figure {
-        Figure {
-            label,
-            metric,
-            unit,
-            bad_above: None,
-            bad_below: None,
-        }
-    }
     Layout {
         service: "diode-send",
         summary: &[
-            fig(
+            Figure::new(
                 "Session started",
                 "diode_session_start_seconds",
                 Unit::Since,
             ),
-            fig("Records in", "diode_records_in_total", Unit::Count),
+            Figure::new("Records in", "diode_records_in_total", Unit::Count),
             Figure {
                 bad_above: Some(0.0),
-                ..fig(
+                ..Figure::new(
                     "Records dropped",
                     "diode_records_dropped_total",
                     Unit::Count,
                 )
             },
-            fig("Source errors", "diode_source_errors_total", Unit::Count),
-            fig(
+            Figure::new("Source errors", "diode_source_errors_total", Unit::Count),
+            Figure::new(
                 "Source connections",
                 "diode_source_connections",
                 Unit::Count,
             ),
-            fig("Datagrams sent", "diode_datagrams_sent_total", Unit::Count),
-            fig(
+            Figure::new("Datagrams sent", "diode_datagrams_sent_total", Unit::Count),
+            Figure::new(
                 "Link bytes sent",
                 "diode_link_bytes_sent_total",
                 Unit::Bytes,
             ),
-            fig(
+            Figure::new(
                 "Queued for the link",
                 "diode_encoder_queued_bytes",
                 Unit::Bytes,
             ),
-            fig("Journal", "diode_journal_bytes", Unit::Bytes),
+            Figure::new("Journal", "diode_journal_bytes", Unit::Bytes),
             Figure {
                 bad_above: Some(0.0),
-                ..fig(
+                ..Figure::new(
                     "Not journaled",
                     "diode_journal_records_dropped_total",
                     Unit::Count,
                 )
             },
-            fig("Replayed", "diode_replayed_records_total", Unit::Count),
+            Figure::new("Replayed", "diode_replayed_records_total", Unit::Count),
         ],
         tables: &[Table {
             title: "Topics",
