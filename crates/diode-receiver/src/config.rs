@@ -181,6 +181,13 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     // syslog sink's queue, reconnection and framing, and the route's metrics.
     let security_route = match &config.security_events {
         Some(settings) => {
+            if let Some(i) = routes.iter().position(|r| r.name == "security-events") {
+                return Err(source.invalid(
+                    &format!("route[{i}].name"),
+                    "\"security-events\" is the name of the route [security_events] makes: \
+                     choose another",
+                ));
+            }
             let scope = ConfigScope::new(&source, "security_events").with_site(site);
             let checked = settings.check(&scope)?;
             routes.push(Route {

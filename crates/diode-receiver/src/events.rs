@@ -211,9 +211,10 @@ impl Events {
         now: Instant,
         stats: &diode_wire::ReassemblerStats,
         refused_source: u64,
+        last: bool,
     ) {
         self.security
-            .tick(&mut self.router, now, stats, refused_source);
+            .tick(&mut self.router, now, stats, refused_source, last);
     }
 
     /// Logs what loss lines were folded, as far as the budget allows, and hands the routes

@@ -103,6 +103,11 @@ impl LinkThread {
             tokio::select! {
                 _ = shutdown.wait() => {
                     self.save_state();
+                    // What the last, unfinished interval rejected or lost is reported too.
+                    let refused = scratch.refused_source.get();
+                    self.events
+                        .security_tick(Instant::now(), self.reassembler.stats(), refused, true);
+                    self.events.router.flush();
                     return;
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
@@ -165,7 +170,8 @@ impl LinkThread {
             self.update_board();
             let refused = scratch.refused_source.get();
             self.events
-                .security_tick(now, self.reassembler.stats(), refused);
+                .security_tick(now, self.reassembler.stats(), refused, false);
+            self.events.router.flush();
             self.metrics
                 .gaps_open
                 .set(self.reassembler.open_gap_count() as i64);

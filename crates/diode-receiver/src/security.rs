@@ -47,8 +47,8 @@ impl Kind {
     /// RFC 5424 severity: 4 warning, 5 notice, 6 informational.
     fn severity(self) -> u64 {
         match self {
-            Kind::Rejected | Kind::LinkDown | Kind::Loss => 4,
-            Kind::Session => 5,
+            Kind::Rejected | Kind::Loss => 4,
+            Kind::Session | Kind::LinkDown => 5,
             Kind::Config | Kind::LinkUp => 6,
         }
     }
@@ -80,7 +80,11 @@ impl SecurityEvents {
 
     /// One event: a log line and, when configured, a syslog message.
     pub fn emit(&mut self, router: &mut Router, kind: Kind, message: String) {
-        tracing::warn!(target: "diode::security", msgid = kind.msgid(), "{message}");
+        if kind.severity() <= 4 {
+            tracing::warn!(target: "diode::security", msgid = kind.msgid(), "{message}");
+        } else {
+            tracing::info!(target: "diode::security", msgid = kind.msgid(), "{message}");
+        }
         let Some(route) = self.route else {
             return;
         };
@@ -119,8 +123,9 @@ impl SecurityEvents {
         now: Instant,
         stats: &diode_wire::ReassemblerStats,
         refused_source: u64,
+        last: bool,
     ) {
-        if now < self.next_report {
+        if now < self.next_report && !last {
             return;
         }
         self.next_report = now + REPORT_INTERVAL;

@@ -202,7 +202,8 @@ pub struct Loaded {
     pub journal_dir: Option<PathBuf>,
     /// Each topic's journal budget, in topic order (`None`: not journaled).
     pub journal_budgets: Vec<Option<crate::journal::Budget>>,
-    /// `link.state_file`, resolved, when there is no journal to keep the sequence numbers.
+    /// `link.state_file`, resolved: where the sequence numbers are kept when there is no
+    /// journal, and what a journal's numbers start no lower than when there is.
     pub sequences_file: Option<PathBuf>,
 }
 
@@ -350,15 +351,15 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     let destination = source.socket_addr("link.destination", &config.link.destination)?;
     let bind = source.socket_addr("link.bind", &config.link.bind)?;
     let (journal_dir, journal_budgets) = check_journal(&source, &config, &origins)?;
-    let sequences_file = match (&journal_dir, &config.link.state_file) {
-        (None, Some(file)) => {
+    let sequences_file = match &config.link.state_file {
+        Some(file) => {
             let file = source.resolve(file);
             if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
                 source.writable_dir("link.state_file", dir)?;
             }
             Some(file)
         }
-        _ => None,
+        None => None,
     };
     Ok(Loaded {
         config,

@@ -663,6 +663,10 @@ impl SharedSequences {
 
     fn extend(&self, topic: usize, from: u64, now: Instant) -> io::Result<()> {
         let mut sequences = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if sequences.closed {
+            // After a clean stop's exact numbers, nothing may write reserved ones over them.
+            return Ok(());
+        }
         // Another thread may have extended it meanwhile: never move a limit back.
         let from = from.max(self.limits[topic].load(Ordering::Acquire));
         let (limit, low) = sequences.reserve(topic, from, now)?;
@@ -673,7 +677,8 @@ impl SharedSequences {
 
     /// At a clean stop: the exact next sequence numbers, so the next run skips none.
     pub fn close(&self, next: &[u64]) -> io::Result<()> {
-        let sequences = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sequences = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        sequences.closed = true;
         sequences.write(next)
     }
 }
@@ -691,6 +696,8 @@ pub struct Sequences {
     /// Per topic, how many the next reservation takes, and when the last one was made.
     chunk: Vec<u64>,
     last_reserved: Vec<Option<Instant>>,
+    /// Set by a clean stop: the file holds the exact numbers and is written no more.
+    closed: bool,
 }
 
 impl Sequences {
@@ -751,6 +758,7 @@ impl Sequences {
             reserved: first.clone(),
             chunk: vec![MIN_RESERVATION; names.len()],
             last_reserved: vec![None; names.len()],
+            closed: false,
         };
         Ok((sequences, first))
     }

@@ -126,6 +126,16 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             let (writer, handle, floor) =
                 journal::open_writer(dir, &topics, metrics.journal_errors.clone())
                     .map_err(journal_error(dir))?;
+            // A sender that kept its numbers in link.state_file before it had a journal goes
+            // on from them too.
+            let mut floor = floor;
+            if let Some(file) = &loaded.sequences_file {
+                if file.exists() {
+                    let (_, kept) = journal::Sequences::open_file(file, &names, &floor)
+                        .map_err(journal_error(file))?;
+                    floor = kept;
+                }
+            }
             let (sequences, first) =
                 journal::Sequences::open(dir, &names, &floor).map_err(journal_error(dir))?;
             Some((writer, handle, sequences, first))
@@ -150,10 +160,18 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
                 std::thread::Builder::new()
                     .name("diode-sequences".into())
                     .spawn(move || {
+                        let mut failing = false;
                         while !stop.is_triggered() {
                             std::thread::sleep(std::time::Duration::from_millis(50));
-                            if let Err(e) = reserver.extend_wanted(Instant::now()) {
-                                tracing::error!(error = %e, "cannot reserve sequence numbers");
+                            match reserver.extend_wanted(Instant::now()) {
+                                Ok(()) => failing = false,
+                                // Once per failure, not every 50 ms: the link thread logs
+                                // every second while it lasts.
+                                Err(e) if !failing => {
+                                    failing = true;
+                                    tracing::error!(error = %e, "cannot reserve sequence numbers");
+                                }
+                                Err(_) => {}
                             }
                         }
                     })

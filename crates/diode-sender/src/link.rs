@@ -166,8 +166,8 @@ impl LinkThread {
                         self.metrics.journal_errors.inc();
                         tracing::error!(
                             error = %e,
-                            "journal: cannot keep the sequence numbers; until it can, a crash \
-                             may reuse some"
+                            "cannot keep the sequence numbers; until it can, a crash may reuse \
+                             some"
                         );
                     }
                 }
