@@ -123,6 +123,41 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
     assert_eq!(figure("diode_records_out_total"), delivered);
     assert_eq!(figure("diode_records_lost_total"), 700.0);
     assert_eq!(figure("diode_link_up"), 1.0);
+    // The tables too: per topic and per route, what the labelled series say.
+    let row = |title: &str, key: &str| -> Vec<f64> {
+        let table = json["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["title"] == title)
+            .unwrap_or_else(|| panic!("no table {title}"));
+        let row = table["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r[0] == key)
+            .unwrap_or_else(|| panic!("no row {key} in {table}"));
+        row[1]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let topic_label = format!("topic=\"{TOPIC}\"");
+    let topic = row("Topics", TOPIC);
+    assert_eq!(
+        topic[0],
+        pair.receiver
+            .metric("diode_records_out_total", &[&topic_label])
+    );
+    assert_eq!(topic[2], 700.0, "lost");
+    let route = row("Routes", "0-file");
+    assert_eq!(
+        route[0],
+        pair.receiver
+            .metric("diode_sink_delivered_total", &["route=\"0-file\""])
+    );
     assert_eq!(json["gaps"][0]["topic"], TOPIC);
     assert_eq!(
         (
@@ -160,6 +195,16 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
     assert!(!page.contains("<script"), "no script on a read-only page");
 
     let sent = pair.sender.metric("diode_records_in_total", &[]);
+    let json: serde_json::Value =
+        serde_json::from_str(&get(pair.sender.metrics, "/status.json")).unwrap();
+    let records_in = json["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["metric"] == "diode_records_in_total")
+        .unwrap()["value"]
+        .as_f64();
+    assert_eq!(records_in, Some(sent));
     let page = rendered(&format!("http://{}/", pair.sender.metrics));
     for expected in [
         "diode-send".to_owned(),

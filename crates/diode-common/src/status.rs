@@ -64,7 +64,8 @@ pub enum Unit {
     UpDown,
 }
 
-/// A table with a row per value of `label` (a topic, a route).
+/// A table with a row per value of `label` (a topic, a route). A column whose header ends in
+/// `/s` shows its counter's rate over the last history step rather than its value.
 pub struct Table {
     pub title: &'static str,
     pub label: &'static str,
@@ -165,7 +166,13 @@ pub struct Board {
     notes: Mutex<Notes>,
     /// Per chart: the counter's samples, oldest first.
     history: Mutex<Vec<VecDeque<f64>>>,
+    /// The two latest samples of the tables' counters, per (metric, label value), and when:
+    /// what rate columns are computed from.
+    rates: Mutex<VecDeque<(std::time::Instant, Snapshot)>>,
 }
+
+/// Counter values by (metric, label value), for rates.
+type Snapshot = BTreeMap<(String, String), f64>;
 
 /// One series of the exposition text: its name, its labels, its value.
 struct Sample {
@@ -239,6 +246,7 @@ impl Board {
             registry,
             notes: Mutex::new(Notes::default()),
             history: Mutex::new(vec![VecDeque::new(); layout.charts.len()]),
+            rates: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -255,6 +263,38 @@ impl Board {
                 ring.pop_front();
             }
             ring.push_back(total(&samples, chart.metric));
+        }
+        drop(history);
+        let mut snapshot = BTreeMap::new();
+        for table in self.layout.tables {
+            for (_, metric) in table.columns.iter().filter(|(h, _)| h.ends_with("/s")) {
+                for s in samples.iter().filter(|s| s.name == *metric) {
+                    if let Some(key) = s.labels.get(table.label) {
+                        *snapshot
+                            .entry((metric.to_string(), key.clone()))
+                            .or_insert(0.0) += s.value;
+                    }
+                }
+            }
+        }
+        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        if rates.len() == 2 {
+            rates.pop_front();
+        }
+        rates.push_back((std::time::Instant::now(), snapshot));
+    }
+
+    /// A counter's rate per second over the last step, for a table's rate column.
+    fn rate(&self, metric: &str, key: &str) -> f64 {
+        let rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some((t0, before)), Some((t1, after))) = (rates.front(), rates.back()) else {
+            return 0.0;
+        };
+        let seconds = t1.duration_since(*t0).as_secs_f64();
+        let id = (metric.to_owned(), key.to_owned());
+        match (before.get(&id), after.get(&id)) {
+            (Some(a), Some(b)) if seconds > 0.0 => (b - a).max(0.0) / seconds,
+            _ => 0.0,
         }
     }
 
@@ -296,13 +336,17 @@ impl Board {
             .iter()
             .map(|t| {
                 let mut rows: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-                for (i, (_, metric)) in t.columns.iter().enumerate() {
+                for (i, (header, metric)) in t.columns.iter().enumerate() {
                     for s in samples.iter().filter(|s| s.name == *metric) {
                         if let Some(key) = s.labels.get(t.label) {
                             let row = rows
                                 .entry(key.clone())
                                 .or_insert_with(|| vec![0.0; t.columns.len()]);
-                            row[i] += s.value;
+                            if header.ends_with("/s") {
+                                row[i] = self.rate(metric, key);
+                            } else {
+                                row[i] += s.value;
+                            }
                         }
                     }
                 }
@@ -641,7 +685,10 @@ mod tests {
         tables: &[Table {
             title: "Topics",
             label: "topic",
-            columns: &[("lost", "diode_records_lost_total")],
+            columns: &[
+                ("lost", "diode_records_lost_total"),
+                ("lost/s", "diode_records_lost_total"),
+            ],
             only_nonzero: false,
         }],
         charts: &[Chart {
@@ -695,7 +742,8 @@ mod tests {
         let status = board.status();
         assert_eq!(status.summary[0].value, 2234.0);
         assert!(status.summary[0].bad);
-        assert_eq!(status.tables[0].rows[0].1, vec![2234.0]);
+        // The rate over the last step: nothing was lost between the last two samples.
+        assert_eq!(status.tables[0].rows[0].1, vec![2234.0, 0.0]);
         assert_eq!(status.charts[0].points, vec![100.0, 0.0], "per second");
         let page = html(&status);
         assert!(page.contains("2,234"), "{page}");

@@ -389,6 +389,7 @@ pub static STATUS: diode_common::status::Layout = {
                 label: "topic",
                 columns: &[
                     ("delivered", "diode_records_out_total"),
+                    ("delivered/s", "diode_records_out_total"),
                     ("lost", "diode_records_lost_total"),
                     ("recovered late", "diode_records_recovered_total"),
                     (
@@ -403,6 +404,7 @@ pub static STATUS: diode_common::status::Layout = {
                 label: "route",
                 columns: &[
                     ("delivered", "diode_sink_delivered_total"),
+                    ("delivered/s", "diode_sink_delivered_total"),
                     ("dropped", "diode_sink_dropped_total"),
                     ("dead letters", "diode_sink_dead_letters_total"),
                     ("errors", "diode_sink_errors_total"),

@@ -331,6 +331,7 @@ pub static STATUS: diode_common::status::Layout = {
             label: "topic",
             columns: &[
                 ("records in", "diode_records_in_total"),
+                ("in/s", "diode_records_in_total"),
                 ("dropped", "diode_records_dropped_total"),
                 ("source errors", "diode_source_errors_total"),
                 ("connections", "diode_source_connections"),
