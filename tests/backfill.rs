@@ -174,6 +174,41 @@ fn an_operator_replay_fills_the_gap_a_receiver_restart_left() {
         expected.1 - expected.0 + 1,
         "one contiguous gap"
     );
+    // A dry run says what it would send, and sends nothing.
+    let dry = std::process::Command::new(SEND)
+        .args(["replay", "--config"])
+        .arg(&pair.sender_toml)
+        .args([
+            "--topic",
+            TOPIC,
+            "--seq",
+            &format!("{}-{}", expected.0, expected.1),
+        ])
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success() && text.contains("dry run: nothing sent"),
+        "{dry:?}"
+    );
+    assert!(
+        std::fs::read_dir(pair.path("journal/replay")).map_or(true, |d| d.count() == 0),
+        "a dry run left a request"
+    );
+    // Records no journal holds: refused, saying why.
+    let none = std::process::Command::new(SEND)
+        .args(["replay", "--config"])
+        .arg(&pair.sender_toml)
+        .args(["--topic", TOPIC, "--seq", "900000-900010"])
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    assert!(
+        String::from_utf8_lossy(&none.stderr)
+            .contains("none of the requested records is in the journal"),
+        "{none:?}"
+    );
     let said = replay(&pair, expected);
     assert!(
         said.contains(&format!(
