@@ -180,6 +180,7 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
         // What metrics do not hold: the link's state since when, each topic's last record,
         // each route's sink.
         "<td>Link</td><td>up since 20".to_owned(),
+        "<td>Sender</td><td>started 20".to_owned(),
         format!("<td>{TOPIC}</td><td>2999</td><td>20"),
         "<td>0-file</td><td>#</td><td>file".to_owned(),
     ] {
@@ -212,6 +213,7 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
         format!("<b>{}</b>", grouped(sent as u64)),
         TOPIC.to_owned(),
         "Link ceiling".to_owned(),
+        "<td>Heartbeat</td><td>every 200 ms</td>".to_owned(),
     ] {
         assert!(
             page.contains(&expected),

@@ -23,6 +23,9 @@ pub struct Events {
     pub security: crate::security::SecurityEvents,
     /// The link's state and since when (Unix microseconds), for the status page.
     link_since: Option<(bool, i64)>,
+    /// When the sender's session started and its version, as its heartbeats say.
+    sender_started_us: i64,
+    sender_version: String,
 }
 
 /// The sender's cumulative counters as last seen, to turn them into increments.
@@ -169,7 +172,20 @@ impl Events {
             max_topics,
             security,
             link_since: None,
+            sender_started_us: 0,
+            sender_version: String::new(),
         }
+    }
+
+    /// The sender's session start and version, as its last heartbeat said (none yet: `None`).
+    pub fn sender_notes(&self) -> Option<String> {
+        (self.sender_started_us > 0).then(|| {
+            format!(
+                "started {}, diode-send {}",
+                diode_common::format_rfc3339_us(self.sender_started_us),
+                self.sender_version
+            )
+        })
     }
 
     /// For the status page: the link's state since when, and each topic's last record.
@@ -366,6 +382,8 @@ impl Events {
         self.metrics
             .last_heartbeat_seconds
             .set(diode_common::unix_time_us() / 1_000_000);
+        self.sender_started_us = heartbeat.session_start_time_us;
+        self.sender_version.clone_from(&heartbeat.sender_version);
         if let Some(c) = &heartbeat.counters {
             let last = &view.counters;
             let m = &self.metrics;

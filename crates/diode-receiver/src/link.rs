@@ -214,6 +214,12 @@ impl LinkThread {
             ),
             ("Sender session".to_owned(), session),
             (
+                "Sender".to_owned(),
+                self.events
+                    .sender_notes()
+                    .unwrap_or_else(|| "no heartbeat yet".into()),
+            ),
+            (
                 "State file".to_owned(),
                 self.state_file
                     .as_ref()

@@ -254,6 +254,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             ("Destination".into(), loaded.destination.to_string()),
             ("Link ceiling".into(), format!("{} Mb/s", link.rate_mbps)),
             (
+                "Heartbeat".into(),
+                format!("every {} ms", link.heartbeat_interval_ms),
+            ),
+            (
                 "Authentication".into(),
                 match (&loaded.key, link.encrypt) {
                     (None, _) => "none".into(),
