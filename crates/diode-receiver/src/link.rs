@@ -102,7 +102,7 @@ impl LinkThread {
                 .min(Instant::now() + IDLE_WAKE);
             tokio::select! {
                 _ = shutdown.wait() => {
-                    self.save_state();
+                    self.save_state(self.reassembler.open_gaps());
                     // What the last, unfinished interval rejected or lost is reported too.
                     let refused = scratch.refused_source.get();
                     self.events
@@ -166,8 +166,10 @@ impl LinkThread {
         }
         if now >= scratch.next_gauges {
             scratch.next_gauges = now + GAUGE_INTERVAL;
-            self.save_state();
-            self.update_board();
+            // Listed once a second, for the state file and the status page both.
+            let gaps = self.reassembler.open_gaps();
+            self.update_board(&gaps);
+            self.save_state(gaps);
             let refused = scratch.refused_source.get();
             self.events
                 .security_tick(now, self.reassembler.stats(), refused, false);
@@ -194,11 +196,9 @@ impl LinkThread {
         }
     }
 
-    fn update_board(&self) {
-        let gaps: Vec<_> = self
-            .reassembler
-            .open_gaps()
-            .into_iter()
+    fn update_board(&self, open: &[(std::sync::Arc<str>, diode_wire::OpenGap)]) {
+        let gaps: Vec<_> = open
+            .iter()
             .map(|(topic, g)| (topic, g.first_seq, g.last_seq, g.after_us, g.before_us))
             .collect();
         let (gaps, gaps_total) = diode_common::status::gap_lines(&gaps);
@@ -255,14 +255,14 @@ impl LinkThread {
 
     /// Writes the replay floor, the topics' marks and the open gaps when they moved (once a
     /// second at most, and at a clean stop).
-    fn save_state(&mut self) {
+    fn save_state(&mut self, gaps: Vec<(std::sync::Arc<str>, diode_wire::OpenGap)>) {
         let Some(path) = &self.state_file else {
             return;
         };
         let saved = crate::state::Saved {
             floor: self.reassembler.replay_floor(),
             watermarks: self.reassembler.watermarks(),
-            gaps: self.reassembler.open_gaps(),
+            gaps,
         };
         // Nothing to keep and nothing kept yet (a first start): no file. Once there is one,
         // it follows the state, down to empty, so filled gaps never come back after a restart.
