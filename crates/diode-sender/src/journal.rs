@@ -141,16 +141,6 @@ pub fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(out)
 }
 
-/// The last sequence number a segment holds.
-fn last_seq(path: &Path) -> Option<u64> {
-    let mut reader = SegmentReader::open(path).ok()?;
-    let mut last = None;
-    while let Some(entry) = reader.next_entry() {
-        last = Some(entry.seq);
-    }
-    last
-}
-
 /// What a topic's journal holds, for `replay` and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Span {
@@ -206,8 +196,14 @@ pub fn scan(
 
 /// What a topic's journal holds now.
 pub fn span(dir: &Path) -> io::Result<Option<Span>> {
+    span_with(dir, |_| {})
+}
+
+/// As `span`, handing each record to `also` on the way: one read of the journal for both.
+pub fn span_with(dir: &Path, mut also: impl FnMut(&Entry)) -> io::Result<Option<Span>> {
     let mut span: Option<Span> = None;
     scan(dir, 0..=u64::MAX, i64::MIN..=i64::MAX, |entry| {
+        also(&entry);
         let s = span.get_or_insert(Span {
             first_seq: entry.seq,
             first_time_us: entry.time_us,
@@ -269,6 +265,7 @@ impl TopicJournal {
     fn open(dir: PathBuf, budget: Budget, metrics: JournalMetrics) -> io::Result<Self> {
         fs::create_dir_all(&dir)?;
         let mut closed = Vec::new();
+        let mut newest_seq = None;
         for segment in segments(&dir)? {
             // Its times, read once at start (segments are at most 64 MiB).
             let (mut first_time_us, mut last_time_us) = (None, i64::MIN);
@@ -277,6 +274,7 @@ impl TopicJournal {
                 while let Some(entry) = reader.next_entry() {
                     first_time_us.get_or_insert(entry.time_us);
                     last_time_us = entry.time_us;
+                    newest_seq = newest_seq.max(Some(entry.seq));
                 }
                 valid = reader.valid_len;
             }
@@ -297,10 +295,8 @@ impl TopicJournal {
                 last_time_us,
             });
         }
-        let next_seq = closed
-            .last()
-            .and_then(|c| last_seq(&c.segment.path))
-            .map_or(0, |s| s + 1);
+        // One past the newest record of any segment, as read above.
+        let next_seq = newest_seq.map_or(0, |s: u64| s.saturating_add(1));
         let journal = TopicJournal {
             dir,
             budget,

@@ -95,13 +95,13 @@ pub struct Survey {
 /// Reads the topic's journal for `diode-send replay`: what it holds, and what of the request.
 pub fn survey(root: &Path, request: &Request) -> io::Result<Survey> {
     let dir = journal::topic_dir(root, &request.topic);
-    let span = journal::span(&dir)?;
     let (mut matched, mut matched_seqs) = (0, None);
-    journal::scan(&dir, request.seqs.clone(), request.times.clone(), |entry| {
-        matched += 1;
-        let seqs = matched_seqs.get_or_insert((entry.seq, entry.seq));
-        seqs.1 = entry.seq;
-        true
+    let span = journal::span_with(&dir, |entry| {
+        if request.seqs.contains(&entry.seq) && request.times.contains(&entry.time_us) {
+            matched += 1;
+            let seqs = matched_seqs.get_or_insert((entry.seq, entry.seq));
+            seqs.1 = entry.seq;
+        }
     })?;
     Ok(Survey {
         span,
