@@ -287,11 +287,7 @@ impl TopicState {
         let Some((first, since)) = self.anchor else {
             return true;
         };
-        let secs = now.saturating_duration_since(since).as_secs();
-        let frontier = first
-            .saturating_add(MAX_SEQ_JUMP)
-            .saturating_add(secs.saturating_mul(MAX_RECORDS_PER_SEC));
-        seq <= frontier
+        seq <= seq_frontier(first, now.saturating_duration_since(since).as_secs())
     }
 
     /// Whether a topic that went on from `mark` can have reached `seq` by `time_us` (the
@@ -302,10 +298,7 @@ impl TopicState {
             return true;
         }
         let secs = (time_us.saturating_sub(mark.last_time_us).max(0) / 1_000_000) as u64;
-        seq <= mark
-            .next_seq
-            .saturating_add(MAX_SEQ_JUMP)
-            .saturating_add(secs.saturating_mul(MAX_RECORDS_PER_SEC))
+        seq <= seq_frontier(mark.next_seq, secs)
     }
 
     /// An unresolved topic whose first numbers are beyond the bound of where it was expected
@@ -319,6 +312,14 @@ impl TopicState {
         }
         self.anchor = Some((seq, now));
     }
+}
+
+/// The highest sequence number a topic could have reached `secs` after it stood at `first`
+/// (§6.6).
+fn seq_frontier(first: u64, secs: u64) -> u64 {
+    first
+        .saturating_add(MAX_SEQ_JUMP)
+        .saturating_add(secs.saturating_mul(MAX_RECORDS_PER_SEC))
 }
 
 /// Datagrams of an unknown, unauthenticated session held until one of its blocks yields a
