@@ -29,24 +29,25 @@ pub fn encode(registry: &Registry) -> String {
 /// The sum of every series of metric `name` whose labels contain all of `labels`
 /// (each `key="value"`).
 pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name
-                || !labels
-                    .iter()
-                    .all(|l| label_text.split(',').any(|x| x == *l))
-            {
-                return None;
-            }
-            value.parse::<f64>().ok()
+    let wanted: Option<Vec<(&str, &str)>> = labels
+        .iter()
+        .map(|l| {
+            let (key, value) = l.split_once('=')?;
+            Some((key, value.strip_prefix('"')?.strip_suffix('"')?))
         })
-        .sum()
+        .collect();
+    // A label not written `key="value"` matches no series.
+    let Some(wanted) = wanted else {
+        return 0.0;
+    };
+    diode_common::status::parse_exposition(text)
+        .filter(|s| {
+            s.name == name
+                && wanted
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
+        })
+        .fold(0.0, |sum, s| sum + s.value)
 }
 
 #[cfg(test)]

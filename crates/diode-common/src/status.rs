@@ -175,19 +175,24 @@ pub struct Board {
 type Snapshot = BTreeMap<(String, String), f64>;
 
 /// One series of the exposition text: its name, its labels, its value.
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
 }
 
 fn samples(registry: &Registry) -> Vec<Sample> {
     let mut text = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    parse_exposition(&text).collect()
+}
+
+/// Every series of a Prometheus exposition text (comments skipped, lines that do not parse
+/// left out): what this page and the project's scrapers (`diode_gateway::scrape`) read.
+pub fn parse_exposition(text: &str) -> impl Iterator<Item = Sample> + '_ {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(parse_sample)
-        .collect()
 }
 
 /// One line of the exposition text: `name{k="v",...} value`, label values unescaped (`\\`,
