@@ -20,6 +20,11 @@ impl ByteBudget {
         }
     }
 
+    /// Bytes it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.total
+    }
+
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.total - self.permits.available_permits()

@@ -23,6 +23,109 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReasonLabels {
+    pub route: String,
+    pub reason: String,
+}
+
+/// The files sink's families (sinks/files.rs); series exist only for routes with a files sink.
+#[derive(Clone, Default)]
+pub struct FileFamilies {
+    pub received: Family<RouteLabels, Counter>,
+    pub bytes_received: Family<RouteLabels, Counter>,
+    pub bytes_written: Family<RouteLabels, Counter>,
+    pub failed: Family<RouteReasonLabels, Counter>,
+    pub incomplete: Family<RouteLabels, Gauge>,
+    pub incomplete_passes: Family<RouteLabels, Counter>,
+    pub deleted: Family<RouteLabels, Counter>,
+}
+
+/// One files sink's handles.
+#[derive(Clone)]
+pub struct FileMetrics {
+    route: String,
+    families: FileFamilies,
+    /// Versions verified and renamed into place.
+    pub received: Counter,
+    pub bytes_received: Counter,
+    /// Chunk bytes written to partial files (more than received when passes overlap).
+    pub bytes_written: Counter,
+    /// Versions being put together.
+    pub incomplete: Gauge,
+    /// Passes of the sender's carousel that ended with bytes of a version missing.
+    pub incomplete_passes: Counter,
+    pub deleted: Counter,
+}
+
+impl FileMetrics {
+    /// `diode_files_failed_total{reason}`.
+    pub fn failed(&self, reason: &str) -> Counter {
+        self.families
+            .failed
+            .get_or_create_owned(&RouteReasonLabels {
+                route: self.route.clone(),
+                reason: reason.to_owned(),
+            })
+    }
+}
+
+impl FileFamilies {
+    pub fn route(&self, route: &str) -> FileMetrics {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        FileMetrics {
+            route: route.to_owned(),
+            families: self.clone(),
+            received: self.received.get_or_create_owned(&labels),
+            bytes_received: self.bytes_received.get_or_create_owned(&labels),
+            bytes_written: self.bytes_written.get_or_create_owned(&labels),
+            incomplete: self.incomplete.get_or_create_owned(&labels),
+            incomplete_passes: self.incomplete_passes.get_or_create_owned(&labels),
+            deleted: self.deleted.get_or_create_owned(&labels),
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "diode_files_received",
+            "File versions verified (SHA-256) and renamed into place by a files sink",
+            self.received.clone(),
+        );
+        r.register(
+            "diode_file_bytes_received",
+            "Bytes of the file versions received",
+            self.bytes_received.clone(),
+        );
+        r.register(
+            "diode_file_bytes_written",
+            "Chunk bytes written to partial files",
+            self.bytes_written.clone(),
+        );
+        r.register(
+            "diode_files_failed",
+            "File versions not installed, by reason (path, too_large, verify, conflict, fragmented, evicted, expired, io)",
+            self.failed.clone(),
+        );
+        r.register(
+            "diode_files_incomplete",
+            "File versions being put together, waiting for chunks from a later pass",
+            self.incomplete.clone(),
+        );
+        r.register(
+            "diode_file_passes_incomplete",
+            "Carousel passes that ended with bytes of a file version missing",
+            self.incomplete_passes.clone(),
+        );
+        r.register(
+            "diode_files_deleted",
+            "Files removed because the plant side deleted them",
+            self.deleted.clone(),
+        );
+    }
+}
+
 #[derive(Clone)]
 pub struct ReceiverMetrics {
     pub datagrams_received: Counter,
@@ -56,6 +159,7 @@ pub struct ReceiverMetrics {
     pub sink_queue_bytes: Family<RouteLabels, Gauge>,
     pub sink_backlog_bytes: Family<RouteLabels, Gauge>,
     pub sink_buffer_max_bytes: Family<RouteLabels, Gauge>,
+    pub files: FileFamilies,
 }
 
 impl ReceiverMetrics {
@@ -92,6 +196,7 @@ impl ReceiverMetrics {
             sink_queue_bytes: Family::default(),
             sink_backlog_bytes: Family::default(),
             sink_buffer_max_bytes: Family::default(),
+            files: FileFamilies::default(),
         };
         let r = registry;
         r.register(
@@ -249,6 +354,7 @@ impl ReceiverMetrics {
             "What the route's disk buffer may hold (buffer_max_bytes; 0 without one)",
             m.sink_buffer_max_bytes.clone(),
         );
+        m.files.register(r);
         // Every reason exists from the start, at 0, so alerts can be written against it.
         for reason in Rejected::ALL {
             let _ = m.datagrams_rejected.get_or_create(&ReasonLabels {
@@ -304,6 +410,7 @@ impl ReceiverMetrics {
             backlog: self.sink_backlog_bytes.get_or_create_owned(&labels),
             buffer_max: self.sink_buffer_max_bytes.get_or_create_owned(&labels),
             budget,
+            files: self.files.clone(),
         }
     }
 }
@@ -321,6 +428,8 @@ pub struct RouteMetrics {
     /// What the route's disk buffer may hold (0: none), for "nearly full" alerts.
     pub buffer_max: Gauge,
     pub budget: diode_common::budget::ByteBudget,
+    /// For a files sink's own series.
+    pub files: FileFamilies,
 }
 
 /// One topic's delivery counters, resolved once.

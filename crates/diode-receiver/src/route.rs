@@ -361,6 +361,11 @@ impl RouteTask {
         &self.name
     }
 
+    /// A files sink's own metrics, labelled with this route.
+    pub fn file_metrics(&self) -> crate::metrics::FileMetrics {
+        self.metrics.files.route(&self.name)
+    }
+
     /// Runs the route with `sink` until its queue closes and is drained.
     pub fn spawn<S: Sink>(self, sink: S) -> tokio::task::JoinHandle<()> {
         tokio::spawn(self.run(sink))

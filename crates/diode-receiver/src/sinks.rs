@@ -9,6 +9,7 @@
 pub mod broker;
 pub mod dead_letter;
 pub mod file;
+pub mod files;
 pub mod kafka;
 pub mod mqtt;
 pub mod stdout;
@@ -35,6 +36,7 @@ use crate::route::RouteTask;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SinkConfig {
     File(file::FileConfig),
+    Files(files::FilesConfig),
     Stdout(stdout::StdoutConfig),
     Udp(udp::UdpConfig),
     Tcp(tcp::TcpConfig),
@@ -49,6 +51,7 @@ impl SinkConfig {
     pub fn check(&self, scope: &Scope<'_>) -> Result<CheckedSink, ConfigError> {
         let (kind, settings): (_, Arc<dyn SinkSettings>) = match self {
             SinkConfig::File(c) => ("file", Arc::new(c.check(scope)?)),
+            SinkConfig::Files(c) => ("files", Arc::new(c.check(scope)?)),
             SinkConfig::Stdout(c) => ("stdout", Arc::new(c.clone())),
             SinkConfig::Udp(c) => ("udp", Arc::new(c.check(scope)?)),
             SinkConfig::Tcp(c) => ("tcp", Arc::new(c.check(scope)?)),

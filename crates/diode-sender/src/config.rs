@@ -350,7 +350,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     }
     let destination = source.socket_addr("link.destination", &config.link.destination)?;
     let bind = source.socket_addr("link.bind", &config.link.bind)?;
-    let (journal_dir, journal_budgets) = check_journal(&source, &config, &origins)?;
+    let (journal_dir, journal_budgets) = check_journal(&source, &config, &origins, &sources)?;
     let sequences_file = match &config.link.state_file {
         Some(file) => {
             let file = source.resolve(file);
@@ -381,6 +381,7 @@ fn check_journal(
     source: &ConfigSource,
     config: &SenderConfig,
     origins: &[String],
+    sources: &[CheckedSource],
 ) -> Result<JournalPlan, ConfigError> {
     let Some(journal) = &config.journal else {
         if let Some((i, _)) = config
@@ -419,7 +420,13 @@ fn check_journal(
     let budgets = config
         .topics
         .iter()
-        .map(|topic| {
+        .zip(sources)
+        .map(|(topic, source)| {
+            // A bulk topic (files) is sent again by its own carousel: journaled only if it
+            // says so.
+            if source.source.bulk() && topic.journal.is_none() {
+                return None;
+            }
             let own = topic.journal.unwrap_or(TopicJournalConfig {
                 max_bytes: None,
                 max_age_secs: None,

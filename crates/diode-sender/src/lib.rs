@@ -74,6 +74,17 @@ impl RunningSender {
     }
 }
 
+/// What the bulk topics' queue may hold.
+const BULK_QUEUE_BYTES: usize = 4 << 20;
+
+/// How much encoded data bulk records may put ahead of a live one: 10 ms of the link's ceiling
+/// (at least 64 KiB, so a slow link still moves a chunk at a time), at most half the encoder's
+/// queue.
+fn bulk_room_bytes(rate_mbps: f64, max_queued_bytes: usize) -> usize {
+    let ten_ms = (rate_mbps * 1e6 / 8.0 * 0.010) as usize;
+    ten_ms.max(64 << 10).min(max_queued_bytes / 2)
+}
+
 /// Binds everything (so a taken port fails here), then runs until `shutdown`.
 /// Must be called from within a tokio runtime.
 pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, StartError> {
@@ -109,6 +120,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     metrics.session_start_seconds.set(start_us / 1_000_000);
     let (queue_tx, queue_rx) = flume::bounded(link.queue_records);
     let budget = diode_common::budget::ByteBudget::new(link.queue_bytes);
+    // Bulk topics (files) queue apart, with a budget of their own, so that they never hold room
+    // a live record needs (link.rs takes them only when no live record waits).
+    let (bulk_tx, bulk_rx) = flume::bounded(link.queue_records);
+    let bulk_budget = diode_common::budget::ByteBudget::new(link.queue_bytes.min(BULK_QUEUE_BYTES));
 
     let names: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
     let journal_error = |dir: &std::path::Path| {
@@ -198,16 +213,32 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
         let tm = metrics.topic(&topic.name);
         topic_metrics.push(tm.clone());
+        let bulk_room = bulk_room_bytes(link.rate_mbps, link.max_queued_bytes);
+        let (queue, budget, queued_ahead_bytes) = if source.source.bulk() {
+            (
+                bulk_tx.clone(),
+                bulk_budget.clone(),
+                bulk_budget.capacity() + bulk_room,
+            )
+        } else {
+            (
+                queue_tx.clone(),
+                budget.clone(),
+                link.queue_bytes + link.max_queued_bytes,
+            )
+        };
         let ctx = SourceContext {
             topic: id,
             name: Arc::from(topic.name.as_str()),
-            queue: queue_tx.clone(),
-            budget: budget.clone(),
+            queue,
+            budget,
             metrics: tm,
+            sender_metrics: metrics.clone(),
             rate: topic
                 .rate_mbps
                 .map(|mbps| Arc::new(rate::TopicRate::new(mbps))),
             max_record_bytes: link.max_record_bytes,
+            queued_ahead_bytes,
             limits,
             shutdown: shutdown.clone(),
         };
@@ -306,6 +337,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     }
     // Only the sources hold the queue now: when they stop, the link thread drains and stops.
     drop(queue_tx);
+    drop(bulk_tx);
 
     let thread = link::LinkThread {
         encoder,
@@ -313,6 +345,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         udp,
         destination: loaded.destination,
         queue: queue_rx,
+        bulk: bulk_rx,
+        bulk_room_bytes: bulk_room_bytes(link.rate_mbps, link.max_queued_bytes),
         max_queued_bytes: link.max_queued_bytes,
         metrics,
         topics: topic_metrics,

@@ -25,6 +25,11 @@ pub struct LinkThread {
     pub udp: UdpSocketState,
     pub destination: SocketAddr,
     pub queue: flume::Receiver<Ingest>,
+    /// Records of bulk topics (files): taken only when no live record waits, and only while the
+    /// encoder holds less than `bulk_room_bytes`, so a large transfer adds at most that much
+    /// link time to a live record's latency.
+    pub bulk: flume::Receiver<Ingest>,
+    pub bulk_room_bytes: usize,
     pub max_queued_bytes: usize,
     pub metrics: SenderMetrics,
     /// Indexed by topic id.
@@ -76,9 +81,13 @@ impl LinkThread {
                 live_waiting = self.encoder.queued_bytes() >= self.max_queued_bytes;
             }
             // Replayed records only when no live one waits, and into half the queue at most,
-            // so that a replay never delays live traffic; none once stopping.
+            // so that a replay never delays live traffic; none once stopping. Bulk records
+            // likewise, and at a stop too, so that what a files source queued is sent.
             if !live_waiting && stopping_since.is_none() {
                 self.take_replayed(now);
+            }
+            if !live_waiting {
+                self.take_bulk(now);
             }
             // Drops at the sources go into heartbeats, so the IT side sees OT-side loss. Heartbeats
             // are hundreds of milliseconds apart: this need not run for every record.
@@ -109,7 +118,10 @@ impl LinkThread {
             self.update_metrics(&mut last_stats);
 
             if let Some(since) = stopping_since {
-                if (disconnected && self.encoder.is_idle())
+                if (disconnected
+                    && self.bulk.is_disconnected()
+                    && self.bulk.is_empty()
+                    && self.encoder.is_idle())
                     || now.duration_since(since) > DRAIN_LIMIT
                 {
                     if !self.encoder.is_idle() {
@@ -134,13 +146,24 @@ impl LinkThread {
             let replay_ready = stopping_since.is_none()
                 && self.replay_room()
                 && self.journal.as_ref().is_some_and(|j| !j.replay.is_empty());
-            if replay_ready {
-                // Replayed records wait: go round again at once.
+            let bulk_ready = self.bulk_room() && !self.bulk.is_empty();
+            if replay_ready || bulk_ready {
+                // Replayed or bulk records wait: go round again at once.
             } else if queue_open && waiting_for_first_record {
-                match self.queue.recv_deadline(wake) {
-                    Ok(ingest) => self.push(Instant::now(), ingest),
-                    Err(flume::RecvTimeoutError::Timeout) => {}
-                    Err(flume::RecvTimeoutError::Disconnected) => {}
+                // A bulk record wakes the thread as a live one does, while it may take one.
+                let bulk_open = self.bulk_room() && !self.bulk.is_disconnected();
+                let woken = if bulk_open {
+                    flume::Selector::new()
+                        .recv(&self.queue, Result::ok)
+                        .recv(&self.bulk, Result::ok)
+                        .wait_deadline(wake)
+                        .ok()
+                        .flatten()
+                } else {
+                    self.queue.recv_deadline(wake).ok()
+                };
+                if let Some(ingest) = woken {
+                    self.push(Instant::now(), ingest);
                 }
             } else if let Some(pause) = wake.checked_duration_since(Instant::now()) {
                 std::thread::sleep(pause);
@@ -204,6 +227,19 @@ impl LinkThread {
                 // Sources check the same limits first; this is the encoder's own guard.
                 self.topics[topic].dropped_oversize.inc();
                 tracing::warn!(error = %e, "record refused by the encoder");
+            }
+        }
+    }
+
+    fn bulk_room(&self) -> bool {
+        self.encoder.queued_bytes() < self.bulk_room_bytes
+    }
+
+    fn take_bulk(&mut self, now: Instant) {
+        while self.bulk_room() {
+            match self.bulk.try_recv() {
+                Ok(ingest) => self.push(now, ingest),
+                Err(_) => return,
             }
         }
     }

@@ -39,6 +39,48 @@ pub struct SenderMetrics {
     pub journal_dropped: Family<TopicLabels, Counter>,
     pub journal_errors: Counter,
     pub replay: ReplayMetrics,
+    pub files: FileFamilies,
+}
+
+/// The files source's families (sources/files.rs); series only for topics with a files source.
+#[derive(Clone, Default)]
+pub struct FileFamilies {
+    pub sent: Family<TopicLabels, Counter>,
+    pub passes: Family<TopicLabels, Counter>,
+    pub bytes_sent: Family<TopicLabels, Counter>,
+    pub tracked: Family<TopicLabels, Gauge>,
+    pub pending: Family<TopicLabels, Gauge>,
+    pub skipped: Family<TopicReasonLabels, Counter>,
+    pub deletions: Family<TopicLabels, Counter>,
+}
+
+/// One files source's handles.
+#[derive(Clone)]
+pub struct FileMetrics {
+    topic: String,
+    families: FileFamilies,
+    /// Versions sent whole at least once.
+    pub sent: Counter,
+    /// Whole passes of the carousel, first passes included.
+    pub passes: Counter,
+    pub bytes_sent: Counter,
+    /// Versions in the carousel.
+    pub tracked: Gauge,
+    /// Versions not yet sent as many times as configured.
+    pub pending: Gauge,
+    pub deletions: Counter,
+}
+
+impl FileMetrics {
+    /// `diode_files_skipped_total{reason}`.
+    pub fn skipped(&self, reason: &str) -> Counter {
+        self.families
+            .skipped
+            .get_or_create_owned(&TopicReasonLabels {
+                topic: self.topic.clone(),
+                reason: reason.to_owned(),
+            })
+    }
 }
 
 /// One journaled topic's handles (see `journal.rs`).
@@ -122,6 +164,7 @@ impl SenderMetrics {
             journal_dropped: Family::default(),
             journal_errors: Counter::default(),
             replay: ReplayMetrics::default(),
+            files: FileFamilies::default(),
         };
         registry.register(
             "diode_records_in",
@@ -233,7 +276,59 @@ impl SenderMetrics {
             "Records sent again from the journal by continuous backfill",
             m.replay.backfill_records.clone(),
         );
+        registry.register(
+            "diode_files_sent",
+            "File versions sent whole at least once (files source)",
+            m.files.sent.clone(),
+        );
+        registry.register(
+            "diode_file_passes",
+            "Whole passes of the carousel over a file version, the first included",
+            m.files.passes.clone(),
+        );
+        registry.register(
+            "diode_file_bytes_sent",
+            "File bytes sent as chunks, every pass counted",
+            m.files.bytes_sent.clone(),
+        );
+        registry.register(
+            "diode_files_tracked",
+            "File versions in the carousel",
+            m.files.tracked.clone(),
+        );
+        registry.register(
+            "diode_files_pending",
+            "File versions not yet sent as many times as configured",
+            m.files.pending.clone(),
+        );
+        registry.register(
+            "diode_files_skipped",
+            "Files not sent, by reason (changed: modified while being sent; too_large; unreadable; limit: max_files reached)",
+            m.files.skipped.clone(),
+        );
+        registry.register(
+            "diode_file_deletions_sent",
+            "Deletions of files sent earlier, announced to the receiver (propagate_deletions)",
+            m.files.deletions.clone(),
+        );
         m
+    }
+
+    pub fn files(&self, topic: &str) -> FileMetrics {
+        let labels = TopicLabels {
+            topic: topic.to_owned(),
+        };
+        let f = &self.files;
+        FileMetrics {
+            topic: topic.to_owned(),
+            families: f.clone(),
+            sent: f.sent.get_or_create_owned(&labels),
+            passes: f.passes.get_or_create_owned(&labels),
+            bytes_sent: f.bytes_sent.get_or_create_owned(&labels),
+            tracked: f.tracked.get_or_create_owned(&labels),
+            pending: f.pending.get_or_create_owned(&labels),
+            deletions: f.deletions.get_or_create_owned(&labels),
+        }
     }
 
     pub fn journal(&self, topic: &str) -> JournalMetrics {

@@ -11,6 +11,7 @@
 //! and MQTT brokers (unacknowledged messages wait there), and drops UDP datagrams, counted
 //! (`diode_records_dropped_total{reason="queue_full"}`).
 
+pub mod files;
 pub mod modbus;
 pub mod mqtt;
 pub mod syslog;
@@ -47,6 +48,7 @@ pub enum SourceConfig {
     Mqtt(mqtt::MqttConfig),
     Modbus(modbus::ModbusConfig),
     Syslog(syslog::SyslogConfig),
+    Files(files::FilesConfig),
 }
 
 impl SourceConfig {
@@ -58,6 +60,7 @@ impl SourceConfig {
             SourceConfig::Mqtt(c) => ("mqtt", Arc::new(c.check(scope)?)),
             SourceConfig::Modbus(c) => ("modbus", Arc::new(c.check(scope)?)),
             SourceConfig::Syslog(c) => ("syslog", Arc::new(c.check(scope)?)),
+            SourceConfig::Files(c) => ("files", Arc::new(c.check(scope)?)),
         };
         Ok(CheckedSource { kind, source })
     }
@@ -91,6 +94,12 @@ pub trait Source: std::fmt::Debug + Send + Sync {
     /// What only one topic's source may hold.
     fn claims(&self) -> Vec<Claim> {
         Vec::new()
+    }
+
+    /// A bulk source (files) yields to every live one: its records wait in a queue of their
+    /// own and go on the link only when no live record waits.
+    fn bulk(&self) -> bool {
+        false
     }
 
     /// Binds what it listens on (at start-up, so a taken port stops the service) and returns
@@ -145,9 +154,14 @@ pub struct SourceContext {
     pub queue: flume::Sender<Ingest>,
     pub budget: ByteBudget,
     pub metrics: TopicMetrics,
+    /// Every family, for a source with series of its own (files).
+    pub sender_metrics: crate::metrics::SenderMetrics,
     /// The topic's own ceiling, if it has one.
     pub rate: Option<Arc<crate::rate::TopicRate>>,
     pub max_record_bytes: usize,
+    /// At most this many of the topic's bytes can be queued and not yet on the wire: what a
+    /// crash can lose after a source took them.
+    pub queued_ahead_bytes: usize,
     /// What the link can frame: a record (its origin included) beyond it is refused here.
     pub limits: RecordLimits,
     pub shutdown: Shutdown,

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod datagram;
 pub mod encoder;
 pub mod fec;
+pub mod files;
 pub mod frames;
 pub mod gaps;
 pub mod pacer;
