@@ -103,7 +103,7 @@ fn a_tree_arrives_byte_identical_through_loss_beyond_parity() {
         &content(3 << 20, 1001),
     );
     expected += 3;
-    // Names a Linux plant server can hold and a mirror must not take.
+    // Names a Linux plant server can hold and no mirror may take.
     std::fs::write(
         s.plant
             .join(std::ffi::OsStr::from_bytes(b"bad\xffname.bin")),
@@ -154,11 +154,13 @@ fn a_tree_arrives_byte_identical_through_loss_beyond_parity() {
             .metric("diode_file_passes_incomplete_total", &[])
             > 0.0
     );
+    // Names no mirror may take are not sent at all (the sink's own refusal of each hostile
+    // path is tested in sinks/files.rs, with records no sender of ours would make).
     assert_eq!(
-        pair.receiver
-            .metric("diode_files_failed_total", &["reason=\"path\""]),
+        pair.sender
+            .metric("diode_files_skipped_total", &["reason=\"name\""]),
         2.0,
-        "the two hostile names were not refused as paths"
+        "the two names no receiver takes were sent"
     );
     assert_eq!(
         pair.receiver
@@ -278,6 +280,7 @@ fn deletions_are_mirrored_and_transfer_mode_moves_sent_files_away() {
         files_route(&s.mirror, ""),
         s.dir.path().join("orders").display()
     );
+    let started = std::time::Instant::now();
     let pair = Pair::start_with(RelayConfig::default(), &topics, &routes, s.dir, "", "");
     let received = |pair: &Pair| pair.receiver.metric("diode_files_received_total", &[]);
     assert!(wait_for(Duration::from_secs(20), || received(&pair) >= 3.0));
@@ -306,4 +309,16 @@ fn deletions_are_mirrored_and_transfer_mode_moves_sent_files_away() {
     );
     std::thread::sleep(Duration::from_millis(1000));
     assert!(pair.path("orders/order-1.xml").exists());
+
+    // A sender whose topics are all files has no live source: it keeps running all the same
+    // (past the 10 s a stopping sender is given to drain).
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(started.elapsed()));
+    write(&pair.path("plant"), "later.csv", b"late,file\n");
+    assert!(
+        wait_for(Duration::from_secs(20), || pair
+            .path("mirror/later.csv")
+            .exists()),
+        "a file added after 12 s did not cross; sender log:\n{}",
+        pair.sender.log_text()
+    );
 }

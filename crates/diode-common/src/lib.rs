@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod fsutil;
 pub mod keyfile;
 pub mod metrics;
 pub mod mqtt;

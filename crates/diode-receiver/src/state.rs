@@ -7,7 +7,6 @@
 //! stop: after a crash, records delivered in the last second before it may be reported lost
 //! once more (and a replay would deliver them again), never the other way round.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -212,16 +211,7 @@ pub fn save(path: &Path, saved: &Saved) -> Result<(), StateError> {
             gap.first_seq, gap.last_seq, gap.after_us, gap.before_us
         );
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(error)?;
-    file.write_all(text.as_bytes()).map_err(error)?;
-    file.sync_all().map_err(error)?;
-    std::fs::rename(&tmp, path).map_err(error)
+    diode_common::fsutil::replace_file(path, text.as_bytes(), 0o600, true).map_err(error)
 }
 
 #[cfg(test)]

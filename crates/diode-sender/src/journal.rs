@@ -791,16 +791,8 @@ impl Sequences {
             // Topic names hold no control characters (wire-format.md §1): one line each.
             text += &format!("next={n} topic={name}\n");
         }
-        let tmp = self.path.with_extension("tmp");
-        let mut file = File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        if let Some(parent) = self.path.parent() {
-            // The rename itself must reach the disk before these numbers are used.
-            File::open(parent)?.sync_all()?;
-        }
-        Ok(())
+        // The rename itself reaches the disk before these numbers are used.
+        diode_common::fsutil::replace_file(&self.path, text.as_bytes(), 0o600, true)
     }
 }
 

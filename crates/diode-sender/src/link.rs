@@ -109,7 +109,10 @@ impl LinkThread {
                 noted_errors = errors;
             }
 
-            if (disconnected || self.shutdown.is_triggered()) && stopping_since.is_none() {
+            // The sources are gone only when neither queue has a sender left: a sender whose
+            // topics are all bulk (files) has no live queue from the start.
+            let sources_gone = disconnected && self.bulk.is_disconnected();
+            if (sources_gone || self.shutdown.is_triggered()) && stopping_since.is_none() {
                 stopping_since = Some(now);
                 self.encoder.finish(now, unix_time_us());
             }
@@ -118,10 +121,7 @@ impl LinkThread {
             self.update_metrics(&mut last_stats);
 
             if let Some(since) = stopping_since {
-                if (disconnected
-                    && self.bulk.is_disconnected()
-                    && self.bulk.is_empty()
-                    && self.encoder.is_idle())
+                if (sources_gone && self.bulk.is_empty() && self.encoder.is_idle())
                     || now.duration_since(since) > DRAIN_LIMIT
                 {
                     if !self.encoder.is_idle() {
@@ -147,20 +147,22 @@ impl LinkThread {
                 && self.replay_room()
                 && self.journal.as_ref().is_some_and(|j| !j.replay.is_empty());
             let bulk_ready = self.bulk_room() && !self.bulk.is_empty();
+            let bulk_open = self.bulk_room() && !self.bulk.is_disconnected();
             if replay_ready || bulk_ready {
                 // Replayed or bulk records wait: go round again at once.
-            } else if queue_open && waiting_for_first_record {
+            } else if waiting_for_first_record && (queue_open || bulk_open) {
                 // A bulk record wakes the thread as a live one does, while it may take one.
-                let bulk_open = self.bulk_room() && !self.bulk.is_disconnected();
-                let woken = if bulk_open {
+                let woken = if queue_open && bulk_open {
                     flume::Selector::new()
                         .recv(&self.queue, Result::ok)
                         .recv(&self.bulk, Result::ok)
                         .wait_deadline(wake)
                         .ok()
                         .flatten()
-                } else {
+                } else if queue_open {
                     self.queue.recv_deadline(wake).ok()
+                } else {
+                    self.bulk.recv_deadline(wake).ok()
                 };
                 if let Some(ingest) = woken {
                     self.push(Instant::now(), ingest);

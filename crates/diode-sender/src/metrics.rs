@@ -303,7 +303,7 @@ impl SenderMetrics {
         );
         registry.register(
             "diode_files_skipped",
-            "Files not sent, by reason (changed: modified while being sent; too_large; unreadable; limit: max_files reached)",
+            "Files not sent, by reason (changed: modified while being sent; too_large; name: a path no receiver takes; unreadable; limit: max_files reached)",
             m.files.skipped.clone(),
         );
         registry.register(

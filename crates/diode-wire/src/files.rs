@@ -210,15 +210,15 @@ impl RangeSet {
         &self.ranges
     }
 
-    /// Adds `[start, end)`; returns whether any byte of it was new.
+    /// Adds `[start, end)`; returns how many of its bytes were new.
     pub fn insert(
         &mut self,
         start: u64,
         end: u64,
         max_ranges: usize,
-    ) -> Result<bool, TooFragmented> {
+    ) -> Result<u64, TooFragmented> {
         if start >= end {
-            return Ok(false);
+            return Ok(0);
         }
         // The ranges that touch or overlap [start, end) are first..last.
         let first = self.ranges.partition_point(|&(_, e)| e < start);
@@ -228,14 +228,14 @@ impl RangeSet {
                 return Err(TooFragmented(max_ranges));
             }
             self.ranges.insert(first, (start, end));
-            return Ok(true);
+            return Ok(end - start);
         }
         let merged = (
             start.min(self.ranges[first].0),
             end.max(self.ranges[last - 1].1),
         );
         let covered: u64 = self.ranges[first..last].iter().map(|(s, e)| e - s).sum();
-        let new = merged.1 - merged.0 > covered;
+        let new = merged.1 - merged.0 - covered;
         self.ranges.splice(first..last, [merged]);
         Ok(new)
     }
@@ -315,6 +315,7 @@ mod tests {
             sha256: Bytes::from(vec![1u8; 32]),
             pass: 2,
             end_of_pass: true,
+            found_us: 1_764_100_001_000_000,
         };
         let decoded = Part::decode(Part::Manifest(manifest.clone()).encode()).unwrap();
         assert_eq!(decoded, Part::Manifest(manifest));
@@ -393,13 +394,13 @@ mod tests {
     #[test]
     fn range_sets_merge_and_say_what_is_missing() {
         let mut set = RangeSet::default();
-        assert!(set.insert(100, 200, 8).unwrap());
-        assert!(set.insert(300, 400, 8).unwrap());
-        assert!(!set.insert(120, 180, 8).unwrap());
+        assert_eq!(set.insert(100, 200, 8).unwrap(), 100);
+        assert_eq!(set.insert(300, 400, 8).unwrap(), 100);
+        assert_eq!(set.insert(120, 180, 8).unwrap(), 0);
         assert_eq!(set.missing(500, 10), vec![(0, 100), (200, 300), (400, 500)]);
-        assert!(set.insert(200, 300, 8).unwrap());
+        assert_eq!(set.insert(150, 300, 8).unwrap(), 100);
         assert_eq!(set.ranges(), &[(100, 400)]);
-        assert!(set.insert(0, 100, 8).unwrap());
+        assert_eq!(set.insert(0, 100, 8).unwrap(), 100);
         assert!(set.covers(400));
         assert!(!set.covers(401));
         assert_eq!(set.len(), 400);
@@ -411,7 +412,7 @@ mod tests {
         }
         assert_eq!(scattered.insert(100, 101, 4), Err(TooFragmented(4)));
         // Filling a hole never needs a new range.
-        assert!(scattered.insert(1, 10, 4).unwrap());
+        assert_eq!(scattered.insert(1, 10, 4).unwrap(), 9);
 
         let rebuilt = RangeSet::from_ranges(vec![(5, 9), (0, 3), (3, 4), (8, 12), (20, 20)]);
         assert_eq!(rebuilt.ranges(), &[(0, 4), (5, 12)]);

@@ -11,10 +11,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,6 +48,10 @@ pub struct FilesConfig {
     /// is given up (counted, `reason="evicted"`) and starts again with its next pass.
     #[serde(default = "default_usize::<1024>")]
     pub max_incomplete_files: usize,
+    /// Bytes held in incomplete versions, in all, at most: past that the version touched longest
+    /// ago is given up (counted, `reason="evicted"`).
+    #[serde(default = "default_u64::<{ 64 << 30 }>")]
+    pub max_incomplete_bytes: u64,
     /// An incomplete version that receives nothing for this long is given up.
     #[serde(default = "default_u64::<{ 7 * 86_400 }>")]
     pub incomplete_timeout_secs: u64,
@@ -139,10 +142,8 @@ impl Sink for FilesSink {
     }
 }
 
-/// Bytes of a partial file hashed per read when it is verified.
-const VERIFY_READ_BYTES: usize = 1 << 20;
 /// A file version held in more pieces than this is given up (a sender scattering bytes).
-const MAX_RANGES: usize = 65_536;
+const MAX_RANGES: usize = 16_384;
 /// Versions remembered as refused (bad path, too large, older than what is held), so their
 /// chunks are dropped without work.
 const MAX_REFUSED: usize = 4096;
@@ -165,6 +166,8 @@ struct Mirror {
     partial_dir: PathBuf,
     partial_fd: OwnedFd,
     incomplete: HashMap<u64, Partial>,
+    /// Bytes the incomplete versions hold, in all.
+    held_bytes: u64,
     /// Path → the version installed there.
     installed: HashMap<String, Installed>,
     installed_ids: HashMap<u64, String>,
@@ -178,6 +181,9 @@ struct Mirror {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Installed {
     file_id: u64,
+    /// When the sender found the version (wire-format.md §5.6): what orders versions.
+    #[serde(default)]
+    found_us: i64,
     mtime_us: i64,
     size: u64,
 }
@@ -203,6 +209,8 @@ struct PartialMeta {
     path_base64: Option<String>,
     size: u64,
     mtime_us: i64,
+    #[serde(default)]
+    found_us: i64,
     mode: u32,
     sha256_base64: Option<String>,
     ranges: Vec<(u64, u64)>,
@@ -306,6 +314,7 @@ impl Mirror {
             partial_dir,
             partial_fd,
             incomplete: HashMap::new(),
+            held_bytes: 0,
             installed: HashMap::new(),
             installed_ids: HashMap::new(),
             index_dirty: false,
@@ -374,12 +383,15 @@ impl Mirror {
                         .unwrap_or_default(),
                     pass: 0,
                     end_of_pass: false,
+                    found_us: meta.found_us,
                 });
+            let held = RangeSet::from_ranges(meta.ranges);
+            self.held_bytes += held.len();
             self.incomplete.insert(
                 id,
                 Partial {
                     manifest,
-                    held: RangeSet::from_ranges(meta.ranges),
+                    held,
                     prefix_hash: None,
                     file: None,
                     touched: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
@@ -439,6 +451,8 @@ impl Mirror {
                 Ok(()) => {}
                 Err(Outcome::Refused(why)) => refusals.push((i, why)),
                 Err(Outcome::Io(e)) => {
+                    // A full disk fails every retry: what has waited too long makes room.
+                    self.expire();
                     self.save_all();
                     return Err(SinkError::Io(e));
                 }
@@ -461,7 +475,7 @@ impl Mirror {
         if let Some(failed) = failed {
             self.metrics.failed(failed.reason()).inc();
         }
-        if self.incomplete.remove(&id).is_some() {
+        if self.take_partial(&id).is_some() {
             self.discard_files(id);
         }
         if self.refused_set.insert(id) {
@@ -472,6 +486,14 @@ impl Mirror {
                 }
             }
         }
+    }
+
+    /// Whether `path` holds a version found after `m` (or, from senders that do not say when
+    /// they found a version, modified after it).
+    fn newer_installed(&self, path: &str, m: &FileManifest) -> bool {
+        self.installed
+            .get(path)
+            .is_some_and(|held| (held.found_us, held.mtime_us) > (m.found_us, m.mtime_us))
     }
 
     /// Whether this version is the one installed at its path, and still there.
@@ -506,12 +528,10 @@ impl Mirror {
                 m.size, self.config.max_file_bytes
             )));
         }
-        if let Some(held) = self.installed.get(&names) {
-            if held.mtime_us > m.mtime_us {
-                // An older version still in the carousel: the newer one stays.
-                self.refuse(id, None);
-                return Ok(());
-            }
+        if self.newer_installed(&names, &m) {
+            // An older version still in the carousel: the newer one stays.
+            self.refuse(id, None);
+            return Ok(());
         }
         let partial = self.partial(id)?;
         if partial
@@ -555,12 +575,6 @@ impl Mirror {
             self.refuse(id, Some(Failed::TooLarge));
             return Ok(());
         }
-        let partial_dir = self.partial_fd.try_clone().map_err(Outcome::Io)?;
-        let open_now = self
-            .incomplete
-            .values()
-            .filter(|p| p.file.is_some())
-            .count();
         let partial = self.partial(id)?;
         let new = match partial.held.insert(c.offset, end, MAX_RANGES) {
             Ok(new) => new,
@@ -569,10 +583,18 @@ impl Mirror {
                 return Ok(());
             }
         };
-        if !new {
+        if new == 0 {
             return Ok(());
         }
+        self.held_bytes += new;
+        self.bound_held_bytes(id);
+        let partial = self.incomplete.get_mut(&id).expect("made above");
         if partial.file.is_none() {
+            let open_now = self
+                .incomplete
+                .values()
+                .filter(|p| p.file.is_some())
+                .count();
             if open_now >= MAX_OPEN {
                 // Few versions are written at once (the sender sends one file at a time); the
                 // handles of others are closed rather than held.
@@ -580,20 +602,20 @@ impl Mirror {
                     other.file = None;
                 }
             }
-            let partial = self.incomplete.get_mut(&id).expect("made above");
-            let fd = rustix::fs::openat(
-                &partial_dir,
-                format!("{}.part", id_hex(id)),
-                OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-            .map_err(|e| Outcome::Io(io_err(e)))?;
-            partial.file = Some(File::from(fd));
+            let file = self.open_partial(id).map_err(Outcome::Io)?;
+            self.incomplete.get_mut(&id).expect("made above").file = Some(file);
         }
         let partial = self.incomplete.get_mut(&id).expect("made above");
         let file = partial.file.as_ref().expect("opened above");
         file.write_all_at(&c.data, c.offset).map_err(Outcome::Io)?;
-        if let Some((hashed, context)) = &mut partial.prefix_hash {
+        if partial
+            .prefix_hash
+            .as_ref()
+            .is_some_and(|(hashed, _)| c.offset < *hashed)
+        {
+            // Bytes already hashed were written again: verification reads the file back.
+            partial.prefix_hash = None;
+        } else if let Some((hashed, context)) = &mut partial.prefix_hash {
             if *hashed == c.offset {
                 context.update(&c.data);
                 *hashed = end;
@@ -627,20 +649,55 @@ impl Mirror {
             return Ok(());
         }
         let (parent_names, name) = names.split_at(names.len() - 1);
-        let parent = walk_dirs(&self.root, parent_names).map_err(Outcome::Io)?;
-        if self.config.keep_versions > 0 {
-            self.keep_old_version(&parent, name[0], &names, d.file_id)
-                .map_err(Outcome::Io)?;
-        } else {
-            match rustix::fs::unlinkat(&parent, name[0], AtFlags::empty()) {
-                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(Outcome::Io(io_err(e))),
+        let removed = walk_dirs(&self.root, parent_names).and_then(|parent| {
+            if self.config.keep_versions > 0 {
+                self.keep_old_version(&parent, name[0], &names, d.file_id)
+            } else {
+                match rustix::fs::unlinkat(&parent, name[0], AtFlags::empty()) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+                    Err(e) => Err(io_err(e)),
+                }
             }
+        });
+        if let Err(e) = removed {
+            // Not retried: a deletion that cannot be done now must not hold the route up.
+            tracing::warn!(route = %self.route, path = %path, error = %e,
+                "file deleted on the plant side could not be removed here");
+            self.metrics.failed(Failed::Io.reason()).inc();
+            return Ok(());
         }
         self.forget_installed(d.file_id);
         self.metrics.deleted.inc();
         tracing::info!(route = %self.route, path = %path, "file deleted, as on the plant side");
         Ok(())
+    }
+
+    /// Takes a version out of those being put together.
+    fn take_partial(&mut self, id: &u64) -> Option<Partial> {
+        let partial = self.incomplete.remove(id)?;
+        self.held_bytes = self.held_bytes.saturating_sub(partial.held.len());
+        Some(partial)
+    }
+
+    /// Past `max_incomplete_bytes`, the versions touched longest ago (but `keep`) start again
+    /// with their next pass.
+    fn bound_held_bytes(&mut self, keep: u64) {
+        while self.held_bytes > self.config.max_incomplete_bytes {
+            let oldest = self
+                .incomplete
+                .iter()
+                .filter(|(id, _)| **id != keep)
+                .min_by_key(|(_, p)| p.touched)
+                .map(|(id, _)| *id);
+            let Some(oldest) = oldest else {
+                return;
+            };
+            tracing::warn!(route = %self.route, file_id = %id_hex(oldest),
+                "files sink: incomplete versions hold max_incomplete_bytes; the oldest starts again with its next pass");
+            self.metrics.failed(Failed::Evicted.reason()).inc();
+            self.take_partial(&oldest);
+            self.discard_files(oldest);
+        }
     }
 
     /// The partial version `id`, made if new (giving up the least recently touched one if there
@@ -657,7 +714,7 @@ impl Mirror {
                     tracing::warn!(route = %self.route, file_id = %id_hex(oldest),
                         "files sink: too many incomplete versions (max_incomplete_files); the oldest starts again with its next pass");
                     self.metrics.failed(Failed::Evicted.reason()).inc();
-                    self.incomplete.remove(&oldest);
+                    self.take_partial(&oldest);
                     self.discard_files(oldest);
                 }
             }
@@ -679,6 +736,18 @@ impl Mirror {
         partial.touched = Instant::now();
         partial.dirty = true;
         Ok(partial)
+    }
+
+    /// `<id>.part`, made if new, never through a symbolic link.
+    fn open_partial(&self, id: u64) -> std::io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.partial_fd,
+            format!("{}.part", id_hex(id)),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(io_err)?;
+        Ok(File::from(fd))
     }
 
     /// Whole and with its digest known.
@@ -719,25 +788,17 @@ impl Mirror {
 
     /// Verifies a whole version and renames it into place.
     fn complete(&mut self, id: u64) -> Result<(), Outcome> {
-        let mut partial = self.incomplete.remove(&id).expect("ready");
+        let mut partial = self.take_partial(&id).expect("ready");
         let manifest = partial.manifest.take().expect("ready");
         let path_text = String::from_utf8_lossy(&manifest.path).into_owned();
         let file = match partial.file.take() {
             Some(file) => file,
-            None => {
-                let fd = rustix::fs::openat(
-                    &self.partial_fd,
-                    format!("{}.part", id_hex(id)),
-                    OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| Outcome::Io(io_err(e)))?;
-                File::from(fd)
-            }
+            None => self.open_partial(id).map_err(Outcome::Io)?,
         };
         file.set_len(manifest.size).map_err(Outcome::Io)?;
         let digest =
-            finish_digest(&file, partial.prefix_hash.take(), manifest.size).map_err(Outcome::Io)?;
+            diode_common::fsutil::sha256_of(&file, manifest.size, partial.prefix_hash.take())
+                .map_err(Outcome::Io)?;
         if digest.as_ref() != &manifest.sha256[..] {
             tracing::warn!(route = %self.route, path = %path_text, file_id = %id_hex(id),
                 "file failed verification (SHA-256 differs): not installed, taken again from the next pass");
@@ -746,6 +807,11 @@ impl Mirror {
             return Ok(());
         }
         let names: Vec<&str> = check_path(&manifest.path).expect("checked at the manifest");
+        if self.newer_installed(&names.join("/"), &manifest) {
+            // A newer version was installed while this one was put together.
+            self.discard_files(id);
+            return Ok(());
+        }
         match self.install(&file, id, &manifest, &names) {
             Ok(()) => {}
             Err(Outcome::Refused(why)) => {
@@ -768,6 +834,7 @@ impl Mirror {
             path.clone(),
             Installed {
                 file_id: id,
+                found_us: manifest.found_us,
                 mtime_us: manifest.mtime_us,
                 size: manifest.size,
             },
@@ -860,16 +927,16 @@ impl Mirror {
             Ok(()) | Err(rustix::io::Errno::NOENT) => {}
             Err(e) => return Err(io_err(e)),
         }
-        let dir = self
-            .config
-            .dir
-            .join(RESERVED_NAME)
-            .join("versions")
-            .join(names.join("/"));
-        let mut kept: Vec<String> = std::fs::read_dir(&dir)?
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
+        // Pruning is best effort: the old version is already out of the way.
+        let mut kept: Vec<String> = Vec::new();
+        if let Ok(mut listing) = rustix::fs::Dir::read_from(&versions) {
+            while let Some(Ok(entry)) = listing.read() {
+                let name = entry.file_name().to_string_lossy();
+                if name != "." && name != ".." {
+                    kept.push(name.into_owned());
+                }
+            }
+        }
         kept.sort();
         let excess = kept.len().saturating_sub(self.config.keep_versions);
         for old in &kept[..excess] {
@@ -936,7 +1003,7 @@ impl Mirror {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let partial = self.incomplete.remove(&id).expect("listed above");
+            let partial = self.take_partial(&id).expect("listed above");
             tracing::warn!(route = %self.route, file_id = %id_hex(id),
                 path = %partial.manifest.as_ref().map(|m| String::from_utf8_lossy(&m.path).into_owned()).unwrap_or_default(),
                 held_bytes = partial.held.len(),
@@ -958,6 +1025,7 @@ impl Mirror {
                 path_base64: manifest.map(|m| b64(&m.path)),
                 size: manifest.map_or(0, |m| m.size),
                 mtime_us: manifest.map_or(0, |m| m.mtime_us),
+                found_us: manifest.map_or(0, |m| m.found_us),
                 mode: manifest.map_or(0, |m| m.mode),
                 sha256_base64: manifest
                     .filter(|m| !m.sha256.is_empty())
@@ -967,7 +1035,7 @@ impl Mirror {
             };
             let path = self.partial_dir.join(format!("{}.json", id_hex(*id)));
             let text = serde_json::to_vec(&meta).expect("serialising to a Vec cannot fail");
-            if let Err(e) = write_replacing(&path, &text, false) {
+            if let Err(e) = diode_common::fsutil::replace_file(&path, &text, 0o600, false) {
                 tracing::warn!(route = %self.route, error = %e, "cannot keep a partial file's ranges");
             }
         }
@@ -987,7 +1055,9 @@ impl Mirror {
         self.index_dirty = false;
         self.index_saved = Instant::now();
         let text = serde_json::to_vec(&self.installed).expect("serialising to a Vec cannot fail");
-        if let Err(e) = write_replacing(&self.index_path(), &text, self.config.fsync) {
+        if let Err(e) =
+            diode_common::fsutil::replace_file(&self.index_path(), &text, 0o600, self.config.fsync)
+        {
             tracing::warn!(route = %self.route, error = %e, "cannot keep the files sink's installed index");
         }
     }
@@ -1012,54 +1082,11 @@ fn is_not_a_dir(errno: i32) -> bool {
         || errno == rustix::io::Errno::NOTDIR.raw_os_error()
 }
 
-/// The SHA-256 of `[0, size)` of `file`, going on from a prefix already hashed.
-fn finish_digest(
-    file: &File,
-    prefix: Option<(u64, ring::digest::Context)>,
-    size: u64,
-) -> std::io::Result<ring::digest::Digest> {
-    let (mut at, mut context) =
-        prefix.unwrap_or_else(|| (0, ring::digest::Context::new(&ring::digest::SHA256)));
-    if at > size {
-        at = 0;
-        context = ring::digest::Context::new(&ring::digest::SHA256);
-    }
-    let mut buf = vec![0u8; VERIFY_READ_BYTES];
-    while at < size {
-        let want = ((size - at) as usize).min(buf.len());
-        let read = file.read_at(&mut buf[..want], at)?;
-        if read == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "partial file shorter than its size",
-            ));
-        }
-        context.update(&buf[..read]);
-        at += read as u64;
-    }
-    Ok(context.finish())
-}
-
-/// Writes `path` through a temporary name and a rename, so a crash leaves the old or the new.
-fn write_replacing(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    if sync {
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::metrics::FileFamilies;
+    use std::path::Path;
 
     fn config(dir: &Path) -> FilesConfig {
         FilesConfig {
@@ -1067,6 +1094,7 @@ mod tests {
             keep_versions: 0,
             apply_deletions: true,
             max_incomplete_files: 1024,
+            max_incomplete_bytes: 1 << 30,
             incomplete_timeout_secs: 3600,
             max_file_bytes: 1 << 30,
             fsync: false,
@@ -1110,6 +1138,8 @@ mod tests {
             },
             pass,
             end_of_pass: end,
+            // Versions with larger ids are found later, so newer.
+            found_us: 1_700_000_000_000_000 + id as i64,
         }))
     }
 
@@ -1364,6 +1394,18 @@ mod tests {
         }
         assert_eq!(m.incomplete.len(), 2);
         assert!(!m.incomplete.contains_key(&51));
+        assert_eq!(m.metrics.failed("evicted").get(), 1);
+
+        // And a bound on the bytes they hold: the one being written stays.
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = mirror(FilesConfig {
+            max_incomplete_bytes: 5,
+            ..config(dir.path())
+        });
+        m.apply(&chunks(61, b"abc", 3)).unwrap();
+        m.apply(&chunks(62, b"abcd", 4)).unwrap();
+        assert!(!m.incomplete.contains_key(&61));
+        assert_eq!(m.held_bytes, 4);
         assert_eq!(m.metrics.failed("evicted").get(), 1);
     }
 }

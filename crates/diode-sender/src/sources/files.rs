@@ -17,13 +17,14 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use diode_common::config::{default_u64, default_usize, ConfigError};
 use diode_common::unix_time_us;
+use diode_common::LogThrottle;
 use diode_wire::files::Part;
 use diode_wire::proto::{FileChunk, FileDeleted, FileManifest};
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -253,6 +254,7 @@ impl Source for FilesSource {
             metrics,
             carousel: state,
             observed: HashMap::new(),
+            passed_over: HashMap::new(),
             events: events_rx,
             events_tx,
             watcher,
@@ -285,6 +287,9 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 /// A directory an event names is walked with the next rescan, this soon at the latest, so a
 /// burst of events costs one walk.
 const DIRECTORY_EVENT_RESCAN: Duration = Duration::from_secs(1);
+/// Transfer mode waits this long after a file's last pass is queued (and for the topic's queue
+/// to be empty) before it removes the file.
+const TRANSFER_GRACE_MS: i64 = 1000;
 /// The state file is written at most this often while it changes (and at a stop).
 const STATE_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -352,6 +357,17 @@ struct Version {
     /// Transfer mode has removed it from the tree.
     #[serde(default)]
     removed: bool,
+    /// The last version of this path sent whole, while this one is not yet: what a deletion
+    /// must name.
+    #[serde(default)]
+    replaces: Option<u64>,
+    /// When this source found the version stable: the receiver orders versions of a path by it
+    /// (wire-format.md §5.6), not by the file's mtime.
+    #[serde(default)]
+    found_unix_us: i64,
+    /// Transfer mode: remove it once its last pass has left the queues, from then on.
+    #[serde(default)]
+    transfer_after_unix_ms: Option<i64>,
 }
 
 impl Version {
@@ -456,16 +472,7 @@ impl Carousel {
 
     fn save(&mut self) -> std::io::Result<()> {
         let text = serde_json::to_vec(self).expect("serialising to a Vec cannot fail");
-        let tmp = self.path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        std::io::Write::write_all(&mut file, &text)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
+        diode_common::fsutil::replace_file(&self.path, &text, 0o600, true)?;
         self.dirty = false;
         Ok(())
     }
@@ -501,6 +508,9 @@ struct Worker {
     metrics: FileMetrics,
     carousel: Carousel,
     observed: HashMap<Vec<u8>, Observation>,
+    /// Files not sent (too large, a name no receiver takes), as they were seen: looked at again
+    /// only once they change.
+    passed_over: HashMap<Vec<u8>, Seen>,
     events: flume::Receiver<PathBuf>,
     events_tx: flume::Sender<PathBuf>,
     /// None while the directory cannot be watched (not there yet): each rescan tries again.
@@ -532,6 +542,7 @@ impl Worker {
                 if self.send_deletions().is_err() {
                     break;
                 }
+                self.transfer_due();
             }
             let worked = match self.step() {
                 Ok(worked) => worked,
@@ -613,7 +624,9 @@ impl Worker {
             }
             Ok(meta) if meta.is_file() => self.observe(rel, &meta),
             Ok(_) => {}
-            Err(_) => self.vanished(&rel),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.vanished(&rel),
+            // Not readable now (permissions, a share gone stale): not a deletion.
+            Err(_) => {}
         }
     }
 
@@ -623,10 +636,21 @@ impl Worker {
             self.watcher = watch(&self.config.dir, &self.events_tx);
         }
         let mut found = Vec::new();
-        walk(&self.config.dir, &self.config.dir, 0, &mut found);
+        let whole = walk(&self.config.dir, &self.config.dir, 0, &mut found);
         let present: HashSet<Vec<u8>> = found.iter().map(|(rel, _)| rel.clone()).collect();
         for (rel, meta) in found {
             self.observe(rel, &meta);
+        }
+        if !whole {
+            // Part of the tree could not be read (a share not mounted, a directory without
+            // permission): what was not seen is not taken as deleted.
+            static PARTIAL: LogThrottle = LogThrottle::new(Duration::from_secs(60));
+            if let Some(folded) = PARTIAL.allow() {
+                tracing::warn!(topic = %self.ctx.name, dir = %self.config.dir.display(), folded,
+                    "files source: part of the tree could not be read; nothing is taken as deleted until it can");
+            }
+            self.ctx.metrics.errors_io.inc();
+            return;
         }
         let gone: Vec<Vec<u8>> = self
             .carousel
@@ -639,6 +663,7 @@ impl Worker {
             self.vanished(&rel);
         }
         self.observed.retain(|rel, _| present.contains(rel));
+        self.passed_over.retain(|rel, _| present.contains(rel));
     }
 
     fn observe(&mut self, rel: Vec<u8>, meta: &std::fs::Metadata) {
@@ -655,6 +680,9 @@ impl Worker {
                 self.observed.remove(&rel);
                 return;
             }
+        }
+        if self.passed_over.get(&rel) == Some(&seen) {
+            return;
         }
         match self.observed.get_mut(&rel) {
             Some(o) if o.seen == seen => {}
@@ -696,11 +724,16 @@ impl Worker {
             self.pass = None;
             self.carousel.progress = None;
         }
-        if self.config.propagate_deletions && version.passes > 0 {
+        let sent_whole = if version.passes > 0 {
+            Some(version.file_id)
+        } else {
+            version.replaces
+        };
+        if let (true, Some(file_id)) = (self.config.propagate_deletions, sent_whole) {
             self.carousel.deletions.retain(|d| d.path != version.path);
             self.carousel.deletions.push(Deletion {
                 path: version.path,
-                file_id: version.file_id,
+                file_id,
                 sent: 0,
                 last_sent_unix_ms: None,
             });
@@ -735,20 +768,47 @@ impl Worker {
             }
             if seen.size > self.config.max_file_bytes {
                 self.metrics.skipped("too_large").inc();
+                self.pass_over(rel, seen);
+                continue;
+            }
+            if let Err(why) = diode_wire::files::check_path(&rel) {
+                // Every receiver refuses it (wire-format.md §5.6): sending it is only noise.
+                static NAMES: LogThrottle = LogThrottle::new(Duration::from_secs(60));
+                self.metrics.skipped("name").inc();
+                if let Some(folded) = NAMES.allow() {
+                    tracing::warn!(topic = %self.ctx.name, path = %String::from_utf8_lossy(&rel),
+                        error = %why, folded, "files source: a name no receiver takes; not sent");
+                }
+                self.pass_over(rel, seen);
                 continue;
             }
             if self.carousel.versions.len() >= self.config.max_files
                 && !self.carousel.by_path.contains_key(&rel)
             {
+                static LIMIT: LogThrottle = LogThrottle::new(Duration::from_secs(60));
                 self.metrics.skipped("limit").inc();
+                if let Some(folded) = LIMIT.allow() {
+                    tracing::warn!(topic = %self.ctx.name, max_files = self.config.max_files, folded,
+                        "files source: max_files versions tracked; new files wait (raise max_files, or use transfer mode)");
+                }
                 continue;
             }
-            // A new version replaces the old one of the same path: its passes start over.
+            // A file back in the tree is not deleted any more.
+            self.carousel.deletions.retain(|d| d.path != rel);
+            // A new version replaces the old one of the same path: its passes start over. What
+            // the IT side may hold is the last version sent whole, should this one be deleted
+            // before it is.
+            let mut replaces = None;
             if let Some(old) = self.carousel.remove(&rel) {
                 if self.pass.as_ref().is_some_and(|p| p.file_id == old.file_id) {
                     self.pass = None;
                     self.carousel.progress = None;
                 }
+                replaces = if old.passes > 0 {
+                    Some(old.file_id)
+                } else {
+                    old.replaces
+                };
             }
             let version = Version {
                 file_id: file_id(&rel, seen),
@@ -762,12 +822,21 @@ impl Worker {
                 first_pass_unix_ms: None,
                 last_pass_unix_ms: None,
                 removed: false,
+                replaces,
+                found_unix_us: unix_time_us(),
+                transfer_after_unix_ms: None,
             };
             self.carousel
                 .by_path
                 .insert(rel, self.carousel.versions.len());
             self.carousel.versions.push(version);
             self.carousel.dirty = true;
+        }
+    }
+
+    fn pass_over(&mut self, rel: Vec<u8>, seen: Seen) {
+        if self.passed_over.len() < self.config.max_files {
+            self.passed_over.insert(rel, seen);
         }
     }
 
@@ -805,7 +874,10 @@ impl Worker {
         if self.pass.is_none() && !self.start_next_pass()? {
             return Ok(false);
         }
-        let pass = self.pass.as_mut().expect("started above");
+        // A version abandoned as it was opened leaves no pass: the next round picks another.
+        let Some(pass) = self.pass.as_mut() else {
+            return Ok(true);
+        };
         let Some(i) = self
             .carousel
             .by_path
@@ -820,7 +892,8 @@ impl Worker {
         if pass.offset < size {
             let want = ((size - pass.offset) as usize).min(self.config.chunk_bytes);
             let mut data = vec![0u8; want];
-            let read = match read_full_at(&pass.file, &mut data, pass.offset) {
+            let read = match diode_common::fsutil::read_full_at(&pass.file, &mut data, pass.offset)
+            {
                 Ok(read) => read,
                 Err(e) => {
                     self.abandon(i, "unreadable", &e.to_string());
@@ -885,7 +958,8 @@ impl Worker {
             Some((i, p)) => (
                 i,
                 p.pass,
-                p.offset.saturating_sub(self.ctx.queued_ahead_bytes as u64),
+                p.offset
+                    .saturating_sub((self.ctx.queued_ahead_bytes + self.config.chunk_bytes) as u64),
             ),
             None => {
                 let next = self
@@ -941,7 +1015,7 @@ impl Worker {
             if offset == 0 {
                 hasher = Some(ring::digest::Context::new(&ring::digest::SHA256));
             } else {
-                match digest_file(&file, version.size) {
+                match diode_common::fsutil::sha256_of(&file, version.size, None) {
                     Ok(digest) => {
                         self.carousel.versions[i].sha256 = Some(hex(digest.as_ref()));
                     }
@@ -988,6 +1062,7 @@ impl Worker {
                 .unwrap_or_default(),
             pass,
             end_of_pass,
+            found_us: v.found_unix_us,
         }
     }
 
@@ -1024,17 +1099,50 @@ impl Worker {
         self.metrics.passes.inc();
         let finished = version.passes >= self.config.passes && self.config.resend_for_secs == 0;
         if finished && self.config.after_send != AfterSend::Keep {
-            self.transfer_done(i);
+            // Not yet: the closing records are only queued. `transfer_due` removes it once
+            // the topic's queue is empty and a moment has passed for the encoder to send them.
+            version.transfer_after_unix_ms = Some(now_ms + TRANSFER_GRACE_MS);
+            self.carousel.dirty = true;
         }
         self.carousel
             .update_gauges(&self.metrics, self.config.passes);
         Ok(())
     }
 
-    /// Transfer mode: the file has had its passes; it leaves the watched tree.
+    /// Transfer mode: files whose last pass has left the queues leave the watched tree.
+    fn transfer_due(&mut self) {
+        if self.ctx.budget.used() > 0 {
+            return;
+        }
+        let now_ms = unix_time_us() / 1000;
+        let due: Vec<Vec<u8>> = self
+            .carousel
+            .versions
+            .iter()
+            .filter(|v| !v.removed && v.transfer_after_unix_ms.is_some_and(|at| now_ms >= at))
+            .map(|v| v.path.clone())
+            .collect();
+        for rel in due {
+            if let Some(&i) = self.carousel.by_path.get(&rel) {
+                self.transfer_done(i);
+            }
+        }
+    }
+
+    /// Transfer mode: the file has had its passes; it leaves the watched tree, unless what is
+    /// at its path now is not the version sent (replaced since, by a rename into place).
     fn transfer_done(&mut self, i: usize) {
         let rel = self.carousel.versions[i].path.clone();
         let path = self.config.dir.join(std::ffi::OsStr::from_bytes(&rel));
+        let now = std::fs::symlink_metadata(&path).ok().map(|meta| Seen {
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+            ino: meta.ino(),
+        });
+        if now != Some(self.carousel.versions[i].seen()) {
+            self.carousel.versions[i].transfer_after_unix_ms = None;
+            return;
+        }
         let result = match (self.config.after_send, &self.config.move_to) {
             (AfterSend::Delete, _) => std::fs::remove_file(&path),
             (AfterSend::Move, Some(to)) => {
@@ -1079,27 +1187,41 @@ impl Worker {
 }
 
 /// Walks `dir` (not following symbolic links), collecting regular files by path below `root`.
-fn walk(dir: &Path, root: &Path, depth: usize, found: &mut Vec<(Vec<u8>, std::fs::Metadata)>) {
+/// Returns whether every directory and entry could be read.
+fn walk(
+    dir: &Path,
+    root: &Path,
+    depth: usize,
+    found: &mut Vec<(Vec<u8>, std::fs::Metadata)>,
+) -> bool {
     if depth > MAX_DEPTH {
-        return;
+        return false;
     }
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return false;
     };
-    for entry in entries.flatten() {
+    let mut whole = true;
+    for entry in entries {
+        let Ok(entry) = entry else {
+            whole = false;
+            continue;
+        };
         let Ok(kind) = entry.file_type() else {
+            whole = false;
             continue;
         };
         let path = entry.path();
         if kind.is_dir() {
-            walk(&path, root, depth + 1, found);
+            whole &= walk(&path, root, depth + 1, found);
         } else if kind.is_file() {
             let (Ok(rel), Ok(meta)) = (path.strip_prefix(root), entry.metadata()) else {
+                whole = false;
                 continue;
             };
             found.push((rel.as_os_str().as_bytes().to_vec(), meta));
         }
     }
+    whole
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
@@ -1120,36 +1242,6 @@ fn file_id(rel: &[u8], seen: Seen) -> u64 {
     context.update(&seen.ino.to_le_bytes());
     let digest = context.finish();
     u64::from_le_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
-}
-
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut read = 0;
-    while read < buf.len() {
-        match file.read_at(&mut buf[read..], offset + read as u64)? {
-            0 => break,
-            n => read += n,
-        }
-    }
-    Ok(read)
-}
-
-fn digest_file(file: &File, size: u64) -> std::io::Result<ring::digest::Digest> {
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < size {
-        let want = ((size - at) as usize).min(buf.len());
-        let read = read_full_at(file, &mut buf[..want], at)?;
-        if read == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the file became shorter",
-            ));
-        }
-        context.update(&buf[..read]);
-        at += read as u64;
-    }
-    Ok(context.finish())
 }
 
 fn hex(bytes: &[u8]) -> String {
