@@ -169,6 +169,31 @@ buffer_max_bytes = 16777216
         (3000..4000).map(|n| format!("event {n}").into_bytes()),
         100,
     );
+    // The operator sees the sink down: the gauge, and on the status page since when and why.
+    let sink_up = |pair: &Pair| {
+        pair.receiver
+            .metric("diode_sink_up", &["route=\"historian\""])
+    };
+    let sink_state = |pair: &Pair| {
+        let status: serde_json::Value =
+            serde_json::from_str(&http_get(pair.receiver.metrics, "/status.json")).unwrap();
+        let row = status["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["title"] == "Routes and their sinks")
+            .and_then(|t| t["rows"].as_array().unwrap().first().cloned())
+            .unwrap();
+        let text = |i: usize| row[i].as_str().unwrap().to_owned();
+        (text(4), text(5))
+    };
+    assert!(wait_for(Duration::from_secs(10), || sink_up(&pair) == 0.0
+        && sink_state(&pair).0.starts_with("failing since")));
+    let (_, last_error) = sink_state(&pair);
+    assert!(
+        last_error.contains(&format!("cannot connect to 127.0.0.1:{target_port}")),
+        "{last_error}"
+    );
     // Now the historian comes up and gets everything, in order.
     let listener = TcpListener::bind(("127.0.0.1", target_port)).unwrap();
     let (mut conn, _) = listener.accept().unwrap();
@@ -187,6 +212,8 @@ buffer_max_bytes = 16777216
         .map(|l| l.strip_prefix("event ").unwrap().parse::<u64>().unwrap());
     let (order, again) = first_arrivals(numbers);
     assert_eq!(order, (0..4000).collect::<Vec<_>>(), "{again} repeated");
+    assert!(wait_for(Duration::from_secs(5), || sink_up(&pair) == 1.0
+        && sink_state(&pair).0.starts_with("delivering since")));
     assert!(pair
         .receiver
         .log_text()

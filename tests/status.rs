@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use common::peers::require;
@@ -42,18 +42,6 @@ fn rendered(url: &str) -> String {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     String::from_utf8(output.stdout).unwrap()
-}
-
-fn get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: diode\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response.split_once("\r\n\r\n").unwrap().1.to_owned()
 }
 
 /// 1234567 as the page writes it: 1,234,567.
@@ -108,7 +96,7 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
 
     // The JSON says what /metrics says.
     let json: serde_json::Value =
-        serde_json::from_str(&get(pair.receiver.metrics, "/status.json")).unwrap();
+        serde_json::from_str(&common::http_get(pair.receiver.metrics, "/status.json")).unwrap();
     let figure = |name: &str| {
         json["summary"]
             .as_array()
@@ -152,6 +140,23 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
             .metric("diode_records_out_total", &[&topic_label])
     );
     assert_eq!(topic[2], 700.0, "lost");
+    // What the OT side says of its source, from the heartbeats: when it last took a record in,
+    // as the sender's own page has it (its gauge is set every 50 ms, the heartbeat's is exact).
+    let taken_in = topic[8];
+    let sender_last = pair
+        .sender
+        .metric("diode_source_last_record_seconds", &[&topic_label]);
+    assert!(
+        taken_in > 0.0 && (taken_in - sender_last).abs() <= 2.0,
+        "last record taken in at {taken_in} on the receiver's page, {sender_last} on the sender"
+    );
+    assert_eq!(
+        topic[6],
+        pair.sender
+            .metric("diode_source_connections", &[&topic_label]),
+        "source connections"
+    );
+    let _ = figure("diode_link_loss_ratio");
     let route = row("Routes", "0-file");
     assert_eq!(
         route[0],
@@ -183,6 +188,9 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
         "<td>Sender</td><td>started 20".to_owned(),
         format!("<td>{TOPIC}</td><td>2999</td><td>20"),
         "<td>0-file</td><td>#</td><td>file".to_owned(),
+        "<td>delivering since 20".to_owned(),
+        "Loss on the link".to_owned(),
+        "<th>in/s at the sender</th>".to_owned(),
     ] {
         assert!(
             page.contains(&expected),
@@ -197,7 +205,7 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
 
     let sent = pair.sender.metric("diode_records_in_total", &[]);
     let json: serde_json::Value =
-        serde_json::from_str(&get(pair.sender.metrics, "/status.json")).unwrap();
+        serde_json::from_str(&common::http_get(pair.sender.metrics, "/status.json")).unwrap();
     let records_in = json["summary"]
         .as_array()
         .unwrap()
@@ -214,6 +222,7 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
         TOPIC.to_owned(),
         "Link ceiling".to_owned(),
         "<td>Heartbeat</td><td>every 200 ms</td>".to_owned(),
+        "<th>last record ago</th>".to_owned(),
     ] {
         assert!(
             page.contains(&expected),

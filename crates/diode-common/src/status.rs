@@ -62,10 +62,13 @@ pub enum Unit {
     Since,
     /// 1 is "up", 0 "down".
     UpDown,
+    /// A fraction, shown as a percentage.
+    Ratio,
 }
 
 /// A table with a row per value of `label` (a topic, a route). A column whose header ends in
-/// `/s` shows its counter's rate over the last history step rather than its value.
+/// `/s` shows its counter's rate over the last history step rather than its value; one whose
+/// header ends in ` ago` holds Unix seconds and shows their age (`never` for 0).
 pub struct Table {
     pub title: &'static str,
     pub label: &'static str,
@@ -319,6 +322,7 @@ impl Board {
                     Unit::UpDown => "down".to_owned(),
                     Unit::Since if value <= 0.0 => "never".to_owned(),
                     Unit::Since => format!("{} ago", age(now_s - value)),
+                    Unit::Ratio => format!("{:.2} %", value * 100.0),
                 };
                 let compared = match f.unit {
                     Unit::Since if value > 0.0 => now_s - value,
@@ -631,10 +635,16 @@ pub fn html(status: &Status) -> String {
             let _ = write!(out, "<th>{}</th>", escape(column));
         }
         out.push_str("</tr>");
+        let now_s = crate::unix_time_us() as f64 / 1e6;
         for (key, values) in &table.rows {
             let _ = write!(out, "<tr><td>{}</td>", escape(key));
-            for v in values {
-                let _ = write!(out, "<td>{}</td>", figure(*v));
+            for (v, header) in values.iter().zip(&table.columns) {
+                let shown = match header.ends_with(" ago") {
+                    true if *v <= 0.0 => "never".to_owned(),
+                    true => age(now_s - v),
+                    false => figure(*v),
+                };
+                let _ = write!(out, "<td>{shown}</td>");
             }
             out.push_str("</tr>");
         }

@@ -33,8 +33,24 @@ pub struct Events {
 struct SenderView {
     session: Option<u64>,
     counters: proto::SenderCounters,
-    dropped: HashMap<String, u64>,
+    /// Per topic, what the last heartbeat said.
+    topics: HashMap<String, TopicView>,
+    /// The start of the window `diode_link_loss_ratio` is measured over: when, the sender's
+    /// datagrams sent, ours received.
+    loss_window: Option<(Instant, u64, u64)>,
 }
+
+#[derive(Default)]
+struct TopicView {
+    dropped: u64,
+    /// None until a first heartbeat of the session: that one sets the baseline, so that the
+    /// mirrored counter counts only what was taken in after the receiver started listening.
+    next_seq: Option<u64>,
+    source_errors: Option<u64>,
+}
+
+/// `diode_link_loss_ratio` is measured over heartbeats at least this far apart.
+const LOSS_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Loss is logged exactly, gap by gap, up to `LOSS_LINES_PER_SEC` lines a second; beyond that
 /// (an outage of many blocks, or forged frames) losses are folded per topic into one line with
@@ -321,6 +337,19 @@ impl Events {
                 losses.sender_stopping = heartbeat.stopping;
                 self.mirror_sender(&heartbeat, session)
             }
+            Event::KeyInUse { key_id, previous } => {
+                let message = if previous {
+                    format!(
+                        "the sender authenticates with the previous key (id {key_id}): its key \
+                         rotation is not done; keep previous_key_file until it is"
+                    )
+                } else {
+                    format!("the sender authenticates with the current key (id {key_id})")
+                };
+                tracing::info!(key_id, previous, "{message}");
+                self.security
+                    .emit(&mut self.router, crate::security::Kind::Key, message);
+            }
             Event::LinkUp => {
                 tracing::info!("link up");
                 self.metrics.link_up.set(1);
@@ -387,6 +416,22 @@ impl Events {
         if let Some(c) = &heartbeat.counters {
             let last = &view.counters;
             let m = &self.metrics;
+            // Loss on the link: what the sender says it sent against what arrived here.
+            let received = m.datagrams_received.get();
+            let now = Instant::now();
+            match view.loss_window {
+                Some((at, sent, got)) if now.duration_since(at) >= LOSS_WINDOW => {
+                    let sent_now = c.datagrams_sent.saturating_sub(sent);
+                    let got_now = received.saturating_sub(got);
+                    if sent_now > 0 {
+                        let lost = sent_now.saturating_sub(got_now) as f64 / sent_now as f64;
+                        m.link_loss_ratio.set(lost);
+                    }
+                    view.loss_window = Some((now, c.datagrams_sent, received));
+                }
+                Some(_) => {}
+                None => view.loss_window = Some((now, c.datagrams_sent, received)),
+            }
             for (mirror, now, before) in [
                 (&m.sender_records_in, c.records_in, last.records_in),
                 (
@@ -410,18 +455,41 @@ impl Events {
             if !diode_wire::is_valid_topic(&topic.name) {
                 continue;
             }
-            if view.dropped.len() >= self.max_topics && !view.dropped.contains_key(&topic.name) {
+            if view.topics.len() >= self.max_topics && !view.topics.contains_key(&topic.name) {
                 continue;
             }
-            let last = view.dropped.entry(topic.name.clone()).or_default();
-            if topic.records_dropped > *last {
-                self.metrics
-                    .sender_records_dropped
-                    .get_or_create(&TopicLabels {
-                        topic: topic.name.clone(),
-                    })
-                    .inc_by(topic.records_dropped - *last);
-                *last = topic.records_dropped;
+            let last = view.topics.entry(topic.name.clone()).or_default();
+            let labels = TopicLabels {
+                topic: topic.name.clone(),
+            };
+            let m = &self.metrics;
+            if topic.records_dropped > last.dropped {
+                m.sender_records_dropped
+                    .get_or_create(&labels)
+                    .inc_by(topic.records_dropped - last.dropped);
+                last.dropped = topic.records_dropped;
+            }
+            if let Some(before) = last.next_seq {
+                m.sender_topic_records_in
+                    .get_or_create(&labels)
+                    .inc_by(topic.next_seq.saturating_sub(before));
+            }
+            last.next_seq = Some(topic.next_seq);
+            if let Some(before) = last.source_errors {
+                m.sender_topic_source_errors
+                    .get_or_create(&labels)
+                    .inc_by(topic.source_errors.saturating_sub(before));
+            } else {
+                let _ = m.sender_topic_source_errors.get_or_create(&labels);
+            }
+            last.source_errors = Some(topic.source_errors);
+            m.sender_source_connections
+                .get_or_create(&labels)
+                .set(i64::from(topic.source_connections));
+            if topic.last_record_time_us > 0 {
+                m.sender_last_record_seconds
+                    .get_or_create(&labels)
+                    .set(topic.last_record_time_us / 1_000_000);
             }
         }
     }

@@ -241,8 +241,29 @@ impl LinkThread {
                     "topics".into(),
                     "sink".into(),
                     "disk buffer".into(),
+                    "state".into(),
+                    "last error".into(),
                 ],
-                rows: self.route_notes.clone(),
+                rows: self
+                    .route_notes
+                    .iter()
+                    .zip(self.events.router.sink_health())
+                    .map(|(note, health)| {
+                        let mut row = note.clone();
+                        let since = |us: i64| diode_common::format_rfc3339_us(us);
+                        row.push(match (health.failing, health.since_us) {
+                            (_, 0) => "nothing delivered yet".into(),
+                            (true, at) => format!("failing since {}", since(at)),
+                            (false, at) => format!("delivering since {}", since(at)),
+                        });
+                        row.push(
+                            health
+                                .last_error
+                                .map_or("none".into(), |(at, e)| format!("{}: {e}", since(at))),
+                        );
+                        row
+                    })
+                    .collect(),
             },
         ];
         self.board.set_notes(diode_common::status::Notes {

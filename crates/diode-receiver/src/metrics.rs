@@ -7,6 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabels {
@@ -159,6 +160,14 @@ pub struct ReceiverMetrics {
     pub sink_queue_bytes: Family<RouteLabels, Gauge>,
     pub sink_backlog_bytes: Family<RouteLabels, Gauge>,
     pub sink_buffer_max_bytes: Family<RouteLabels, Gauge>,
+    pub sink_up: Family<RouteLabels, Gauge>,
+    /// Datagrams the sender sent that did not arrive, as a fraction, over the last window of
+    /// heartbeats at least `LOSS_WINDOW` long.
+    pub link_loss_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sender_topic_records_in: Family<TopicLabels, Counter>,
+    pub sender_source_connections: Family<TopicLabels, Gauge>,
+    pub sender_topic_source_errors: Family<TopicLabels, Counter>,
+    pub sender_last_record_seconds: Family<TopicLabels, Gauge>,
     pub files: FileFamilies,
 }
 
@@ -196,6 +205,12 @@ impl ReceiverMetrics {
             sink_queue_bytes: Family::default(),
             sink_backlog_bytes: Family::default(),
             sink_buffer_max_bytes: Family::default(),
+            sink_up: Family::default(),
+            link_loss_ratio: Gauge::default(),
+            sender_topic_records_in: Family::default(),
+            sender_source_connections: Family::default(),
+            sender_topic_source_errors: Family::default(),
+            sender_last_record_seconds: Family::default(),
             files: FileFamilies::default(),
         };
         let r = registry;
@@ -354,6 +369,36 @@ impl ReceiverMetrics {
             "What the route's disk buffer may hold (buffer_max_bytes; 0 without one)",
             m.sink_buffer_max_bytes.clone(),
         );
+        r.register(
+            "diode_sink_up",
+            "1 while the route's sink takes deliveries, 0 from a failed one until one succeeds",
+            m.sink_up.clone(),
+        );
+        r.register(
+            "diode_link_loss_ratio",
+            "Datagrams the sender sent that did not arrive, as a fraction, over the last 5 s or more of heartbeats",
+            m.link_loss_ratio.clone(),
+        );
+        r.register(
+            "diode_sender_topic_records_in",
+            "The sender's records taken in per topic, from its heartbeats",
+            m.sender_topic_records_in.clone(),
+        );
+        r.register(
+            "diode_sender_source_connections",
+            "The sender's source connections per topic (TCP clients; 1 while connected to a broker or device), from its heartbeats",
+            m.sender_source_connections.clone(),
+        );
+        r.register(
+            "diode_sender_topic_source_errors",
+            "The sender's source errors per topic, from its heartbeats",
+            m.sender_topic_source_errors.clone(),
+        );
+        r.register(
+            "diode_sender_last_record_seconds",
+            "Unix time the sender's source last took a record in, per topic, from its heartbeats",
+            m.sender_last_record_seconds.clone(),
+        );
         m.files.register(r);
         // Every reason exists from the start, at 0, so alerts can be written against it.
         for reason in Rejected::ALL {
@@ -409,6 +454,8 @@ impl ReceiverMetrics {
             queue: self.sink_queue_bytes.get_or_create_owned(&labels),
             backlog: self.sink_backlog_bytes.get_or_create_owned(&labels),
             buffer_max: self.sink_buffer_max_bytes.get_or_create_owned(&labels),
+            up: self.sink_up.get_or_create_owned(&labels),
+            health: Arc::default(),
             budget,
             files: self.files.clone(),
         }
@@ -430,6 +477,45 @@ pub struct RouteMetrics {
     pub budget: diode_common::budget::ByteBudget,
     /// For a files sink's own series.
     pub files: FileFamilies,
+    /// `diode_sink_up`.
+    pub up: Gauge,
+    /// The sink's state and last error, for the status page.
+    pub health: Arc<Mutex<SinkHealth>>,
+}
+
+/// What the status page says of a route's sink.
+#[derive(Debug, Clone, Default)]
+pub struct SinkHealth {
+    /// Since a delivery failed, until one succeeds.
+    pub failing: bool,
+    /// When it last changed between delivering and failing (Unix microseconds; 0: never).
+    pub since_us: i64,
+    /// The last failure: when, and what.
+    pub last_error: Option<(i64, String)>,
+}
+
+impl RouteMetrics {
+    /// A delivery succeeded.
+    pub fn sink_delivers(&self) {
+        self.up.set(1);
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if health.failing || health.since_us == 0 {
+            health.failing = false;
+            health.since_us = diode_common::unix_time_us();
+        }
+    }
+
+    /// A delivery failed with `error`.
+    pub fn sink_fails(&self, error: &str) {
+        self.up.set(0);
+        let now = diode_common::unix_time_us();
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if !health.failing {
+            health.failing = true;
+            health.since_us = now;
+        }
+        health.last_error = Some((now, error.chars().take(300).collect()));
+    }
 }
 
 /// One topic's delivery counters, resolved once.
@@ -480,6 +566,10 @@ pub static STATUS: diode_common::status::Layout = {
                 "diode_datagrams_rejected_total",
                 Unit::Count,
             ),
+            Figure {
+                bad_above: Some(0.05),
+                ..Figure::new("Loss on the link", "diode_link_loss_ratio", Unit::Ratio)
+            },
             Figure::bad_if_any("Kernel drops", "diode_kernel_udp_rcvbuf_errors_total"),
             Figure::bad_if_any(
                 "Dropped at the sender",
@@ -505,6 +595,10 @@ pub static STATUS: diode_common::status::Layout = {
                         "dropped at the sender",
                         "diode_sender_records_dropped_total",
                     ),
+                    ("in/s at the sender", "diode_sender_topic_records_in_total"),
+                    ("source connections", "diode_sender_source_connections"),
+                    ("source errors", "diode_sender_topic_source_errors_total"),
+                    ("taken in ago", "diode_sender_last_record_seconds"),
                 ],
                 only_nonzero: false,
             },
@@ -516,10 +610,25 @@ pub static STATUS: diode_common::status::Layout = {
                     ("delivered/s", "diode_sink_delivered_total"),
                     ("dropped", "diode_sink_dropped_total"),
                     ("dead letters", "diode_sink_dead_letters_total"),
+                    ("up", "diode_sink_up"),
                     ("errors", "diode_sink_errors_total"),
                     ("queued bytes", "diode_sink_queue_bytes"),
                     ("disk backlog bytes", "diode_sink_backlog_bytes"),
                     ("disk buffer bytes", "diode_sink_buffer_max_bytes"),
+                ],
+                only_nonzero: false,
+            },
+            Table {
+                title: "File mirrors",
+                label: "route",
+                columns: &[
+                    ("received", "diode_files_received_total"),
+                    ("bytes", "diode_file_bytes_received_total"),
+                    ("bytes/s", "diode_file_bytes_written_total"),
+                    ("incomplete", "diode_files_incomplete"),
+                    ("passes incomplete", "diode_file_passes_incomplete_total"),
+                    ("failed", "diode_files_failed_total"),
+                    ("deleted", "diode_files_deleted_total"),
                 ],
                 only_nonzero: false,
             },

@@ -199,6 +199,23 @@ pub struct Router {
     matches: HashMap<Arc<str>, Vec<usize>>,
 }
 
+impl Router {
+    /// Each route's sink as the status page shows it: state since when, and the last error,
+    /// in route order.
+    pub fn sink_health(&self) -> Vec<crate::metrics::SinkHealth> {
+        self.routes
+            .iter()
+            .map(|r| {
+                r.metrics
+                    .health
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            })
+            .collect()
+    }
+}
+
 struct RouteQueue {
     name: String,
     filters: Vec<TopicFilter>,
@@ -444,6 +461,7 @@ impl<S: Sink> Delivery<'_, S> {
                     self.metrics
                         .delivered
                         .inc_by((records.len() - refused.len()) as u64);
+                    self.metrics.sink_delivers();
                     if failures > 0 {
                         tracing::info!(%route, failures, "sink delivers again");
                     }
@@ -451,6 +469,7 @@ impl<S: Sink> Delivery<'_, S> {
                 }
                 Err(e) => {
                     self.metrics.errors.inc();
+                    self.metrics.sink_fails(&e.to_string());
                     if failures == 0 || backoff == BACKOFF_MAX && failures % 12 == 0 {
                         tracing::warn!(%route, error = %e, records = records.len(), "sink delivery failed; retrying");
                     }

@@ -30,6 +30,8 @@ pub enum Kind {
     Rejected,
     /// Records lost beyond repair.
     Loss,
+    /// The key that authenticates the sender's datagrams changed (a rotation, §2.1).
+    Key,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::LinkDown => "DIODE_LINK_DOWN",
             Kind::Rejected => "DIODE_REJECTED",
             Kind::Loss => "DIODE_LOSS",
+            Kind::Key => "DIODE_KEY",
         }
     }
 
@@ -48,7 +51,7 @@ impl Kind {
     fn severity(self) -> u64 {
         match self {
             Kind::Rejected | Kind::Loss => 4,
-            Kind::Session | Kind::LinkDown => 5,
+            Kind::Session | Kind::LinkDown | Kind::Key => 5,
             Kind::Config | Kind::LinkUp => 6,
         }
     }

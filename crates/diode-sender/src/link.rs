@@ -61,6 +61,7 @@ const MAX_BATCH_DATAGRAMS: usize = 32;
 impl LinkThread {
     pub fn run(mut self) {
         let mut noted_drops = vec![0u64; self.topics.len()];
+        let mut noted_records_in = vec![0u64; self.topics.len()];
         let mut noted_errors = 0u64;
         let mut last_stats = self.encoder.stats().clone();
         let mut stopping_since: Option<Instant> = None;
@@ -103,6 +104,19 @@ impl LinkThread {
                         );
                         noted_drops[i] = dropped;
                     }
+                }
+                let now_s = unix_time_us() / 1_000_000;
+                for (i, topic) in self.topics.iter().enumerate() {
+                    let records_in = topic.records_in.get();
+                    if records_in != noted_records_in[i] {
+                        noted_records_in[i] = records_in;
+                        topic.last_record_seconds.set(now_s);
+                    }
+                    self.encoder.note_source_state(
+                        diode_wire::TopicId::from_index(i),
+                        topic.connections.get().clamp(0, i64::from(u32::MAX)) as u32,
+                        topic.errors_total(),
+                    );
                 }
                 let errors: u64 = self.topics.iter().map(TopicMetrics::errors_total).sum();
                 self.encoder.note_source_errors(errors - noted_errors);

@@ -25,6 +25,8 @@ pub struct SenderMetrics {
     pub source_connections: Family<TopicLabels, Gauge>,
     pub source_unparsed: Family<TopicLabels, Counter>,
     pub source_polls: Family<TopicLabels, Counter>,
+    pub source_last_record_seconds: Family<TopicLabels, Gauge>,
+    pub source_last_poll_seconds: Family<TopicLabels, Gauge>,
     pub datagrams_sent: Counter,
     pub link_bytes_sent: Counter,
     pub blocks_sent: Counter,
@@ -123,6 +125,9 @@ pub struct TopicMetrics {
     /// Messages that did not parse as their protocol (syslog) and were passed on as raw text.
     pub unparsed: Counter,
     pub polls: Counter,
+    pub last_poll_seconds: Gauge,
+    /// Set by the link thread when records came in since it last looked.
+    pub last_record_seconds: Gauge,
     pub connections: Gauge,
 }
 
@@ -150,6 +155,8 @@ impl SenderMetrics {
             source_connections: Family::default(),
             source_unparsed: Family::default(),
             source_polls: Family::default(),
+            source_last_record_seconds: Family::default(),
+            source_last_poll_seconds: Family::default(),
             datagrams_sent: Counter::default(),
             link_bytes_sent: Counter::default(),
             blocks_sent: Counter::default(),
@@ -195,6 +202,16 @@ impl SenderMetrics {
             "diode_source_polls",
             "Polls of a device that returned every configured value (Modbus)",
             m.source_polls.clone(),
+        );
+        registry.register(
+            "diode_source_last_record_seconds",
+            "Unix time the topic's source last took a record in",
+            m.source_last_record_seconds.clone(),
+        );
+        registry.register(
+            "diode_source_last_poll_seconds",
+            "Unix time of the last poll that returned every configured value (Modbus)",
+            m.source_last_poll_seconds.clone(),
         );
         registry.register(
             "diode_datagrams_sent",
@@ -368,6 +385,8 @@ impl SenderMetrics {
             errors_peer: self.source_errors.get_or_create_owned(&reason("peer")),
             unparsed: self.source_unparsed.get_or_create_owned(&labels),
             polls: self.source_polls.get_or_create_owned(&labels),
+            last_poll_seconds: self.source_last_poll_seconds.get_or_create_owned(&labels),
+            last_record_seconds: self.source_last_record_seconds.get_or_create_owned(&labels),
             connections: self.source_connections.get_or_create_owned(&labels),
         }
     }
@@ -421,21 +440,40 @@ pub static STATUS: diode_common::status::Layout = {
             },
             Figure::new("Replayed", "diode_replayed_records_total", Unit::Count),
         ],
-        tables: &[Table {
-            title: "Topics",
-            label: "topic",
-            columns: &[
-                ("records in", "diode_records_in_total"),
-                ("in/s", "diode_records_in_total"),
-                ("dropped", "diode_records_dropped_total"),
-                ("source errors", "diode_source_errors_total"),
-                ("connections", "diode_source_connections"),
-                ("polls", "diode_source_polls_total"),
-                ("journal bytes", "diode_journal_bytes"),
-                ("journal span s", "diode_journal_span_seconds"),
-            ],
-            only_nonzero: false,
-        }],
+        tables: &[
+            Table {
+                title: "Topics",
+                label: "topic",
+                columns: &[
+                    ("records in", "diode_records_in_total"),
+                    ("in/s", "diode_records_in_total"),
+                    ("dropped", "diode_records_dropped_total"),
+                    ("source errors", "diode_source_errors_total"),
+                    ("connections", "diode_source_connections"),
+                    ("polls", "diode_source_polls_total"),
+                    ("last record ago", "diode_source_last_record_seconds"),
+                    ("last poll ago", "diode_source_last_poll_seconds"),
+                    ("journal bytes", "diode_journal_bytes"),
+                    ("journal span s", "diode_journal_span_seconds"),
+                ],
+                only_nonzero: false,
+            },
+            Table {
+                title: "Files",
+                label: "topic",
+                columns: &[
+                    ("versions sent", "diode_files_sent_total"),
+                    ("passes", "diode_file_passes_total"),
+                    ("bytes sent", "diode_file_bytes_sent_total"),
+                    ("bytes/s", "diode_file_bytes_sent_total"),
+                    ("pending", "diode_files_pending"),
+                    ("tracked", "diode_files_tracked"),
+                    ("skipped", "diode_files_skipped_total"),
+                    ("deletions", "diode_file_deletions_sent_total"),
+                ],
+                only_nonzero: false,
+            },
+        ],
         charts: &[
             Chart {
                 title: "Records in",

@@ -151,6 +151,13 @@ pub fn seal(datagram: &mut [u8], key: Option<&LinkKey>) {
 
 /// Checks a received datagram in the order of wire-format.md §2 and returns its header and shard.
 /// With `keys`, only datagrams authenticated by one of them pass; without, only unauthenticated.
+/// The id of the key that authenticated a datagram `parse` accepted with `authenticated` set
+/// (§2.1: the byte before the tag).
+pub fn key_id(datagram: &[u8]) -> Option<u8> {
+    let tag_at = datagram.len().checked_sub(CRC_LEN + TAG_LEN)?;
+    datagram.get(tag_at.checked_sub(1)?).copied()
+}
+
 pub fn parse<'a>(datagram: &'a [u8], keys: &[LinkKey]) -> Result<(Header, &'a [u8]), Rejected> {
     if datagram.len() < DATAGRAM_OVERHEAD {
         return Err(Rejected::Truncated);

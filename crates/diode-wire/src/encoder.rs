@@ -349,6 +349,10 @@ struct Topic {
     first_seq: u64,
     next_seq: u64,
     dropped: u64,
+    /// The source's state, announced in heartbeats (§5.3).
+    source_connections: u32,
+    source_errors: u64,
+    last_record_time_us: i64,
     /// Index of this topic's batch in the open block, if it has one.
     open_batch: Option<usize>,
     /// Likewise for records sent again from the journal (§5.5), which never share a batch with
@@ -540,6 +544,9 @@ impl Encoder {
             first_seq: next_seq,
             next_seq,
             dropped: 0,
+            source_connections: 0,
+            source_errors: 0,
+            last_record_time_us: 0,
             open_batch: None,
             open_replay_batch: None,
         });
@@ -577,6 +584,15 @@ impl Encoder {
         self.stats.source_errors += count;
     }
 
+    /// The topic's source as the caller sees it (its open connections and its errors so far),
+    /// announced per topic in heartbeats (§5.3).
+    pub fn note_source_state(&mut self, topic: TopicId, connections: u32, errors: u64) {
+        if let Some(t) = self.topics.get_mut(topic.index()) {
+            t.source_connections = connections;
+            t.source_errors = errors;
+        }
+    }
+
     /// Takes one record; returns the sequence number it got. A record that cannot be framed is
     /// refused (and counted) before it gets one.
     pub fn push(
@@ -612,6 +628,7 @@ impl Encoder {
         }
         let seq = t.next_seq;
         t.next_seq += 1;
+        t.last_record_time_us = time_us;
         self.stats.records_in += 1;
         self.stats.payload_bytes_in += payload.len() as u64;
         let record = Placed {
@@ -1118,6 +1135,9 @@ impl Encoder {
                 next_seq: topic.next_seq,
                 records_dropped: topic.dropped,
                 first_seq: topic.first_seq,
+                source_connections: topic.source_connections,
+                source_errors: topic.source_errors,
+                last_record_time_us: topic.last_record_time_us,
             };
             if heartbeat.encoded_len() + status.encoded_len() + 4 > self.capacity / 2 {
                 break;

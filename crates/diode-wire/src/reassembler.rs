@@ -135,6 +135,13 @@ pub enum Event {
     Heartbeat(Box<proto::Heartbeat>),
     LinkUp,
     LinkDown,
+    /// The current session's datagrams are authenticated by another key than before (or for
+    /// the first time): `previous` when it is not the first configured key, a rotation the
+    /// sender has not made yet (§2.1).
+    KeyInUse {
+        key_id: u8,
+        previous: bool,
+    },
 }
 
 /// Cumulative counters; the receiver exports them as metrics.
@@ -428,6 +435,8 @@ pub struct Reassembler {
     last_valid: Option<Instant>,
     link_up: bool,
     link_timeout: Duration,
+    /// The id of the key the current session's datagrams were last authenticated by.
+    key_in_use: Option<u8>,
 }
 
 impl Reassembler {
@@ -447,7 +456,22 @@ impl Reassembler {
             stats: ReassemblerStats::default(),
             last_valid: None,
             link_up: false,
+            key_in_use: None,
             config,
+        }
+    }
+
+    /// Says when the key that authenticates the current session's datagrams changes: the one
+    /// event of a key rotation the IT side can see (§2.1).
+    fn note_key(&mut self, datagram: &[u8]) {
+        let key_id = datagram::key_id(datagram);
+        if key_id == self.key_in_use {
+            return;
+        }
+        self.key_in_use = key_id;
+        if let Some(key_id) = key_id {
+            let previous = self.config.keys.first().is_some_and(|k| k.id() != key_id);
+            self.events.push_back(Event::KeyInUse { key_id, previous });
         }
     }
 
@@ -618,6 +642,9 @@ impl Reassembler {
             Role::Start => self.force_session(now, &header),
             Role::Candidate => return self.hold_candidate(now, &header, datagram),
             Role::Old => return Err(old_datagram(&header)),
+        }
+        if header.authenticated {
+            self.note_key(datagram);
         }
         let session = self.session.as_mut().expect("current or started above");
         if header.block > session.block_frontier(now) {

@@ -964,6 +964,32 @@ fn keys_rotate_without_a_gap() {
 }
 
 #[test]
+fn the_key_in_use_is_announced_as_it_changes() {
+    // The receiver has moved to key 2 and still accepts key 1; the sender moves on restart.
+    let mut h = Harness::with_keys(
+        Impairments::default(),
+        15,
+        Some(key(1)),
+        vec![key(2), key(1)],
+    );
+    let mut rng = SimRng::new(15);
+    drive(&mut h, &mut rng, 50);
+    restart_sender(&mut h, Some(key(2)));
+    drive(&mut h, &mut rng, 50);
+    h.settle();
+    let announced: Vec<(u8, bool)> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::KeyInUse { key_id, previous } => Some((*key_id, *previous)),
+            _ => None,
+        })
+        .collect();
+    // Once per change, not once per datagram.
+    assert_eq!(announced, vec![(key(1).id(), true), (key(2).id(), false)]);
+}
+
+#[test]
 fn old_sessions_cannot_be_replayed() {
     let mut h = Harness::with_keys(Impairments::default(), 13, Some(key(1)), vec![key(1)]);
     let mut rng = SimRng::new(13);

@@ -503,6 +503,9 @@ impl ModbusPoller {
                     }
                     failures = 0;
                     ctx.metrics.polls.inc();
+                    ctx.metrics
+                        .last_poll_seconds
+                        .set(diode_common::unix_time_us() / 1_000_000);
                     let payload = self.record(time_us, values, &refused);
                     if super::emit(&ctx, time_us, None, payload).await.is_err() {
                         return;
