@@ -23,7 +23,8 @@
 //! the wire rate over 10 s and its worst 10 ms window), `paced1g` (the pair at 1 Gb/s for 10 s:
 //! CPU per side), `hostile` (genuine telemetry while a mixed flood of forged datagrams hits the
 //! receiver's port as fast as this host sends them, without and with a link key: genuine records
-//! delivered, the receiver's CPU and peak RSS).
+//! delivered, the receiver's CPU and peak RSS), `files` (one `DIODE_BENCH_FILE_MIB` file, 1024,
+//! through a files source and sink, then the same bytes as `bulk`: the ratio and each side's RSS).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -69,6 +70,9 @@ fn main() {
     }
     if wanted("hostile") {
         hostile();
+    }
+    if wanted("files") {
+        files();
     }
 }
 
@@ -187,6 +191,27 @@ struct Pair {
 impl Pair {
     /// `destination`: where the sender sends (the receiver's port when `None`).
     fn start(rate_mbps: u32, source: &str, sink: &str, destination: Option<SocketAddr>) -> Pair {
+        // DIODE_BENCH_BUFFER=1 gives the route a disk buffer: every record goes through it.
+        let buffer_line = if env_or("DIODE_BENCH_BUFFER", 0) == 1 {
+            "buffer_dir = \"buffer\"\nbuffer_max_bytes = 4294967296\n"
+        } else {
+            ""
+        };
+        Pair::start_tables(
+            rate_mbps,
+            &format!("[[topic]]\nname = \"bench\"\nsource = {source}\n"),
+            &format!("[[route]]\ntopics = [\"#\"]\nsink = {sink}\n{buffer_line}"),
+            destination,
+        )
+    }
+
+    /// As `start`, with the `[[topic]]` and `[[route]]` tables given whole.
+    fn start_tables(
+        rate_mbps: u32,
+        topics: &str,
+        routes: &str,
+        destination: Option<SocketAddr>,
+    ) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let link = free_port();
         // With DIODE_BENCH_KEY=1 both sides authenticate every datagram.
@@ -202,12 +227,6 @@ impl Pair {
                 }
             }
         };
-        // DIODE_BENCH_BUFFER=1 gives the route a disk buffer: every record goes through it.
-        let buffer_line = if env_or("DIODE_BENCH_BUFFER", 0) == 1 {
-            "buffer_dir = \"buffer\"\nbuffer_max_bytes = 4294967296\n"
-        } else {
-            ""
-        };
         // DIODE_BENCH_JOURNAL=1 journals every record the sender sends.
         let journal_table = if env_or("DIODE_BENCH_JOURNAL", 0) == 1 {
             "[journal]\ndir = \"journal\"\nmax_bytes = 4294967296\n"
@@ -218,7 +237,7 @@ impl Pair {
         let receiver_toml = dir.path().join("receiver.toml");
         std::fs::write(
             &receiver_toml,
-            format!("[link]\nlisten = \"127.0.0.1:{link}\"\n{key_line}receive_buffer_bytes = {}\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n[[route]]\ntopics = [\"#\"]\nsink = {sink}\n{buffer_line}", env_or("DIODE_BENCH_RCVBUF_BYTES", 128 << 20)),
+            format!("[link]\nlisten = \"127.0.0.1:{link}\"\n{key_line}receive_buffer_bytes = {}\n[metrics]\nlisten = \"127.0.0.1:{rm}\"\n{routes}", env_or("DIODE_BENCH_RCVBUF_BYTES", 128 << 20)),
         )
         .unwrap();
         let receiver = Service::start(
@@ -230,7 +249,7 @@ impl Pair {
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,
-            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\noutage_protection_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{journal_table}[[topic]]\nname = \"bench\"\nsource = {source}\n", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into()), env_or("DIODE_BENCH_OUTAGE_MS", 0)),
+            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\noutage_protection_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{journal_table}{topics}", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into()), env_or("DIODE_BENCH_OUTAGE_MS", 0)),
         )
         .unwrap();
         let sender = Service::start(
@@ -282,6 +301,17 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// A file of `mib` MiB of random bytes, written 8 MiB at a time and synced.
+fn write_random_file(path: &Path, mib: usize, seed: u64) {
+    let mut file = std::fs::File::create(path).unwrap();
+    for piece in 0..mib.div_ceil(8) {
+        let len = (8usize << 20).min((mib << 20) - piece * (8 << 20));
+        file.write_all(&random_bytes(len, seed + piece as u64))
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
 /// Offers a TCP source more than any link takes, until the flag is set.
 fn flood_tcp(port: u16, seed: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -299,10 +329,11 @@ fn flood_tcp(port: u16, seed: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<
 }
 
 fn bulk() {
-    let mib: usize = std::env::var("DIODE_BENCH_BULK_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
+    bulk_of(env_or("DIODE_BENCH_BULK_MIB", 2048) as usize);
+}
+
+/// Runs `bulk` with `mib` MiB; returns the goodput in MB/s.
+fn bulk_of(mib: usize) -> f64 {
     let data = Arc::new(random_bytes(mib << 20, 1));
     let sink = TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp_in = free_port();
@@ -367,6 +398,172 @@ fn bulk() {
         pair.receiver.metric("diode_sink_dropped_total")
     );
     pair.report_costs(data.len() as f64 / 1e9, seconds);
+    got as f64 / seconds / 1e6
+}
+
+/// One large file through a files source and a files sink, unpaced, then the same number of
+/// bytes as raw bulk TCP in the same run: the ratio, and each side's peak RSS whatever the size.
+fn files() {
+    let mib = env_or("DIODE_BENCH_FILE_MIB", 1024) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let (plant, mirror) = (dir.path().join("plant"), dir.path().join("mirror"));
+    std::fs::create_dir_all(&plant).unwrap();
+    let path = plant.join("historian-export.dat");
+    write_random_file(&path, mib, 100);
+    let pair = Pair::start(
+        100_000,
+        &format!(
+            "{{ kind = \"files\", dir = \"{}\", state_file = \"{}\", stable_ms = 100, passes = 3, pass_interval_ms = 1000 }}",
+            plant.display(),
+            dir.path().join("files.state").display()
+        ),
+        &format!("{{ kind = \"files\", dir = \"{}\" }}", mirror.display()),
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    while pair.sender.metric("diode_file_bytes_sent_total") == 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    while pair.receiver.metric("diode_files_received_total") < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let identical = Command::new("cmp")
+        .arg("-s")
+        .arg(&path)
+        .arg(mirror.join("historian-export.dat"))
+        .status()
+        .is_ok_and(|s| s.success());
+    let bytes = (mib << 20) as f64;
+    let goodput = bytes / seconds / 1e6;
+    println!("\nfiles: one {mib} MiB file, files source -> link -> files sink (SHA-256 verified, fsync), unpaced, until it is whole");
+    println!(
+        "  goodput {goodput:>8.1} MB/s   {}",
+        if identical { "identical" } else { "DIFFERENT" }
+    );
+    println!(
+        "  passes sent {} ({} MiB), incomplete at the receiver {}; records lost on the link {}, dropped at the sink's full queue {}",
+        pair.sender.metric("diode_file_passes_total"),
+        pair.sender.metric("diode_file_bytes_sent_total") / (1 << 20) as f64,
+        pair.receiver.metric("diode_file_passes_incomplete_total"),
+        pair.receiver.metric("diode_records_lost_total"),
+        pair.receiver.metric("diode_sink_dropped_total")
+    );
+    pair.report_costs(bytes / 1e9, seconds);
+    drop(pair);
+    drop(dir);
+    let tcp = bulk_of(mib);
+    println!(
+        "\nfiles vs bulk TCP, same run, same size: {goodput:.1} / {tcp:.1} MB/s = {:.2}",
+        goodput / tcp
+    );
+    files_beside_telemetry(mib, None);
+    files_beside_telemetry(128, Some(200));
+}
+
+/// A plant's telemetry (1,000 records of 100 bytes a second on a UDP topic) alone, then while
+/// a `mib` MiB file streams on a files topic of the same link (unpaced, or under the topic's
+/// own `rate_mbps`): each record's latency from the UDP source to the UDP sink, in one run.
+fn files_beside_telemetry(mib: usize, files_rate_mbps: Option<u32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (plant, mirror) = (dir.path().join("plant"), dir.path().join("mirror"));
+    std::fs::create_dir_all(&plant).unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let udp_in = free_port();
+    let topics = format!(
+        "[[topic]]\nname = \"line3/telemetry\"\nsource = {{ kind = \"udp\", listen = \"127.0.0.1:{udp_in}\" }}\n\
+         [[topic]]\nname = \"exports\"\n{}source = {{ kind = \"files\", dir = \"{}\", state_file = \"{}\", stable_ms = 100, passes = 1 }}\n",
+        files_rate_mbps.map_or(String::new(), |r| format!("rate_mbps = {r}\n")),
+        plant.display(),
+        dir.path().join("files.state").display()
+    );
+    let routes = format!(
+        "[[route]]\ntopics = [\"line3/#\"]\nsink = {{ kind = \"udp\", target = \"{}\" }}\n\
+         [[route]]\ntopics = [\"exports\"]\nsink = {{ kind = \"files\", dir = \"{}\" }}\n",
+        sink.local_addr().unwrap(),
+        mirror.display()
+    );
+    let pair = Pair::start_tables(100_000, &topics, &routes, None);
+    let epoch = Instant::now();
+    let measure = |seconds: u64| -> Vec<u64> {
+        let per_sec = 1000u64;
+        let generator = std::thread::spawn(move || {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut record = [b'.'; 100];
+            let started = Instant::now();
+            for seq in 0..per_sec * seconds {
+                let due = started + Duration::from_micros(seq * 1_000_000 / per_sec);
+                if let Some(pause) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(pause);
+                }
+                record[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                let _ = socket.send_to(&record, ("127.0.0.1", udp_in));
+            }
+        });
+        let mut latencies_us = Vec::new();
+        let mut buf = [0u8; 2048];
+        let until = Instant::now() + Duration::from_secs(seconds + 2);
+        while Instant::now() < until && (latencies_us.len() as u64) < per_sec * seconds {
+            if let Ok(n) = sink.recv(&mut buf) {
+                if n >= 8 {
+                    let sent = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    latencies_us.push(now.saturating_sub(sent) / 1000);
+                }
+            }
+        }
+        generator.join().unwrap();
+        latencies_us.sort_unstable();
+        latencies_us
+    };
+    let report = |what: &str, latencies_us: &[u64], expected: u64| {
+        let pct = |p: f64| {
+            latencies_us
+                .get(
+                    ((latencies_us.len() as f64 * p) as usize)
+                        .min(latencies_us.len().saturating_sub(1)),
+                )
+                .copied()
+                .unwrap_or(0) as f64
+                / 1000.0
+        };
+        println!(
+            "  {what:<28} {} of {expected} delivered, latency p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            latencies_us.len(),
+            pct(0.5),
+            pct(0.99),
+            latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0
+        );
+    };
+    println!(
+        "\ntelemetry beside files ({}): 1,000 records of 100 bytes a second (UDP in, UDP out), flush 5 ms",
+        files_rate_mbps.map_or("files unpaced".into(), |r| format!("files topic rate_mbps = {r}"))
+    );
+    let alone = measure(5);
+    report("alone", &alone, 5000);
+    // The export lands in the watched folder; the telemetry goes on while it streams.
+    write_random_file(&plant.join("historian-export.dat"), mib, 300);
+    let started = Instant::now();
+    let beside = measure(5);
+    let received_within = pair.receiver.metric("diode_files_received_total");
+    let sent_during = pair.sender.metric("diode_file_bytes_sent_total") / (1 << 20) as f64;
+    report("while the file streams", &beside, 5000);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while pair.receiver.metric("diode_files_received_total") < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "  the file: {mib} MiB, {sent_during:.0} MiB of it sent during those 5 s, whole after {:.1} s{}",
+        started.elapsed().as_secs_f64(),
+        if received_within >= 1.0 {
+            " (within them)"
+        } else {
+            ""
+        }
+    );
 }
 
 fn small_records() {

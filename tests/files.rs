@@ -62,6 +62,12 @@ fn files_route(mirror: &Path, extra: &str) -> String {
     )
 }
 
+/// A pair over a clean link with one files topic and its mirror route.
+fn start_pair(s: Sides, topic: &str) -> Pair {
+    let route = files_route(&s.mirror, "");
+    Pair::start_with(RelayConfig::default(), topic, &route, s.dir, "", "")
+}
+
 struct Sides {
     dir: tempfile::TempDir,
     plant: PathBuf,
@@ -182,14 +188,7 @@ fn a_sender_killed_mid_file_resumes_where_it_stopped() {
         "name = \"exports\"\n",
         "name = \"exports\"\nrate_mbps = 40\n",
     );
-    let mut pair = Pair::start_with(
-        RelayConfig::default(),
-        &topic,
-        &files_route(&s.mirror, ""),
-        s.dir,
-        "",
-        "",
-    );
+    let mut pair = start_pair(s, &topic);
     let sent = |pair: &Pair| pair.sender.metric("diode_file_bytes_sent_total", &[]);
     // Crash once the state file says a third of the file is queued.
     let saved_offset = || {
@@ -228,14 +227,7 @@ fn a_file_being_written_is_sent_only_once_stable() {
     let state = s.dir.path().join("files.state");
     let topic =
         files_topic(&s.plant, &state, "passes = 1").replace("stable_ms = 300", "stable_ms = 1000");
-    let pair = Pair::start_with(
-        RelayConfig::default(),
-        &topic,
-        &files_route(&s.mirror, ""),
-        s.dir,
-        "",
-        "",
-    );
+    let pair = start_pair(s, &topic);
     // A logger appending a line every 150 ms for 3 s.
     let path = pair.path("plant/growing.log");
     let mut whole = Vec::new();

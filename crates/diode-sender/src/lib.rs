@@ -77,12 +77,13 @@ impl RunningSender {
 /// What the bulk topics' queue may hold.
 const BULK_QUEUE_BYTES: usize = 4 << 20;
 
-/// How much encoded data bulk records may put ahead of a live one: 10 ms of the link's ceiling
-/// (at least 64 KiB, so a slow link still moves a chunk at a time), at most half the encoder's
-/// queue.
+/// How much encoded data bulk records may put ahead of a live one: 10 ms of the link's ceiling,
+/// at least 64 KiB (so a slow link still moves a chunk at a time) and at most 1 MiB (a ceiling
+/// far above what the link really carries must not let a file queue seconds ahead of a PLC's
+/// records), and never more than half the encoder's queue.
 fn bulk_room_bytes(rate_mbps: f64, max_queued_bytes: usize) -> usize {
     let ten_ms = (rate_mbps * 1e6 / 8.0 * 0.010) as usize;
-    ten_ms.max(64 << 10).min(max_queued_bytes / 2)
+    ten_ms.clamp(64 << 10, 1 << 20).min(max_queued_bytes / 2)
 }
 
 /// Binds everything (so a taken port fails here), then runs until `shutdown`.

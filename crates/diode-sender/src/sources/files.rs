@@ -716,14 +716,7 @@ impl Worker {
             return;
         }
         let version = self.carousel.remove(rel).expect("indexed");
-        if self
-            .pass
-            .as_ref()
-            .is_some_and(|p| p.file_id == version.file_id)
-        {
-            self.pass = None;
-            self.carousel.progress = None;
-        }
+        self.end_pass_of(version.file_id);
         let sent_whole = if version.passes > 0 {
             Some(version.file_id)
         } else {
@@ -800,10 +793,7 @@ impl Worker {
             // before it is.
             let mut replaces = None;
             if let Some(old) = self.carousel.remove(&rel) {
-                if self.pass.as_ref().is_some_and(|p| p.file_id == old.file_id) {
-                    self.pass = None;
-                    self.carousel.progress = None;
-                }
+                self.end_pass_of(old.file_id);
                 replaces = if old.passes > 0 {
                     Some(old.file_id)
                 } else {
@@ -831,6 +821,14 @@ impl Worker {
                 .insert(rel, self.carousel.versions.len());
             self.carousel.versions.push(version);
             self.carousel.dirty = true;
+        }
+    }
+
+    /// A version leaves the carousel: if its pass was under way, that pass ends unfinished.
+    fn end_pass_of(&mut self, file_id: u64) {
+        if self.pass.as_ref().is_some_and(|p| p.file_id == file_id) {
+            self.pass = None;
+            self.carousel.progress = None;
         }
     }
 
@@ -1171,13 +1169,8 @@ impl Worker {
     /// is found again (as a new version once stable).
     fn abandon(&mut self, i: usize, reason: &'static str, why: &str) {
         let version = self.carousel.versions[i].clone();
-        if self
-            .pass
-            .as_ref()
-            .is_some_and(|p| p.file_id == version.file_id)
-        {
-            self.pass = None;
-        }
+        self.end_pass_of(version.file_id);
+        // Abandoned as it opened: its resumed progress, if it had one, is void too.
         self.carousel.progress = None;
         self.carousel.remove(&version.path);
         self.metrics.skipped(reason).inc();
