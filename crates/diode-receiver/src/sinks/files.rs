@@ -152,6 +152,8 @@ const MAX_REFUSED: usize = 4096;
 const MAX_INSTALLED: usize = 1_000_000;
 /// Partial files kept open at once.
 const MAX_OPEN: usize = 16;
+/// A partial version's ranges are written at most this often.
+const PARTIAL_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// The installed index is written at most this often.
 const INDEX_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -199,6 +201,8 @@ struct Partial {
     touched: Instant,
     touched_unix_s: i64,
     dirty: bool,
+    /// When its ranges were last written to `<id>.json`.
+    saved: Instant,
     /// The last pass whose end found bytes missing, so it is reported once.
     reported_pass: u32,
 }
@@ -397,6 +401,7 @@ impl Mirror {
                     touched: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
                     touched_unix_s: meta.touched_unix_s,
                     dirty: false,
+                    saved: Instant::now(),
                     reported_pass: 0,
                 },
             );
@@ -458,7 +463,7 @@ impl Mirror {
                 }
             }
         }
-        self.save_dirty();
+        self.save_dirty(false);
         if self.last_expiry.elapsed() >= Duration::from_secs(10) {
             self.last_expiry = Instant::now();
             self.expire();
@@ -728,6 +733,7 @@ impl Mirror {
                     touched: Instant::now(),
                     touched_unix_s: 0,
                     dirty: true,
+                    saved: Instant::now(),
                     reported_pass: 0,
                 },
             );
@@ -1015,10 +1021,15 @@ impl Mirror {
 
     /// Writes the ranges of every partial version touched since the last save, and the
     /// installed index when it is due.
-    fn save_dirty(&mut self) {
+    fn save_dirty(&mut self, all: bool) {
         let now_unix = diode_common::unix_time_us() / 1_000_000;
-        for (id, partial) in self.incomplete.iter_mut().filter(|(_, p)| p.dirty) {
+        // A file streaming in touches its ranges with every batch: they are written once a
+        // second (a restart then takes again at most the last second's chunks), and whole at a
+        // stop or a failure.
+        let due = |p: &Partial| p.dirty && (all || p.saved.elapsed() >= PARTIAL_SAVE_INTERVAL);
+        for (id, partial) in self.incomplete.iter_mut().filter(|(_, p)| due(p)) {
             partial.dirty = false;
+            partial.saved = Instant::now();
             partial.touched_unix_s = now_unix;
             let manifest = partial.manifest.as_ref();
             let meta = PartialMeta {
@@ -1045,7 +1056,7 @@ impl Mirror {
     }
 
     fn save_all(&mut self) {
-        self.save_dirty();
+        self.save_dirty(true);
         if self.index_dirty {
             self.save_index();
         }
@@ -1218,6 +1229,8 @@ mod tests {
                 m.incomplete[&9].held.missing(5_000, 8),
                 vec![(2_000, 3_000)]
             );
+            // A clean stop, as the sink's close does.
+            m.save_all();
         }
         // The receiver restarts; the next pass arrives out of order, only the missing chunk
         // counts.
