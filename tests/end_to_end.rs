@@ -61,6 +61,34 @@ fn send_lines(addr: SocketAddr, lines: impl IntoIterator<Item = String>) {
     stream.write_all(text.as_bytes()).unwrap();
 }
 
+/// The status page's "loss on the link": what the sender had sent by each heartbeat against
+/// what arrived, measured over a 5 s window while telemetry flows through 5 % loss.
+#[test]
+fn loss_on_the_link_is_measured_against_what_the_sender_sent() {
+    let (udp, tcp) = (free_port(), free_port());
+    let relay = RelayConfig {
+        impairments: Impairments {
+            drop_rate: 0.05,
+            ..Impairments::default()
+        },
+        seed: 9,
+    };
+    let pair = Pair::start(relay, &topics_udp_and_lines(udp, tcp), FILE_ROUTE);
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let mut next = 0u64;
+    while std::time::Instant::now() < until {
+        let batch = (next..next + 100).map(|n| format!("telemetry {n} {PAD}").into_bytes());
+        send_udp(loopback(udp), batch, 100);
+        next += 100;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ratio = pair.receiver.metric("diode_link_loss_ratio", &[]);
+    assert!(
+        (0.03..=0.08).contains(&ratio),
+        "loss on the link measured as {ratio}, the relay drops 5 %"
+    );
+}
+
 #[test]
 fn records_arrive_intact_in_order_once_over_an_impaired_link() {
     let (udp, tcp) = (free_port(), free_port());

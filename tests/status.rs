@@ -156,7 +156,8 @@ fn both_status_pages_show_the_live_figures_and_the_gap_in_a_browser() {
             .metric("diode_source_connections", &[&topic_label]),
         "source connections"
     );
-    let _ = figure("diode_link_loss_ratio");
+    // A clean link: no loss measured (0 until a first 5 s window closes).
+    assert!(figure("diode_link_loss_ratio") < 0.01);
     let route = row("Routes", "0-file");
     assert_eq!(
         route[0],

@@ -416,21 +416,27 @@ impl Events {
         if let Some(c) = &heartbeat.counters {
             let last = &view.counters;
             let m = &self.metrics;
-            // Loss on the link: what the sender says it sent against what arrived here.
-            let received = m.datagrams_received.get();
+            // Loss on the link: what the sender had sent by this heartbeat (queued ahead of it
+            // included) against what arrived here and was valid.
+            let received = m.datagrams_valid.get();
+            let sent_by_now = if c.datagrams_before > 0 {
+                c.datagrams_before
+            } else {
+                c.datagrams_sent
+            };
             let now = Instant::now();
             match view.loss_window {
                 Some((at, sent, got)) if now.duration_since(at) >= LOSS_WINDOW => {
-                    let sent_now = c.datagrams_sent.saturating_sub(sent);
+                    let sent_now = sent_by_now.saturating_sub(sent);
                     let got_now = received.saturating_sub(got);
                     if sent_now > 0 {
                         let lost = sent_now.saturating_sub(got_now) as f64 / sent_now as f64;
                         m.link_loss_ratio.set(lost);
                     }
-                    view.loss_window = Some((now, c.datagrams_sent, received));
+                    view.loss_window = Some((now, sent_by_now, received));
                 }
                 Some(_) => {}
-                None => view.loss_window = Some((now, c.datagrams_sent, received)),
+                None => view.loss_window = Some((now, sent_by_now, received)),
             }
             for (mirror, now, before) in [
                 (&m.sender_records_in, c.records_in, last.records_in),

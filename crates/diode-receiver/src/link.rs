@@ -155,15 +155,17 @@ impl LinkThread {
     fn after_input(&mut self, scratch: &mut Scratch) {
         let now = Instant::now();
         self.reassembler.handle_timeout(now);
-        while let Some(event) = self.reassembler.poll_event() {
-            self.events.handle(event, self.reassembler.session_id());
-        }
-        self.events.end_pass(now);
+        // Counted before the events are handled, so that a heartbeat compares its sender's
+        // counts with every datagram read before it (diode_link_loss_ratio).
         let stats = self.reassembler.stats();
         if stats != &scratch.last_stats {
             self.metrics.add_stats(stats, &scratch.last_stats);
             scratch.last_stats = stats.clone();
         }
+        while let Some(event) = self.reassembler.poll_event() {
+            self.events.handle(event, self.reassembler.session_id());
+        }
+        self.events.end_pass(now);
         if now >= scratch.next_gauges {
             scratch.next_gauges = now + GAUGE_INTERVAL;
             // Listed once a second, for the state file and the status page both.

@@ -164,6 +164,9 @@ pub struct ReceiverMetrics {
     /// Datagrams the sender sent that did not arrive, as a fraction, over the last window of
     /// heartbeats at least `LOSS_WINDOW` long.
     pub link_loss_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Datagrams the reassembler accepted (duplicates, forgeries and other sources left out):
+    /// what `link_loss_ratio` counts as arrived. Not exported.
+    pub datagrams_valid: Counter,
     pub sender_topic_records_in: Family<TopicLabels, Counter>,
     pub sender_source_connections: Family<TopicLabels, Gauge>,
     pub sender_topic_source_errors: Family<TopicLabels, Counter>,
@@ -207,6 +210,7 @@ impl ReceiverMetrics {
             sink_buffer_max_bytes: Family::default(),
             sink_up: Family::default(),
             link_loss_ratio: Gauge::default(),
+            datagrams_valid: Counter::default(),
             sender_topic_records_in: Family::default(),
             sender_source_connections: Family::default(),
             sender_topic_source_errors: Family::default(),
@@ -376,7 +380,7 @@ impl ReceiverMetrics {
         );
         r.register(
             "diode_link_loss_ratio",
-            "Datagrams the sender sent that did not arrive, as a fraction, over the last 5 s or more of heartbeats",
+            "Datagrams the sender had sent by each heartbeat that did not arrive valid, as a fraction, over the last 5 s or more of heartbeats",
             m.link_loss_ratio.clone(),
         );
         r.register(
@@ -411,6 +415,8 @@ impl ReceiverMetrics {
 
     /// Adds what the reassembler counted since `last`.
     pub fn add_stats(&self, stats: &ReassemblerStats, last: &ReassemblerStats) {
+        self.datagrams_valid
+            .inc_by(stats.datagrams_accepted - last.datagrams_accepted);
         self.datagrams_unneeded
             .inc_by(stats.datagrams_unneeded - last.datagrams_unneeded);
         for reason in Rejected::ALL {
@@ -454,7 +460,12 @@ impl ReceiverMetrics {
             queue: self.sink_queue_bytes.get_or_create_owned(&labels),
             backlog: self.sink_backlog_bytes.get_or_create_owned(&labels),
             buffer_max: self.sink_buffer_max_bytes.get_or_create_owned(&labels),
-            up: self.sink_up.get_or_create_owned(&labels),
+            up: {
+                // Up until a delivery fails: a route with nothing to deliver is not down.
+                let up = self.sink_up.get_or_create_owned(&labels);
+                up.set(1);
+                up
+            },
             health: Arc::default(),
             budget,
             files: self.files.clone(),

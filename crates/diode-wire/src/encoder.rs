@@ -1100,6 +1100,9 @@ impl Encoder {
     }
 
     fn add_heartbeat(&mut self, now: Instant, unix_time_us: i64) {
+        // This heartbeat's block goes after every block sealed before it (§5.3).
+        let queued_ahead = (self.schedule.len() - self.schedule_cursor.min(self.schedule.len()))
+            + self.waiting.iter().map(|b| b.count).sum::<usize>();
         let mut heartbeat = proto::Heartbeat {
             sent_time_us: unix_time_us,
             session_start_time_us: self.config.session_start_time_us,
@@ -1116,6 +1119,7 @@ impl Encoder {
                 datagrams_sent: self.stats.datagrams_out,
                 link_bytes_sent: self.stats.wire_bytes_out,
                 source_errors: self.stats.source_errors,
+                datagrams_before: self.stats.datagrams_out + queued_ahead as u64,
             }),
             sender_version: env!("CARGO_PKG_VERSION").to_owned(),
             stopping: self.stopping,

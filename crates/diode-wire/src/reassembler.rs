@@ -135,9 +135,9 @@ pub enum Event {
     Heartbeat(Box<proto::Heartbeat>),
     LinkUp,
     LinkDown,
-    /// The current session's datagrams are authenticated by another key than before (or for
-    /// the first time): `previous` when it is not the first configured key, a rotation the
-    /// sender has not made yet (§2.1).
+    /// A session is authenticated by another key than the one before it (or this is the first
+    /// session): `previous` when it is not the first configured key, a rotation the sender has
+    /// not made yet (§2.1). Said once per change, at a session's first datagram.
     KeyInUse {
         key_id: u8,
         previous: bool,
@@ -435,8 +435,8 @@ pub struct Reassembler {
     last_valid: Option<Instant>,
     link_up: bool,
     link_timeout: Duration,
-    /// The id of the key the current session's datagrams were last authenticated by.
-    key_in_use: Option<u8>,
+    /// The session whose key was last announced, and that key's id.
+    key_in_use: Option<(u64, u8)>,
 }
 
 impl Reassembler {
@@ -461,18 +461,27 @@ impl Reassembler {
         }
     }
 
-    /// Says when the key that authenticates the current session's datagrams changes: the one
-    /// event of a key rotation the IT side can see (§2.1).
-    fn note_key(&mut self, datagram: &[u8]) {
-        let key_id = datagram::key_id(datagram);
-        if key_id == self.key_in_use {
+    /// Says which key authenticates a session, once, from its first datagram accepted: the one
+    /// event of a key rotation the IT side can see (§2.1). A sender takes up a new key when it
+    /// restarts, so once per session is every change; and a holder of the other key cannot
+    /// make it flap by slipping datagrams into the session.
+    fn note_key(&mut self, session_id: u64, datagram: &[u8]) {
+        if self
+            .key_in_use
+            .is_some_and(|(session, _)| session == session_id)
+        {
             return;
         }
-        self.key_in_use = key_id;
-        if let Some(key_id) = key_id {
-            let previous = self.config.keys.first().is_some_and(|k| k.id() != key_id);
-            self.events.push_back(Event::KeyInUse { key_id, previous });
+        let Some(key_id) = datagram::key_id(datagram) else {
+            return;
+        };
+        if self.key_in_use.is_some_and(|(_, key)| key == key_id) {
+            self.key_in_use = Some((session_id, key_id));
+            return;
         }
+        self.key_in_use = Some((session_id, key_id));
+        let previous = self.config.keys.first().is_some_and(|k| k.id() != key_id);
+        self.events.push_back(Event::KeyInUse { key_id, previous });
     }
 
     /// The newest authenticated session delivered from, and its delivery point, for the
@@ -644,7 +653,7 @@ impl Reassembler {
             Role::Old => return Err(old_datagram(&header)),
         }
         if header.authenticated {
-            self.note_key(datagram);
+            self.note_key(header.session_id, datagram);
         }
         let session = self.session.as_mut().expect("current or started above");
         if header.block > session.block_frontier(now) {

@@ -977,6 +977,22 @@ fn the_key_in_use_is_announced_as_it_changes() {
     restart_sender(&mut h, Some(key(2)));
     drive(&mut h, &mut rng, 50);
     h.settle();
+    // A holder of the old key slips datagrams into the new session: no new announcement.
+    let mut rogue = Encoder::new(
+        EncoderConfig {
+            key: Some(key(1)),
+            ..encoder_config(h.session)
+        },
+        h.now,
+    )
+    .unwrap();
+    let topic = rogue.add_topic("t0").unwrap();
+    rogue.push(h.now, topic, 0, payload(&mut rng, 100)).unwrap();
+    rogue.flush(h.now);
+    while let Some(d) = rogue.poll_transmit(h.now) {
+        let _ = h.receiver.handle_datagram(h.now, &d);
+    }
+    h.collect();
     let announced: Vec<(u8, bool)> = h
         .events
         .iter()

@@ -113,6 +113,14 @@ pub struct FilesSink {
     mirror: Arc<Mutex<Mirror>>,
 }
 
+impl Drop for Mirror {
+    /// Whatever way the sink ends (a clean stop that ran out of time included), the ranges held
+    /// are written out.
+    fn drop(&mut self) {
+        self.save_all();
+    }
+}
+
 impl Sink for FilesSink {
     async fn deliver(
         &mut self,
@@ -555,6 +563,12 @@ impl Mirror {
         };
         let end_of_pass = m.end_of_pass;
         let pass = m.pass;
+        if end_of_pass {
+            // The end of a pass may be the last record for a while: its ranges are written now.
+            if let Some(due) = Instant::now().checked_sub(PARTIAL_SAVE_INTERVAL) {
+                partial.saved = due;
+            }
+        }
         partial.manifest = Some(FileManifest { sha256: sha, ..m });
         partial.dirty = true;
         if self.ready(id) {
@@ -794,17 +808,20 @@ impl Mirror {
 
     /// Verifies a whole version and renames it into place.
     fn complete(&mut self, id: u64) -> Result<(), Outcome> {
-        let mut partial = self.take_partial(&id).expect("ready");
-        let manifest = partial.manifest.take().expect("ready");
-        let path_text = String::from_utf8_lossy(&manifest.path).into_owned();
-        let file = match partial.file.take() {
+        // The I/O that can fail for a while (no descriptors, a read error) comes first, with the
+        // version still held: the batch is offered again and finds its ranges where they were.
+        let partial = self.incomplete.get_mut(&id).expect("ready");
+        let size = partial.manifest.as_ref().expect("ready").size;
+        let (held_file, prefix) = (partial.file.take(), partial.prefix_hash.take());
+        let file = match held_file {
             Some(file) => file,
             None => self.open_partial(id).map_err(Outcome::Io)?,
         };
-        file.set_len(manifest.size).map_err(Outcome::Io)?;
-        let digest =
-            diode_common::fsutil::sha256_of(&file, manifest.size, partial.prefix_hash.take())
-                .map_err(Outcome::Io)?;
+        file.set_len(size).map_err(Outcome::Io)?;
+        let digest = diode_common::fsutil::sha256_of(&file, size, prefix).map_err(Outcome::Io)?;
+        let mut partial = self.take_partial(&id).expect("ready");
+        let manifest = partial.manifest.take().expect("ready");
+        let path_text = String::from_utf8_lossy(&manifest.path).into_owned();
         if digest.as_ref() != &manifest.sha256[..] {
             tracing::warn!(route = %self.route, path = %path_text, file_id = %id_hex(id),
                 "file failed verification (SHA-256 differs): not installed, taken again from the next pass");
