@@ -18,6 +18,10 @@ pub struct Events {
     metrics: ReceiverMetrics,
     topic_counters: HashMap<Arc<str>, TopicCounters>,
     sender: SenderView,
+    /// Topic names that have series of their own from heartbeats, across every session: at most
+    /// `max_topics`, so that senders announcing new names session after session cannot grow the
+    /// label set without bound.
+    labeled_topics: std::collections::HashSet<String>,
     losses: LossLog,
     max_topics: usize,
     pub security: crate::security::SecurityEvents,
@@ -184,6 +188,7 @@ impl Events {
             metrics,
             topic_counters: HashMap::new(),
             sender: SenderView::default(),
+            labeled_topics: Default::default(),
             losses: LossLog::default(),
             max_topics,
             security,
@@ -461,8 +466,11 @@ impl Events {
             if !diode_wire::is_valid_topic(&topic.name) {
                 continue;
             }
-            if view.topics.len() >= self.max_topics && !view.topics.contains_key(&topic.name) {
-                continue;
+            if !self.labeled_topics.contains(&topic.name) {
+                if self.labeled_topics.len() >= self.max_topics {
+                    continue;
+                }
+                self.labeled_topics.insert(topic.name.clone());
             }
             let last = view.topics.entry(topic.name.clone()).or_default();
             let labels = TopicLabels {

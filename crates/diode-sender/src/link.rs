@@ -65,6 +65,8 @@ impl LinkThread {
         let mut noted_errors = 0u64;
         let mut last_stats = self.encoder.stats().clone();
         let mut stopping_since: Option<Instant> = None;
+        // The encoder has been told to finish: the `stopping` heartbeat is on its way.
+        let mut finished = false;
         let mut next_counter_sync = Instant::now();
         loop {
             let now = Instant::now();
@@ -87,7 +89,7 @@ impl LinkThread {
             if !live_waiting && stopping_since.is_none() {
                 self.take_replayed(now);
             }
-            if !live_waiting {
+            if !live_waiting && !finished {
                 self.take_bulk(now);
             }
             // Drops at the sources go into heartbeats, so the IT side sees OT-side loss. Heartbeats
@@ -128,14 +130,23 @@ impl LinkThread {
             let sources_gone = disconnected && self.bulk.is_disconnected();
             if (sources_gone || self.shutdown.is_triggered()) && stopping_since.is_none() {
                 stopping_since = Some(now);
-                self.encoder.finish(now, unix_time_us());
+            }
+            // What bulk sources queued goes out first (a files source saved its place as sent),
+            // then the last heartbeat says `stopping`, so that nothing of this session follows
+            // it; a bulk queue that will not empty gets half the drain time.
+            if let Some(since) = stopping_since {
+                let bulk_done = self.bulk.is_empty() || now.duration_since(since) > DRAIN_LIMIT / 2;
+                if !finished && bulk_done {
+                    finished = true;
+                    self.encoder.finish(now, unix_time_us());
+                }
             }
             self.encoder.handle_timeout(now, unix_time_us());
             self.transmit(now);
             self.update_metrics(&mut last_stats);
 
             if let Some(since) = stopping_since {
-                if (sources_gone && self.bulk.is_empty() && self.encoder.is_idle())
+                if (finished && sources_gone && self.bulk.is_empty() && self.encoder.is_idle())
                     || now.duration_since(since) > DRAIN_LIMIT
                 {
                     if !self.encoder.is_idle() {
@@ -160,8 +171,9 @@ impl LinkThread {
             let replay_ready = stopping_since.is_none()
                 && self.replay_room()
                 && self.journal.as_ref().is_some_and(|j| !j.replay.is_empty());
-            let bulk_ready = self.bulk_room() && !self.bulk.is_empty();
-            let bulk_open = self.bulk_room() && !self.bulk.is_disconnected();
+            // None after the `stopping` heartbeat: nothing of this session may follow it.
+            let bulk_ready = !finished && self.bulk_room() && !self.bulk.is_empty();
+            let bulk_open = !finished && self.bulk_room() && !self.bulk.is_disconnected();
             if replay_ready || bulk_ready {
                 // Replayed or bulk records wait: go round again at once.
             } else if waiting_for_first_record && (queue_open || bulk_open) {

@@ -543,6 +543,11 @@ impl Mirror {
         }
         if self.newer_installed(&names, &m) {
             // An older version still in the carousel: the newer one stays.
+            static OLDER: LogThrottle = LogThrottle::new(Duration::from_secs(60));
+            if let Some(folded) = OLDER.allow() {
+                tracing::info!(route = %self.route, path = %names, file_id = %id_hex(id), folded,
+                    "an older version of a file held here arrived: not installed (the sender found it earlier)");
+            }
             self.refuse(id, None);
             return Ok(());
         }
