@@ -89,6 +89,62 @@ fn loss_on_the_link_is_measured_against_what_the_sender_sent() {
     );
 }
 
+/// The sender's counters as the receiver mirrors them: all of a session it saw start, and after
+/// a receiver restart only what came since, with no burst of the sender's totals so far.
+#[test]
+fn mirrored_sender_counters_count_what_this_receiver_saw() {
+    let (udp, tcp) = (free_port(), free_port());
+    let mut pair = Pair::start_with(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+        tempfile::tempdir().unwrap(),
+        "",
+        "state_file = \"receiver.state\"",
+    );
+    let topic = "topic=\"line3/telemetry\"";
+    let send = |from: u64, to: u64| {
+        send_udp(
+            loopback(udp),
+            (from..to).map(|n| format!("telemetry {n} {PAD}").into_bytes()),
+            100,
+        )
+    };
+    send(0, 2000);
+    let counted = |pair: &Pair, name: &str, labels: &[&str]| pair.receiver.metric(name, labels);
+    let settled = wait_for(Duration::from_secs(10), || {
+        counted(&pair, "diode_sender_topic_records_in_total", &[topic]) == 2000.0
+    });
+    assert!(
+        settled,
+        "{} taken in at the sender as the receiver counts it; metrics:\n{}",
+        counted(&pair, "diode_sender_topic_records_in_total", &[topic]),
+        pair.receiver.metrics_text()
+    );
+    assert_eq!(counted(&pair, "diode_sender_records_in_total", &[]), 2000.0);
+    // Well into the session, as a receiver restart usually is.
+    std::thread::sleep(Duration::from_millis(1000));
+    pair.restart_receiver(false);
+    // Heartbeats of the same session: the baseline, not an increase.
+    std::thread::sleep(Duration::from_millis(800));
+    send(2000, 2500);
+    let settled = wait_for(Duration::from_secs(10), || {
+        counted(&pair, "diode_sender_topic_records_in_total", &[topic]) == 500.0
+    });
+    assert!(
+        settled,
+        "{} taken in since the restart, as the receiver counts it; log:\n{}",
+        counted(&pair, "diode_sender_topic_records_in_total", &[topic]),
+        std::fs::read_to_string(pair.path("receiver2.log")).unwrap_or_default()
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(counted(&pair, "diode_sender_records_in_total", &[]), 500.0);
+    assert_eq!(
+        counted(&pair, "diode_sender_topic_records_in_total", &[topic]),
+        500.0
+    );
+}
+
 #[test]
 fn records_arrive_intact_in_order_once_over_an_impaired_link() {
     let (udp, tcp) = (free_port(), free_port());

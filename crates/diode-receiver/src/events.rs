@@ -42,13 +42,16 @@ struct SenderView {
     /// The start of the window `diode_link_loss_ratio` is measured over: when, the sender's
     /// datagrams sent, ours received.
     loss_window: Option<(Instant, u64, u64)>,
+    /// This receiver saw the session start: its counts from 0 are this receiver's to count.
+    from_start: bool,
 }
 
 #[derive(Default)]
 struct TopicView {
     dropped: u64,
-    /// None until a first heartbeat of the session: that one sets the baseline, so that the
-    /// mirrored counter counts only what was taken in after the receiver started listening.
+    /// None until a first heartbeat of the session: that one sets the baseline of a session
+    /// joined mid-stream, so that the mirrored counter counts only what was taken in after the
+    /// receiver started listening; a session seen from its start counts from its `first_seq`.
     next_seq: Option<u64>,
     source_errors: Option<u64>,
 }
@@ -412,6 +415,36 @@ impl Events {
                 session,
                 ..SenderView::default()
             };
+            // A session whose first heartbeats this receiver reads (sent, by the sender's own
+            // clock, within two intervals of its start) is counted from 0. One that was running
+            // before (a receiver restart, or a receiver started after the sender) is counted
+            // from its first heartbeat here: the sender's totals so far would show as a burst
+            // of records in, drops and errors that did not happen now.
+            let age_us = heartbeat
+                .sent_time_us
+                .saturating_sub(heartbeat.session_start_time_us);
+            let early_us = 2 * i64::from(heartbeat.heartbeat_interval_ms) * 1000 + 100_000;
+            view.from_start = session.is_some() && age_us <= early_us;
+            if !view.from_start {
+                if let Some(c) = &heartbeat.counters {
+                    view.counters = *c;
+                }
+                for topic in &heartbeat.topics {
+                    if let Some(known) = view.topics.get_mut(&topic.name) {
+                        known.dropped = topic.records_dropped;
+                    } else if self.labeled_topics.contains(&topic.name)
+                        || self.labeled_topics.len() < self.max_topics
+                    {
+                        view.topics.insert(
+                            topic.name.clone(),
+                            TopicView {
+                                dropped: topic.records_dropped,
+                                ..TopicView::default()
+                            },
+                        );
+                    }
+                }
+            }
         }
         self.metrics
             .last_heartbeat_seconds
@@ -483,7 +516,9 @@ impl Events {
                     .inc_by(topic.records_dropped - last.dropped);
                 last.dropped = topic.records_dropped;
             }
-            if let Some(before) = last.next_seq {
+            // Seen from its start, a session's numbering is counted from where it began.
+            let baseline = last.next_seq.or(view.from_start.then_some(topic.first_seq));
+            if let Some(before) = baseline {
                 m.sender_topic_records_in
                     .get_or_create(&labels)
                     .inc_by(topic.next_seq.saturating_sub(before));
