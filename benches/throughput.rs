@@ -11,7 +11,8 @@
 //! Knobs: `DIODE_BENCH_BULK_MIB` (2048), `DIODE_BENCH_BULK_MBPS` (the bulk sender's ceiling,
 //! 100000: unpaced), `DIODE_BENCH_SMALL_SECS` (20), `DIODE_BENCH_RCVBUF_BYTES` (the receiver's
 //! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max),
-//! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_KEY` (2: encrypted too; 1: an
+//! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_MTU` (the
+//! sender's `mtu_bytes`, 1500; 9000 for jumbo frames), `DIODE_BENCH_KEY` (2: encrypted too; 1: an
 //! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer),
 //! `DIODE_BENCH_DESIGN_LOSS` (the sender's `design_loss_percent`, 1; 0: proportional parity),
 //! `DIODE_BENCH_SMALL_RATE` (records a second in `small`, 50000), `DIODE_BENCH_OUTAGE_MS` (the
@@ -249,7 +250,7 @@ impl Pair {
         let sender_toml = dir.path().join("sender.toml");
         std::fs::write(
             &sender_toml,
-            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nflush_interval_ms = {}\ndesign_loss_percent = {}\noutage_protection_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{journal_table}{topics}", env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into()), env_or("DIODE_BENCH_OUTAGE_MS", 0)),
+            format!("[link]\ndestination = \"{destination}\"\n{key_line}rate_mbps = {rate_mbps}\nmtu_bytes = {}\nflush_interval_ms = {}\ndesign_loss_percent = {}\noutage_protection_ms = {}\n[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{journal_table}{topics}", env_or("DIODE_BENCH_MTU", 1500), env_or("DIODE_BENCH_FLUSH_MS", 5), std::env::var("DIODE_BENCH_DESIGN_LOSS").unwrap_or_else(|_| "1".into()), env_or("DIODE_BENCH_OUTAGE_MS", 0)),
         )
         .unwrap();
         let sender = Service::start(
@@ -377,7 +378,10 @@ fn bulk_of(mib: usize) -> f64 {
     let seconds = (last_byte - start).as_secs_f64();
     let _ = writer.join();
     let wire = pair.sender.metric("diode_link_bytes_sent_total");
-    println!("\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP, rate_mbps = {rate}");
+    println!(
+        "\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP, rate_mbps = {rate}, MTU {}",
+        env_or("DIODE_BENCH_MTU", 1500)
+    );
     println!(
         "  goodput {:>8.1} MB/s   {} of {} bytes, {}",
         got as f64 / seconds / 1e6,
