@@ -302,6 +302,12 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// The `p` quantile of sorted values (0 when there are none).
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    let at = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(at).copied().unwrap_or(0)
+}
+
 /// A file of `mib` MiB of random bytes, written 8 MiB at a time and synced.
 fn write_random_file(path: &Path, mib: usize, seed: u64) {
     let mut file = std::fs::File::create(path).unwrap();
@@ -524,16 +530,7 @@ fn files_beside_telemetry(mib: usize, files_rate_mbps: Option<u32>) {
         latencies_us
     };
     let report = |what: &str, latencies_us: &[u64], expected: u64| {
-        let pct = |p: f64| {
-            latencies_us
-                .get(
-                    ((latencies_us.len() as f64 * p) as usize)
-                        .min(latencies_us.len().saturating_sub(1)),
-                )
-                .copied()
-                .unwrap_or(0) as f64
-                / 1000.0
-        };
+        let pct = |p: f64| percentile(latencies_us, p) as f64 / 1000.0;
         println!(
             "  {what:<28} {} of {expected} delivered, latency p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
             latencies_us.len(),
@@ -649,15 +646,7 @@ fn small_records() {
     generator.join().unwrap();
     let delivered = seen.iter().filter(|s| **s).count();
     latencies_us.sort_unstable();
-    let pct = |p: f64| {
-        latencies_us
-            .get(
-                ((latencies_us.len() as f64 * p) as usize)
-                    .min(latencies_us.len().saturating_sub(1)),
-            )
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct = |p: f64| percentile(&latencies_us, p);
     let wire = pair.sender.metric("diode_link_bytes_sent_total");
     println!(
         "\nsmall: 100-byte records into the UDP source at {per_sec}/s for {seconds} s, UDP sink out, flush {} ms",
