@@ -290,6 +290,8 @@ const DIRECTORY_EVENT_RESCAN: Duration = Duration::from_secs(1);
 /// Transfer mode waits this long after a file's last pass is queued (and for the topic's queue
 /// to be empty) before it removes the file.
 const TRANSFER_GRACE_MS: i64 = 1000;
+/// ... or, while other files topics keep that queue busy, this much longer.
+const TRANSFER_WAIT_MS: i64 = 10_000;
 /// The state file is written at most this often while it changes (and at a stop).
 const STATE_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -1109,15 +1111,16 @@ impl Worker {
 
     /// Transfer mode: files whose last pass has left the queues leave the watched tree.
     fn transfer_due(&mut self) {
-        if self.ctx.budget.used() > 0 {
-            return;
-        }
+        // The bulk queue is every files topic's: while another keeps it busy, the grace alone
+        // (long enough for the queue to drain at any usable rate) has to do.
+        let queue_empty = self.ctx.budget.used() == 0;
         let now_ms = unix_time_us() / 1000;
+        let due_at = |at: i64| now_ms >= at && (queue_empty || now_ms >= at + TRANSFER_WAIT_MS);
         let due: Vec<Vec<u8>> = self
             .carousel
             .versions
             .iter()
-            .filter(|v| !v.removed && v.transfer_after_unix_ms.is_some_and(|at| now_ms >= at))
+            .filter(|v| !v.removed && v.transfer_after_unix_ms.is_some_and(due_at))
             .map(|v| v.path.clone())
             .collect();
         for rel in due {
