@@ -1,5 +1,6 @@
 //! A synthetic plant for the demo: line 3's tags stream telemetry over UDP, one JSON sample per
-//! datagram, and a historian exports batches of events over TCP, one JSON line each.
+//! datagram, a historian exports batches of events over TCP, one JSON line each, and batch
+//! reports land as files in an export folder.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,45 @@ use tokio::io::AsyncWriteExt;
 pub struct PlantCounters {
     pub telemetry_sent: AtomicU64,
     pub events_sent: AtomicU64,
+    pub reports_written: AtomicU64,
+}
+
+/// Writes a batch report of about `bytes` bytes of CSV into `dir` every `period`, as a
+/// historian's export job does: under a `.tmp` name first, then renamed into place, so the
+/// files source (which excludes `*.tmp`) never sees one half written. Stops at `shutdown` or
+/// once `until` has passed.
+pub async fn run_reports(
+    dir: std::path::PathBuf,
+    period: Duration,
+    bytes: usize,
+    until: tokio::time::Instant,
+    shutdown: Shutdown,
+    counters: Arc<PlantCounters>,
+) {
+    let mut rng = SimRng::new(11);
+    let mut tick = tokio::time::interval(period);
+    for n in 1.. {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        if tokio::time::Instant::now() >= until {
+            return;
+        }
+        let mut text = String::from("time_us,tag,value,unit\n");
+        while text.len() < bytes {
+            let (tag, unit, mean, spread) = TAGS[rng.below(TAGS.len() as u64) as usize];
+            let value = mean + spread * (rng.below(2001) as f64 / 1000.0 - 1.0);
+            text += &format!("{},{tag},{value:.3},{unit}\n", unix_time_us());
+        }
+        let name = format!("batch-report-{n:04}.csv");
+        let tmp = dir.join(format!("{name}.tmp"));
+        if tokio::fs::write(&tmp, &text).await.is_ok()
+            && tokio::fs::rename(&tmp, dir.join(&name)).await.is_ok()
+        {
+            counters.reports_written.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 const TAGS: [(&str, &str, f64, f64); 8] = [

@@ -314,3 +314,59 @@ fn deletions_are_mirrored_and_transfer_mode_moves_sent_files_away() {
         pair.sender.log_text()
     );
 }
+
+#[test]
+fn files_cross_beside_live_telemetry_with_outage_protection_on() {
+    // Outage protection holds every block's repair shards back for hundreds of milliseconds:
+    // they must not count as queued ahead of the files, or a busy link never lets a file out.
+    let s = sides();
+    let udp = common::free_port();
+    let topics = format!(
+        "[[topic]]\nname = \"line3/telemetry\"\nsource = {{ kind = \"udp\", listen = \"127.0.0.1:{udp}\" }}\n{}",
+        files_topic(&s.plant, &s.dir.path().join("files.state"), "passes = 1")
+    );
+    let routes = format!(
+        "[[route]]\ntopics = [\"line3/#\"]\nsink = {{ kind = \"file\", path = \"out/telemetry.jsonl\" }}\n{}",
+        files_route(&s.mirror, "")
+    );
+    let plant = s.plant.clone();
+    let pair = Pair::start_with(
+        RelayConfig::default(),
+        &topics,
+        &routes,
+        s.dir,
+        "outage_protection_ms = 400",
+        "",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let telemetry = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch =
+                    (n..n + 20).map(|i| format!("sample {i} {}", "x".repeat(80)).into_bytes());
+                common::send_udp(common::loopback(udp), batch, 20);
+                n += 20;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let report = content(1 << 20, 77);
+    write(&plant, "report.bin", &report);
+    let arrived = wait_for(Duration::from_secs(15), || {
+        pair.receiver.metric("diode_files_received_total", &[]) >= 1.0
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    telemetry.join().unwrap();
+    assert!(
+        arrived,
+        "the file did not cross while telemetry flowed; sender log:\n{}",
+        pair.sender.log_text()
+    );
+    assert_eq!(
+        std::fs::read(pair.path("mirror/report.bin")).unwrap(),
+        report
+    );
+}

@@ -108,6 +108,11 @@ listen = "127.0.0.1:{receiver_metrics}"
 topics = ["line3/#", "historian/#"]
 sink = {{ kind = "file", path = "records.jsonl" }}
 buffer_dir = "buffer/records"
+
+[[route]]
+name = "reports"
+topics = ["exports/reports"]
+sink = {{ kind = "files", dir = "mirror/reports" }}
 {broker_route}"#
         ),
     )?;
@@ -159,6 +164,11 @@ source = {{ kind = "udp", listen = "127.0.0.1:0" }}
 [[topic]]
 name = "historian/events"
 source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
+
+[[topic]]
+name = "exports/reports"
+rate_mbps = 4
+source = {{ kind = "files", dir = "plant/reports", state_file = "reports.files-state", exclude = ["**/*.tmp"], stable_ms = 1000, passes = 2, pass_interval_ms = 3000 }}
 "#,
             relay.listen_addr,
             args.rate_mbps,
@@ -171,6 +181,8 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
             sender_metrics,
         ),
     )?;
+    let reports_dir = out.join("plant/reports");
+    std::fs::create_dir_all(&reports_dir)?;
     let sender_stop = Shutdown::new();
     let sender = diode_sender::start(
         diode_sender::config::load(&sender_toml)?,
@@ -199,6 +211,21 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
         source("historian/events"),
         Duration::from_secs(1),
         500,
+        plant_stop.clone(),
+        counters.clone(),
+    ));
+    // Reports stop 5 s before the end, so that the last one's first pass has crossed.
+    let reports_until =
+        tokio::time::Instant::now() + Duration::from_secs(args.seconds.saturating_sub(5).max(1));
+    tokio::spawn(plant::run_reports(
+        reports_dir.clone(),
+        Duration::from_secs(3),
+        256 << 10,
+        if args.seconds > 0 {
+            reports_until
+        } else {
+            tokio::time::Instant::now() + Duration::from_secs(u64::from(u32::MAX))
+        },
         plant_stop.clone(),
         counters.clone(),
     ));
@@ -325,6 +352,7 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
     let lines = std::fs::read_to_string(&records_path)
         .map(|t| t.lines().count())
         .unwrap_or(0);
+    let (written, mirrored) = compare_reports(&reports_dir, &out.join("mirror/reports"));
     println!();
     println!(
         "link: {} datagrams sent, {} dropped by the link, {} blocks repaired with parity, {} lost beyond repair",
@@ -336,6 +364,11 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
     println!(
         "{lines} records written to {} (one JSON object per line)",
         records_path.display()
+    );
+    println!(
+        "batch reports: {written} written to {}, {mirrored} of them in {} byte for byte (SHA-256 verified on the way)",
+        reports_dir.display(),
+        out.join("mirror/reports").display()
     );
     let repairs = scrape::sum(&tx, "diode_repair_datagrams_sent_total", &[]);
     let datagrams = scrape::sum(&tx, "diode_datagrams_sent_total", &[]);
@@ -359,6 +392,25 @@ source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
         println!("some records are unaccounted for: see the log above");
     }
     Ok(())
+}
+
+/// How many reports the plant wrote, and how many of them the mirror holds identical.
+fn compare_reports(plant: &Path, mirror: &Path) -> (usize, usize) {
+    let mut written = 0;
+    let mut identical = 0;
+    for entry in std::fs::read_dir(plant).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".tmp") {
+            continue;
+        }
+        written += 1;
+        let same = std::fs::read(entry.path())
+            .ok()
+            .zip(std::fs::read(mirror.join(&name)).ok())
+            .is_some_and(|(a, b)| a == b);
+        identical += usize::from(same);
+    }
+    (written, identical)
 }
 
 fn write(path: &Path, text: &str) -> anyhow::Result<PathBuf> {

@@ -260,7 +260,9 @@ impl LinkThread {
     }
 
     fn bulk_room(&self) -> bool {
-        self.encoder.queued_bytes() < self.bulk_room_bytes
+        // Repair shards held back for outage protection leave later whatever is pushed now:
+        // they are not ahead of a live record.
+        self.encoder.queued_ahead_bytes() < self.bulk_room_bytes
     }
 
     fn take_bulk(&mut self, now: Instant) {

@@ -459,6 +459,8 @@ pub struct Encoder {
     schedule: Vec<(usize, usize)>,
     schedule_cursor: usize,
     queued_bytes: usize,
+    /// Of those, repair shards waiting for their time (§3.4).
+    repair_queued_bytes: usize,
     next_block: u64,
     next_heartbeat: Instant,
     catalogue_cursor: usize,
@@ -501,6 +503,7 @@ impl Encoder {
             group: Vec::new(),
             schedule: Vec::new(),
             schedule_cursor: 0,
+            repair_queued_bytes: 0,
             queued_bytes: 0,
             next_block: 0,
             next_heartbeat: now,
@@ -570,6 +573,12 @@ impl Encoder {
     /// above its memory budget.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes + self.open.content_len
+    }
+
+    /// What goes out before a record pushed now: `queued_bytes` without the repair shards that
+    /// wait for their time (§3.4), which leave later whatever is pushed.
+    pub fn queued_ahead_bytes(&self) -> usize {
+        self.queued_bytes() - self.repair_queued_bytes
     }
 
     /// Counts records the caller could not take in, announced per topic in heartbeats.
@@ -1054,6 +1063,7 @@ impl Encoder {
                 self.repairs.pop_front();
             }
             self.queued_bytes -= datagram.len();
+            self.repair_queued_bytes -= datagram.len();
             self.stats.datagrams_out += 1;
             self.stats.repair_datagrams_out += 1;
             self.stats.wire_bytes_out += (datagram.len() + IP_UDP_OVERHEAD) as u64;
@@ -1292,6 +1302,7 @@ impl Encoder {
         let datagrams = datagrams.freeze();
         if repair > 0 {
             // The block leaves by its deadline at the latest; its repair that long after.
+            self.repair_queued_bytes += repair * stride;
             self.repairs.push_back(Repair {
                 datagrams: datagrams.clone(),
                 stride,

@@ -105,7 +105,10 @@ pub enum AfterSend {
 
 impl FilesConfig {
     pub fn check(&self, scope: &Scope<'_>) -> Result<FilesSource, ConfigError> {
+        // Absolute, as inotify names what it reports: a path relative to the working directory
+        // would match none of its events.
         let dir = scope.resolve(&self.dir);
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         // A directory not there yet (a share mounted after the service starts) is waited for;
         // anything else in its place is a mistake.
         if dir.exists() && !dir.is_dir() {
