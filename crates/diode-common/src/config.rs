@@ -47,6 +47,11 @@ pub fn default_u64<const N: u64>() -> u64 {
 }
 
 /// As [`default_usize`].
+pub fn default_u32<const N: u32>() -> u32 {
+    N
+}
+
+/// As [`default_usize`].
 pub fn default_u8<const N: u8>() -> u8 {
     N
 }

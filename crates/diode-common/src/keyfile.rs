@@ -85,22 +85,12 @@ pub fn generate(path: &Path) -> Result<[u8; KEY_LEN], KeyFileError> {
         source,
     };
     let mut file = options.open(path).map_err(write_error)?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    writeln!(file, "{hex}").map_err(write_error)?;
+    writeln!(file, "{}", crate::hex::encode(&key)).map_err(write_error)?;
     Ok(key)
 }
 
 fn parse_hex(text: &str) -> Option<[u8; KEY_LEN]> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 2 * KEY_LEN {
-        return None;
-    }
-    let mut key = [0u8; KEY_LEN];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let digit = |c: u8| (c as char).to_digit(16);
-        key[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-    }
-    Some(key)
+    crate::hex::decode(text)?.try_into().ok()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod config;
 pub mod fsutil;
+pub mod hex;
 pub mod keyfile;
 pub mod metrics;
 pub mod mqtt;

@@ -429,21 +429,6 @@ impl Events {
                 if let Some(c) = &heartbeat.counters {
                     view.counters = *c;
                 }
-                for topic in &heartbeat.topics {
-                    if let Some(known) = view.topics.get_mut(&topic.name) {
-                        known.dropped = topic.records_dropped;
-                    } else if self.labeled_topics.contains(&topic.name)
-                        || self.labeled_topics.len() < self.max_topics
-                    {
-                        view.topics.insert(
-                            topic.name.clone(),
-                            TopicView {
-                                dropped: topic.records_dropped,
-                                ..TopicView::default()
-                            },
-                        );
-                    }
-                }
             }
         }
         self.metrics
@@ -510,6 +495,11 @@ impl Events {
                 topic: topic.name.clone(),
             };
             let m = &self.metrics;
+            // A topic first heard of in a session joined mid-stream: its counts so far are the
+            // baseline (as `next_seq` and `source_errors` are, being None until now).
+            if last.next_seq.is_none() && !view.from_start {
+                last.dropped = topic.records_dropped;
+            }
             if topic.records_dropped > last.dropped {
                 m.sender_records_dropped
                     .get_or_create(&labels)

@@ -125,6 +125,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     // a live record needs (link.rs takes them only when no live record waits).
     let (bulk_tx, bulk_rx) = flume::bounded(link.queue_records);
     let bulk_budget = diode_common::budget::ByteBudget::new(link.queue_bytes.min(BULK_QUEUE_BYTES));
+    let bulk_room = bulk_room_bytes(link.rate_mbps, link.max_queued_bytes);
 
     let names: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
     let journal_error = |dir: &std::path::Path| {
@@ -214,7 +215,6 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
         let tm = metrics.topic(&topic.name);
         topic_metrics.push(tm.clone());
-        let bulk_room = bulk_room_bytes(link.rate_mbps, link.max_queued_bytes);
         let (queue, budget, queued_ahead_bytes) = if source.source.bulk() {
             (
                 bulk_tx.clone(),
@@ -347,7 +347,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         destination: loaded.destination,
         queue: queue_rx,
         bulk: bulk_rx,
-        bulk_room_bytes: bulk_room_bytes(link.rate_mbps, link.max_queued_bytes),
+        bulk_room_bytes: bulk_room,
         max_queued_bytes: link.max_queued_bytes,
         metrics,
         topics: topic_metrics,

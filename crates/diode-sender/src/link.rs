@@ -25,9 +25,9 @@ pub struct LinkThread {
     pub udp: UdpSocketState,
     pub destination: SocketAddr,
     pub queue: flume::Receiver<Ingest>,
-    /// Records of bulk topics (files): taken only when no live record waits, and only while the
-    /// encoder holds less than `bulk_room_bytes`, so a large transfer adds at most that much
-    /// link time to a live record's latency.
+    /// Records of bulk topics (files): taken only when no live record waits, and only while less
+    /// than `bulk_room_bytes` is queued ahead of a record pushed now, so a large transfer adds at
+    /// most that much link time to a live record's latency.
     pub bulk: flume::Receiver<Ingest>,
     pub bulk_room_bytes: usize,
     pub max_queued_bytes: usize,
@@ -97,30 +97,26 @@ impl LinkThread {
             if now >= next_counter_sync || stopping_since.is_none() && self.shutdown.is_triggered()
             {
                 next_counter_sync = now + COUNTER_SYNC_INTERVAL;
+                let now_s = unix_time_us() / 1_000_000;
+                let mut errors = 0;
                 for (i, topic) in self.topics.iter().enumerate() {
+                    let id = diode_wire::TopicId::from_index(i);
                     let dropped = topic.dropped_total();
                     if dropped > noted_drops[i] {
-                        self.encoder.note_dropped(
-                            diode_wire::TopicId::from_index(i),
-                            dropped - noted_drops[i],
-                        );
+                        self.encoder.note_dropped(id, dropped - noted_drops[i]);
                         noted_drops[i] = dropped;
                     }
-                }
-                let now_s = unix_time_us() / 1_000_000;
-                for (i, topic) in self.topics.iter().enumerate() {
                     let records_in = topic.records_in.get();
                     if records_in != noted_records_in[i] {
                         noted_records_in[i] = records_in;
                         topic.last_record_seconds.set(now_s);
                     }
-                    self.encoder.note_source_state(
-                        diode_wire::TopicId::from_index(i),
-                        topic.connections.get().clamp(0, i64::from(u32::MAX)) as u32,
-                        topic.errors_total(),
-                    );
+                    let topic_errors = topic.errors_total();
+                    errors += topic_errors;
+                    let connections = topic.connections.get().clamp(0, i64::from(u32::MAX));
+                    self.encoder
+                        .note_source_state(id, connections as u32, topic_errors);
                 }
-                let errors: u64 = self.topics.iter().map(TopicMetrics::errors_total).sum();
                 self.encoder.note_source_errors(errors - noted_errors);
                 noted_errors = errors;
             }

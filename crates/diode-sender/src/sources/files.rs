@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use diode_common::config::{default_u64, default_usize, ConfigError};
+use diode_common::config::{default_u32, default_u64, default_usize, ConfigError};
 use diode_common::unix_time_us;
 use diode_common::LogThrottle;
 use diode_wire::files::Part;
@@ -87,10 +87,6 @@ pub struct FilesConfig {
     /// Larger files are not sent (counted, `reason="too_large"`).
     #[serde(default = "default_u64::<{ 1 << 40 }>")]
     pub max_file_bytes: u64,
-}
-
-fn default_u32<const N: u32>() -> u32 {
-    N
 }
 
 /// `after_send`.
@@ -335,6 +331,16 @@ struct Seen {
     size: u64,
     mtime_ns: i64,
     ino: u64,
+}
+
+impl Seen {
+    fn of(meta: &std::fs::Metadata) -> Seen {
+        Seen {
+            size: meta.len(),
+            mtime_ns: mtime_ns(meta),
+            ino: meta.ino(),
+        }
+    }
 }
 
 /// A file not yet stable: seen like this since `since`.
@@ -675,11 +681,7 @@ impl Worker {
         if !self.wanted(&rel) {
             return;
         }
-        let seen = Seen {
-            size: meta.len(),
-            mtime_ns: mtime_ns(meta),
-            ino: meta.ino(),
-        };
+        let seen = Seen::of(meta);
         if let Some(&i) = self.carousel.by_path.get(&rel) {
             if self.carousel.versions[i].seen() == seen {
                 self.observed.remove(&rel);
@@ -755,11 +757,7 @@ impl Worker {
                 self.vanished(&rel);
                 continue;
             };
-            let seen = Seen {
-                size: meta.len(),
-                mtime_ns: mtime_ns(&meta),
-                ino: meta.ino(),
-            };
+            let seen = Seen::of(&meta);
             if seen != observation.seen || !meta.is_file() {
                 self.observe(rel, &meta);
                 continue;
@@ -996,13 +994,9 @@ impl Worker {
                 return Ok(true);
             }
         };
-        let unchanged = file.metadata().is_ok_and(|meta| {
-            Seen {
-                size: meta.len(),
-                mtime_ns: mtime_ns(&meta),
-                ino: meta.ino(),
-            } == version.seen()
-        });
+        let unchanged = file
+            .metadata()
+            .is_ok_and(|meta| Seen::of(&meta) == version.seen());
         if !unchanged {
             self.abandon(i, "changed", "it changed after it was found stable");
             return Ok(true);
@@ -1020,7 +1014,8 @@ impl Worker {
             } else {
                 match diode_common::fsutil::sha256_of(&file, version.size, None) {
                     Ok(digest) => {
-                        self.carousel.versions[i].sha256 = Some(hex(digest.as_ref()));
+                        self.carousel.versions[i].sha256 =
+                            Some(diode_common::hex::encode(digest.as_ref()));
                     }
                     Err(e) => {
                         self.abandon(i, "unreadable", &e.to_string());
@@ -1060,7 +1055,7 @@ impl Worker {
             sha256: v
                 .sha256
                 .as_deref()
-                .and_then(unhex)
+                .and_then(diode_common::hex::decode)
                 .map(Bytes::from)
                 .unwrap_or_default(),
             pass,
@@ -1075,19 +1070,17 @@ impl Worker {
         let pass = self.pass.take().expect("a pass under way");
         self.carousel.progress = None;
         self.carousel.dirty = true;
-        let unchanged = pass.file.metadata().is_ok_and(|meta| {
-            Seen {
-                size: meta.len(),
-                mtime_ns: mtime_ns(&meta),
-                ino: meta.ino(),
-            } == self.carousel.versions[i].seen()
-        });
+        let unchanged = pass
+            .file
+            .metadata()
+            .is_ok_and(|meta| Seen::of(&meta) == self.carousel.versions[i].seen());
         if !unchanged {
             self.abandon(i, "changed", "it changed while being sent");
             return Ok(());
         }
         if let Some(hasher) = pass.hasher {
-            self.carousel.versions[i].sha256 = Some(hex(hasher.finish().as_ref()));
+            self.carousel.versions[i].sha256 =
+                Some(diode_common::hex::encode(hasher.finish().as_ref()));
         }
         let manifest = self.manifest(i, pass.pass, true);
         self.send(Part::Manifest(manifest))?;
@@ -1138,11 +1131,9 @@ impl Worker {
     fn transfer_done(&mut self, i: usize) {
         let rel = self.carousel.versions[i].path.clone();
         let path = self.config.dir.join(std::ffi::OsStr::from_bytes(&rel));
-        let now = std::fs::symlink_metadata(&path).ok().map(|meta| Seen {
-            size: meta.len(),
-            mtime_ns: mtime_ns(&meta),
-            ino: meta.ino(),
-        });
+        let now = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|meta| Seen::of(&meta));
         if now != Some(self.carousel.versions[i].seen()) {
             self.carousel.versions[i].transfer_after_unix_ms = None;
             return;
@@ -1241,15 +1232,4 @@ fn file_id(rel: &[u8], seen: Seen) -> u64 {
     context.update(&seen.ino.to_le_bytes());
     let digest = context.finish();
     u64::from_le_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
