@@ -26,6 +26,12 @@ struct Args<T: Tool> {
 pub trait Tool: Subcommand {
     /// The configuration file given to the subcommand itself, if any.
     fn config(&self) -> Option<&Path>;
+
+    /// Runs a subcommand that needs no configuration (it makes what a configuration will
+    /// name), or None for one that does.
+    fn run_without_config(&self) -> Option<ExitCode> {
+        None
+    }
 }
 
 #[derive(Subcommand)]
@@ -77,6 +83,9 @@ impl<L, T: Tool> Service<L, T> {
         diode_common::init_logging();
         let (path, check) = match (args.command, args.config) {
             (Some(Command::Tool(tool)), config) => {
+                if let Some(code) = tool.run_without_config() {
+                    return code;
+                }
                 let Some(path) = tool.config().map(Path::to_owned).or(config) else {
                     eprintln!("error: this command needs --config FILE");
                     return ExitCode::from(2);

@@ -21,7 +21,8 @@ fn assert_check_passes(binary: &str, path: &Path, what: &str) {
     );
 }
 
-/// Each example, in a copy of `deploy/` with the link key its first step makes (`keygen`), and
+/// Each example, in a copy of `deploy/` with the link key its first step makes (`keygen`), the
+/// OPC UA client certificate (`opcua-cert`), and
 /// the plant examples' `/etc/diode` and `/var/lib/diode` moved into the copy.
 #[test]
 fn every_config_under_deploy_loads_and_checks() {
@@ -33,6 +34,22 @@ fn every_config_under_deploy_loads_and_checks() {
         .status()
         .unwrap();
     assert!(status.success());
+    // The OPC UA source's client certificate and login, made as the example's comment says.
+    let status = Command::new(SEND)
+        .args(["opcua-cert", "--pki-dir"])
+        .arg(copy.path().join("opcua-pki"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let key = copy.path().join("opcua-pki/private/private.pem");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let password = copy.path().join("opcua.pass");
+    std::fs::write(&password, "plant-password\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")).unwrap() {
         let original = entry.unwrap().path();
         let name = original.file_name().unwrap().to_string_lossy().into_owned();

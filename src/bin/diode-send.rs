@@ -32,13 +32,47 @@ enum SenderTool {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Makes the OPC UA client certificate and key of an `opcua` source in its `pki_dir`
+    /// (own/cert.der, private/private.pem, mode 0600) and the trusted/ directory where the plant
+    /// server's certificate goes. Give own/cert.der to the plant server's administrator to trust.
+    OpcuaCert {
+        /// The source's `pki_dir`.
+        #[arg(long)]
+        pki_dir: PathBuf,
+        /// This host's name, written in the certificate.
+        #[arg(long, default_value = "localhost")]
+        hostname: String,
+    },
 }
 
 impl Tool for SenderTool {
     fn config(&self) -> Option<&Path> {
         match self {
             SenderTool::Replay { config, .. } => config.as_deref(),
+            SenderTool::OpcuaCert { .. } => None,
         }
+    }
+
+    fn run_without_config(&self) -> Option<ExitCode> {
+        let SenderTool::OpcuaCert { pki_dir, hostname } = self else {
+            return None;
+        };
+        Some(
+            match diode_sender::sources::opcua::make_client_certificate(pki_dir, hostname) {
+                Ok(cert) => {
+                    println!(
+                        "wrote {}: trust it on the plant server; put the server's certificate in {}",
+                        cert.display(),
+                        pki_dir.join("trusted").display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        )
     }
 }
 
@@ -67,7 +101,10 @@ fn run_tool(loaded: &Loaded, tool: SenderTool) -> ExitCode {
         until,
         dry_run,
         ..
-    } = tool;
+    } = tool
+    else {
+        unreachable!("opcua-cert runs without a configuration");
+    };
     match replay_request(loaded, topic, seq, since, until, dry_run) {
         Ok(report) => {
             print!("{report}");

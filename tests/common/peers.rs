@@ -387,3 +387,73 @@ impl Pki {
         }
     }
 }
+
+/// The asyncua plant server of tests/peers/opcua_plant.py, driven through its stdin.
+pub struct PlantServer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub endpoint: String,
+}
+
+impl PlantServer {
+    pub fn start(port: u16) -> PlantServer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/opcua_plant.py");
+        let mut child = Command::new(test_python())
+            .arg(script)
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "the OPC UA plant server did not start"
+        );
+        PlantServer {
+            child,
+            stdin,
+            stdout,
+            endpoint: format!("opc.tcp://127.0.0.1:{port}/"),
+        }
+    }
+
+    /// One command, its JSON reply.
+    pub fn command(&mut self, command: &str) -> serde_json::Value {
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{command}: {e}: {line:?}"))
+    }
+
+    pub fn stop(mut self) {
+        super::terminate(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+impl Drop for PlantServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// tests/peers/opcua_client.py (asyncua's client) against `endpoint`: its one JSON line.
+pub fn opcua_client(endpoint: &str, args: &[&str]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/opcua_client.py");
+    let output = Command::new(test_python())
+        .arg(script)
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|_| {
+        serde_json::json!({"error": format!("{stdout} {}", String::from_utf8_lossy(&output.stderr))})
+    })
+}

@@ -12,6 +12,7 @@ pub mod file;
 pub mod files;
 pub mod kafka;
 pub mod mqtt;
+pub mod opcua_server;
 pub mod stdout;
 pub mod syslog;
 pub mod tcp;
@@ -44,6 +45,7 @@ pub enum SinkConfig {
     MqttBroker(broker::BrokerConfig),
     Kafka(kafka::KafkaConfig),
     Syslog(syslog::SyslogConfig),
+    OpcuaServer(opcua_server::OpcuaServerConfig),
 }
 
 impl SinkConfig {
@@ -59,6 +61,7 @@ impl SinkConfig {
             SinkConfig::MqttBroker(c) => ("mqtt_broker", Arc::new(c.check(scope)?)),
             SinkConfig::Kafka(c) => ("kafka", Arc::new(c.check(scope)?)),
             SinkConfig::Syslog(c) => ("syslog", Arc::new(c.check(scope)?)),
+            SinkConfig::OpcuaServer(c) => ("opcua_server", Arc::new(c.check(scope)?)),
         };
         Ok(CheckedSink { kind, settings })
     }

@@ -27,6 +27,8 @@ pub struct SenderMetrics {
     pub source_polls: Family<TopicLabels, Counter>,
     pub source_last_record_seconds: Family<TopicLabels, Gauge>,
     pub source_last_poll_seconds: Family<TopicLabels, Gauge>,
+    /// Monitored items an OPC UA source holds.
+    pub source_items: Family<TopicLabels, Gauge>,
     pub datagrams_sent: Counter,
     pub link_bytes_sent: Counter,
     pub blocks_sent: Counter,
@@ -157,6 +159,7 @@ impl SenderMetrics {
             source_polls: Family::default(),
             source_last_record_seconds: Family::default(),
             source_last_poll_seconds: Family::default(),
+            source_items: Family::default(),
             datagrams_sent: Counter::default(),
             link_bytes_sent: Counter::default(),
             blocks_sent: Counter::default(),
@@ -210,8 +213,13 @@ impl SenderMetrics {
         );
         registry.register(
             "diode_source_last_poll_seconds",
-            "Unix time of the last poll that returned every configured value (Modbus)",
+            "Unix time of the last poll that returned every configured value (Modbus), or of the last data changes an OPC UA subscription published",
             m.source_last_poll_seconds.clone(),
+        );
+        registry.register(
+            "diode_source_items",
+            "Monitored items an OPC UA source holds on its server",
+            m.source_items.clone(),
         );
         registry.register(
             "diode_datagrams_sent",

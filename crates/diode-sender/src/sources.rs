@@ -14,6 +14,7 @@
 pub mod files;
 pub mod modbus;
 pub mod mqtt;
+pub mod opcua;
 pub mod syslog;
 pub mod tcp;
 pub mod udp;
@@ -49,6 +50,7 @@ pub enum SourceConfig {
     Modbus(modbus::ModbusConfig),
     Syslog(syslog::SyslogConfig),
     Files(files::FilesConfig),
+    Opcua(opcua::OpcuaConfig),
 }
 
 impl SourceConfig {
@@ -61,6 +63,7 @@ impl SourceConfig {
             SourceConfig::Modbus(c) => ("modbus", Arc::new(c.check(scope)?)),
             SourceConfig::Syslog(c) => ("syslog", Arc::new(c.check(scope)?)),
             SourceConfig::Files(c) => ("files", Arc::new(c.check(scope)?)),
+            SourceConfig::Opcua(c) => ("opcua", Arc::new(c.check(scope)?)),
         };
         Ok(CheckedSource { kind, source })
     }
