@@ -200,6 +200,26 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Starts tests/peers/`script` on `port` and waits for its "ready"; it takes commands on stdin.
+fn start_python_peer(script: &str, port: u16) -> (Child, ChildStdin, BufReader<ChildStdout>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers")
+        .join(script);
+    let mut child = Command::new(test_python())
+        .arg(path)
+        .arg(port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{script} did not start");
+    (child, stdin, stdout)
+}
+
 /// The pymodbus PLC of tests/peers/modbus_plc.py, driven through its stdin.
 pub struct Plc {
     child: Child,
@@ -209,19 +229,7 @@ pub struct Plc {
 
 impl Plc {
     pub fn start(port: u16) -> Plc {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/modbus_plc.py");
-        let mut child = Command::new(test_python())
-            .arg(script)
-            .arg(port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "the PLC did not start");
+        let (child, stdin, stdout) = start_python_peer("modbus_plc.py", port);
         Plc {
             child,
             stdin,
@@ -398,23 +406,7 @@ pub struct PlantServer {
 
 impl PlantServer {
     pub fn start(port: u16) -> PlantServer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/opcua_plant.py");
-        let mut child = Command::new(test_python())
-            .arg(script)
-            .arg(port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert_eq!(
-            line.trim(),
-            "ready",
-            "the OPC UA plant server did not start"
-        );
+        let (child, stdin, stdout) = start_python_peer("opcua_plant.py", port);
         PlantServer {
             child,
             stdin,

@@ -16,12 +16,11 @@ Exits 0 once it printed its JSON line; {"error": ...} and exit 2 when it could n
 """
 
 import asyncio
-import base64
 import json
 import logging
 import sys
 import time
-from datetime import datetime, timezone
+
 
 from asyncua import Client, ua
 
@@ -30,24 +29,7 @@ class PathNotFound(Exception):
     pass
 
 
-def iso(ts):
-    if ts is None:
-        return None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def to_json(value):
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode()
-    if isinstance(value, datetime):
-        return iso(value)
-    if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
-    if value is None or isinstance(value, (str, int, float)):
-        return value
-    return str(value)  # structures, NodeIds, LocalizedTexts: only for a readable dump
+from opcua_json import iso, to_json  # noqa: E402  (beside this script)
 
 
 def outcome(code):

@@ -15,7 +15,6 @@ Prints "ready" once it listens; exits on EOF of stdin or SIGTERM.
 """
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -45,24 +44,7 @@ async def _recording_dispatch(self, typeid, requesthdr, seqhdr, body):
 UaProcessor._process_message = _recording_dispatch
 
 
-def iso(ts):
-    if ts is None:
-        return None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def to_json(value):
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode()
-    if isinstance(value, datetime):
-        return iso(value)
-    if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
-    if value is None or isinstance(value, (str, int, float)):
-        return value
-    return str(value)  # structures, NodeIds, LocalizedTexts: only for a readable dump
+from opcua_json import iso, to_json  # noqa: E402  (beside this script)
 
 
 def values(n, now):
