@@ -121,6 +121,7 @@ impl SinkSettings for OpcuaServerSettings {
     }
 
     fn start(&self, route: RouteTask) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        diode_opcua::adopt_trusted_certificates(&self.pki_dir);
         let listener = std::net::TcpListener::bind(self.listen)?;
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -156,6 +157,27 @@ impl SinkSettings for OpcuaServerSettings {
         if self.config.allow_unsecured {
             builder = builder.add_endpoint("none", ServerEndpoint::new_none("/", &users));
         }
+        // An IT client may watch the whole mirror in one subscription, and a value the plant
+        // changes many times between two publishes keeps its history.
+        let limits = builder.limits_mut();
+        limits.subscriptions.max_monitored_items_per_sub = self.config.max_nodes;
+        limits.subscriptions.max_monitored_item_queue_size = 100;
+        limits.operational.max_monitored_items_per_call = 10_000;
+        // A publish response holds at most 10,000 notifications (a client may ask for fewer
+        // when it makes its subscription), and a message may be as large as they need.
+        limits.subscriptions.max_notifications_per_publish = 10_000;
+        builder = builder
+            .max_message_size(4 << 20)
+            .max_chunk_count(128)
+            .max_array_length(100_000);
+        let limits = builder.limits_mut();
+        // Values enter as the plant sends them, in bursts of a publish: a client that asks for
+        // the fastest sampling gets every change at least 1 ms apart by its source timestamp,
+        // not the last of each burst (async-opcua's default floor is 100 ms). Not 0: the
+        // server's own sampled nodes would then tick with a zero period.
+        limits.subscriptions.min_sampling_interval_ms = 1.0;
+        limits.subscriptions.min_publishing_interval_ms = 10.0;
+        builder = builder.subscription_poll_interval_ms(10);
         let (server, handle) = builder
             .build()
             .map_err(|e| std::io::Error::other(format!("opcua_server: {e}")))?;
@@ -188,6 +210,7 @@ impl SinkSettings for OpcuaServerSettings {
             self.config.stale_after_ms.map(Duration::from_millis),
             Duration::from_millis(self.config.check_interval_ms),
             handle.clone(),
+            self.pki_dir.clone(),
         ));
         tracing::info!(route = %route.name(), listen = %self.listen, "opcua_server mirror listening");
         Ok(route.spawn(OpcuaServerSink {
@@ -544,11 +567,25 @@ impl TopicMirror {
             node.last = Some(value.clone());
             updates.push((node.id.clone(), value));
         }
-        if !self.bad && !updates.is_empty() {
-            let _ = space.manager.set_values(
-                &space.subscriptions,
-                updates.iter().map(|(id, v)| (id, None, v.clone())),
-            );
+        if !self.bad {
+            // The server notifies subscribers with each node's value as it stands after the
+            // whole call: a node changed several times in one call would report only its last
+            // value. One call per round, each with at most one change of each node, reports all.
+            let mut rounds: Vec<Vec<(NodeId, DataValue)>> = Vec::new();
+            let mut seen: HashMap<NodeId, usize> = HashMap::new();
+            for (id, value) in updates {
+                let round = seen.entry(id.clone()).and_modify(|r| *r += 1).or_insert(0);
+                if rounds.len() <= *round {
+                    rounds.push(Vec::new());
+                }
+                rounds[*round].push((id, value));
+            }
+            for round in rounds {
+                let _ = space.manager.set_values(
+                    &space.subscriptions,
+                    round.iter().map(|(id, v)| (id, None, v.clone())),
+                );
+            }
         }
         match first_error {
             Some(e) => Err(format!("{broken} value(s) not mirrored, first {e}")),
@@ -621,13 +658,15 @@ fn give_type(variable: &mut Variable, value: &opcua::types::Variant) -> Option<u
     Some(type_id as u32)
 }
 
-/// Marks topics that went silent as BadNoCommunication, until they are heard from again.
+/// Marks topics that went silent as BadNoCommunication, until they are heard from again, and
+/// adopts newly trusted client certificates.
 async fn watch_staleness(
     mirror: Arc<Mutex<MirrorState>>,
     space: Space,
     stale_after: Option<Duration>,
     every: Duration,
     handle: ServerHandle,
+    pki_dir: PathBuf,
 ) {
     let mut tick = tokio::time::interval(every);
     loop {
@@ -635,6 +674,10 @@ async fn watch_staleness(
             _ = handle.token().cancelled() => return,
             _ = tick.tick() => {}
         }
+        // A client certificate an administrator trusts while the mirror runs is taken at once.
+        let dir = pki_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || diode_opcua::adopt_trusted_certificates(&dir))
+            .await;
         let mut mirror = mirror.lock().expect("mirror lock");
         for (topic, t) in mirror.topics.iter_mut() {
             let limit = stale_after.unwrap_or(t.status_interval * 3);

@@ -304,6 +304,15 @@ pub fn make_client_certificate(
     store
         .ensure_pki_path()
         .map_err(|e| format!("{}: {e}", pki_dir.display()))?;
+    // The application URI first, as a URI (servers check it against the one the client
+    // presents), then the host.
+    let alt_host_names = X509Data::alt_host_names(
+        CLIENT_URI,
+        Some(vec![hostname.to_owned()]),
+        false,
+        false,
+        false,
+    );
     let data = X509Data {
         key_size: 2048,
         common_name: "diode-send".to_owned(),
@@ -311,7 +320,7 @@ pub fn make_client_certificate(
         organizational_unit: "plant side".to_owned(),
         country: String::new(),
         state: String::new(),
-        alt_host_names: vec![CLIENT_URI.to_owned(), hostname.to_owned()].into(),
+        alt_host_names,
         certificate_duration_days: 730,
     };
     store
@@ -478,21 +487,14 @@ impl OpcuaSource {
         state.connected_once = true;
         state.items.clear();
         tracing::info!(topic = %ctx.name, endpoint = %self.config.endpoint, "opcua source: session open");
-        let dropped = ctx.metrics.dropped_queue_full.clone();
-        let subscription = session
-            .subscribe(
-                Duration::from_millis(self.config.publishing_interval_ms),
-                DataChangeCallback::new(move |value, item| {
-                    if changes_tx
-                        .try_send((item.item_to_monitor().node_id.clone(), value))
-                        .is_err()
-                    {
-                        dropped.inc();
-                    }
-                }),
-            )
+        let mut subscriptions = Subscriptions {
+            publishing_interval: Duration::from_millis(self.config.publishing_interval_ms),
+            changes: changes_tx,
+            dropped: ctx.metrics.dropped_queue_full.clone(),
+            held: Vec::new(),
+        };
+        self.rebrowse(ctx, &session, &mut subscriptions, state)
             .await?;
-        self.rebrowse(ctx, &session, subscription, state).await?;
         self.send_status(ctx, state, true, None).await?;
 
         let mut status =
@@ -536,7 +538,7 @@ impl OpcuaSource {
                     self.send_status(ctx, state, true, None).await?;
                 }
                 _ = rebrowse.tick() => {
-                    self.rebrowse(ctx, &session, subscription, state).await?;
+                    self.rebrowse(ctx, &session, &mut subscriptions, state).await?;
                 }
             }
         }
@@ -548,7 +550,7 @@ impl OpcuaSource {
         &self,
         ctx: &SourceContext,
         session: &plant::ReadOnlySession,
-        subscription: u32,
+        subscriptions: &mut Subscriptions,
         state: &mut Mirror,
     ) -> Result<(), SessionEnd> {
         let found = session
@@ -571,19 +573,27 @@ impl OpcuaSource {
             .filter(|id| !wanted.contains_key(*id))
             .cloned()
             .collect();
-        if !gone.is_empty() {
-            let ids: Vec<u32> = gone
-                .iter()
-                .filter_map(|id| state.items.remove(id).map(|item| item.monitored_id))
-                .collect();
+        let mut by_subscription: HashMap<u32, Vec<u32>> = HashMap::new();
+        for item in gone.iter().filter_map(|id| state.items.remove(id)) {
+            by_subscription
+                .entry(item.subscription)
+                .or_default()
+                .push(item.monitored_id);
+        }
+        for (subscription, ids) in by_subscription {
             session.unmonitor(subscription, &ids).await?;
+            subscriptions.released(subscription, ids.len());
         }
         let new: Vec<(NodeId, &NodeEntry)> = wanted
             .iter()
             .filter(|(id, _)| !state.items.contains_key(*id))
             .map(|(id, e)| (id.clone(), *e))
             .collect();
-        for chunk in new.chunks(1000) {
+        let mut rest = new.as_slice();
+        while !rest.is_empty() {
+            let (subscription, room) = subscriptions.with_room(session).await?;
+            let (chunk, after) = rest.split_at(room.min(rest.len()));
+            rest = after;
             let ids: Vec<NodeId> = chunk.iter().map(|(id, _)| id.clone()).collect();
             let results = session
                 .monitor(
@@ -598,9 +608,11 @@ impl OpcuaSource {
             for ((id, entry), result) in chunk.iter().zip(results) {
                 match result {
                     Ok(monitored_id) => {
+                        subscriptions.taken(subscription, 1);
                         state.items.insert(
                             id.clone(),
                             Item {
+                                subscription,
                                 monitored_id,
                                 node_id: entry.node_id.clone(),
                                 path: entry.path.clone(),
@@ -688,9 +700,66 @@ struct Mirror {
 }
 
 struct Item {
+    subscription: u32,
     monitored_id: u32,
     node_id: String,
     path: Vec<String>,
+}
+
+/// Many servers (async-opcua's among them) take at most 1,000 monitored items per subscription
+/// and per call: items are spread over as many subscriptions as that needs.
+const ITEMS_PER_SUBSCRIPTION: usize = 1000;
+
+/// Notifications per publish response asked of the server: bounded messages on both sides.
+const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 1000;
+
+/// The subscriptions of one session, with how many items each holds.
+struct Subscriptions {
+    publishing_interval: Duration,
+    changes: flume::Sender<(NodeId, opcua::types::DataValue)>,
+    /// Changes the source could not queue (its queue towards the link is full).
+    dropped: prometheus_client::metrics::counter::Counter,
+    held: Vec<(u32, usize)>,
+}
+
+impl Subscriptions {
+    /// A subscription with room, made if none has any, and how many items it can still take.
+    async fn with_room(
+        &mut self,
+        session: &plant::ReadOnlySession,
+    ) -> Result<(u32, usize), SessionEnd> {
+        if let Some((id, count)) = self.held.iter().find(|(_, c)| *c < ITEMS_PER_SUBSCRIPTION) {
+            return Ok((*id, ITEMS_PER_SUBSCRIPTION - count));
+        }
+        let (changes, dropped) = (self.changes.clone(), self.dropped.clone());
+        let id = session
+            .subscribe(
+                self.publishing_interval,
+                DataChangeCallback::new(move |value, item| {
+                    if changes
+                        .try_send((item.item_to_monitor().node_id.clone(), value))
+                        .is_err()
+                    {
+                        dropped.inc();
+                    }
+                }),
+            )
+            .await?;
+        self.held.push((id, 0));
+        Ok((id, ITEMS_PER_SUBSCRIPTION))
+    }
+
+    fn taken(&mut self, subscription: u32, items: usize) {
+        if let Some(held) = self.held.iter_mut().find(|(id, _)| *id == subscription) {
+            held.1 += items;
+        }
+    }
+
+    fn released(&mut self, subscription: u32, items: usize) {
+        if let Some(held) = self.held.iter_mut().find(|(id, _)| *id == subscription) {
+            held.1 = held.1.saturating_sub(items);
+        }
+    }
 }
 
 enum SessionEnd {
@@ -764,6 +833,9 @@ mod plant {
             events: flume::Sender<Event>,
             timeout: Duration,
         ) -> Result<ReadOnlySession, SessionEnd> {
+            if let Some(dir) = &source.pki_dir {
+                diode_opcua::adopt_trusted_certificates(dir);
+            }
             let pki_dir = source.pki_dir.clone().unwrap_or_else(|| {
                 // Security None needs no certificate; the client still wants a store.
                 std::env::temp_dir().join(format!("diode-send-opcua-{}", std::process::id()))
@@ -781,6 +853,11 @@ mod plant {
                 .session_retry_max(Duration::from_secs(10))
                 .recreate_subscriptions(false)
                 .request_timeout(timeout)
+                // A publish response carries up to MAX_NOTIFICATIONS_PER_PUBLISH notifications,
+                // and a browse up to 1,000 references per node.
+                .max_array_length(MAX_NOTIFICATIONS_PER_PUBLISH as usize * 2)
+                .max_message_size(16 << 20)
+                .max_chunk_count(1024)
                 .client()
                 .map_err(|e| SessionEnd::Failed(e.join("; ")))?;
             let identity = match &source.identity {
@@ -855,7 +932,15 @@ mod plant {
             // Keep-alive every 10 publishing intervals; the server drops it after 30 silent ones.
             Ok(self
                 .session
-                .create_subscription(publishing_interval, 30, 10, 0, 0, true, callback)
+                .create_subscription(
+                    publishing_interval,
+                    30,
+                    10,
+                    MAX_NOTIFICATIONS_PER_PUBLISH,
+                    0,
+                    true,
+                    callback,
+                )
                 .await?)
         }
 
