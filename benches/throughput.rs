@@ -25,7 +25,11 @@
 //! CPU per side), `hostile` (genuine telemetry while a mixed flood of forged datagrams hits the
 //! receiver's port as fast as this host sends them, without and with a link key: genuine records
 //! delivered, the receiver's CPU and peak RSS), `files` (one `DIODE_BENCH_FILE_MIB` file, 1024,
-//! through a files source and sink, then the same bytes as `bulk`: the ratio and each side's RSS).
+//! through a files source and sink, then the same bytes as `bulk`: the ratio and each side's RSS),
+//! `opcua` (an OPC UA plant server in this process, 10,000 items changing once a second, then
+//! 1,000 items 100 times a second, through an opcua source and an opcua_server mirror to an OPC
+//! UA client here: changes delivered, latency from source timestamp to the client, CPU and RSS;
+//! `DIODE_BENCH_OPCUA_SECS`, 20).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -75,7 +79,12 @@ fn main() {
     if wanted("files") {
         files();
     }
+    if wanted("opcua") {
+        opcua_bench::run();
+    }
 }
+
+mod opcua_bench;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)

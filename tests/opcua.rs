@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::peers::{opcua_client, test_python, PlantServer};
+use common::peers::{opcua_client, opcua_client_with, test_python, PlantServer};
 use common::{free_port, read_jsonl, wait_for, Pair};
 use diode_gateway::relay::RelayConfig;
 use serde_json::Value;
@@ -198,6 +198,23 @@ sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "
         1.0
     );
 
+    // A node removed on the plant goes from the mirror at the next browse, and from the
+    // sender's monitored items.
+    assert!(plant.command("remove NewTag")["removed"].is_string());
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let dump = by_path(&opcua_client(&mirror, &["dump", "plant/Line3"]));
+            dump.len() == 12 && !dump.contains_key("Line3/NewTag")
+        }),
+        "{:?}",
+        opcua_client(&mirror, &["dump", "plant/Line3"])
+    );
+    assert_eq!(
+        pair.sender
+            .metric("diode_source_items", &["topic=\"plant\""]),
+        12.0
+    );
+
     // The plant server saw reads, browses and subscriptions from the sender, and no request
     // that changes anything (the test's own client wrote only to the mirror).
     let requests = plant.command("requests");
@@ -239,4 +256,111 @@ sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "
         ) >= 1.0
     );
     pair.assert_one_way();
+}
+
+/// `src` copied into `dir` as `name`, `dir` made first.
+fn trust(src: &str, dir: &std::path::Path, name: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(src, dir.join(name)).unwrap();
+}
+
+#[test]
+fn secured_plant_and_mirror_with_certificates_and_a_password() {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = test_python();
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    // The sender's client certificate, made as the README says, trusted by the plant server.
+    let status = std::process::Command::new(common::SEND)
+        .args(["opcua-cert", "--pki-dir"])
+        .arg(at("sender-pki"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::create_dir_all(at("plant/trusted")).unwrap();
+    std::fs::copy(
+        at("sender-pki/own/cert.der"),
+        at("plant/trusted/diode-send.der"),
+    )
+    .unwrap();
+    let plant_port = free_port();
+    let plant_pki = at("plant").display().to_string();
+    let mut plant = PlantServer::start_with(
+        plant_port,
+        &["--secure", &plant_pki, "--user", "diode:secret"],
+    );
+    // The plant server's certificate, trusted by the sender.
+    // Under any file name: the service adopts it under the name its OPC UA stack looks for.
+    let cert = plant.command("cert");
+    trust(
+        cert["cert"].as_str().unwrap(),
+        &at("sender-pki/trusted"),
+        "plant-server.der",
+    );
+    std::fs::write(at("opcua.pass"), "secret\n").unwrap();
+    std::fs::set_permissions(at("opcua.pass"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The IT client's certificate, trusted by the mirror; another client's is not.
+    let it = at("it").display().to_string();
+    let made = secure_client(&it, "-", &["make-cert"]);
+    trust(
+        made["cert"].as_str().unwrap(),
+        &at("mirror-pki/trusted"),
+        "it-client.der",
+    );
+    let stranger = at("stranger").display().to_string();
+    let _ = secure_client(&stranger, "-", &["make-cert"]);
+
+    let mirror_port = free_port();
+    let mirror = format!("opc.tcp://127.0.0.1:{mirror_port}/");
+    let topics = format!(
+        r#"[[topic]]
+name = "plant"
+source = {{ kind = "opcua", endpoint = "{}", security_policy = "Basic256Sha256", security_mode = "SignAndEncrypt", pki_dir = "sender-pki", username = "diode", password_file = "opcua.pass", sampling_interval_ms = 100, publishing_interval_ms = 100, rebrowse_interval_ms = 10000, browse = [{{ include = ["Line3/**"] }}] }}
+"#,
+        plant.endpoint
+    );
+    let routes = format!(
+        r#"[[route]]
+topics = ["plant"]
+sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "mirror-pki" }}
+"#
+    );
+    let pair = Pair::start_with(RelayConfig::default(), &topics, &routes, dir, "", "");
+    let found = secure_client(&it, &mirror, &["wait-path", "plant/Line3/Cell1", "40"]);
+    assert_eq!(
+        found["found"],
+        true,
+        "{found}\nsender:\n{}\nreceiver:\n{}",
+        pair.sender.log_text(),
+        pair.receiver.log_text()
+    );
+    assert_eq!(plant.command("freeze")["frozen"], true);
+    let plant_dump = by_path(&plant.command("dump"));
+    assert!(wait_for(Duration::from_secs(15), || {
+        by_path(&secure_client(&it, &mirror, &["dump", "plant/Line3"])) == plant_dump
+    }));
+    // The plant saw the sender log in as diode, and nobody refused.
+    let logins = plant.command("logins");
+    assert!(
+        logins["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u == "diode"),
+        "{logins}"
+    );
+    assert_eq!(logins["refused"], serde_json::json!([]), "{logins}");
+    // The mirror serves no unsecured endpoint, and no client it does not trust.
+    let unsecured = opcua_client(&mirror, &["dump", "plant/Line3"]);
+    assert!(unsecured["error"].is_string(), "{unsecured}");
+    let untrusted = secure_client(&stranger, &mirror, &["dump", "plant/Line3"]);
+    assert!(untrusted["error"].is_string(), "{untrusted}");
+    pair.assert_one_way();
+}
+
+/// opcua_client.py with `--secure dir`.
+fn secure_client(dir: &str, endpoint: &str, args: &[&str]) -> Value {
+    let mut all = vec!["--secure", dir, endpoint];
+    all.extend_from_slice(args);
+    opcua_client_with(&all)
 }

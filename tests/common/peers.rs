@@ -201,13 +201,18 @@ fn running_as_root() -> bool {
 }
 
 /// Starts tests/peers/`script` on `port` and waits for its "ready"; it takes commands on stdin.
-fn start_python_peer(script: &str, port: u16) -> (Child, ChildStdin, BufReader<ChildStdout>) {
+fn start_python_peer(
+    script: &str,
+    port: u16,
+    options: &[&str],
+) -> (Child, ChildStdin, BufReader<ChildStdout>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/peers")
         .join(script);
     let mut child = Command::new(test_python())
         .arg(path)
         .arg(port.to_string())
+        .args(options)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -229,7 +234,7 @@ pub struct Plc {
 
 impl Plc {
     pub fn start(port: u16) -> Plc {
-        let (child, stdin, stdout) = start_python_peer("modbus_plc.py", port);
+        let (child, stdin, stdout) = start_python_peer("modbus_plc.py", port, &[]);
         Plc {
             child,
             stdin,
@@ -406,7 +411,12 @@ pub struct PlantServer {
 
 impl PlantServer {
     pub fn start(port: u16) -> PlantServer {
-        let (child, stdin, stdout) = start_python_peer("opcua_plant.py", port);
+        Self::start_with(port, &[])
+    }
+
+    /// With the script's options (`--secure PKI_DIR`, `--user NAME:PASSWORD`).
+    pub fn start_with(port: u16, options: &[&str]) -> PlantServer {
+        let (child, stdin, stdout) = start_python_peer("opcua_plant.py", port, options);
         PlantServer {
             child,
             stdin,
@@ -437,10 +447,16 @@ impl Drop for PlantServer {
 
 /// tests/peers/opcua_client.py (asyncua's client) against `endpoint`: its one JSON line.
 pub fn opcua_client(endpoint: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec![endpoint];
+    all.extend_from_slice(args);
+    opcua_client_with(&all)
+}
+
+/// tests/peers/opcua_client.py with these arguments (options first): its one JSON line.
+pub fn opcua_client_with(args: &[&str]) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/opcua_client.py");
     let output = Command::new(test_python())
         .arg(script)
-        .arg(endpoint)
         .args(args)
         .output()
         .unwrap();

@@ -2,7 +2,13 @@
 ours, pointed at the receiver's mirror server to see what the IT side sees, and to prove that
 the mirror refuses every way of writing back toward the plant.
 
-Usage: opcua_client.py ENDPOINT COMMAND [ARGS], security None, anonymous:
+Usage: opcua_client.py [--secure CLIENT_PKI_DIR] [--user NAME:PASSWORD] ENDPOINT COMMAND [ARGS]
+  --secure DIR   Basic256Sha256 SignAndEncrypt (else security None) with the certificate
+                 DIR/client_cert.der and key DIR/client_key.pem, made when absent (opcua_pki.py,
+                 application uri urn:diode-test:it-client). The server's certificate is taken
+                 from its GetEndpoints answer (over a None channel) and never checked.
+  --user N:P     log in as user N with password P (else anonymous)
+Commands:
   dump ROOT_PATH              {"nodes": [...]}: every variable under ROOT_PATH, as opcua_plant.py dumps
   write NODE_ID VALUE_JSON    {"status": int, "name": str} of a Write of the Value attribute
                               (a JSON float is sent as Double, an integer as Int32)
@@ -10,6 +16,9 @@ Usage: opcua_client.py ENDPOINT COMMAND [ARGS], security None, anonymous:
   addnode PARENT_ID           {"status": int, "name": str} of an AddNodes of a Double variable
   subscribe ROOT_PATH SECONDS {"changes": {path: data change notifications in SECONDS}}
   wait-path ROOT_PATH SECONDS {"found": bool}, browsing every 200 ms
+  make-cert                   {"cert": DIR/client_cert.der, "async_opcua_name": its file name in
+                              an async-opcua pki/trusted/}: only makes the files, with --secure
+                              and without ENDPOINT
 ROOT_PATH is browse names from Objects joined by "/", namespace indexes ignored; dumped paths
 start at its last element, so plant "Line3" and mirror "plant/Line3" give the same paths.
 Exits 0 once it printed its JSON line; {"error": ...} and exit 2 when it could not get there.
@@ -20,9 +29,12 @@ import json
 import logging
 import sys
 import time
-
+from pathlib import Path
 
 from asyncua import Client, ua
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+APP_URI = "urn:diode-test:it-client"
 
 
 class PathNotFound(Exception):
@@ -30,6 +42,31 @@ class PathNotFound(Exception):
 
 
 from opcua_json import iso, to_json  # noqa: E402  (beside this script)
+from opcua_pki import CLIENT, async_opcua_name, ensure_certificate  # noqa: E402
+
+
+async def make_cert(pki):
+    """(certificate file, key file, certificate) of this client, made when absent."""
+    cert_file, key_file = Path(pki) / "client_cert.der", Path(pki) / "client_key.pem"
+    cert = await ensure_certificate(cert_file, key_file, APP_URI, "diode-test it-client", CLIENT)
+    return cert_file, key_file, cert
+
+
+async def new_client(endpoint, options):
+    """A client, not yet connected; with --secure this already asked the server for its
+    endpoints (and so its certificate), over a None channel of its own."""
+    client = Client(endpoint, timeout=5)
+    client.application_uri = APP_URI
+    if user := options.get("user"):
+        name, _, password = user.partition(":")
+        client.set_user(name)
+        client.set_password(password)
+    if pki := options.get("secure"):
+        cert_file, key_file, _ = await make_cert(pki)
+        await client.set_security(
+            SecurityPolicyBasic256Sha256, str(cert_file), str(key_file), mode=ua.MessageSecurityMode.SignAndEncrypt
+        )
+    return client
 
 
 def outcome(code):
@@ -132,6 +169,9 @@ async def addnode(client, parent_id):
     return outcome(result.StatusCode.value)
 
 
+WRITE_BACK = {"write": write, "call": call, "addnode": addnode}
+
+
 class Counter:
     def __init__(self, paths):
         self.paths = paths
@@ -161,18 +201,17 @@ async def disconnect(client):
         pass
 
 
-async def session(endpoint, command, args):
-    client = Client(endpoint, timeout=5)
+async def session(options, endpoint, command, args):
+    client = await new_client(endpoint, options)
     await client.connect()
     try:
         if command == "dump":
             return await dump(client, *args)
-        if command == "write":
-            return await write(client, *args)
-        if command == "call":
-            return await call(client, *args)
-        if command == "addnode":
-            return await addnode(client, *args)
+        if command in WRITE_BACK:
+            try:
+                return await WRITE_BACK[command](client, *args)
+            except ua.UaStatusCodeError as e:  # refused as a whole: a ServiceFault
+                return outcome(e.code)
         if command == "subscribe":
             return await subscribe(client, *args)
         raise ValueError(f"unknown command {command}")
@@ -180,13 +219,13 @@ async def session(endpoint, command, args):
         await disconnect(client)
 
 
-async def wait_path(endpoint, root_path, seconds):
+async def wait_path(options, endpoint, root_path, seconds):
     """Retries the connection too, so a test may start it before the mirror listens; a server
     that never answered is an error, one that never showed the path is {"found": false}."""
     deadline = time.monotonic() + float(seconds)
     while True:
-        client = Client(endpoint, timeout=5)
         try:
+            client = await new_client(endpoint, options)
             await client.connect()
             try:
                 while True:
@@ -205,23 +244,30 @@ async def wait_path(endpoint, root_path, seconds):
         await asyncio.sleep(0.2)
 
 
-async def main(endpoint, command, *args):
+async def main(options, endpoint, command, *args):
+    if command == "make-cert":
+        if not options.get("secure"):
+            raise ValueError("make-cert needs --secure DIR")
+        cert_file, _, cert = await make_cert(options["secure"])
+        return {"cert": str(cert_file), "async_opcua_name": async_opcua_name(cert)}
     if command == "wait-path":
-        return await wait_path(endpoint, *args)
-    try:
-        return await session(endpoint, command, args)
-    except ua.UaStatusCodeError as e:
-        if command in ("write", "call", "addnode"):  # refused as a whole: a ServiceFault
-            return outcome(e.code)
-        raise
+        return await wait_path(options, endpoint, *args)
+    # a refused connection or login is an error, whatever the command
+    return await session(options, endpoint, command, args)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.CRITICAL)
-    if len(sys.argv) < 3:
+    argv, options = sys.argv[1:], {}
+    while len(argv) >= 2 and argv[0] in ("--secure", "--user"):
+        options[argv[0][2:]] = argv[1]
+        argv = argv[2:]
+    if argv[:1] == ["make-cert"]:
+        argv = [None] + argv
+    if len(argv) < 2:
         sys.exit(__doc__)
     try:
-        reply = asyncio.run(main(*sys.argv[1:]))
+        reply = asyncio.run(main(options, *argv))
     except Exception as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
         sys.exit(2)

@@ -2,7 +2,19 @@
 200 ms, so the sender has something to subscribe to, and with every service request recorded,
 so a test can assert that the sender never wrote, called or added anything on the plant.
 
-Usage: opcua_plant.py PORT. Listens on opc.tcp://127.0.0.1:PORT/, security None, anonymous.
+Usage: opcua_plant.py PORT [--secure PKI_DIR] [--user NAME:PASSWORD]. Listens on
+opc.tcp://127.0.0.1:PORT/; without options with security None only and anonymous logins.
+  --secure PKI_DIR     only Basic256Sha256 SignAndEncrypt; a channel with security None gets
+                       GetEndpoints and FindServers, anything else (CreateSession first) is
+                       refused with BadSecurityPolicyRejected. The server's certificate (DER) and
+                       key (PEM) are PKI_DIR/server_cert.der and PKI_DIR/server_key.pem, made
+                       (see opcua_pki.py) before "ready" when absent. A client is accepted only
+                       with a certificate in PKI_DIR/trusted/ (DER or PEM, read at start) that
+                       also names its ApplicationUri; any other fails CreateSession with
+                       BadCertificateUntrusted (or BadCertificateUriInvalid, ...UseNotAllowed).
+  --user NAME:PASSWORD no anonymous logins, only this user name and password; the endpoints offer
+                       only the UserName token (ActivateSession refuses anonymous with
+                       BadIdentityTokenRejected, a wrong password with BadUserAccessDenied).
 Namespace urn:diode-test:plant holds Objects/Line3 (variables Temp, Count, Running, Label,
 Total, Ratio, Small, Raw, Stamp, Levels, Faulty with BadSensorFailure) and Line3/Cell1/Pressure.
 Commands on stdin, one per line, each answered by one JSON line:
@@ -11,9 +23,14 @@ Commands on stdin, one per line, each answered by one JSON line:
   remove NAME       delete it again
   requests          {"requests": [request type names seen, sorted]}
   dump              {"nodes": [...]}: every variable under Line3 as the tests compare it
+  logins            {"accepted": [user name of each session activated, "anonymous" without --user],
+                     "refused": [status name of each CreateSession or ActivateSession refused]}
+  cert              {"cert": server_cert.der, "async_opcua_name": its file name in an
+                     async-opcua pki/trusted/} (--secure only)
 Prints "ready" once it listens; exits on EOF of stdin or SIGTERM.
 """
 
+import argparse
 import asyncio
 import json
 import logging
@@ -22,13 +39,24 @@ import signal
 import sys
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 
 from asyncua import Server, ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.security_policies import SecurityPolicyNone
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.uaprocessor import UaProcessor
+from asyncua.server.user_managers import UserManager
 
 NAMESPACE = "urn:diode-test:plant"
 V = ua.VariantType
 SEEN = set()
+LOGINS = {"accepted": [], "refused": []}
+SESSION_REQUESTS = ("CreateSessionRequest", "ActivateSessionRequest")
+DISCOVERY = ("GetEndpointsRequest", "FindServersRequest")
+SECURE_ONLY = False  # --secure: no session on a channel with security None
 
 # The processor's dispatch, after the request type is decoded but before the session and
 # permission checks, so that refused or failing requests are recorded as well.
@@ -36,15 +64,49 @@ _dispatch = UaProcessor._process_message
 
 
 async def _recording_dispatch(self, typeid, requesthdr, seqhdr, body):
-    name = ua.ObjectIdNames.get(typeid.Identifier, str(typeid))
-    SEEN.add(name.removesuffix("_Encoding_DefaultBinary"))
-    return await _dispatch(self, typeid, requesthdr, seqhdr, body)
+    name = ua.ObjectIdNames.get(typeid.Identifier, str(typeid)).removesuffix("_Encoding_DefaultBinary")
+    SEEN.add(name)
+    try:
+        # asyncua itself lets any client open a channel with security None, for GetEndpoints, and
+        # then serves it a session too, even with no None endpoint offered.
+        if SECURE_ONLY and self._connection.security_policy.URI == SecurityPolicyNone.URI and name not in DISCOVERY:
+            raise ServiceError(ua.StatusCodes.BadSecurityPolicyRejected)
+        result = await _dispatch(self, typeid, requesthdr, seqhdr, body)
+    except Exception as e:
+        if name in SESSION_REQUESTS:
+            code = getattr(e, "code", None)
+            LOGINS["refused"].append(ua.StatusCode(code).name if code is not None else type(e).__name__)
+        raise
+    if name == "ActivateSessionRequest":
+        LOGINS["accepted"].append(self.session.user.name or "anonymous")
+    return result
 
 
 UaProcessor._process_message = _recording_dispatch
 
 
 from opcua_json import iso, to_json  # noqa: E402  (beside this script)
+from opcua_pki import SERVER, async_opcua_name, ensure_certificate  # noqa: E402
+
+
+class OneUser(UserManager):
+    def __init__(self, name, password):
+        self.name, self.password = name, password
+
+    def get_user(self, iserver, username=None, password=None, certificate=None):
+        if username == self.name and password == self.password:
+            return User(role=UserRole.User, name=username)
+        return None  # ActivateSession answers BadUserAccessDenied
+
+
+async def trusted_clients(trusted):
+    """asyncua's certificate validator, with its TrustStore on the certificates in `trusted`."""
+    store = TrustStore([trusted], [])
+    # cryptography refuses to build an empty store; left unloaded, the store trusts nobody
+    if any(p.suffix.lower() in (".der", ".pem") for p in trusted.glob("*.*")):
+        await store.load()
+    options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+    return CertificateValidator(options, store)
 
 
 def values(n, now):
@@ -65,9 +127,12 @@ def values(n, now):
 
 
 class Plant:
-    def __init__(self, port):
-        self.server = Server()
+    def __init__(self, port, pki=None, user=None):
+        self.server = Server(user_manager=OneUser(*user.split(":", 1)) if user else None)
         self.port = port
+        self.pki = Path(pki) if pki else None
+        self.user = user
+        self.cert = self.cert_name = None
         self.nodes = {}
         self.tick = 0
         self.frozen = False
@@ -77,7 +142,12 @@ class Plant:
         await self.server.init()
         self.server.set_endpoint(f"opc.tcp://127.0.0.1:{self.port}/")
         self.server.set_server_name("diode-test plant")
-        self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self.pki:
+            await self.secure()
+        else:
+            self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self.user:
+            self.server.set_identity_tokens([ua.UserNameIdentityToken])
         self.idx = await self.server.register_namespace(NAMESPACE)
         objects = self.server.nodes.objects
         self.line3 = await objects.add_object(ua.NodeId("Line3", self.idx), ua.QualifiedName("Line3", self.idx))
@@ -95,6 +165,20 @@ class Plant:
             cell1, "Line3.Cell1.Pressure", "Pressure", value, vtype
         )
         await self.server.start()
+
+    async def secure(self):
+        self.cert = self.pki / "server_cert.der"
+        key = self.pki / "server_key.pem"
+        uri = self.server.get_application_uri()
+        cert = await ensure_certificate(self.cert, key, uri, "diode-test plant", SERVER)
+        self.cert_name = async_opcua_name(cert)
+        await self.server.load_certificate(str(self.cert))
+        await self.server.load_private_key(str(key))
+        self.server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+        (self.pki / "trusted").mkdir(exist_ok=True)
+        self.server.set_certificate_validator(await trusted_clients(self.pki / "trusted"))
+        global SECURE_ONLY
+        SECURE_ONLY = True
 
     async def add_variable(self, parent, node_id, name, value, vtype):
         node = await parent.add_variable(
@@ -132,6 +216,10 @@ class Plant:
             return {"requests": sorted(SEEN)}
         if words[0] == "dump":
             return {"nodes": await self.dump(self.line3, "Line3")}
+        if words[0] == "logins":
+            return LOGINS
+        if words[0] == "cert" and self.cert:
+            return {"cert": str(self.cert), "async_opcua_name": self.cert_name}
         return {"error": f"unknown command {words[0]}"}
 
     async def dump(self, node, path):
@@ -161,9 +249,20 @@ def read_stdin(loop, queue):
     loop.call_soon_threadsafe(queue.put_nowait, None)
 
 
-async def main():
+def arguments():
+    parser = argparse.ArgumentParser(usage=__doc__)
+    parser.add_argument("port", type=int)
+    parser.add_argument("--secure", metavar="PKI_DIR")
+    parser.add_argument("--user", metavar="NAME:PASSWORD")
+    args = parser.parse_args()
+    if args.user and ":" not in args.user:
+        parser.error("--user wants NAME:PASSWORD")
+    return args
+
+
+async def main(args):
     logging.basicConfig(level=logging.ERROR)
-    plant = Plant(int(sys.argv[1]))
+    plant = Plant(args.port, args.secure, args.user)
     await plant.start()
     loop = asyncio.get_running_loop()
     queue = asyncio.Queue()
@@ -182,7 +281,7 @@ async def main():
     await plant.server.stop()
 
 
-asyncio.run(main())
+asyncio.run(main(arguments()))
 # Tearing down the standard address space's objects takes over a second; nothing is left to do.
 sys.stdout.flush()
 os._exit(0)
