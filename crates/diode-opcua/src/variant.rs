@@ -354,6 +354,14 @@ mod tests {
             UAString::from("a"),
             UAString::from("b"),
         ]));
+        round_trip(Variant::Array(Box::new(
+            Array::new_multi(
+                VariantScalarTypeId::Int32,
+                (0..6).map(Variant::Int32).collect::<Vec<_>>(),
+                vec![2u32, 3],
+            )
+            .unwrap(),
+        )));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use diode_common::config::{default_u64, default_usize, ConfigError};
@@ -279,7 +279,7 @@ impl Sink for OpcuaServerSink {
         _metrics: &RouteMetrics,
     ) -> Result<Refusals, SinkError> {
         let mut refusals = Refusals::new();
-        let mut mirror = self.mirror.lock().expect("mirror lock");
+        let mut mirror = self.mirror.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, record) in records.iter().enumerate() {
             let message = match Message::parse(&record.payload) {
                 Ok(m) => m,
@@ -376,10 +376,19 @@ impl TopicMirror {
                     continue;
                 }
                 // Found under another parent (or first made before its browse arrived): move it.
+                // Deleting it drops its references to its children too: they are linked again.
                 let node = self.nodes.remove(&entry.node_id).expect("just found");
                 space.manager.address_space().write().delete(&node.id, true);
                 let last = node.last;
                 self.insert(space, topic, entry, parent, last);
+                let mut address_space = space.manager.address_space().write();
+                for child in self.nodes.values().filter(|n| n.parent == node.id) {
+                    address_space.insert_reference(
+                        &node.id,
+                        &child.id,
+                        opcua::types::ReferenceTypeId::Organizes,
+                    );
+                }
                 continue;
             }
             if added >= space.max_nodes {
@@ -482,9 +491,13 @@ impl TopicMirror {
             _ => self.browse.insert((browse, HashSet::new(), HashSet::new())),
         };
         collecting.1.insert(page);
-        collecting
-            .2
-            .extend(entries.iter().map(|e| e.node_id.clone()));
+        // Only what is mirrored matters for removal: the set stays within max_nodes.
+        collecting.2.extend(
+            entries
+                .iter()
+                .filter(|e| self.nodes.contains_key(&e.node_id))
+                .map(|e| e.node_id.clone()),
+        );
         if collecting.1.len() as u32 != pages {
             return;
         }
@@ -534,6 +547,10 @@ impl TopicMirror {
                 // Its browse has not arrived (lost, or this receiver started after it): mirror
                 // the variable under the topic's folder until a browse places it.
                 if added >= space.max_nodes {
+                    if let Some(folded) = REFUSED_NODES.allow() {
+                        tracing::warn!(topic, folded, max_nodes = space.max_nodes,
+                            "opcua_server: more nodes than max_nodes; values of the rest are not mirrored");
+                    }
                     continue;
                 }
                 added += 1;
@@ -604,6 +621,12 @@ impl TopicMirror {
             .filter(|n| n.class == NodeClass::Variable)
             .map(|n| {
                 let value = servable(match (&n.last, bad) {
+                    // Changes may have been missed while the topic was silent: the last value
+                    // is Uncertain until the plant sends a fresh one.
+                    (Some(last), false) if last.status.is_none_or(|s| s.is_good()) => DataValue {
+                        status: Some(StatusCode::UncertainLastUsableValue),
+                        ..last.clone()
+                    },
                     (Some(last), false) => last.clone(),
                     (None, false) => DataValue {
                         status: Some(StatusCode::BadWaitingForInitialData),
@@ -678,7 +701,7 @@ async fn watch_staleness(
         let dir = pki_dir.clone();
         let _ = tokio::task::spawn_blocking(move || diode_opcua::adopt_trusted_certificates(&dir))
             .await;
-        let mut mirror = mirror.lock().expect("mirror lock");
+        let mut mirror = mirror.lock().unwrap_or_else(PoisonError::into_inner);
         for (topic, t) in mirror.topics.iter_mut() {
             let limit = stale_after.unwrap_or(t.status_interval * 3);
             let stale = t.heard.elapsed() > limit;

@@ -408,7 +408,10 @@ impl OpcuaSource {
     /// (1 s doubling to 30 s), each attempt counted as `diode_source_errors_total{reason="connect"}`.
     async fn run(self: Arc<Self>, ctx: SourceContext) {
         let mut failures = 0u32;
-        let mut state = Mirror::default();
+        let mut state = Mirror {
+            browse: diode_common::unix_time_us() as u64 / 1000,
+            ..Mirror::default()
+        };
         loop {
             let outcome = tokio::select! {
                 _ = ctx.shutdown.wait() => return,
@@ -426,8 +429,19 @@ impl OpcuaSource {
                 Err(SessionEnd::Failed(e)) => e,
             };
             ctx.metrics.errors_connect.inc();
+            // A session that lived a minute was a success: the backoff starts again. One that
+            // fails soon after opening (a refused subscription, a browse the server refuses)
+            // backs off like a refused connection, so the plant server is never hammered.
+            if state
+                .opened
+                .is_some_and(|at| at.elapsed() >= Duration::from_secs(60))
+            {
+                failures = 0;
+            }
+            state.opened = None;
             failures += 1;
-            let backoff = Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30));
+            let backoff =
+                Duration::from_secs(1 << (failures - 1).min(5)).min(Duration::from_secs(30));
             if failures == 1 || failures % 10 == 0 {
                 tracing::warn!(topic = %ctx.name, endpoint = %self.config.endpoint, failures,
                     retry_ms = backoff.as_millis() as u64, error = %error, "opcua source: no session with the plant server");
@@ -443,12 +457,28 @@ impl OpcuaSource {
                 _ = ctx.shutdown.wait() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            // A session that lived a while was a success: start the backoff again.
-            if state.connected_once {
-                failures = 0;
-                state.connected_once = false;
-            }
         }
+    }
+
+    /// Queues one JSON record; one larger than `max_record_bytes` (a single value or node
+    /// entry that large) is refused and counted as oversize instead.
+    async fn emit_message(
+        &self,
+        ctx: &SourceContext,
+        message: &Message,
+    ) -> Result<(), QueueClosed> {
+        let payload = message.to_vec();
+        if payload.len() > ctx.max_record_bytes {
+            ctx.metrics.dropped_oversize.inc();
+            return Ok(());
+        }
+        emit(
+            ctx,
+            diode_common::unix_time_us(),
+            None,
+            Bytes::from(payload),
+        )
+        .await
     }
 
     async fn send_status(
@@ -465,13 +495,7 @@ impl OpcuaSource {
             interval_ms: self.config.status_interval_ms,
             error,
         });
-        emit(
-            ctx,
-            diode_common::unix_time_us(),
-            None,
-            Bytes::from(message.to_vec()),
-        )
-        .await
+        self.emit_message(ctx, &message).await
     }
 
     /// One session: connect, browse, subscribe, then forward changes and re-browse until the
@@ -484,7 +508,7 @@ impl OpcuaSource {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let session = plant::ReadOnlySession::connect(self, events_tx, timeout).await?;
         ctx.metrics.connections.set(1);
-        state.connected_once = true;
+        state.opened = Some(std::time::Instant::now());
         state.items.clear();
         tracing::info!(topic = %ctx.name, endpoint = %self.config.endpoint, "opcua source: session open");
         let mut subscriptions = Subscriptions {
@@ -497,11 +521,14 @@ impl OpcuaSource {
             .await?;
         self.send_status(ctx, state, true, None).await?;
 
+        // A slow browse or a stalled link queue delays the next tick, never bunches them.
         let mut status =
             tokio::time::interval(Duration::from_millis(self.config.status_interval_ms));
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         status.tick().await;
         let mut rebrowse =
             tokio::time::interval(Duration::from_millis(self.config.rebrowse_interval_ms));
+        rebrowse.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rebrowse.tick().await;
         let mut lost = false;
         loop {
@@ -535,7 +562,7 @@ impl OpcuaSource {
                     Err(_) => return Err(SessionEnd::Failed("session event loop ended".into())),
                 },
                 _ = status.tick() => {
-                    self.send_status(ctx, state, true, None).await?;
+                    self.send_status(ctx, state, !lost, None).await?;
                 }
                 _ = rebrowse.tick() => {
                     self.rebrowse(ctx, &session, &mut subscriptions, state).await?;
@@ -645,13 +672,7 @@ impl OpcuaSource {
                 pages: count,
                 nodes,
             });
-            emit(
-                ctx,
-                diode_common::unix_time_us(),
-                None,
-                Bytes::from(message.to_vec()),
-            )
-            .await?;
+            self.emit_message(ctx, &message).await?;
         }
         Ok(())
     }
@@ -679,13 +700,7 @@ impl OpcuaSource {
                 endpoint: self.config.endpoint.clone(),
                 changes,
             });
-            emit(
-                ctx,
-                diode_common::unix_time_us(),
-                None,
-                Bytes::from(message.to_vec()),
-            )
-            .await?;
+            self.emit_message(ctx, &message).await?;
         }
         Ok(())
     }
@@ -695,8 +710,11 @@ impl OpcuaSource {
 #[derive(Default)]
 struct Mirror {
     items: HashMap<NodeId, Item>,
+    /// Browses number up from the source's start time in milliseconds, so a restarted sender's
+    /// never repeat an earlier run's (the receiver collects pages per browse).
     browse: u64,
-    connected_once: bool,
+    /// When the current session opened.
+    opened: Option<std::time::Instant>,
 }
 
 struct Item {
@@ -1064,7 +1082,11 @@ mod plant {
                     }
                     let mut next = Vec::new();
                     for chunk in frontier.chunks(100) {
-                        let children = self.children(chunk.iter().map(|(n, _, _)| n)).await?;
+                        let limit = max_items * 4;
+                        let (children, cut) = self
+                            .children(chunk.iter().map(|(n, _, _)| n), limit)
+                            .await?;
+                        truncated |= cut;
                         for ((node, _, path), refs) in chunk.iter().zip(children) {
                             for (child, class, name, display) in refs {
                                 // The Server object describes the server itself (diagnostics,
@@ -1072,7 +1094,11 @@ mod plant {
                                 if child == server_object {
                                     continue;
                                 }
-                                if !seen.insert(child.clone()) || found.len() >= max_items * 4 {
+                                if found.len() >= max_items * 4 {
+                                    truncated = true;
+                                    continue;
+                                }
+                                if !seen.insert(child.clone()) {
                                     continue;
                                 }
                                 let mut child_path = path.clone();
@@ -1117,15 +1143,31 @@ mod plant {
                 }
                 entries.extend(found.into_iter().filter(|e| keep.contains(&e.node_id)));
             }
+            // A node named in `nodes` and also found by a browse is mirrored once, in its place
+            // in the tree.
+            let placed: HashSet<String> = entries
+                .iter()
+                .filter(|e| e.parent.is_some())
+                .map(|e| e.node_id.clone())
+                .collect();
+            let mut listed = HashSet::new();
+            entries.retain(|e| {
+                (e.parent.is_some() || !placed.contains(&e.node_id))
+                    && listed.insert(e.node_id.clone())
+            });
             Ok(Found { entries, truncated })
         }
 
         /// The hierarchical children (objects and variables) of each node, following
-        /// continuation points to the end.
+        /// continuation points up to `limit` children a node (true: some node had more). A
+        /// browse the server refuses fails the whole browse: a refused subtree is not an empty
+        /// one, and taking it for one would remove its nodes from the mirror.
         async fn children<'a>(
             &self,
             nodes: impl Iterator<Item = &'a NodeId>,
-        ) -> Result<Vec<Vec<(NodeId, NodeClass, String, String)>>, SessionEnd> {
+            limit: usize,
+        ) -> Result<(Vec<Vec<(NodeId, NodeClass, String, String)>>, bool), SessionEnd> {
+            let mut cut = false;
             let requests: Vec<BrowseDescription> = nodes
                 .map(|node| BrowseDescription {
                     node_id: node.clone(),
@@ -1141,6 +1183,12 @@ mod plant {
                 let mut refs = Vec::new();
                 let mut result = result;
                 loop {
+                    if !result.status_code.is_good() {
+                        return Err(SessionEnd::Failed(format!(
+                            "the server refused a browse: {}",
+                            result.status_code
+                        )));
+                    }
                     for r in result.references.take().unwrap_or_default() {
                         let class = match r.node_class {
                             opcua::types::NodeClass::Object => NodeClass::Object,
@@ -1163,6 +1211,12 @@ mod plant {
                         break;
                     }
                     let cp = std::slice::from_ref(&result.continuation_point);
+                    if refs.len() >= limit {
+                        // Enough of this node: the server may free what it kept for the rest.
+                        cut = true;
+                        let _ = self.session.browse_next(true, cp).await;
+                        break;
+                    }
                     match self
                         .session
                         .browse_next(false, cp)
@@ -1176,7 +1230,7 @@ mod plant {
                 }
                 out.push(refs);
             }
-            Ok(out)
+            Ok((out, cut))
         }
     }
 }
