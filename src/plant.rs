@@ -1,6 +1,6 @@
 //! A synthetic plant for the demo: line 3's tags stream telemetry over UDP, one JSON sample per
-//! datagram, a historian exports batches of events over TCP, one JSON line each, and batch
-//! reports land as files in an export folder.
+//! datagram, a historian exports batches of events over TCP, one JSON line each, batch
+//! reports land as files in an export folder, and the line's OPC UA server holds its tags.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -153,4 +153,114 @@ pub async fn run_historian(
             conn = None;
         }
     }
+}
+
+/// Line 3's OPC UA server on `127.0.0.1` (a free port): Objects/Line3 with a few tags of
+/// different types, each changed every `period` with the time as its source timestamp, and a
+/// Cell1 folder beneath. Returns its endpoint; it stops at `shutdown`.
+pub async fn start_opcua_server(period: Duration, shutdown: Shutdown) -> std::io::Result<String> {
+    use opcua::server::address_space::Variable;
+    use opcua::server::diagnostics::NamespaceMetadata;
+    use opcua::server::node_manager::memory::{simple_node_manager, SimpleNodeManager};
+    use opcua::server::ServerBuilder;
+    use opcua::types::{DataValue, DateTime, NodeId, StatusCode, UAString, Variant};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (server, handle) = ServerBuilder::new_anonymous("demo plant: line 3")
+        .host("127.0.0.1")
+        .port(port)
+        .pki_dir(std::env::temp_dir().join(format!("diode-demo-plant-pki-{}", std::process::id())))
+        .create_sample_keypair(false)
+        .with_node_manager(simple_node_manager(
+            NamespaceMetadata {
+                namespace_uri: "urn:diode-demo:line3".to_owned(),
+                ..Default::default()
+            },
+            "line3",
+        ))
+        .build()
+        .map_err(std::io::Error::other)?;
+    let manager = handle
+        .node_managers()
+        .get_of_type::<SimpleNodeManager>()
+        .ok_or_else(|| std::io::Error::other("no node manager"))?;
+    let ns = handle
+        .get_namespace_index("urn:diode-demo:line3")
+        .ok_or_else(|| std::io::Error::other("no namespace"))?;
+    let id = move |name: &str| NodeId::new(ns, format!("Line3.{name}"));
+    let (line, cell) = (NodeId::new(ns, "Line3"), NodeId::new(ns, "Line3.Cell1"));
+    {
+        let mut space = manager.address_space().write();
+        space.add_folder(&line, "Line3", "Line 3", &NodeId::objects_folder_id());
+        space.add_folder(&cell, "Cell1", "Cell 1", &line);
+        space.add_variables(
+            vec![
+                Variable::new(
+                    &id("Temperature"),
+                    "Temperature",
+                    "Temperature (°C)",
+                    20.0f64,
+                ),
+                Variable::new(&id("MotorSpeed"), "MotorSpeed", "Motor speed (rpm)", 0i32),
+                Variable::new(&id("Running"), "Running", "Running", false),
+                Variable::new(&id("BatchId"), "BatchId", "Batch", UAString::from("")),
+            ],
+            &line,
+        );
+        space.add_variables(
+            vec![Variable::new(
+                &id("Cell1.Pressure"),
+                "Pressure",
+                "Pressure (bar)",
+                1.0f64,
+            )],
+            &cell,
+        );
+    }
+    let subscriptions = handle.subscriptions().clone();
+    tokio::spawn(server.run_with(listener));
+    tokio::spawn(async move {
+        let mut rng = SimRng::new(7);
+        let mut tick = tokio::time::interval(period);
+        for n in 0u64.. {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {}
+            }
+            let now = DateTime::now();
+            let value = |v: Variant| DataValue {
+                value: Some(v),
+                status: Some(StatusCode::Good),
+                source_timestamp: Some(now),
+                server_timestamp: Some(now),
+                ..DataValue::null()
+            };
+            let wobble = |mean: f64, spread: f64, rng: &mut SimRng| {
+                mean + spread * (rng.below(2001) as f64 / 1000.0 - 1.0)
+            };
+            let updates = [
+                (id("Temperature"), value(wobble(72.0, 1.5, &mut rng).into())),
+                (
+                    id("MotorSpeed"),
+                    value((1450 + rng.below(20) as i32).into()),
+                ),
+                (id("Running"), value((n % 30 < 25).into())),
+                (
+                    id("BatchId"),
+                    value(UAString::from(format!("B-{:05}", n / 30)).into()),
+                ),
+                (
+                    id("Cell1.Pressure"),
+                    value(wobble(4.2, 0.2, &mut rng).into()),
+                ),
+            ];
+            let _ = manager.set_values(
+                &subscriptions,
+                updates.iter().map(|(id, v)| (id, None, v.clone())),
+            );
+        }
+        handle.cancel();
+    });
+    Ok(format!("opc.tcp://127.0.0.1:{port}/"))
 }

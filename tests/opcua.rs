@@ -137,7 +137,8 @@ sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "
         write["status"].as_u64().unwrap_or(0) & 0x8000_0000 != 0,
         "write taken: {write}"
     );
-    let folder = temp.split('/').next().unwrap().to_owned();
+    // The topic's folder, an existing node: the refusal is of AddNodes, not of a bad parent.
+    let folder = temp.replacen(";s=plant/ns=2;s=Line3.Temp", ";s=topic:plant", 1);
     let add = opcua_client(&mirror, &["addnode", &folder]);
     assert!(
         add["status"].as_u64().unwrap_or(0) & 0x8000_0000 != 0,

@@ -82,7 +82,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             .local_addr()?
             .port())
     };
-    let (receiver_metrics, sender_metrics) = (free()?, free()?);
+    let (receiver_metrics, sender_metrics, opcua_mirror) = (free()?, free()?, free()?);
+    // Line 3's OPC UA server, mirrored read-only on the IT side.
+    let plant_stop = Shutdown::new();
+    let opcua_plant = plant::start_opcua_server(Duration::from_secs(1), plant_stop.clone()).await?;
 
     let broker_route = if args.mqtt_listen.is_empty() {
         String::new()
@@ -113,6 +116,11 @@ buffer_dir = "buffer/records"
 name = "reports"
 topics = ["exports/reports"]
 sink = {{ kind = "files", dir = "mirror/reports" }}
+
+[[route]]
+name = "opcua-mirror"
+topics = ["line3/opcua"]
+sink = {{ kind = "opcua_server", listen = "127.0.0.1:{opcua_mirror}", pki_dir = "mirror/opcua-pki", allow_unsecured = true }}
 {broker_route}"#
         ),
     )?;
@@ -166,6 +174,10 @@ name = "historian/events"
 source = {{ kind = "tcp", listen = "127.0.0.1:0", framing = "lines" }}
 
 [[topic]]
+name = "line3/opcua"
+source = {{ kind = "opcua", endpoint = "{opcua_plant}", browse = [{{ include = ["Line3/**"] }}], sampling_interval_ms = 500, publishing_interval_ms = 500 }}
+
+[[topic]]
 name = "exports/reports"
 rate_mbps = 4
 source = {{ kind = "files", dir = "plant/reports", state_file = "reports.files-state", exclude = ["**/*.tmp"], stable_ms = 1000, passes = 2, pass_interval_ms = 3000 }}
@@ -198,7 +210,6 @@ source = {{ kind = "files", dir = "plant/reports", state_file = "reports.files-s
             .expect("configured above")
     };
 
-    let plant_stop = Shutdown::new();
     let counters = Arc::new(PlantCounters::default());
     tokio::spawn(plant::run_telemetry(
         source("line3/telemetry"),
@@ -252,6 +263,9 @@ source = {{ kind = "files", dir = "plant/reports", state_file = "reports.files-s
         );
         println!("metrics: http://{s}/metrics (sender), http://{r}/metrics (receiver)");
     }
+    println!(
+        "OPC UA: line 3's server {opcua_plant} is mirrored read-only at opc.tcp://127.0.0.1:{opcua_mirror}/ (Objects/line3/opcua/Line3)"
+    );
     if let Some((host, port)) = args.mqtt_listen.rsplit_once(':') {
         println!("telemetry over MQTT: mosquitto_sub -h {host} -p {port} -t 'ot/#' -v");
     }
@@ -340,7 +354,7 @@ source = {{ kind = "files", dir = "plant/reports", state_file = "reports.files-s
         "topic", "taken in", "delivered", "lost", "unaccounted"
     );
     let mut all_accounted = true;
-    for topic in ["line3/telemetry", "historian/events"] {
+    for topic in ["line3/telemetry", "historian/events", "line3/opcua"] {
         let label = format!("topic=\"{topic}\"");
         let taken = scrape::sum(&tx, "diode_records_in_total", &[&label]) as u64;
         let delivered = scrape::sum(&rx, "diode_records_out_total", &[&label]) as u64;

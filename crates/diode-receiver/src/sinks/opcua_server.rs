@@ -1,6 +1,6 @@
 //! The OPC UA mirror: a read-only OPC UA server on the IT side holding what the plant's `opcua`
-//! sources sent (docs/opcua.md). Each topic is a folder under Objects, and under it the browse
-//! tree the source found; node ids are `ns=<mirror>;s=<topic>/<plant node id>`, so a plant node
+//! sources sent (docs/opcua.md). Each topic is a folder under Objects (one level per level of
+//! the topic's name), and under it the browse tree the source found; node ids are `ns=<mirror>;s=<topic>/<plant node id>`, so a plant node
 //! always has the same mirror id. Values keep the plant's type, status code and both timestamps.
 //!
 //! **Read-only by construction.** Values enter from the route, never from a client: every
@@ -305,13 +305,24 @@ static REFUSED_NODES: LogThrottle = LogThrottle::new(Duration::from_secs(60));
 impl MirrorState {
     fn topic<'a>(&'a mut self, space: &Space, topic: &Arc<str>) -> &'a mut TopicMirror {
         self.topics.entry(topic.clone()).or_insert_with(|| {
-            let folder = NodeId::new(space.namespace, topic.to_string());
-            space.manager.address_space().write().add_folder(
-                &folder,
-                topic.as_ref(),
-                topic.as_ref(),
-                &NodeId::objects_folder_id(),
-            );
+            // The topic's levels are nested folders (`line3/opcua`: Objects/line3/opcua), as a
+            // client browsing by path expects; folder ids are `topic:<levels so far>`, apart
+            // from node ids, which start with the topic itself.
+            let mut address_space = space.manager.address_space().write();
+            let mut parent = NodeId::objects_folder_id();
+            let mut prefix = String::new();
+            for level in topic.split('/') {
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(level);
+                let folder = NodeId::new(space.namespace, format!("topic:{prefix}"));
+                if !address_space.node_exists(&folder) {
+                    address_space.add_folder(&folder, level, level, &parent);
+                }
+                parent = folder;
+            }
+            let folder = parent;
             TopicMirror {
                 folder,
                 nodes: HashMap::new(),
