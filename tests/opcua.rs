@@ -31,6 +31,17 @@ fn by_path(dump: &Value) -> BTreeMap<String, Value> {
         .unwrap_or_default()
 }
 
+/// The client's `wait-path` found the path on the mirror; if not, both services' logs say why.
+fn assert_found(pair: &Pair, found: &Value) {
+    assert_eq!(
+        found["found"],
+        true,
+        "{found}\nsender:\n{}\nreceiver:\n{}",
+        pair.sender.log_text(),
+        pair.receiver.log_text()
+    );
+}
+
 /// Services that change a server's state: none of them may ever reach the plant.
 const WRITE_SERVICES: &[&str] = &[
     "WriteRequest",
@@ -69,13 +80,9 @@ sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "
 "#
     );
     let pair = Pair::start(RelayConfig::default(), &topics, &routes);
-    let found = opcua_client(&mirror, &["wait-path", "plant/Line3/Cell1", "30"]);
-    assert_eq!(
-        found["found"],
-        true,
-        "{found}\nsender:\n{}\nreceiver:\n{}",
-        pair.sender.log_text(),
-        pair.receiver.log_text()
+    assert_found(
+        &pair,
+        &opcua_client(&mirror, &["wait-path", "plant/Line3/Cell1", "30"]),
     );
 
     // Frozen, the plant's values stop changing: the mirror must come to hold exactly them.
@@ -327,13 +334,9 @@ sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "
 "#
     );
     let pair = Pair::start_with(RelayConfig::default(), &topics, &routes, dir, "", "");
-    let found = secure_client(&it, &mirror, &["wait-path", "plant/Line3/Cell1", "40"]);
-    assert_eq!(
-        found["found"],
-        true,
-        "{found}\nsender:\n{}\nreceiver:\n{}",
-        pair.sender.log_text(),
-        pair.receiver.log_text()
+    assert_found(
+        &pair,
+        &secure_client(&it, &mirror, &["wait-path", "plant/Line3/Cell1", "40"]),
     );
     assert_eq!(plant.command("freeze")["frozen"], true);
     let plant_dump = by_path(&plant.command("dump"));
