@@ -178,16 +178,16 @@ sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "
         .iter()
         .filter_map(|r| serde_json::from_str(r["payload"].as_str()?).ok())
         .collect();
-    let data = payloads
+    // A change of Temp (a Double), wherever it falls among the records' changes.
+    let change = payloads
         .iter()
-        .find(|p| p["MessageType"] == "diode-opcua-data")
-        .expect("a data record");
-    let change = &data["Changes"][0];
-    assert!(change["NodeId"]
-        .as_str()
-        .unwrap()
-        .starts_with("ns=2;s=Line3."));
-    assert!(change["Value"]["Type"].is_u64(), "{change}");
+        .filter(|p| p["MessageType"] == "diode-opcua-data")
+        .flat_map(|p| p["Changes"].as_array().cloned().unwrap_or_default())
+        .find(|c| c["NodeId"] == "ns=2;s=Line3.Temp")
+        .expect("a data change of Line3.Temp");
+    assert_eq!(change["Path"], serde_json::json!(["Line3", "Temp"]));
+    assert_eq!(change["Value"]["Type"], 11, "{change}");
+    assert!(change["Value"]["Body"].is_number(), "{change}");
     assert!(payloads
         .iter()
         .any(|p| p["MessageType"] == "diode-opcua-nodes"));
