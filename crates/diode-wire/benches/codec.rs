@@ -109,5 +109,54 @@ fn reassembler(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fec_coding, encoder_push, reassembler);
+/// What authenticating one full datagram costs with each MAC a security reviewer would take
+/// (issue #17): the HMAC-SHA256 the link uses today (wire-format.md §2.1), and the per-datagram
+/// MACs of ring's AEADs over an empty plaintext (GMAC from AES-256-GCM, Poly1305 from
+/// ChaCha20-Poly1305; both need a nonce never reused under a key), and keyed BLAKE3 (a PRF like
+/// HMAC: no nonce). Sign only: verifying is the same computation and a constant-time compare.
+fn datagram_macs(c: &mut Criterion) {
+    use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+    use ring::hmac;
+    let datagram: Vec<u8> = (0..1472 - 17).map(|i| i as u8).collect();
+    let key = [9u8; 32];
+    let mut group = c.benchmark_group("datagram MAC 1455 B");
+    group.throughput(Throughput::Bytes(datagram.len() as u64));
+    let hmac_key = hmac::Key::new(hmac::HMAC_SHA256, &key);
+    group.bench_function("HMAC-SHA256 (today)", |b| {
+        b.iter(|| hmac::sign(&hmac_key, &datagram))
+    });
+    for (name, algorithm) in [
+        ("GMAC (AES-256-GCM)", &aead::AES_256_GCM),
+        ("Poly1305 (ChaCha20-Poly1305)", &aead::CHACHA20_POLY1305),
+    ] {
+        let sealing = LessSafeKey::new(UnboundKey::new(algorithm, &key).unwrap());
+        let mut counter = 0u64;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                counter += 1;
+                let mut nonce = [0u8; 12];
+                nonce[4..].copy_from_slice(&counter.to_be_bytes());
+                sealing
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(&datagram[..]),
+                        &mut [],
+                    )
+                    .unwrap()
+            })
+        });
+    }
+    group.bench_function("BLAKE3 keyed", |b| {
+        b.iter(|| blake3::keyed_hash(&key, &datagram))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    fec_coding,
+    encoder_push,
+    reassembler,
+    datagram_macs
+);
 criterion_main!(benches);
