@@ -30,6 +30,10 @@ const FRAME_HEADER_BYTES: u64 = 8;
 const SEGMENT_MAX_BYTES: u64 = 64 << 20;
 const SEGMENT_MIN_BYTES: u64 = 1 << 20;
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
+/// Frame bytes of the newest records kept in memory as well as on disk: while the sink keeps
+/// up, what it reads next was appended a moment ago and is taken from here, neither read back
+/// nor decoded again.
+const TAIL_BYTES: u64 = 8 << 20;
 
 /// What to give up when the buffer is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -111,6 +115,20 @@ pub struct DiskBuffer {
     scratch: Vec<u8>,
     /// Frames that failed their CRC or did not decode (a torn write, a damaged disk).
     pub corrupt_frames: u64,
+    /// The newest records written, with where their frames are on disk, in order and
+    /// contiguous: what `peek` serves from memory when the read position is among them.
+    tail: VecDeque<Cached>,
+    tail_bytes: u64,
+}
+
+struct Cached {
+    start: Position,
+    end: Position,
+    record: Record,
+}
+
+fn order(p: Position) -> (u64, u64) {
+    (p.segment, p.offset)
 }
 
 impl DiskBuffer {
@@ -143,6 +161,8 @@ impl DiskBuffer {
             frame: Vec::new(),
             scratch: Vec::new(),
             corrupt_frames: 0,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
         };
         for id in ids {
             let path = buffer.segment_path(id);
@@ -228,10 +248,13 @@ impl DiskBuffer {
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
         let mut written = 0;
+        // The records in `bytes`, with their frames' lengths, for the tail.
+        let mut chunk: Vec<(&Record, u64)> = Vec::new();
         for record in records {
             let start = bytes.len();
             encode_frame(record, &mut bytes);
             written += 1;
+            let mut kept = true;
             while self.unread_bytes + (bytes.len() as u64) > self.max_bytes {
                 let oldest_deletable = self.segments.len() > 1;
                 if self.policy == FullPolicy::DropOldest && oldest_deletable {
@@ -240,26 +263,74 @@ impl DiskBuffer {
                     note_dropped(&mut dropped, record);
                     bytes.truncate(start);
                     written -= 1;
+                    kept = false;
                     break;
                 }
             }
+            if kept {
+                chunk.push((record, (bytes.len() - start) as u64));
+            }
             // Written out in pieces: a delivery of large records must not be held whole twice.
             if bytes.len() >= WRITE_CHUNK_BYTES {
-                self.write_out(&bytes, std::mem::take(&mut written))?;
+                let at = self.write_out(&bytes, std::mem::take(&mut written))?;
+                self.remember(at, chunk.drain(..));
                 bytes.clear();
             }
         }
         if !bytes.is_empty() {
-            self.write_out(&bytes, written)?;
+            let at = self.write_out(&bytes, written)?;
+            self.remember(at, chunk.drain(..));
         }
         bytes.clear();
         self.scratch = bytes;
         Ok(dropped)
     }
 
+    /// Keeps the records just written at `at` (frames contiguous from there) in the tail, and
+    /// lets the oldest go past its budget.
+    fn remember<'r>(&mut self, at: Position, written: impl Iterator<Item = (&'r Record, u64)>) {
+        let mut start = at;
+        for (record, len) in written {
+            let end = Position {
+                segment: start.segment,
+                offset: start.offset + len,
+            };
+            self.tail.push_back(Cached {
+                start,
+                end,
+                record: record.clone(),
+            });
+            self.tail_bytes += len;
+            start = end;
+        }
+        while self.tail_bytes > TAIL_BYTES {
+            let Some(oldest) = self.tail.pop_front() else {
+                break;
+            };
+            self.tail_bytes -= order(oldest.end).1 - order(oldest.start).1;
+        }
+    }
+
+    /// Where in the tail the record at `at` is, if it is there: at `at` itself, or, when `at`
+    /// is the end of its segment, at the start of the next segment.
+    fn tail_index(&self, at: Position) -> Option<usize> {
+        let i = self.tail.partition_point(|c| order(c.start) < order(at));
+        let cached = self.tail.get(i)?;
+        if cached.start == at {
+            return Some(i);
+        }
+        let at_end = self
+            .segments
+            .iter()
+            .find(|s| s.id == at.segment)
+            .is_none_or(|s| at.offset >= s.len);
+        let next = self.segments.iter().find(|s| s.id > at.segment)?.id;
+        (at_end && cached.start.offset == 0 && cached.start.segment == next).then_some(i)
+    }
+
     /// Appends whole frames to the last segment, starting a new one when it is full (or was
-    /// left by an earlier run: its tail may be torn).
-    fn write_out(&mut self, bytes: &[u8], records: u64) -> Result<(), BufferError> {
+    /// left by an earlier run: its tail may be torn). Returns where they start.
+    fn write_out(&mut self, bytes: &[u8], records: u64) -> Result<Position, BufferError> {
         let roll = match self.segments.back() {
             None => true,
             Some(last) => last.len >= self.segment_bytes || self.writer.is_none() && last.len > 0,
@@ -295,6 +366,10 @@ impl DiskBuffer {
             );
         }
         let last = self.segments.back_mut().expect("one exists");
+        let at = Position {
+            segment: last.id,
+            offset: last.len,
+        };
         let path = self.dir.join(format!("{:020}.seg", last.id));
         self.writer
             .as_mut()
@@ -305,10 +380,13 @@ impl DiskBuffer {
         last.records += records;
         self.unread_bytes += bytes.len() as u64;
         self.unread_records += records;
-        Ok(())
+        Ok(at)
     }
 
     fn drop_oldest_segment(&mut self, dropped: &mut Dropped) -> Result<(), BufferError> {
+        // Rare (the buffer is full): the tail is rebuilt by the next appends.
+        self.tail.clear();
+        self.tail_bytes = 0;
         let oldest = self.segments.front().expect("caller checked").id;
         let start = if self.read.segment == oldest {
             self.read.offset
@@ -351,6 +429,20 @@ impl DiskBuffer {
         max_records: usize,
         max_bytes: u64,
     ) -> Result<Option<(Vec<Record>, Position)>, BufferError> {
+        if let Some(first) = self.tail_index(self.read) {
+            let mut records = Vec::new();
+            let mut bytes = 0;
+            let mut next = self.read;
+            for cached in self.tail.range(first..) {
+                if records.len() >= max_records || bytes >= max_bytes {
+                    break;
+                }
+                bytes += order(cached.end).1 - order(cached.start).1;
+                records.push(cached.record.clone());
+                next = cached.end;
+            }
+            return Ok(Some((records, next)));
+        }
         self.read_from(self.read, max_records, max_bytes)
     }
 
@@ -450,6 +542,14 @@ impl DiskBuffer {
 
     /// Marks everything before `next` delivered: the segments behind it are deleted.
     pub fn commit(&mut self, delivered: usize, next: Position) -> Result<(), BufferError> {
+        while self
+            .tail
+            .front()
+            .is_some_and(|c| order(c.start) < order(next))
+        {
+            let gone = self.tail.pop_front().expect("checked");
+            self.tail_bytes -= order(gone.end).1 - order(gone.start).1;
+        }
         let before = self.read;
         let mut freed = 0;
         while let Some(first) = self.segments.front() {
@@ -575,6 +675,51 @@ mod tests {
             buffer.commit(n, next).unwrap();
         }
         out
+    }
+
+    /// Past the in-memory tail the oldest records come from disk, the newest from memory, in
+    /// one order and with the same cursor either way; reads interleave with appends as a
+    /// route's do.
+    #[test]
+    fn reads_move_from_disk_to_the_memory_tail_without_a_seam() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer = DiskBuffer::open(dir.path(), 256 << 20, FullPolicy::DropOldest).unwrap();
+        let sent: Vec<Record> = (0..6000).map(|i| record("line3/plc7", i, 4000)).collect();
+        let mut got = Vec::new();
+        for (n, chunk) in sent.chunks(250).enumerate() {
+            assert!(buffer.append(chunk).unwrap().is_empty());
+            // The sink falls behind for the first half, then keeps up.
+            if n >= 12 {
+                while let Some((records, next)) = buffer.peek(300, u64::MAX).unwrap() {
+                    buffer.commit(records.len(), next).unwrap();
+                    got.extend(records);
+                }
+            }
+        }
+        assert_eq!(got, sent);
+        assert_eq!(buffer.unread_records(), 0);
+        assert_eq!(buffer.unread_bytes(), 0);
+        assert!(buffer.tail_bytes <= TAIL_BYTES);
+        // What the tail served is on disk too: a restart at a cursor inside it reads it back.
+        let mut buffer = DiskBuffer::open(dir.path(), 256 << 20, FullPolicy::DropOldest).unwrap();
+        assert!(buffer.peek(10, u64::MAX).unwrap().is_none());
+    }
+
+    /// The tail's copy and the disk's agree: records peeked from memory are the ones a reader
+    /// of the segment files finds at the same cursor.
+    #[test]
+    fn the_memory_tail_matches_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
+        let sent: Vec<Record> = (0..500).map(|i| record("line3/plc7", i, 700)).collect();
+        buffer.append(&sent).unwrap();
+        let (from_memory, next) = buffer.peek(200, u64::MAX).unwrap().unwrap();
+        let (from_disk, disk_next) = buffer
+            .read_from(buffer.read, 200, u64::MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_memory, from_disk);
+        assert_eq!(next, disk_next);
     }
 
     #[test]
