@@ -29,7 +29,7 @@
 //! `opcua` (an OPC UA plant server in this process, 10,000 items changing once a second, then
 //! 1,000 items 100 times a second, through an opcua source and an opcua_server mirror to an OPC
 //! UA client here: changes delivered, latency from source timestamp to the client, CPU and RSS;
-//! `DIODE_BENCH_OPCUA_SECS`, 20).
+//! `DIODE_BENCH_OPCUA_SECS`, 20; `DIODE_BENCH_OPCUA_LOGS=1` prints the services' warnings).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
