@@ -267,7 +267,7 @@ sink = {{ kind = "opcua_server", listen = "127.0.0.1:{mirror_port}", pki_dir = "
 }
 
 /// `src` copied into `dir` as `name`, `dir` made first.
-fn trust(src: &str, dir: &std::path::Path, name: &str) {
+fn trust(src: impl AsRef<std::path::Path>, dir: &std::path::Path, name: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::copy(src, dir.join(name)).unwrap();
 }
@@ -285,12 +285,11 @@ fn secured_plant_and_mirror_with_certificates_and_a_password() {
         .status()
         .unwrap();
     assert!(status.success());
-    std::fs::create_dir_all(at("plant/trusted")).unwrap();
-    std::fs::copy(
+    trust(
         at("sender-pki/own/cert.der"),
-        at("plant/trusted/diode-send.der"),
-    )
-    .unwrap();
+        &at("plant/trusted"),
+        "diode-send.der",
+    );
     let plant_port = free_port();
     let plant_pki = at("plant").display().to_string();
     let mut plant = PlantServer::start_with(

@@ -127,6 +127,13 @@ struct Cached {
     record: Record,
 }
 
+impl Cached {
+    /// Its frame's bytes (start and end are in one segment).
+    fn len(&self) -> u64 {
+        self.end.offset - self.start.offset
+    }
+}
+
 fn order(p: Position) -> (u64, u64) {
     (p.segment, p.offset)
 }
@@ -303,11 +310,14 @@ impl DiskBuffer {
             self.tail_bytes += len;
             start = end;
         }
-        while self.tail_bytes > TAIL_BYTES {
-            let Some(oldest) = self.tail.pop_front() else {
-                break;
-            };
-            self.tail_bytes -= order(oldest.end).1 - order(oldest.start).1;
+        while self.tail_bytes > TAIL_BYTES && !self.tail.is_empty() {
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some(oldest) = self.tail.pop_front() {
+            self.tail_bytes -= oldest.len();
         }
     }
 
@@ -437,7 +447,7 @@ impl DiskBuffer {
                 if records.len() >= max_records || bytes >= max_bytes {
                     break;
                 }
-                bytes += order(cached.end).1 - order(cached.start).1;
+                bytes += cached.len();
                 records.push(cached.record.clone());
                 next = cached.end;
             }
@@ -547,8 +557,7 @@ impl DiskBuffer {
             .front()
             .is_some_and(|c| order(c.start) < order(next))
         {
-            let gone = self.tail.pop_front().expect("checked");
-            self.tail_bytes -= order(gone.end).1 - order(gone.start).1;
+            self.forget_oldest();
         }
         let before = self.read;
         let mut freed = 0;

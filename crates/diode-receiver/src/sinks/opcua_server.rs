@@ -196,7 +196,6 @@ impl SinkSettings for OpcuaServerSettings {
         });
         let mirror = Arc::new(Mutex::new(MirrorState {
             topics: HashMap::new(),
-            nodes: 0,
         }));
         let space = Space {
             manager,
@@ -232,8 +231,6 @@ struct Space {
 
 struct MirrorState {
     topics: HashMap<Arc<str>, TopicMirror>,
-    /// Nodes mirrored over every topic, against `max_nodes`.
-    nodes: usize,
 }
 
 struct TopicMirror {
@@ -267,12 +264,6 @@ pub struct OpcuaServerSink {
 }
 
 impl Sink for OpcuaServerSink {
-    fn refusal(&self, record: &Record) -> Option<String> {
-        Message::parse(&record.payload)
-            .err()
-            .map(|e| format!("not an OPC UA record from an opcua source: {e}"))
-    }
-
     async fn deliver(
         &mut self,
         records: &[Record],
@@ -284,7 +275,8 @@ impl Sink for OpcuaServerSink {
             let message = match Message::parse(&record.payload) {
                 Ok(m) => m,
                 Err(e) => {
-                    refusals.push((i, format!("not an OPC UA record: {e}")));
+                    // Refused here rather than in `refusal`, so each record is parsed once.
+                    refusals.push((i, format!("not an OPC UA record from an opcua source: {e}")));
                     continue;
                 }
             };
@@ -337,10 +329,9 @@ impl MirrorState {
 
     /// Applies one record; an error says why (part of) it could not be.
     fn apply(&mut self, space: &Space, topic: &Arc<str>, message: Message) -> Result<(), String> {
-        let total = self.nodes;
+        let total = self.topics.values().map(|t| t.nodes.len()).sum();
         let mirror = self.topic(space, topic);
         mirror.heard = Instant::now();
-        let before = mirror.nodes.len();
         let outcome = match message {
             Message::Status(status) => {
                 mirror.status_interval =
@@ -359,9 +350,6 @@ impl MirrorState {
         let now_bad = !mirror.source_connected;
         if mirror.bad != now_bad {
             mirror.set_bad(space, now_bad);
-        }
-        if mirror.nodes.len() != before {
-            self.nodes = self.topics.values().map(|t| t.nodes.len()).sum();
         }
         outcome
     }
@@ -458,13 +446,9 @@ impl TopicMirror {
                         None,
                         opcua::types::Variant::Empty,
                     );
-                    let value = last.clone().unwrap_or_else(|| {
-                        servable(DataValue {
-                            status: Some(StatusCode::BadWaitingForInitialData),
-                            server_timestamp: Some(DateTime::now()),
-                            ..DataValue::null()
-                        })
-                    });
+                    let value = last
+                        .clone()
+                        .unwrap_or_else(|| servable(waiting(DateTime::now())));
                     if let Some(v) = &value.value {
                         type_id = give_type(&mut variable, v);
                     }
@@ -592,10 +576,12 @@ impl TopicMirror {
                     node.type_id = give_type(variable, value.value.as_ref().expect("typed"));
                 }
             }
-            node.last = Some(value.clone());
-            updates.push((node.id.clone(), value));
+            if !self.bad {
+                updates.push((node.id.clone(), value.clone()));
+            }
+            node.last = Some(value);
         }
-        if !self.bad {
+        if !updates.is_empty() {
             // The server notifies subscribers with each node's value as it stands after the
             // whole call: a node changed several times in one call would report only its last
             // value. One call per round, each with at most one change of each node, reports all.
@@ -609,9 +595,10 @@ impl TopicMirror {
                 rounds[*round].push((id, value));
             }
             for round in rounds {
+                let (ids, values): (Vec<NodeId>, Vec<DataValue>) = round.into_iter().unzip();
                 let _ = space.manager.set_values(
                     &space.subscriptions,
-                    round.iter().map(|(id, v)| (id, None, v.clone())),
+                    ids.iter().zip(values).map(|(id, v)| (id, None, v)),
                 );
             }
         }
@@ -626,7 +613,7 @@ impl TopicMirror {
     fn set_bad(&mut self, space: &Space, bad: bool) {
         self.bad = bad;
         let now = DateTime::now();
-        let values: Vec<(NodeId, DataValue)> = self
+        let (ids, values): (Vec<NodeId>, Vec<DataValue>) = self
             .nodes
             .values()
             .filter(|n| n.class == NodeClass::Variable)
@@ -639,11 +626,7 @@ impl TopicMirror {
                         ..last.clone()
                     },
                     (Some(last), false) => last.clone(),
-                    (None, false) => DataValue {
-                        status: Some(StatusCode::BadWaitingForInitialData),
-                        server_timestamp: Some(now),
-                        ..DataValue::null()
-                    },
+                    (None, false) => waiting(now),
                     (last, true) => DataValue {
                         value: last.as_ref().and_then(|l| l.value.clone()),
                         status: Some(StatusCode::BadNoCommunication),
@@ -657,8 +640,17 @@ impl TopicMirror {
             .collect();
         let _ = space.manager.set_values(
             &space.subscriptions,
-            values.iter().map(|(id, v)| (id, None, v.clone())),
+            ids.iter().zip(values).map(|(id, v)| (id, None, v)),
         );
+    }
+}
+
+/// A variable no value has come for yet.
+fn waiting(now: DateTime) -> DataValue {
+    DataValue {
+        status: Some(StatusCode::BadWaitingForInitialData),
+        server_timestamp: Some(now),
+        ..DataValue::null()
     }
 }
 
