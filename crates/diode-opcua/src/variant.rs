@@ -36,6 +36,9 @@ pub enum VariantError {
 
 const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// The binary encoding's context (namespaces, type loaders): the default one, made once.
+static CONTEXT: std::sync::LazyLock<ContextOwned> = std::sync::LazyLock::new(ContextOwned::default);
+
 /// The built-in types carried as readable JSON; the rest go as their binary encoding.
 fn readable(id: VariantScalarTypeId) -> bool {
     use VariantScalarTypeId as T;
@@ -51,8 +54,7 @@ pub fn to_json(value: &Variant) -> Value {
         return Value::Null;
     };
     if !readable(id) {
-        let ctx = ContextOwned::default();
-        let binary = value.encode_to_vec(&ctx.context());
+        let binary = value.encode_to_vec(&CONTEXT.context());
         return json!({"Type": id as u32, "UaBinary": BASE64.encode(binary)});
     }
     match value {
@@ -144,9 +146,8 @@ pub fn from_json(value: &Value) -> Result<Variant, VariantError> {
         let bytes = BASE64
             .decode(binary)
             .map_err(|e| VariantError::Binary(e.to_string()))?;
-        let ctx = ContextOwned::default();
         let mut cursor = Cursor::new(bytes.as_slice());
-        let decoded = Variant::decode(&mut cursor, &ctx.context())
+        let decoded = Variant::decode(&mut cursor, &CONTEXT.context())
             .map_err(|e| VariantError::Binary(e.to_string()))?;
         // What the record says it holds is what it holds, and nothing trails it.
         if decoded.scalar_type_id() != Some(id) || cursor.position() != bytes.len() as u64 {
@@ -156,14 +157,14 @@ pub fn from_json(value: &Value) -> Result<Variant, VariantError> {
     }
     let body = value.get("Body").unwrap_or(&Value::Null);
     match body {
-        Value::Array(items) if id != VariantScalarTypeId::ByteString || !body.is_string() => {
+        Value::Array(items) => {
             let values = items
                 .iter()
                 .map(|item| scalar_from(id, item))
                 .collect::<Result<Vec<_>, _>>()?;
             let array = match value.get("Dimensions") {
                 Some(dims) => {
-                    let dims: Vec<u32> = serde_json::from_value(dims.clone())
+                    let dims = <Vec<u32> as serde::Deserialize>::deserialize(dims)
                         .map_err(|_| VariantError::Dimensions)?;
                     Array::new_multi(id, values, dims).map_err(|_| VariantError::Dimensions)?
                 }
@@ -176,35 +177,13 @@ pub fn from_json(value: &Value) -> Result<Variant, VariantError> {
 }
 
 fn scalar_type(number: u64) -> Result<VariantScalarTypeId, VariantError> {
-    use VariantScalarTypeId as T;
-    Ok(match number {
-        1 => T::Boolean,
-        2 => T::SByte,
-        3 => T::Byte,
-        4 => T::Int16,
-        5 => T::UInt16,
-        6 => T::Int32,
-        7 => T::UInt32,
-        8 => T::Int64,
-        9 => T::UInt64,
-        10 => T::Float,
-        11 => T::Double,
-        12 => T::String,
-        13 => T::DateTime,
-        14 => T::Guid,
-        15 => T::ByteString,
-        16 => T::XmlElement,
-        17 => T::NodeId,
-        18 => T::ExpandedNodeId,
-        19 => T::StatusCode,
-        20 => T::QualifiedName,
-        21 => T::LocalizedText,
-        22 => T::ExtensionObject,
-        23 => T::DataValue,
-        24 => T::Variant,
-        25 => T::DiagnosticInfo,
-        other => return Err(VariantError::UnknownType(other)),
-    })
+    // The range first: the library's conversion logs an error for a number outside it, and a
+    // number from the link is no reason for an error line.
+    u32::try_from(number)
+        .ok()
+        .filter(|n| (1..=25).contains(n))
+        .and_then(|n| VariantScalarTypeId::try_from(n).ok())
+        .ok_or(VariantError::UnknownType(number))
 }
 
 fn ua_string(body: &Value) -> Option<UAString> {

@@ -254,6 +254,29 @@ impl Listening {
     }
 }
 
+/// Refuses an interval below the site's floor (`[safety] min_poll_interval_ms`): asking a plant
+/// device or server more often could load it. `asking` says how (`polling`, `sampling`) and
+/// `whom` what would be loaded.
+pub(crate) fn check_poll_floor(
+    scope: &Scope<'_>,
+    key: &str,
+    interval_ms: u64,
+    asking: &str,
+    whom: &str,
+) -> Result<(), ConfigError> {
+    let floor = scope.site().min_poll_interval_ms;
+    if interval_ms < floor {
+        return Err(scope.invalid(
+            key,
+            format!(
+                "{interval_ms} ms is below the site's floor of {floor} ms \
+                 (safety.min_poll_interval_ms): {asking} faster could load the {whom}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_max_connections(
     scope: &Scope<'_>,
     max_connections: usize,

@@ -35,17 +35,13 @@ pub struct ModbusConfig {
 
 impl ModbusConfig {
     pub fn check(&self, scope: &Scope<'_>) -> Result<ModbusSource, ConfigError> {
-        if self.poll_interval_ms < scope.site().min_poll_interval_ms {
-            return Err(scope.invalid(
-                "poll_interval_ms",
-                format!(
-                    "{} ms is below the site's floor of {} ms \
-                     (safety.min_poll_interval_ms): polling faster could load the device",
-                    self.poll_interval_ms,
-                    scope.site().min_poll_interval_ms
-                ),
-            ));
-        }
+        super::check_poll_floor(
+            scope,
+            "poll_interval_ms",
+            self.poll_interval_ms,
+            "polling",
+            "device",
+        )?;
         if !(1..=60_000).contains(&self.timeout_ms) {
             return Err(scope.invalid(
                 "timeout_ms",

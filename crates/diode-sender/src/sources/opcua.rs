@@ -204,17 +204,11 @@ impl OpcuaConfig {
                 ))
             }
         };
-        let floor = scope.site().min_poll_interval_ms;
         for (key, value) in [
             ("sampling_interval_ms", self.sampling_interval_ms),
             ("publishing_interval_ms", self.publishing_interval_ms),
         ] {
-            if value < floor {
-                return Err(scope.invalid(
-                    key,
-                    format!("{value} ms is below the site's floor of {floor} ms (safety.min_poll_interval_ms): sampling faster could load the server"),
-                ));
-            }
+            super::check_poll_floor(scope, key, value, "sampling", "server")?;
         }
         if !(1..=1000).contains(&self.queue_size) {
             return Err(scope.invalid("queue_size", "must be 1 to 1000"));
@@ -357,7 +351,7 @@ struct BrowseRoot {
     max_depth: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OpcuaSource {
     config: OpcuaConfig,
     policy: SecurityPolicy,
@@ -383,7 +377,7 @@ impl Source for OpcuaSource {
     }
 
     fn start(&self, ctx: SourceContext) -> std::io::Result<Started> {
-        let source = Arc::new(self.clone_settings());
+        let source = self.clone();
         Ok(Started {
             local_addr: None,
             task: Box::pin(async move { source.run(ctx).await }),
@@ -392,21 +386,9 @@ impl Source for OpcuaSource {
 }
 
 impl OpcuaSource {
-    fn clone_settings(&self) -> OpcuaSource {
-        OpcuaSource {
-            config: self.config.clone(),
-            policy: self.policy,
-            mode: self.mode,
-            pki_dir: self.pki_dir.clone(),
-            identity: self.identity.clone(),
-            nodes: self.nodes.clone(),
-            browse: self.browse.clone(),
-        }
-    }
-
     /// Connects, subscribes and forwards until shutdown; a lost server is retried with backoff
     /// (1 s doubling to 30 s), each attempt counted as `diode_source_errors_total{reason="connect"}`.
-    async fn run(self: Arc<Self>, ctx: SourceContext) {
+    async fn run(&self, ctx: SourceContext) {
         let mut failures = 0u32;
         let mut state = Mirror {
             browse: diode_common::unix_time_us() as u64 / 1000,
