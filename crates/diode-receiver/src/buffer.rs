@@ -10,6 +10,15 @@
 //! written after each delivered batch. A crash can therefore deliver the last batch twice, never
 //! lose it. A torn frame at the end of a segment (power cut mid-write) ends that segment.
 //!
+//! The cursor is written in place, into two slots in turn (at 0 and at 4096), each
+//! `[generation u64][segment u64][offset u64][CRC-32 u32]` big-endian, the CRC over the 24 bytes
+//! before it; the valid slot with the higher generation is the cursor. A write torn by a power
+//! cut spoils at most its own slot, and the other still holds the cursor before it. Nothing is
+//! created, renamed or freed per delivery: on a file system mounted with `discard`, freeing the
+//! file a rename replaced waited for the disk after every delivery, and so did deleting a
+//! delivered segment, which is why segments are deleted (`take_retired`) outside the lock the
+//! spooler needs. A 16-byte `cursor` (segment, offset) left by an earlier version is read too.
+//!
 //! When a segment is full, `NNNNNNNNNNNNNNNNNNNN.count` beside it keeps how many records it
 //! holds, so that opening the buffer after an outage counts its backlog from these files and by
 //! walking frame headers of at most the first and last segments, in bounded memory and time
@@ -18,7 +27,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,13 +36,16 @@ use serde::Deserialize;
 use thiserror::Error;
 
 const FRAME_HEADER_BYTES: u64 = 8;
+const CURSOR_SLOT_BYTES: usize = 28;
+/// The second cursor slot is in another page of the file than the first.
+const CURSOR_SLOT_SPACING: u64 = 4096;
 const SEGMENT_MAX_BYTES: u64 = 64 << 20;
 const SEGMENT_MIN_BYTES: u64 = 1 << 20;
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
-/// Frame bytes of the newest records kept in memory as well as on disk: while the sink keeps
+/// Frame bytes of undelivered records kept in memory as well as on disk: while the sink keeps
 /// up, what it reads next was appended a moment ago and is taken from here, neither read back
 /// nor decoded again.
-const TAIL_BYTES: u64 = 8 << 20;
+const CACHE_BYTES: u64 = 16 << 20;
 
 /// What to give up when the buffer is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -107,18 +119,27 @@ pub struct DiskBuffer {
     segments: VecDeque<Segment>,
     writer: Option<File>,
     read: Position,
-    reader: Option<(u64, BufReader<File>, u64)>,
+    /// For what the buffer reads itself: `peek`, and the records a full buffer drops.
+    reader: SegmentReader,
     unread_bytes: u64,
     unread_records: u64,
-    frame: Vec<u8>,
     /// Frames being appended, kept between calls.
     scratch: Vec<u8>,
-    /// Frames that failed their CRC or did not decode (a torn write, a damaged disk).
-    pub corrupt_frames: u64,
-    /// The newest records written, with where their frames are on disk, in order and
-    /// contiguous: what `peek` serves from memory when the read position is among them.
-    tail: VecDeque<Cached>,
-    tail_bytes: u64,
+    /// Undelivered records with where their frames are on disk, in order and contiguous: what
+    /// `peek` serves from memory when the read position is among them. It keeps the oldest it
+    /// took, not the newest: a sink that has fallen behind by more than the cache reads the
+    /// gap from disk once and then finds the cache waiting, instead of chasing records the
+    /// cache keeps forgetting just before it gets to them.
+    cache: VecDeque<Cached>,
+    cache_bytes: u64,
+    /// Whether the cache runs to the newest record written, so that appends may join it. Once
+    /// an append does not fit, later ones stay out until the cache has been delivered.
+    cache_open: bool,
+    /// Opened at the first write, then written in place.
+    cursor_file: Option<File>,
+    cursor_generation: u64,
+    /// Segments delivered or dropped and not yet deleted.
+    retired: Vec<u64>,
 }
 
 struct Cached {
@@ -150,7 +171,10 @@ impl DiskBuffer {
             })
             .collect();
         ids.sort_unstable();
-        let cursor = read_cursor(&dir.join("cursor"));
+        let (cursor, cursor_generation) = match read_cursor(&dir.join("cursor")) {
+            Some((position, generation)) => (Some(position), generation),
+            None => (None, 0),
+        };
         let mut buffer = DiskBuffer {
             dir: dir.to_owned(),
             max_bytes,
@@ -162,14 +186,16 @@ impl DiskBuffer {
                 segment: 0,
                 offset: 0,
             },
-            reader: None,
+            reader: SegmentReader::new(dir),
             unread_bytes: 0,
             unread_records: 0,
-            frame: Vec::new(),
             scratch: Vec::new(),
-            corrupt_frames: 0,
-            tail: VecDeque::new(),
-            tail_bytes: 0,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            cache_open: true,
+            cursor_file: None,
+            cursor_generation,
+            retired: Vec::new(),
         };
         for id in ids {
             let path = buffer.segment_path(id);
@@ -225,19 +251,23 @@ impl DiskBuffer {
     }
 
     fn segment_path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:020}.seg"))
+        segment_path(&self.dir, id)
     }
 
     fn count_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id:020}.count"))
     }
 
-    /// Deletes a segment and its count.
-    fn remove_segment(&self, id: u64) -> Result<(), BufferError> {
-        let path = self.segment_path(id);
-        std::fs::remove_file(&path).map_err(io_error(&path))?;
-        let _ = std::fs::remove_file(self.count_path(id));
-        Ok(())
+    /// Segments delivered or dropped since the last call, for the caller to delete
+    /// ([`Retired::remove`]) without holding the buffer: the cursor already points past them,
+    /// and opening the buffer deletes any a crash left behind.
+    pub fn take_retired(&mut self) -> Retired {
+        let ids = std::mem::take(&mut self.retired);
+        Retired(
+            ids.into_iter()
+                .flat_map(|id| [self.segment_path(id), self.count_path(id)])
+                .collect(),
+        )
     }
 
     pub fn unread_bytes(&self) -> u64 {
@@ -255,7 +285,7 @@ impl DiskBuffer {
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
         let mut written = 0;
-        // The records in `bytes`, with their frames' lengths, for the tail.
+        // The records in `bytes`, with their frames' lengths, for the cache.
         let mut chunk: Vec<(&Record, u64)> = Vec::new();
         for record in records {
             let start = bytes.len();
@@ -293,39 +323,44 @@ impl DiskBuffer {
         Ok(dropped)
     }
 
-    /// Keeps the records just written at `at` (frames contiguous from there) in the tail, and
-    /// lets the oldest go past its budget.
+    /// Keeps the records just written at `at` (frames contiguous from there) in the cache, as
+    /// many as fit.
     fn remember<'r>(&mut self, at: Position, written: impl Iterator<Item = (&'r Record, u64)>) {
+        if self.cache.is_empty() {
+            // Whatever was before is delivered or on disk only: a new run can start here.
+            self.cache_open = true;
+        }
         let mut start = at;
         for (record, len) in written {
+            if !self.cache_open || self.cache_bytes + len > CACHE_BYTES {
+                self.cache_open = false;
+                return;
+            }
             let end = Position {
                 segment: start.segment,
                 offset: start.offset + len,
             };
-            self.tail.push_back(Cached {
+            self.cache.push_back(Cached {
                 start,
                 end,
                 record: record.clone(),
             });
-            self.tail_bytes += len;
+            self.cache_bytes += len;
             start = end;
-        }
-        while self.tail_bytes > TAIL_BYTES && !self.tail.is_empty() {
-            self.forget_oldest();
         }
     }
 
     fn forget_oldest(&mut self) {
-        if let Some(oldest) = self.tail.pop_front() {
-            self.tail_bytes -= oldest.len();
+        if let Some(oldest) = self.cache.pop_front() {
+            self.cache_bytes -= oldest.len();
         }
     }
 
-    /// Where in the tail the record at `at` is, if it is there: at `at` itself, or, when `at`
+    /// Where in the cache the record at `at` is, if it is there: at `at` itself, or, when `at`
     /// is the end of its segment, at the start of the next segment.
-    fn tail_index(&self, at: Position) -> Option<usize> {
-        let i = self.tail.partition_point(|c| order(c.start) < order(at));
-        let cached = self.tail.get(i)?;
+    fn cache_index(&self, at: Position) -> Option<usize> {
+        let i = self.cache.partition_point(|c| order(c.start) < order(at));
+        let cached = self.cache.get(i)?;
         if cached.start == at {
             return Some(i);
         }
@@ -380,7 +415,7 @@ impl DiskBuffer {
             segment: last.id,
             offset: last.len,
         };
-        let path = self.dir.join(format!("{:020}.seg", last.id));
+        let path = segment_path(&self.dir, last.id);
         self.writer
             .as_mut()
             .expect("opened above")
@@ -394,9 +429,9 @@ impl DiskBuffer {
     }
 
     fn drop_oldest_segment(&mut self, dropped: &mut Dropped) -> Result<(), BufferError> {
-        // Rare (the buffer is full): the tail is rebuilt by the next appends.
-        self.tail.clear();
-        self.tail_bytes = 0;
+        // Rare (the buffer is full): the cache is rebuilt by the next appends.
+        self.cache.clear();
+        self.cache_bytes = 0;
         let oldest = self.segments.front().expect("caller checked").id;
         let start = if self.read.segment == oldest {
             self.read.offset
@@ -408,7 +443,14 @@ impl DiskBuffer {
             offset: start,
         };
         let mut removed_records = 0;
-        while let Some((records, next)) = self.read_segment(position, 4096)? {
+        let segments = self.segment_lengths();
+        loop {
+            let (records, next) =
+                self.reader
+                    .read_records(&segments, position, 4096, u64::MAX, true, None)?;
+            if records.is_empty() {
+                break;
+            }
             for record in &records {
                 note_dropped(dropped, record);
             }
@@ -416,7 +458,7 @@ impl DiskBuffer {
             position = next;
         }
         let segment = self.segments.pop_front().expect("caller checked");
-        self.remove_segment(segment.id)?;
+        self.retired.push(segment.id);
         self.unread_bytes = self.unread_bytes.saturating_sub(segment.len - start);
         self.unread_records = self.unread_records.saturating_sub(removed_records);
         let next = self
@@ -428,7 +470,7 @@ impl DiskBuffer {
             segment: next,
             offset: 0,
         };
-        self.reader = None;
+        self.reader.open = None;
         self.write_cursor()
     }
 
@@ -439,121 +481,84 @@ impl DiskBuffer {
         max_records: usize,
         max_bytes: u64,
     ) -> Result<Option<(Vec<Record>, Position)>, BufferError> {
-        if let Some(first) = self.tail_index(self.read) {
-            let mut records = Vec::new();
-            let mut bytes = 0;
-            let mut next = self.read;
-            for cached in self.tail.range(first..) {
-                if records.len() >= max_records || bytes >= max_bytes {
-                    break;
-                }
-                bytes += cached.len();
-                records.push(cached.record.clone());
-                next = cached.end;
+        loop {
+            let plan = match self.next(max_records, max_bytes) {
+                Next::Cached(records, next) => return Ok(Some((records, next))),
+                Next::Drained => return Ok(None),
+                Next::OnDisk(plan) => plan,
+            };
+            let (records, next) = self.reader.read(&plan, max_records, max_bytes)?;
+            if !records.is_empty() {
+                return Ok(Some((records, next)));
             }
-            return Ok(Some((records, next)));
+            // Nothing readable up to the cache or the end (damaged frames, counted): past them.
+            self.commit(0, next)?;
         }
-        self.read_from(self.read, max_records, max_bytes)
     }
 
-    /// As `read_from`, without going past the end of `position`'s segment.
-    fn read_segment(
-        &mut self,
-        position: Position,
-        max_records: usize,
-    ) -> Result<Option<(Vec<Record>, Position)>, BufferError> {
-        self.read_records(position, max_records, u64::MAX, true)
+    /// What the sink takes next: records from memory, or a read from disk for a
+    /// [`SegmentReader`] to do without holding the buffer.
+    pub fn next(&mut self, max_records: usize, max_bytes: u64) -> Next {
+        if let Some(first) = self.cache_index(self.read) {
+            let (records, next) = self.cached(first, max_records, max_bytes);
+            return Next::Cached(records, next);
+        }
+        let read = order(self.read);
+        if !self.segments.iter().any(|s| {
+            order(Position {
+                segment: s.id,
+                offset: s.len,
+            }) > read
+        }) {
+            return Next::Drained;
+        }
+        Next::OnDisk(DiskRead {
+            segments: self.segment_lengths(),
+            from: self.read,
+            // Behind the cache: from disk up to where the cache takes over.
+            until: self.cache.front().map(|c| c.start),
+        })
     }
 
-    fn read_from(
-        &mut self,
-        position: Position,
-        max_records: usize,
-        max_bytes: u64,
-    ) -> Result<Option<(Vec<Record>, Position)>, BufferError> {
-        self.read_records(position, max_records, max_bytes, false)
+    /// A reader of this buffer's segments, for reads done without holding it.
+    pub fn segment_reader(&self) -> SegmentReader {
+        SegmentReader::new(&self.dir)
     }
 
-    fn read_records(
-        &mut self,
-        mut position: Position,
-        max_records: usize,
-        max_bytes: u64,
-        one_segment: bool,
-    ) -> Result<Option<(Vec<Record>, Position)>, BufferError> {
+    /// Where the next undelivered record starts.
+    pub fn read_position(&self) -> Position {
+        self.read
+    }
+
+    fn segment_lengths(&self) -> Vec<(u64, u64)> {
+        self.segments.iter().map(|s| (s.id, s.len)).collect()
+    }
+
+    /// Records from the cache, from its `first`th on, and where the read goes on after them.
+    fn cached(&self, first: usize, max_records: usize, max_bytes: u64) -> (Vec<Record>, Position) {
         let mut records = Vec::new();
         let mut bytes = 0;
-        loop {
-            // At the end of a segment (or at one never written), go on with the next one there is.
-            let segment_len = self
-                .segments
-                .iter()
-                .find(|s| s.id == position.segment)
-                .map(|s| s.len);
-            if segment_len.is_none_or(|len| position.offset >= len) {
-                if one_segment && segment_len.is_some() {
-                    break;
-                }
-                match self.segments.iter().find(|s| s.id > position.segment) {
-                    Some(next) => {
-                        position = Position {
-                            segment: next.id,
-                            offset: 0,
-                        };
-                        continue;
-                    }
-                    None => break,
-                }
-            }
-            let segment_len = segment_len.expect("checked above");
+        let mut next = self.read;
+        for cached in self.cache.range(first..) {
             if records.len() >= max_records || bytes >= max_bytes {
                 break;
             }
-            let mut frame = std::mem::take(&mut self.frame);
-            let left = segment_len - position.offset;
-            let read = read_frame(self.reader_at(position)?, &mut frame, left);
-            self.frame = frame;
-            match read {
-                Ok(record) => {
-                    let len = FRAME_HEADER_BYTES + self.frame.len() as u64;
-                    position.offset += len;
-                    bytes += len;
-                    if let Some((_, _, at)) = self.reader.as_mut() {
-                        *at = position.offset;
-                    }
-                    records.push(record);
-                }
-                Err(_) => {
-                    // A torn or damaged frame: the rest of this segment cannot be framed.
-                    self.corrupt_frames += 1;
-                    self.reader = None;
-                    position.offset = segment_len;
-                }
-            }
+            bytes += cached.len();
+            records.push(cached.record.clone());
+            next = cached.end;
         }
-        Ok((!records.is_empty()).then_some((records, position)))
-    }
-
-    fn reader_at(&mut self, position: Position) -> Result<&mut BufReader<File>, BufferError> {
-        let fresh = !matches!(&self.reader, Some((id, _, at)) if *id == position.segment && *at == position.offset);
-        if fresh {
-            let path = self.segment_path(position.segment);
-            let mut file = File::open(&path).map_err(io_error(&path))?;
-            file.seek(SeekFrom::Start(position.offset))
-                .map_err(io_error(&path))?;
-            self.reader = Some((
-                position.segment,
-                BufReader::with_capacity(256 << 10, file),
-                position.offset,
-            ));
-        }
-        Ok(&mut self.reader.as_mut().expect("set above").1)
+        (records, next)
     }
 
     /// Marks everything before `next` delivered: the segments behind it are deleted.
     pub fn commit(&mut self, delivered: usize, next: Position) -> Result<(), BufferError> {
+        if order(next) < order(self.read) {
+            // A full buffer dropped these segments while their records were out for delivery:
+            // the read has moved on already.
+            return Ok(());
+        }
         while self
-            .tail
+            .cache
             .front()
             .is_some_and(|c| order(c.start) < order(next))
         {
@@ -575,7 +580,7 @@ impl DiskBuffer {
             if self.segments.is_empty() {
                 self.writer = None;
             }
-            self.remove_segment(segment.id)?;
+            self.retired.push(segment.id);
         }
         freed += next.offset
             - if next.segment == before.segment {
@@ -589,15 +594,177 @@ impl DiskBuffer {
         self.write_cursor()
     }
 
-    fn write_cursor(&self) -> Result<(), BufferError> {
+    fn write_cursor(&mut self) -> Result<(), BufferError> {
         let path = self.dir.join("cursor");
-        let temp = self.dir.join("cursor.new");
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&self.read.segment.to_be_bytes());
-        bytes[8..].copy_from_slice(&self.read.offset.to_be_bytes());
-        std::fs::write(&temp, bytes).map_err(io_error(&temp))?;
-        std::fs::rename(&temp, &path).map_err(io_error(&path))
+        if self.cursor_file.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_error(&path))?;
+            self.cursor_file = Some(file);
+        }
+        self.cursor_generation += 1;
+        let slot = encode_cursor(self.cursor_generation, self.read);
+        let at = (self.cursor_generation % 2) * CURSOR_SLOT_SPACING;
+        self.cursor_file
+            .as_ref()
+            .expect("opened above")
+            .write_all_at(&slot, at)
+            .map_err(io_error(&path))
     }
+}
+
+/// A read from disk, planned under the buffer's lock (`DiskBuffer::next`) and done without it
+/// (`SegmentReader::read`), so that appends never wait behind one: the segments and their
+/// lengths as they stood, where to start, and where the cache takes over. Appends meanwhile
+/// only add after what it covers.
+pub struct DiskRead {
+    segments: Vec<(u64, u64)>,
+    from: Position,
+    until: Option<Position>,
+}
+
+impl DiskRead {
+    /// Where it starts.
+    pub fn from(&self) -> Position {
+        self.from
+    }
+}
+
+/// What the sink takes next.
+pub enum Next {
+    /// Records from memory, and where the read goes on after them.
+    Cached(Vec<Record>, Position),
+    /// Records to read from disk.
+    OnDisk(DiskRead),
+    /// Nothing undelivered.
+    Drained,
+}
+
+/// Reads frames from a buffer's segment files.
+pub struct SegmentReader {
+    dir: PathBuf,
+    /// The segment being read, and where in it the reader is.
+    open: Option<(u64, BufReader<File>, u64)>,
+    frame: Vec<u8>,
+    /// Frames that failed their CRC or did not decode (a torn write, a damaged disk).
+    pub corrupt_frames: u64,
+}
+
+impl SegmentReader {
+    fn new(dir: &Path) -> Self {
+        SegmentReader {
+            dir: dir.to_owned(),
+            open: None,
+            frame: Vec::new(),
+            corrupt_frames: 0,
+        }
+    }
+
+    /// Up to `max_records` (and about `max_bytes`) records of `plan`, and where the read goes on
+    /// after them: past damaged frames even when no record could be read.
+    pub fn read(
+        &mut self,
+        plan: &DiskRead,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<Record>, Position), BufferError> {
+        self.read_records(
+            &plan.segments,
+            plan.from,
+            max_records,
+            max_bytes,
+            false,
+            plan.until,
+        )
+    }
+
+    /// Records from `position` on, in `segments` (id, length) as they stand; with
+    /// `one_segment`, without going past the end of `position`'s segment.
+    fn read_records(
+        &mut self,
+        segments: &[(u64, u64)],
+        mut position: Position,
+        max_records: usize,
+        max_bytes: u64,
+        one_segment: bool,
+        until: Option<Position>,
+    ) -> Result<(Vec<Record>, Position), BufferError> {
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        loop {
+            // At the end of a segment (or at one never written), go on with the next one there is.
+            let segment_len = segments
+                .iter()
+                .find(|(id, _)| *id == position.segment)
+                .map(|(_, len)| *len);
+            if segment_len.is_none_or(|len| position.offset >= len) {
+                if one_segment && segment_len.is_some() {
+                    break;
+                }
+                match segments.iter().find(|(id, _)| *id > position.segment) {
+                    Some((next, _)) => {
+                        position = Position {
+                            segment: *next,
+                            offset: 0,
+                        };
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            let segment_len = segment_len.expect("checked above");
+            let reached = until.is_some_and(|u| order(position) >= order(u));
+            if records.len() >= max_records || bytes >= max_bytes || reached {
+                break;
+            }
+            let mut frame = std::mem::take(&mut self.frame);
+            let left = segment_len - position.offset;
+            let read = read_frame(self.reader_at(position)?, &mut frame, left);
+            self.frame = frame;
+            match read {
+                Ok(record) => {
+                    let len = FRAME_HEADER_BYTES + self.frame.len() as u64;
+                    position.offset += len;
+                    bytes += len;
+                    if let Some((_, _, at)) = self.open.as_mut() {
+                        *at = position.offset;
+                    }
+                    records.push(record);
+                }
+                Err(_) => {
+                    // A torn or damaged frame: the rest of this segment cannot be framed.
+                    self.corrupt_frames += 1;
+                    self.open = None;
+                    position.offset = segment_len;
+                }
+            }
+        }
+        Ok((records, position))
+    }
+
+    fn reader_at(&mut self, position: Position) -> Result<&mut BufReader<File>, BufferError> {
+        let fresh = !matches!(&self.open, Some((id, _, at)) if *id == position.segment && *at == position.offset);
+        if fresh {
+            let path = segment_path(&self.dir, position.segment);
+            let mut file = File::open(&path).map_err(io_error(&path))?;
+            file.seek(SeekFrom::Start(position.offset))
+                .map_err(io_error(&path))?;
+            self.open = Some((
+                position.segment,
+                BufReader::with_capacity(256 << 10, file),
+                position.offset,
+            ));
+        }
+        Ok(&mut self.open.as_mut().expect("set above").1)
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.seg"))
 }
 
 fn read_count(path: &Path) -> Option<u64> {
@@ -627,13 +794,68 @@ fn count_frames(path: &Path, from: u64, len: u64) -> Result<u64, BufferError> {
     Ok(count)
 }
 
-fn read_cursor(path: &Path) -> Option<Position> {
+/// The cursor and its generation: the valid slot with the higher generation, or what an
+/// earlier version wrote (generation 0).
+fn read_cursor(path: &Path) -> Option<(Position, u64)> {
     let bytes = std::fs::read(path).ok()?;
-    let bytes: [u8; 16] = bytes.try_into().ok()?;
-    Some(Position {
-        segment: u64::from_be_bytes(bytes[..8].try_into().expect("8")),
-        offset: u64::from_be_bytes(bytes[8..].try_into().expect("8")),
+    if let Ok(legacy) = <[u8; 16]>::try_from(&bytes[..]) {
+        return Some((
+            Position {
+                segment: be_u64(&legacy[..8]),
+                offset: be_u64(&legacy[8..]),
+            },
+            0,
+        ));
+    }
+    [0, CURSOR_SLOT_SPACING as usize]
+        .into_iter()
+        .filter_map(|at| decode_cursor(bytes.get(at..at + CURSOR_SLOT_BYTES)?))
+        .max_by_key(|(_, generation)| *generation)
+}
+
+fn encode_cursor(generation: u64, at: Position) -> [u8; CURSOR_SLOT_BYTES] {
+    let mut slot = [0u8; CURSOR_SLOT_BYTES];
+    slot[..8].copy_from_slice(&generation.to_be_bytes());
+    slot[8..16].copy_from_slice(&at.segment.to_be_bytes());
+    slot[16..24].copy_from_slice(&at.offset.to_be_bytes());
+    let crc = crc32fast::hash(&slot[..24]);
+    slot[24..].copy_from_slice(&crc.to_be_bytes());
+    slot
+}
+
+fn decode_cursor(slot: &[u8]) -> Option<(Position, u64)> {
+    let crc = u32::from_be_bytes(slot[24..28].try_into().ok()?);
+    (crc32fast::hash(&slot[..24]) == crc).then(|| {
+        (
+            Position {
+                segment: be_u64(&slot[8..16]),
+                offset: be_u64(&slot[16..24]),
+            },
+            be_u64(&slot[..8]),
+        )
     })
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes.try_into().expect("8 bytes"))
+}
+
+/// Segment files to delete, taken from the buffer by [`DiskBuffer::take_retired`].
+#[must_use = "the segments stay on disk until removed"]
+pub struct Retired(Vec<PathBuf>);
+
+impl Retired {
+    /// Deletes them; one that is already gone is not an error.
+    pub fn remove(self) -> Result<(), BufferError> {
+        for path in self.0 {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(BufferError::Io { path, source }),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn encode_frame(record: &Record, out: &mut Vec<u8>) {
@@ -686,11 +908,11 @@ mod tests {
         out
     }
 
-    /// Past the in-memory tail the oldest records come from disk, the newest from memory, in
+    /// Past the in-memory cache the oldest records come from disk, the newest from memory, in
     /// one order and with the same cursor either way; reads interleave with appends as a
     /// route's do.
     #[test]
-    fn reads_move_from_disk_to_the_memory_tail_without_a_seam() {
+    fn reads_move_from_disk_to_the_memory_cache_without_a_seam() {
         let dir = tempfile::tempdir().unwrap();
         let mut buffer = DiskBuffer::open(dir.path(), 256 << 20, FullPolicy::DropOldest).unwrap();
         let sent: Vec<Record> = (0..6000).map(|i| record("line3/plc7", i, 4000)).collect();
@@ -708,24 +930,88 @@ mod tests {
         assert_eq!(got, sent);
         assert_eq!(buffer.unread_records(), 0);
         assert_eq!(buffer.unread_bytes(), 0);
-        assert!(buffer.tail_bytes <= TAIL_BYTES);
-        // What the tail served is on disk too: a restart at a cursor inside it reads it back.
+        assert!(buffer.cache_bytes <= CACHE_BYTES);
+        // What the cache served is on disk too: a restart at a cursor inside it reads it back.
         let mut buffer = DiskBuffer::open(dir.path(), 256 << 20, FullPolicy::DropOldest).unwrap();
         assert!(buffer.peek(10, u64::MAX).unwrap().is_none());
     }
 
-    /// The tail's copy and the disk's agree: records peeked from memory are the ones a reader
+    /// A sink far behind finds the oldest of its backlog in memory, not the newest, reads
+    /// the rest from disk, and new records join the cache again once it has caught up.
+    #[test]
+    fn the_cache_keeps_the_oldest_undelivered_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer = DiskBuffer::open(dir.path(), 256 << 20, FullPolicy::DropOldest).unwrap();
+        let sent: Vec<Record> = (0..10_000).map(|i| record("line3/plc7", i, 4000)).collect();
+        assert!(buffer.append(&sent).unwrap().is_empty());
+        assert_eq!(buffer.cache.front().unwrap().record.seq, 0);
+        assert!(buffer.cache_bytes <= CACHE_BYTES && buffer.cache_bytes > CACHE_BYTES / 2);
+        let (first, next) = buffer.peek(100, u64::MAX).unwrap().unwrap();
+        assert_eq!(first, sent[..100]);
+        assert!(buffer.reader.open.is_none(), "served from memory");
+        buffer.commit(first.len(), next).unwrap();
+        let mut got = first;
+        got.extend(drain(&mut buffer, 300));
+        assert_eq!(got, sent);
+        assert!(buffer.cache.is_empty() && buffer.reader.open.is_some());
+        buffer
+            .append(&[record("line3/plc7", 10_000, 4000)])
+            .unwrap();
+        assert_eq!(buffer.cache.len(), 1);
+    }
+
+    /// The cursor survives a torn write of either slot, and a cursor an earlier version wrote
+    /// is read.
+    #[test]
+    fn the_cursor_survives_a_torn_slot_and_reads_the_old_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
+        let sent: Vec<Record> = (0..30).map(|i| record("t", i, 100)).collect();
+        buffer.append(&sent).unwrap();
+        let mut cursors = Vec::new();
+        for _ in 0..3 {
+            let (records, next) = buffer.peek(10, u64::MAX).unwrap().unwrap();
+            buffer.commit(records.len(), next).unwrap();
+            cursors.push(next);
+        }
+        buffer.take_retired().remove().unwrap();
+        drop(buffer);
+        let path = dir.path().join("cursor");
+        assert_eq!(read_cursor(&path), Some((cursors[2], 3)));
+        // The last write (generation 3, the second slot) torn: the one before it holds.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[4096 + 20] ^= 0xFF;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_cursor(&path), Some((cursors[1], 2)));
+        let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
+        assert_eq!(drain(&mut buffer, 100), sent[20..]);
+        drop(buffer);
+        // An earlier version's 16 bytes.
+        let mut legacy = Vec::new();
+        legacy.extend_from_slice(&cursors[0].segment.to_be_bytes());
+        legacy.extend_from_slice(&cursors[0].offset.to_be_bytes());
+        std::fs::write(&path, legacy).unwrap();
+        let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
+        assert_eq!(drain(&mut buffer, 100), sent[10..]);
+        assert_eq!(
+            read_cursor(&path).map(|(_, generation)| generation),
+            Some(1)
+        );
+    }
+
+    /// The cache's copy and the disk's agree: records peeked from memory are the ones a reader
     /// of the segment files finds at the same cursor.
     #[test]
-    fn the_memory_tail_matches_the_disk() {
+    fn the_memory_cache_matches_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let mut buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
         let sent: Vec<Record> = (0..500).map(|i| record("line3/plc7", i, 700)).collect();
         buffer.append(&sent).unwrap();
         let (from_memory, next) = buffer.peek(200, u64::MAX).unwrap().unwrap();
+        let segments = buffer.segment_lengths();
         let (from_disk, disk_next) = buffer
-            .read_from(buffer.read, 200, u64::MAX)
-            .unwrap()
+            .reader
+            .read_records(&segments, buffer.read, 200, u64::MAX, false, None)
             .unwrap();
         assert_eq!(from_memory, from_disk);
         assert_eq!(next, disk_next);
@@ -818,7 +1104,7 @@ mod tests {
         assert_eq!(buffer.unread_records(), 0);
         buffer.append(&[record("t", 5, 100)]).unwrap();
         assert_eq!(drain(&mut buffer, 10).len(), 1);
-        assert!(buffer.corrupt_frames > 0);
+        assert!(buffer.reader.corrupt_frames > 0);
     }
 
     #[test]
@@ -843,6 +1129,6 @@ mod tests {
         buffer.append(&[record("t", 10, 100)]).unwrap();
         let got: Vec<u64> = drain(&mut buffer, 4).iter().map(|r| r.seq).collect();
         assert_eq!(got, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 10]);
-        assert!(buffer.corrupt_frames > 0);
+        assert!(buffer.reader.corrupt_frames > 0);
     }
 }

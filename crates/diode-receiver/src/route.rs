@@ -15,7 +15,7 @@ use diode_wire::Record;
 use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::buffer::{DiskBuffer, FullPolicy};
+use crate::buffer::{DiskBuffer, FullPolicy, Next, Retired};
 use crate::filter::TopicFilter;
 use crate::metrics::{ReceiverMetrics, RouteMetrics};
 use crate::sinks::dead_letter::DeadLetters;
@@ -358,6 +358,10 @@ impl Router {
 const BATCH: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest a buffered route's sink waits for the spooler to catch up before it looks again.
+const SPOOLER_CATCH_UP: Duration = Duration::from_millis(5);
+/// About the most a buffered route appends to its disk buffer at a time.
+const APPEND_PART_BYTES: usize = 4 << 20;
 /// Records read back from the disk buffer per delivery.
 const BUFFER_BATCH_RECORDS: usize = 1024;
 const BUFFER_BATCH_BYTES: u64 = 4 << 20;
@@ -492,8 +496,12 @@ async fn on_disk<T: Send + 'static>(
     work: impl FnOnce(&mut DiskBuffer) -> T + Send + 'static,
 ) -> T {
     let buffer = buffer.clone();
-    match tokio::task::spawn_blocking(move || work(&mut buffer.lock().expect("not poisoned"))).await
-    {
+    blocking(move || work(&mut buffer.lock().expect("not poisoned"))).await
+}
+
+/// Runs `work` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
         Ok(done) => done,
         Err(e) => match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
@@ -513,52 +521,85 @@ async fn run_buffered<S: Sink>(
     metrics.backlog.set(buffer.unread_bytes() as i64);
     let buffer = Arc::new(Mutex::new(buffer));
     let appended = Arc::new(tokio::sync::Notify::new());
+    let spooled = Arc::new(tokio::sync::Notify::new());
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The spooler writes every delivery to disk as it comes, whatever the sink is doing.
     let spooler = tokio::spawn(spool(
         queue,
         buffer.clone(),
         appended.clone(),
+        spooled.clone(),
         closed.clone(),
         metrics.clone(),
         route.to_owned(),
     ));
+    let mut reader = buffer.lock().expect("not poisoned").segment_reader();
     loop {
         // Read before the peek: if the spooler had closed by then, its last append is in what
         // the peek sees, so an empty peek means the buffer is drained.
         let was_closed = closed.load(std::sync::atomic::Ordering::Acquire);
         let next = on_disk(&buffer, |b| {
-            b.peek(BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES)
+            b.next(BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES)
         })
         .await;
-        match next {
-            Ok(Some((records, position))) => {
-                delivery.deliver_with_retry(&records).await;
-                let delivered = records.len();
-                let (committed, unread) = on_disk(&buffer, move |b| {
-                    (b.commit(delivered, position), b.unread_bytes())
+        // The spooler first: a record not yet on disk is lost if the queue overflows, one on
+        // disk only waits. When the spooler falls behind, the sink gives it the CPU.
+        while metrics.budget.used() * 2 > metrics.budget.capacity() {
+            let _ = tokio::time::timeout(SPOOLER_CATCH_UP, spooled.notified()).await;
+        }
+        let (records, position) = match next {
+            Next::Cached(records, position) => (records, position),
+            Next::OnDisk(plan) => {
+                // Without the buffer's lock: the spooler appends meanwhile.
+                let from = plan.from();
+                let read;
+                (reader, read) = blocking(move || {
+                    let read = reader.read(&plan, BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES);
+                    (reader, read)
                 })
                 .await;
-                if let Err(e) = committed {
-                    metrics.errors.inc();
-                    tracing::error!(%route, error = %e, "cannot update the disk buffer's cursor");
+                match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        // A full buffer may have dropped the segment being read: go on from
+                        // where the read now starts. Anything else is the disk's.
+                        if on_disk(&buffer, move |b| b.read_position() != from).await {
+                            continue;
+                        }
+                        metrics.errors.inc();
+                        tracing::error!(%route, error = %e, "cannot read the disk buffer; retrying");
+                        tokio::time::sleep(BACKOFF_MAX).await;
+                        continue;
+                    }
                 }
-                metrics.backlog.set(unread as i64);
             }
-            Ok(None) => {
+            Next::Drained => {
                 // Read again after a wake-up: an append may land between the read and the wait,
                 // and Notify keeps that one permit for us.
                 if was_closed {
                     break;
                 }
                 appended.notified().await;
+                continue;
             }
-            Err(e) => {
-                metrics.errors.inc();
-                tracing::error!(%route, error = %e, "cannot read the disk buffer; retrying");
-                tokio::time::sleep(BACKOFF_MAX).await;
-            }
+        };
+        // Empty when what was read held only damaged frames: the commit steps past them.
+        delivery.deliver_with_retry(&records).await;
+        let delivered = records.len();
+        let (committed, unread, retired) = on_disk(&buffer, move |b| {
+            (
+                b.commit(delivered, position),
+                b.unread_bytes(),
+                b.take_retired(),
+            )
+        })
+        .await;
+        if let Err(e) = committed {
+            metrics.errors.inc();
+            tracing::error!(%route, error = %e, "cannot update the disk buffer's cursor");
         }
+        metrics.backlog.set(unread as i64);
+        remove_retired(retired, metrics, route).await;
     }
     let _ = spooler.await;
 }
@@ -570,6 +611,7 @@ async fn spool(
     queue: flume::Receiver<Vec<Queued>>,
     buffer: Arc<Mutex<DiskBuffer>>,
     appended: Arc<tokio::sync::Notify>,
+    spooled: Arc<tokio::sync::Notify>,
     closed: Arc<std::sync::atomic::AtomicBool>,
     metrics: RouteMetrics,
     route: String,
@@ -577,14 +619,33 @@ async fn spool(
     let mut batch = Vec::new();
     let mut last_warning: Option<std::time::Instant> = None;
     let mut unreported = crate::buffer::Dropped::new();
-    while next_batch(&queue, &mut batch).await {
-        let records: Vec<Record> = batch.iter().map(|q| q.record.clone()).collect();
+    loop {
+        if batch.is_empty() && !next_batch(&queue, &mut batch).await {
+            break;
+        }
+        // A few MiB per append: the reader takes the same lock between them, and the budget
+        // of what is on disk goes back to the router as each part lands, not at the end.
+        let mut bytes = 0;
+        let part = batch
+            .iter()
+            .take_while(|q| {
+                let more = bytes < APPEND_PART_BYTES;
+                bytes += q.record.payload.len();
+                more
+            })
+            .count();
+        let part: Vec<Queued> = batch.drain(..part).collect();
+        let records: Vec<Record> = part.iter().map(|q| q.record.clone()).collect();
         let count = records.len();
         let first = records.first().map(|r| (r.topic.clone(), r.seq));
-        let (result, unread) =
-            on_disk(&buffer, move |b| (b.append(&records), b.unread_bytes())).await;
+        let (result, unread, retired) = on_disk(&buffer, move |b| {
+            (b.append(&records), b.unread_bytes(), b.take_retired())
+        })
+        .await;
         metrics.backlog.set(unread as i64);
-        batch.clear();
+        remove_retired(retired, &metrics, &route).await;
+        drop(part);
+        spooled.notify_waiters();
         metrics.queue.set(metrics.budget.used() as i64);
         match result {
             Ok(dropped) if dropped.is_empty() => {}
@@ -611,6 +672,15 @@ async fn spool(
     log_buffer_drops(&route, unreported);
     closed.store(true, std::sync::atomic::Ordering::Release);
     appended.notify_one();
+}
+
+/// Deletes segments the buffer is done with, without holding it: on a file system mounted
+/// with `discard`, freeing a segment's blocks waits for the disk.
+async fn remove_retired(retired: Retired, metrics: &RouteMetrics, route: &str) {
+    if let Err(e) = blocking(move || retired.remove()).await {
+        metrics.errors.inc();
+        tracing::error!(%route, error = %e, "cannot delete a delivered disk buffer segment");
+    }
 }
 
 fn log_buffer_drops(route: &str, dropped: crate::buffer::Dropped) {
