@@ -208,6 +208,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     let limits = encoder.limits();
     let mut topic_metrics = Vec::new();
     let mut tasks = Vec::new();
+    let link_waker = link::LinkWaker::default();
     let mut source_addrs = Vec::new();
     for ((topic, source), first_seq) in config.topics.iter().zip(&loaded.sources).zip(&first_seqs) {
         let id = encoder
@@ -229,6 +230,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             )
         };
         let ctx = SourceContext {
+            link: link_waker.clone(),
             topic: id,
             name: Arc::from(topic.name.as_str()),
             queue,
@@ -356,6 +358,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         journal,
         sequences,
         reserve_failed: None,
+        waker: link_waker,
     };
     let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
 

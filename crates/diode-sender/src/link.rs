@@ -42,6 +42,26 @@ pub struct LinkThread {
     pub sequences: Option<crate::journal::SharedSequences>,
     /// When reserving sequence numbers last failed: retried a second later, not per record.
     pub reserve_failed: Option<Instant>,
+    pub waker: LinkWaker,
+}
+
+/// Wakes the link thread before its next timer. While a block is open the thread sleeps until
+/// its flush deadline and takes what queued meanwhile in one go; a busy source, whose records
+/// fill blocks long before that deadline, wakes it after each batch it queues instead.
+#[derive(Clone, Default)]
+pub struct LinkWaker(std::sync::Arc<std::sync::OnceLock<std::thread::Thread>>);
+
+impl LinkWaker {
+    pub fn wake(&self) {
+        if let Some(thread) = self.0.get() {
+            thread.unpark();
+        }
+    }
+
+    /// Makes the calling thread the one woken.
+    fn register(&self) {
+        let _ = self.0.set(std::thread::current());
+    }
 }
 
 /// The link thread's side of the journal: what it sends goes in, replayed records come out, and
@@ -60,6 +80,7 @@ const MAX_BATCH_DATAGRAMS: usize = 32;
 
 impl LinkThread {
     pub fn run(mut self) {
+        self.waker.register();
         let mut noted_drops = vec![0u64; self.topics.len()];
         let mut noted_records_in = vec![0u64; self.topics.len()];
         let mut noted_errors = 0u64;
@@ -190,7 +211,7 @@ impl LinkThread {
                     self.push(Instant::now(), ingest);
                 }
             } else if let Some(pause) = wake.checked_duration_since(Instant::now()) {
-                std::thread::sleep(pause);
+                std::thread::park_timeout(pause);
             }
         }
     }

@@ -84,13 +84,13 @@ impl Source for SyslogSource {
                 let socket = super::bind_udp(self.at.listen, UDP_RECEIVE_BUFFER_BYTES)?;
                 Ok(Started {
                     local_addr: socket.local_addr().ok(),
-                    task: Box::pin(super::run_datagrams(socket, peers, ctx, |raw, ctx| {
+                    task: super::run_datagrams(socket, peers, ctx, |raw, ctx| {
                         let (record, parsed) = to_record(raw);
                         if !parsed {
                             ctx.metrics.unparsed.inc();
                         }
                         (record, parsed.then(origin))
-                    })),
+                    })?,
                 })
             }
             SyslogProtocol::Tcp => {

@@ -47,12 +47,9 @@ impl Source for UdpSource {
         let socket = super::bind_udp(self.at.listen, self.config.receive_buffer_bytes)?;
         Ok(Started {
             local_addr: socket.local_addr().ok(),
-            task: Box::pin(super::run_datagrams(
-                socket,
-                self.at.peers.clone(),
-                ctx,
-                |datagram, _| (Bytes::copy_from_slice(datagram), None),
-            )),
+            task: super::run_datagrams(socket, self.at.peers.clone(), ctx, |datagram, _| {
+                (Bytes::copy_from_slice(datagram), None)
+            })?,
         })
     }
 }
