@@ -19,7 +19,9 @@
 //! sender's `outage_protection_ms`, 0), `DIODE_BENCH_JOURNAL` (1: the sender journals the topic,
 //! docs/backfill.md).
 //!
-//! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `small` (100-byte records into
+//! Workloads: `bulk` (2 GiB raw TCP -> link -> raw TCP, unpaced), `buffered` (the same bulk
+//! without a disk buffer, then with one, and the page-cache write speed of the buffer's file
+//! system: the ratios and the records dropped), `small` (100-byte records into
 //! the UDP source at 50,000/s for 20 s, UDP sink out), `pacing` (rate_mbps = 1000, more offered:
 //! the wire rate over 10 s and its worst 10 ms window), `paced1g` (the pair at 1 Gb/s for 10 s:
 //! CPU per side), `hostile` (genuine telemetry while a mixed flood of forged datagrams hits the
@@ -63,6 +65,9 @@ fn main() {
     }
     if wanted("bulk") {
         bulk();
+    }
+    if wanted("buffered") {
+        buffered();
     }
     if wanted("small") {
         small_records();
@@ -202,7 +207,24 @@ impl Pair {
     /// `destination`: where the sender sends (the receiver's port when `None`).
     fn start(rate_mbps: u32, source: &str, sink: &str, destination: Option<SocketAddr>) -> Pair {
         // DIODE_BENCH_BUFFER=1 gives the route a disk buffer: every record goes through it.
-        let buffer_line = if env_or("DIODE_BENCH_BUFFER", 0) == 1 {
+        Pair::start_buffered(
+            rate_mbps,
+            source,
+            sink,
+            destination,
+            env_or("DIODE_BENCH_BUFFER", 0) == 1,
+        )
+    }
+
+    /// As `start`, the route with a disk buffer or without.
+    fn start_buffered(
+        rate_mbps: u32,
+        source: &str,
+        sink: &str,
+        destination: Option<SocketAddr>,
+        buffered: bool,
+    ) -> Pair {
+        let buffer_line = if buffered {
             "buffer_dir = \"buffer\"\nbuffer_max_bytes = 4294967296\n"
         } else {
             ""
@@ -350,11 +372,47 @@ fn bulk() {
 
 /// Runs `bulk` with `mib` MiB; returns the goodput in MB/s.
 fn bulk_of(mib: usize) -> f64 {
+    bulk_run(mib, env_or("DIODE_BENCH_BUFFER", 0) == 1).0
+}
+
+/// The same bulk through an unbuffered route, then through a buffered one, with the speed at
+/// which one thread writes the buffer's file system between them (issue #17: the buffered route
+/// at 0.8 of the unbuffered one or at that speed, whichever is lower, and nothing dropped).
+fn buffered() {
+    let mib = env_or("DIODE_BENCH_BULK_MIB", 2048) as usize;
+    let (plain, _) = bulk_run(mib, false);
+    let disk = page_cache_write_mb_s(1024);
+    let (buffered, dropped) = bulk_run(mib, true);
+    println!(
+        "\nbuffered route: {buffered:.1} MB/s against {plain:.1} MB/s unbuffered ({:.2} x) and \
+         {disk:.1} MB/s written by one thread to its file system ({:.2} x); {dropped} records \
+         dropped",
+        buffered / plain,
+        buffered / disk
+    );
+}
+
+/// How fast one thread writes `mib` MiB in 1 MiB pieces to a new file in the temporary
+/// directory the buffer's is made in, unsynced, as the buffer writes its segments.
+fn page_cache_write_mb_s(mib: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = random_bytes(1 << 20, 7);
+    let mut file = std::fs::File::create(dir.path().join("write-speed")).unwrap();
+    let start = Instant::now();
+    for _ in 0..mib {
+        file.write_all(&chunk).unwrap();
+    }
+    (mib << 20) as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+/// Runs `bulk` with `mib` MiB through a route with a disk buffer or without; returns the
+/// goodput in MB/s and the records dropped at the route.
+fn bulk_run(mib: usize, buffered: bool) -> (f64, u64) {
     let data = Arc::new(random_bytes(mib << 20, 1));
     let sink = TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp_in = free_port();
     let rate = env_or("DIODE_BENCH_BULK_MBPS", 100_000) as u32;
-    let pair = Pair::start(
+    let pair = Pair::start_buffered(
         rate,
         &format!("{{ kind = \"tcp\", listen = \"127.0.0.1:{tcp_in}\", framing = \"raw\" }}"),
         &format!(
@@ -362,6 +420,7 @@ fn bulk_of(mib: usize) -> f64 {
             sink.local_addr().unwrap()
         ),
         None,
+        buffered,
     );
     let start = Instant::now();
     let writer = {
@@ -394,7 +453,8 @@ fn bulk_of(mib: usize) -> f64 {
     let _ = writer.join();
     let wire = pair.sender.metric("diode_link_bytes_sent_total");
     println!(
-        "\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP, rate_mbps = {rate}, MTU {}",
+        "\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP{}, rate_mbps = {rate}, MTU {}",
+        if buffered { " behind a disk buffer" } else { "" },
         env_or("DIODE_BENCH_MTU", 1500)
     );
     println!(
@@ -417,7 +477,8 @@ fn bulk_of(mib: usize) -> f64 {
         pair.receiver.metric("diode_sink_dropped_total")
     );
     pair.report_costs(data.len() as f64 / 1e9, seconds);
-    got as f64 / seconds / 1e6
+    let dropped = pair.receiver.metric("diode_sink_dropped_total") as u64;
+    (got as f64 / seconds / 1e6, dropped)
 }
 
 /// One large file through a files source and a files sink, unpaced, then the same number of

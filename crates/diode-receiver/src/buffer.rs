@@ -1,7 +1,9 @@
 //! A route's on-disk buffer: the receiver is the last place that can keep a record, since the OT
-//! side cannot send it again. Every record of a buffered route is written here first and read
-//! back by the sink, so order holds across sink outages and receiver restarts, and a stop loses
-//! nothing (the vector disk-buffer model: the disk is the queue, the page cache keeps it cheap).
+//! side cannot send it again. A buffered route's records that the sink does not take at once are
+//! written here and read back in order (route.rs decides which: from the first the sink does not
+//! take in time until the sink has caught up with the disk), so order holds across sink outages
+//! and receiver restarts, and a stop loses nothing (vector's memory buffer overflowing into a
+//! disk buffer).
 //!
 //! Layout of `buffer_dir`: segment files `NNNNNNNNNNNNNNNNNNNN.seg` of frames
 //! `[u32 BE body length][u32 BE CRC-32 of body][body]`, the body a `RecordBatch` of one record
@@ -45,7 +47,7 @@ const WRITE_CHUNK_BYTES: usize = 1 << 20;
 /// Frame bytes of undelivered records kept in memory as well as on disk: while the sink keeps
 /// up, what it reads next was appended a moment ago and is taken from here, neither read back
 /// nor decoded again.
-const CACHE_BYTES: u64 = 16 << 20;
+const CACHE_BYTES: u64 = 8 << 20;
 
 /// What to give up when the buffer is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

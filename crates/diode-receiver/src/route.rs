@@ -19,7 +19,7 @@ use crate::buffer::{DiskBuffer, FullPolicy, Next, Retired};
 use crate::filter::TopicFilter;
 use crate::metrics::{ReceiverMetrics, RouteMetrics};
 use crate::sinks::dead_letter::DeadLetters;
-use crate::sinks::{CheckedSink, Sink, SinkConfig, SiteLimits};
+use crate::sinks::{CheckedSink, Refusals, Sink, SinkConfig, SiteLimits};
 
 /// `[[route]]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,9 +35,9 @@ pub struct RouteConfig {
     /// its payload); past it they are dropped and counted.
     #[serde(default = "default_queue_bytes")]
     pub queue_bytes: usize,
-    /// This route's on-disk buffer (relative to this file): every record is written there first
-    /// and read back by the sink, so a sink that is down or slow loses nothing and a restart
-    /// replays what was not delivered.
+    /// This route's on-disk buffer (relative to this file): records the sink does not take at
+    /// once are written there and read back in order, so a sink that is down or slow loses
+    /// nothing and a restart replays what was not delivered.
     #[serde(default)]
     pub buffer_dir: Option<PathBuf>,
     #[serde(default = "default_u64::<{ 1 << 30 }>")]
@@ -435,21 +435,69 @@ struct Delivery<'a, S> {
 }
 
 impl<S: Sink> Delivery<'_, S> {
-    async fn deliver_with_retry(&mut self, records: &[Record]) {
-        let screened: Vec<Record>;
-        let records = if records.iter().any(|r| self.sink.refusal(r).is_some()) {
-            let mut kept = Vec::with_capacity(records.len());
-            for record in records {
-                match self.sink.refusal(record) {
-                    Some(why) => self.dead.put(record, &why, self.metrics, self.route),
-                    None => kept.push(record.clone()),
-                }
+    /// One attempt, for records that are not on disk: true if the sink took them. If not, the
+    /// caller writes them to disk and they come again from there, with retries.
+    async fn deliver_once(&mut self, records: &[Record]) -> bool {
+        let screened = self.screen(records);
+        let records = screened.as_deref().unwrap_or(records);
+        if records.is_empty() {
+            return true;
+        }
+        match self.sink.deliver(records, self.metrics).await {
+            Ok(refused) => {
+                self.delivered(records, refused);
+                true
             }
-            screened = kept;
-            &screened[..]
-        } else {
-            records
-        };
+            Err(e) => {
+                self.metrics.errors.inc();
+                self.metrics.sink_fails(&e.to_string());
+                tracing::warn!(route = %self.route, error = %e, records = records.len(),
+                    "sink delivery failed; keeping the records on disk and retrying");
+                self.sink.reset();
+                false
+            }
+        }
+    }
+
+    /// Delivers a part the spooler handed over. If the first attempt fails and the spooler
+    /// has moved on meanwhile, writing what followed to disk, the part is retried here, since it
+    /// comes before all of that.
+    async fn deliver_handed(&mut self, (records, handoff): Direct) {
+        let delivered = self.deliver_once(&records).await;
+        if !handoff.report(delivered) && !delivered {
+            self.deliver_with_retry(&records).await;
+        }
+    }
+
+    /// The records the sink can take, if it refuses some (those are set aside as dead letters).
+    fn screen(&mut self, records: &[Record]) -> Option<Vec<Record>> {
+        if !records.iter().any(|r| self.sink.refusal(r).is_some()) {
+            return None;
+        }
+        let mut kept = Vec::with_capacity(records.len());
+        for record in records {
+            match self.sink.refusal(record) {
+                Some(why) => self.dead.put(record, &why, self.metrics, self.route),
+                None => kept.push(record.clone()),
+            }
+        }
+        Some(kept)
+    }
+
+    /// Counts a delivery, and sets aside what the sink refused.
+    fn delivered(&mut self, records: &[Record], refused: Refusals) {
+        for (i, why) in &refused {
+            self.dead.put(&records[*i], why, self.metrics, self.route);
+        }
+        self.metrics
+            .delivered
+            .inc_by((records.len() - refused.len()) as u64);
+        self.metrics.sink_delivers();
+    }
+
+    async fn deliver_with_retry(&mut self, records: &[Record]) {
+        let screened = self.screen(records);
+        let records = screened.as_deref().unwrap_or(records);
         if records.is_empty() {
             return;
         }
@@ -459,13 +507,7 @@ impl<S: Sink> Delivery<'_, S> {
         loop {
             match self.sink.deliver(records, self.metrics).await {
                 Ok(refused) => {
-                    for (i, why) in &refused {
-                        self.dead.put(&records[*i], why, self.metrics, route);
-                    }
-                    self.metrics
-                        .delivered
-                        .inc_by((records.len() - refused.len()) as u64);
-                    self.metrics.sink_delivers();
+                    self.delivered(records, refused);
                     if failures > 0 {
                         tracing::info!(%route, failures, "sink delivers again");
                     }
@@ -520,24 +562,26 @@ async fn run_buffered<S: Sink>(
     let route = delivery.route;
     metrics.backlog.set(buffer.unread_bytes() as i64);
     let buffer = Arc::new(Mutex::new(buffer));
-    let appended = Arc::new(tokio::sync::Notify::new());
-    let spooled = Arc::new(tokio::sync::Notify::new());
-    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The spooler writes every delivery to disk as it comes, whatever the sink is doing.
+    let signals = Arc::new(Signals::default());
+    let (direct_tx, direct) = flume::bounded::<Direct>(1);
     let spooler = tokio::spawn(spool(
         queue,
         buffer.clone(),
-        appended.clone(),
-        spooled.clone(),
-        closed.clone(),
+        direct_tx,
+        signals.clone(),
         metrics.clone(),
         route.to_owned(),
     ));
     let mut reader = buffer.lock().expect("not poisoned").segment_reader();
     loop {
-        // Read before the peek: if the spooler had closed by then, its last append is in what
-        // the peek sees, so an empty peek means the buffer is drained.
-        let was_closed = closed.load(std::sync::atomic::Ordering::Acquire);
+        // Read first: if the spooler had closed by then, its last hand-over is in the channel
+        // and its last append in what the peek sees, so finding neither means all is delivered.
+        let was_closed = signals.closed.load(std::sync::atomic::Ordering::Acquire);
+        // A part handed over is older than anything on disk that is not delivered yet.
+        if let Ok(handed) = direct.try_recv() {
+            delivery.deliver_handed(handed).await;
+            continue;
+        }
         let next = on_disk(&buffer, |b| {
             b.next(BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES)
         })
@@ -545,7 +589,7 @@ async fn run_buffered<S: Sink>(
         // The spooler first: a record not yet on disk is lost if the queue overflows, one on
         // disk only waits. When the spooler falls behind, the sink gives it the CPU.
         while metrics.budget.used() * 2 > metrics.budget.capacity() {
-            let _ = tokio::time::timeout(SPOOLER_CATCH_UP, spooled.notified()).await;
+            let _ = tokio::time::timeout(SPOOLER_CATCH_UP, signals.spooled.notified()).await;
         }
         let (records, position) = match next {
             Next::Cached(records, position) => (records, position),
@@ -579,7 +623,15 @@ async fn run_buffered<S: Sink>(
                 if was_closed {
                     break;
                 }
-                appended.notified().await;
+                // Only now can the spooler hand a part over: nothing is left on disk before it.
+                tokio::select! {
+                    _ = signals.appended.notified() => {}
+                    handed = direct.recv_async() => {
+                        if let Ok(handed) = handed {
+                            delivery.deliver_handed(handed).await;
+                        }
+                    }
+                }
                 continue;
             }
         };
@@ -604,27 +656,100 @@ async fn run_buffered<S: Sink>(
     let _ = spooler.await;
 }
 
-/// Writes each delivery to the disk buffer as it arrives. The records keep their share of the
-/// route's memory budget until they are on disk: a slow disk then slows the router's hand-over
-/// (counted drops there) instead of letting memory grow.
+/// What a buffered route's spooler tells its sink's side.
+#[derive(Default)]
+struct Signals {
+    /// Something was written to disk.
+    appended: tokio::sync::Notify,
+    /// A part left the memory queue.
+    spooled: tokio::sync::Notify,
+    /// The queue is closed and all of it handed over or written.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// A part the spooler hands to the sink to deliver at once, and how that went.
+type Direct = (Vec<Record>, Arc<Handoff>);
+
+/// How long the spooler waits for the sink to take a part handed to it before it writes what
+/// follows to disk: longer, and a sink that hangs rather than fails would keep a whole outage
+/// in memory.
+const HANDOFF_PATIENCE: Duration = Duration::from_millis(100);
+
+/// What became of a part handed to the sink. Spooler and sink settle it under one lock, so a
+/// part is either taken back by the spooler (failed in time: it goes to disk first) or left to
+/// the sink (abandoned: the sink retries it before it reads the disk), never lost between.
+#[derive(Default)]
+struct Handoff {
+    outcome: Mutex<Option<Outcome>>,
+    settled: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Delivered,
+    Failed,
+    /// The spooler stopped waiting: the part is the sink's to deliver, with retries.
+    Abandoned,
+}
+
+impl Handoff {
+    /// The spooler's side: the outcome, or `Abandoned` after [`HANDOFF_PATIENCE`].
+    async fn outcome(&self) -> Outcome {
+        let _ = tokio::time::timeout(HANDOFF_PATIENCE, self.settled.notified()).await;
+        *self
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(Outcome::Abandoned)
+    }
+
+    /// The sink's side: reports how one attempt went; false if the spooler has moved on.
+    fn report(&self, delivered: bool) -> bool {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if *outcome == Some(Outcome::Abandoned) {
+            return false;
+        }
+        *outcome = Some(if delivered {
+            Outcome::Delivered
+        } else {
+            Outcome::Failed
+        });
+        self.settled.notify_one();
+        true
+    }
+}
+
+/// Takes the route's deliveries as they arrive, a part at a time: hands a part to the sink while
+/// the sink keeps up and nothing waits on disk, and writes it to the disk buffer otherwise. The
+/// records keep their share of the route's memory budget until the sink or the disk has them:
+/// a slow disk then slows the router's hand-over (counted drops there) instead of letting
+/// memory grow.
 async fn spool(
     queue: flume::Receiver<Vec<Queued>>,
     buffer: Arc<Mutex<DiskBuffer>>,
-    appended: Arc<tokio::sync::Notify>,
-    spooled: Arc<tokio::sync::Notify>,
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    direct: flume::Sender<Direct>,
+    signals: Arc<Signals>,
     metrics: RouteMetrics,
     route: String,
 ) {
     let mut batch = Vec::new();
     let mut last_warning: Option<std::time::Instant> = None;
     let mut unreported = crate::buffer::Dropped::new();
+    let unread = |buffer: &Mutex<DiskBuffer>| {
+        buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unread_records()
+    };
+    // Whether records go to disk: from the first the sink did not take at once until the
+    // sink has caught up with the disk again.
+    let mut spilling = unread(&buffer) > 0;
     loop {
         if batch.is_empty() && !next_batch(&queue, &mut batch).await {
             break;
         }
-        // A few MiB per append: the reader takes the same lock between them, and the budget
-        // of what is on disk goes back to the router as each part lands, not at the end.
+        // A few MiB at a time: the reader takes the buffer's lock between appends, and the
+        // budget goes back to the router as each part lands, not at the end.
         let mut bytes = 0;
         let part = batch
             .iter()
@@ -636,6 +761,34 @@ async fn spool(
             .count();
         let part: Vec<Queued> = batch.drain(..part).collect();
         let records: Vec<Record> = part.iter().map(|q| q.record.clone()).collect();
+        if spilling && unread(&buffer) == 0 {
+            spilling = false;
+        }
+        // Half the queue used: the sink is not keeping up, and waiting for it would let the
+        // queue overflow.
+        let pressed = metrics.budget.used() * 2 > metrics.budget.capacity();
+        if !spilling && !pressed {
+            let handoff = Arc::new(Handoff::default());
+            // Full only while the sink is still busy with one handed over before: then this
+            // part goes to disk, after it.
+            let taken = match direct.try_send((records.clone(), handoff.clone())) {
+                Ok(()) => handoff.outcome().await,
+                Err(_) => Outcome::Failed,
+            };
+            if taken != Outcome::Failed {
+                // Delivered; or abandoned to the sink, which delivers it before anything on disk.
+                drop(part);
+                signals.spooled.notify_waiters();
+                metrics.queue.set(metrics.budget.used() as i64);
+                if taken == Outcome::Delivered {
+                    continue;
+                }
+                spilling = true;
+                continue;
+            }
+        }
+        // Nothing since is handed over until the disk is delivered: order holds.
+        spilling = true;
         let count = records.len();
         let first = records.first().map(|r| (r.topic.clone(), r.seq));
         let (result, unread, retired) = on_disk(&buffer, move |b| {
@@ -645,7 +798,7 @@ async fn spool(
         metrics.backlog.set(unread as i64);
         remove_retired(retired, &metrics, &route).await;
         drop(part);
-        spooled.notify_waiters();
+        signals.spooled.notify_waiters();
         metrics.queue.set(metrics.budget.used() as i64);
         match result {
             Ok(dropped) if dropped.is_empty() => {}
@@ -667,11 +820,13 @@ async fn spool(
                     "cannot write to the disk buffer: records dropped");
             }
         }
-        appended.notify_one();
+        signals.appended.notify_one();
     }
     log_buffer_drops(&route, unreported);
-    closed.store(true, std::sync::atomic::Ordering::Release);
-    appended.notify_one();
+    signals
+        .closed
+        .store(true, std::sync::atomic::Ordering::Release);
+    signals.appended.notify_one();
 }
 
 /// Deletes segments the buffer is done with, without holding it: on a file system mounted
@@ -703,4 +858,147 @@ async fn next_batch(queue: &flume::Receiver<Vec<Queued>>, batch: &mut Vec<Queued
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::SinkError;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    const TAKE: u8 = 0;
+    const FAIL: u8 = 1;
+    const HANG: u8 = 2;
+
+    /// A sink that takes records, fails, or hangs until told otherwise, as the test says, and
+    /// keeps the sequence numbers of what it took.
+    struct Scripted {
+        mode: Arc<AtomicU8>,
+        got: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl Sink for Scripted {
+        async fn deliver(
+            &mut self,
+            records: &[Record],
+            _metrics: &RouteMetrics,
+        ) -> Result<Refusals, SinkError> {
+            loop {
+                match self.mode.load(Ordering::SeqCst) {
+                    TAKE => {
+                        let mut got = self.got.lock().unwrap();
+                        got.extend(records.iter().map(|r| r.seq));
+                        return Ok(Refusals::new());
+                    }
+                    FAIL => return Err(std::io::Error::other("scripted failure").into()),
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
+    }
+
+    fn segments(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            })
+            .count()
+    }
+
+    /// A buffered route hands records straight to a sink that keeps up, writes them to disk
+    /// from the first the sink does not take in time (it hangs, then fails), delivers the
+    /// disk before handing over again, and keeps one order through all of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_buffered_route_goes_to_disk_only_while_the_sink_lags_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = DiskBuffer::open(dir.path(), 64 << 20, FullPolicy::DropOldest).unwrap();
+        let budget = ByteBudget::new(64 << 20);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = ReceiverMetrics::new(&mut registry).route("historian", budget.clone());
+        let (tx, rx) = flume::unbounded();
+        let task = RouteTask {
+            name: "historian".into(),
+            queue: rx,
+            buffer: Some(buffer),
+            dead: DeadLetters::new(None, 0),
+            metrics: metrics.clone(),
+        };
+        let mode = Arc::new(AtomicU8::new(TAKE));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let handle = task.spawn(Scripted {
+            mode: mode.clone(),
+            got: got.clone(),
+        });
+        let send = |seqs: std::ops::Range<u64>| {
+            for chunk in seqs.collect::<Vec<_>>().chunks(50) {
+                let delivery = chunk
+                    .iter()
+                    .map(|&seq| Queued {
+                        record: Record {
+                            topic: Arc::from("line3/plc7"),
+                            seq,
+                            session_id: 1,
+                            time_us: 1,
+                            origin: None,
+                            late: false,
+                            payload: bytes::Bytes::from(vec![seq as u8; 200]),
+                        },
+                        _budget: budget.try_acquire(264).unwrap(),
+                    })
+                    .collect();
+                tx.send(delivery).unwrap();
+            }
+        };
+        let delivered = |n: usize| {
+            let got = got.clone();
+            async move {
+                for _ in 0..1000 {
+                    if got.lock().unwrap().len() >= n {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                false
+            }
+        };
+
+        // Keeping up: nothing is written.
+        send(0..1000);
+        assert!(delivered(1000).await);
+        assert_eq!(
+            segments(dir.path()),
+            0,
+            "a sink that keeps up needs no disk"
+        );
+
+        // The sink hangs: after a moment what follows goes to disk, then it fails a while.
+        mode.store(HANG, Ordering::SeqCst);
+        send(1000..1500);
+        tokio::time::sleep(HANDOFF_PATIENCE * 3).await;
+        send(1500..3000);
+        let mut spilled = false;
+        for _ in 0..500 {
+            spilled = metrics.backlog.get() > 0;
+            if spilled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(spilled, "records of a hung sink stayed in memory");
+        mode.store(FAIL, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        mode.store(TAKE, Ordering::SeqCst);
+        assert!(delivered(3000).await);
+
+        // Caught up: handed over again.
+        send(3000..4000);
+        assert!(delivered(4000).await);
+        drop(tx);
+        handle.await.unwrap();
+        assert_eq!(*got.lock().unwrap(), (0..4000).collect::<Vec<_>>());
+        assert_eq!(metrics.dropped.get(), 0);
+        assert_eq!(metrics.backlog.get(), 0);
+    }
 }
