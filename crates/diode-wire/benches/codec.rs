@@ -46,6 +46,45 @@ fn fec_coding(c: &mut Criterion) {
         )
     });
     group.finish();
+
+    // The same work through reed-solomon-simd (GF(2^16), SIMD chosen at run time), for #17.
+    let mut group = c.benchmark_group("fec 32+8 x 1442 B, reed-solomon-simd");
+    group.throughput(Throughput::Bytes((32 * SHARD) as u64));
+    let shards: Vec<Vec<u8>> = data.chunks(SHARD).map(<[u8]>::to_vec).collect();
+    let mut encoder = reed_solomon_simd::ReedSolomonEncoder::new(32, 8, SHARD).unwrap();
+    group.bench_function("encode", |b| {
+        b.iter(|| {
+            for shard in &shards {
+                encoder.add_original_shard(shard).unwrap();
+            }
+            let result = encoder.encode().unwrap();
+            result.recovery_iter().map(|r| r[0] as usize).sum::<usize>()
+        })
+    });
+    let recovery: Vec<Vec<u8>> = {
+        for shard in &shards {
+            encoder.add_original_shard(shard).unwrap();
+        }
+        let result = encoder.encode().unwrap();
+        result.recovery_iter().map(<[u8]>::to_vec).collect()
+    };
+    let mut decoder = reed_solomon_simd::ReedSolomonDecoder::new(32, 8, SHARD).unwrap();
+    group.bench_function("rebuild 8 lost data shards", |b| {
+        b.iter(|| {
+            for (i, shard) in shards.iter().enumerate().skip(8) {
+                decoder.add_original_shard(i, shard).unwrap();
+            }
+            for (i, shard) in recovery.iter().enumerate() {
+                decoder.add_recovery_shard(i, shard).unwrap();
+            }
+            let result = decoder.decode().unwrap();
+            result
+                .restored_original_iter()
+                .map(|(_, r)| r[0] as usize)
+                .sum::<usize>()
+        })
+    });
+    group.finish();
 }
 
 fn encoder_push(c: &mut Criterion) {
