@@ -141,6 +141,10 @@ impl<L, T: Tool> Service<L, T> {
                 return ExitCode::from(2);
             }
         };
+        if let Err(e) = diode_wire::fec::check_cpu() {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
         if check {
             print!("{}", (self.describe)(&loaded));
             println!("ok: {}", path.display());

@@ -83,6 +83,48 @@ impl ParityPlan {
 /// GF(2^8) Reed-Solomon: at most 255 shards a block (wire-format.md §2).
 const MAX_SHARDS: usize = 255;
 
+/// This build's Reed-Solomon kernels need CPU instructions this host lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this build's Reed-Solomon kernels are compiled for x86-64 Haswell (2013) or later, and this \
+     CPU lacks {missing}: they would stop the service with an illegal instruction at the first \
+     block. Build for this CPU with RUST_REED_SOLOMON_ERASURE_ARCH set to its architecture, or \
+     with --no-default-features (README, \"Building for older OT hardware\")"
+)]
+pub struct UnsupportedCpu {
+    pub missing: String,
+}
+
+/// Whether this CPU runs the parity code this build carries. reed-solomon-erasure's SIMD
+/// kernels are C compiled for `-march=haswell` unless `RUST_REED_SOLOMON_ERASURE_ARCH` named
+/// another architecture at build time; on an older CPU (OT hosts often are) they would die of
+/// an illegal instruction at the first block. The services check at start instead.
+pub fn check_cpu() -> Result<(), UnsupportedCpu> {
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    if option_env!("RUST_REED_SOLOMON_ERASURE_ARCH").is_none() {
+        // What -march=haswell lets the compiler use beyond x86-64-v2.
+        let missing: Vec<&str> = [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("bmi1", std::arch::is_x86_feature_detected!("bmi1")),
+            ("bmi2", std::arch::is_x86_feature_detected!("bmi2")),
+            ("lzcnt", std::arch::is_x86_feature_detected!("lzcnt")),
+            ("movbe", std::arch::is_x86_feature_detected!("movbe")),
+            ("f16c", std::arch::is_x86_feature_detected!("f16c")),
+        ]
+        .into_iter()
+        .filter(|(_, present)| !present)
+        .map(|(name, _)| name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(UnsupportedCpu {
+                missing: missing.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The chance that a block of `n` datagrams with `m` parity is lost when `hits` of them are lost
 /// to a burst and each of the others independently with probability `p`: more than `m` lost.
 pub fn block_loss_probability(n: usize, m: usize, hits: usize, p: f64) -> f64 {
@@ -333,6 +375,21 @@ impl ShardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unsupported_cpu_is_told_what_it_lacks_and_what_to_build() {
+        let text = UnsupportedCpu {
+            missing: "avx2, fma".into(),
+        }
+        .to_string();
+        assert!(text.contains("lacks avx2, fma"), "{text}");
+        assert!(
+            text.contains("RUST_REED_SOLOMON_ERASURE_ARCH")
+                && text.contains("--no-default-features")
+        );
+        // The machine that builds and tests this runs what it built.
+        assert_eq!(check_cpu(), Ok(()));
+    }
 
     const NO_DESIGN: DesignPoint = DesignPoint {
         loss: 0.0,
