@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use thiserror::Error;
 
@@ -1274,11 +1274,15 @@ impl Encoder {
             shard_len: shard_len as u16,
         };
         let stride = geometry.datagram_len(self.config.key.is_some());
-        let mut datagrams = BytesMut::zeroed((k + total_parity) * stride);
-        for (i, chunk) in content.chunks(shard_len).enumerate() {
-            let at = i * stride + HEADER_LEN;
-            datagrams[at..at + chunk.len()].copy_from_slice(chunk);
+        // Each data shard written once rather than zeroed and then copied over. Headers and tags
+        // are written below, parity by the codec.
+        let mut datagrams = BytesMut::with_capacity((k + total_parity) * stride);
+        for chunk in content.chunks(shard_len) {
+            datagrams.put_bytes(0, HEADER_LEN);
+            datagrams.extend_from_slice(chunk);
+            datagrams.put_bytes(0, stride - HEADER_LEN - chunk.len());
         }
+        datagrams.resize((k + total_parity) * stride, 0);
         if total_parity > 0 {
             let codec = self.codecs.get(k, total_parity);
             fec::encode_strided(&codec, &mut datagrams, k, stride, HEADER_LEN, shard_len);
