@@ -54,6 +54,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    diode_wire::fec::check_cpu()?;
     // The terminal shows the live table; the services' log lines go to a file beside the
     // configs (named when the demo starts), not between the table's rows.
     let out = &args.out;

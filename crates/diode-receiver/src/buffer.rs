@@ -505,13 +505,7 @@ impl DiskBuffer {
             let (records, next) = self.cached(first, max_records, max_bytes);
             return Next::Cached(records, next);
         }
-        let read = order(self.read);
-        if !self.segments.iter().any(|s| {
-            order(Position {
-                segment: s.id,
-                offset: s.len,
-            }) > read
-        }) {
+        if self.is_drained() {
             return Next::Drained;
         }
         Next::OnDisk(DiskRead {
@@ -519,6 +513,19 @@ impl DiskBuffer {
             from: self.read,
             // Behind the cache: from disk up to where the cache takes over.
             until: self.cache.front().map(|c| c.start),
+        })
+    }
+
+    /// Whether everything written has been delivered: nothing on disk past the read position.
+    /// From positions, not from the record count, which a full buffer dropping segments under a
+    /// delivery, or a damaged frame, can leave off.
+    pub fn is_drained(&self) -> bool {
+        let read = order(self.read);
+        !self.segments.iter().any(|s| {
+            order(Position {
+                segment: s.id,
+                offset: s.len,
+            }) > read
         })
     }
 

@@ -438,10 +438,9 @@ impl<S: Sink> Delivery<'_, S> {
     /// One attempt, for records that are not on disk: true if the sink took them. If not, the
     /// caller writes them to disk and they come again from there, with retries.
     async fn deliver_once(&mut self, records: &[Record]) -> bool {
-        let screened = self.screen(records);
-        let records = screened.as_deref().unwrap_or(records);
-        if records.is_empty() {
-            return true;
+        // Refused records are rare: their part goes by disk, to be set aside once, there.
+        if records.iter().any(|r| self.sink.refusal(r).is_some()) {
+            return false;
         }
         match self.sink.deliver(records, self.metrics).await {
             Ok(refused) => {
@@ -459,14 +458,13 @@ impl<S: Sink> Delivery<'_, S> {
         }
     }
 
-    /// Delivers a part the spooler handed over. If the first attempt fails and the spooler
-    /// has moved on meanwhile, writing what followed to disk, the part is retried here, since it
-    /// comes before all of that.
+    /// Tries a part the spooler handed over, once; one it gave up on meanwhile is on disk.
     async fn deliver_handed(&mut self, (records, handoff): Direct) {
-        let delivered = self.deliver_once(&records).await;
-        if !handoff.report(delivered) && !delivered {
-            self.deliver_with_retry(&records).await;
+        if handoff.abandoned() {
+            return;
         }
+        let delivered = self.deliver_once(&records).await;
+        handoff.report(delivered);
     }
 
     /// The records the sink can take, if it refuses some (those are set aside as dead letters).
@@ -586,11 +584,6 @@ async fn run_buffered<S: Sink>(
             b.next(BUFFER_BATCH_RECORDS, BUFFER_BATCH_BYTES)
         })
         .await;
-        // The spooler first: a record not yet on disk is lost if the queue overflows, one on
-        // disk only waits. When the spooler falls behind, the sink gives it the CPU.
-        while metrics.budget.used() * 2 > metrics.budget.capacity() {
-            let _ = tokio::time::timeout(SPOOLER_CATCH_UP, signals.spooled.notified()).await;
-        }
         let (records, position) = match next {
             Next::Cached(records, position) => (records, position),
             Next::OnDisk(plan) => {
@@ -635,6 +628,11 @@ async fn run_buffered<S: Sink>(
                 continue;
             }
         };
+        // The spooler first: a record not yet on disk is lost if the queue overflows, one on
+        // disk only waits. When the spooler falls behind, the sink gives it the CPU.
+        while metrics.budget.used() * 2 > metrics.budget.capacity() {
+            let _ = tokio::time::timeout(SPOOLER_CATCH_UP, signals.spooled.notified()).await;
+        }
         // Empty when what was read held only damaged frames: the commit steps past them.
         delivery.deliver_with_retry(&records).await;
         let delivered = records.len();
@@ -675,9 +673,9 @@ type Direct = (Vec<Record>, Arc<Handoff>);
 /// in memory.
 const HANDOFF_PATIENCE: Duration = Duration::from_millis(100);
 
-/// What became of a part handed to the sink. Spooler and sink settle it under one lock, so a
-/// part is either taken back by the spooler (failed in time: it goes to disk first) or left to
-/// the sink (abandoned: the sink retries it before it reads the disk), never lost between.
+/// What became of a part handed to the sink, settled under one lock by whichever of spooler and
+/// sink comes first. Unless it was delivered in time, the spooler writes it to disk before
+/// anything that follows it, so no part is held only in memory past the patience.
 #[derive(Default)]
 struct Handoff {
     outcome: Mutex<Option<Outcome>>,
@@ -688,7 +686,7 @@ struct Handoff {
 enum Outcome {
     Delivered,
     Failed,
-    /// The spooler stopped waiting: the part is the sink's to deliver, with retries.
+    /// The spooler stopped waiting and wrote the part to disk.
     Abandoned,
 }
 
@@ -703,19 +701,21 @@ impl Handoff {
             .get_or_insert(Outcome::Abandoned)
     }
 
-    /// The sink's side: reports how one attempt went; false if the spooler has moved on.
-    fn report(&self, delivered: bool) -> bool {
+    /// The sink's side: reports how its attempt went, unless the spooler has given up.
+    fn report(&self, delivered: bool) {
         let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        if *outcome == Some(Outcome::Abandoned) {
-            return false;
+        if outcome.is_none() {
+            *outcome = Some(if delivered {
+                Outcome::Delivered
+            } else {
+                Outcome::Failed
+            });
+            self.settled.notify_one();
         }
-        *outcome = Some(if delivered {
-            Outcome::Delivered
-        } else {
-            Outcome::Failed
-        });
-        self.settled.notify_one();
-        true
+    }
+
+    fn abandoned(&self) -> bool {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) == Some(Outcome::Abandoned)
     }
 }
 
@@ -735,15 +735,15 @@ async fn spool(
     let mut batch = Vec::new();
     let mut last_warning: Option<std::time::Instant> = None;
     let mut unreported = crate::buffer::Dropped::new();
-    let unread = |buffer: &Mutex<DiskBuffer>| {
+    let drained = |buffer: &Mutex<DiskBuffer>| {
         buffer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .unread_records()
+            .is_drained()
     };
     // Whether records go to disk: from the first the sink did not take at once until the
     // sink has caught up with the disk again.
-    let mut spilling = unread(&buffer) > 0;
+    let mut spilling = !drained(&buffer);
     loop {
         if batch.is_empty() && !next_batch(&queue, &mut batch).await {
             break;
@@ -761,7 +761,7 @@ async fn spool(
             .count();
         let part: Vec<Queued> = batch.drain(..part).collect();
         let records: Vec<Record> = part.iter().map(|q| q.record.clone()).collect();
-        if spilling && unread(&buffer) == 0 {
+        if spilling && drained(&buffer) {
             spilling = false;
         }
         // Half the queue used: the sink is not keeping up, and waiting for it would let the
@@ -775,19 +775,16 @@ async fn spool(
                 Ok(()) => handoff.outcome().await,
                 Err(_) => Outcome::Failed,
             };
-            if taken != Outcome::Failed {
-                // Delivered; or abandoned to the sink, which delivers it before anything on disk.
+            if taken == Outcome::Delivered {
                 drop(part);
                 signals.spooled.notify_waiters();
                 metrics.queue.set(metrics.budget.used() as i64);
-                if taken == Outcome::Delivered {
-                    continue;
-                }
-                spilling = true;
                 continue;
             }
         }
-        // Nothing since is handed over until the disk is delivered: order holds.
+        // Not taken, not taken in time (it may still be, and then comes again from disk: at
+        // least once), or not offered: to disk, and everything after it until the disk is
+        // delivered, so order holds.
         spilling = true;
         let count = records.len();
         let first = records.first().map(|r| (r.topic.clone(), r.seq));
@@ -995,9 +992,24 @@ mod tests {
         // Caught up: handed over again.
         send(3000..4000);
         assert!(delivered(4000).await);
+        assert_eq!(*got.lock().unwrap(), (0..4000).collect::<Vec<_>>());
+
+        // The sink hangs and then takes what it hung on: that part also went to disk when the
+        // spooler gave up on it, so it comes twice (at least once), and order holds.
+        mode.store(HANG, Ordering::SeqCst);
+        send(4000..4050);
+        tokio::time::sleep(HANDOFF_PATIENCE * 3).await;
+        send(4050..4500);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mode.store(TAKE, Ordering::SeqCst);
+        assert!(delivered(4550).await);
         drop(tx);
         handle.await.unwrap();
-        assert_eq!(*got.lock().unwrap(), (0..4000).collect::<Vec<_>>());
+        let got = got.lock().unwrap().clone();
+        assert_eq!(got.len(), 4550, "the part given up on comes once more");
+        let mut seen = std::collections::HashSet::new();
+        let first: Vec<u64> = got.into_iter().filter(|seq| seen.insert(*seq)).collect();
+        assert_eq!(first, (0..4500).collect::<Vec<_>>());
         assert_eq!(metrics.dropped.get(), 0);
         assert_eq!(metrics.backlog.get(), 0);
     }

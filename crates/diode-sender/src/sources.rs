@@ -308,6 +308,9 @@ const BUSY_DATAGRAMS_PER_WAKE: usize = 32;
 /// datagrams a second, waking for each one cost more than taking it; this adds at most this
 /// much to a busy source's latency and nothing to a quiet one's.
 const BUSY_GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+/// Datagrams taken, in a drain that does not end, between wake-ups of the link thread and looks
+/// at whether the sender is stopping: a millisecond's worth at 1,000,000 a second.
+const DATAGRAMS_PER_CHECK: usize = 1024;
 /// How often a quiet source looks whether the sender is stopping.
 const SHUTDOWN_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -335,20 +338,36 @@ pub(crate) fn run_datagrams(
         .spawn(move || {
             let mut events = mio::Events::with_capacity(4);
             let mut buf = vec![0u8; 65_536];
-            while !ctx.shutdown.is_triggered() {
+            'running: while !ctx.shutdown.is_triggered() {
                 // Everything queued in the socket, then back to waiting.
                 let mut taken = 0;
+                let mut errors_in_a_row = 0;
                 loop {
                     let (len, peer) = match socket.recv_from(&mut buf) {
                         Ok(received) => received,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => {
+                            // Go on reading (the poller only wakes for new datagrams), unless
+                            // the error repeats.
                             ctx.metrics.errors_io.inc();
                             tracing::debug!(topic = %ctx.name, error = %e, "udp source receive error");
-                            break;
+                            errors_in_a_row += 1;
+                            if errors_in_a_row >= BUSY_DATAGRAMS_PER_WAKE {
+                                break;
+                            }
+                            continue;
                         }
                     };
+                    errors_in_a_row = 0;
                     taken += 1;
+                    // A socket that never empties: the link still takes each batch at once, and
+                    // a stop is still seen.
+                    if taken % DATAGRAMS_PER_CHECK == 0 {
+                        ctx.link.wake();
+                        if ctx.shutdown.is_triggered() {
+                            break 'running;
+                        }
+                    }
                     if !SourceFilter::allows(&peers, peer) {
                         ctx.metrics.errors_peer.inc();
                     } else if len > ctx.max_record_bytes {
