@@ -13,7 +13,8 @@
 //! `receive_buffer_bytes`, 134217728; the kernel caps it at net.core.rmem_max),
 //! `DIODE_BENCH_FLUSH_MS` (the sender's `flush_interval_ms`, 5), `DIODE_BENCH_MTU` (the
 //! sender's `mtu_bytes`, 1500; 9000 for jumbo frames), `DIODE_BENCH_KEY` (2: encrypted too; 1: an
-//! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer),
+//! authenticated link), `DIODE_BENCH_BUFFER` (1: the route has a disk buffer), `DIODE_BENCH_SINK_MBPS` (the bulk
+//! sink reads no faster than this, in Mb/s; 0, the default: as fast as it can),
 //! `DIODE_BENCH_DESIGN_LOSS` (the sender's `design_loss_percent`, 1; 0: proportional parity),
 //! `DIODE_BENCH_SMALL_RATE` (records a second in `small`, 50000), `DIODE_BENCH_OUTAGE_MS` (the
 //! sender's `outage_protection_ms`, 0), `DIODE_BENCH_JOURNAL` (1: the sender journals the topic,
@@ -437,6 +438,9 @@ fn bulk_run(mib: usize, buffered: bool) -> (f64, u64) {
     let mut identical = true;
     let mut buf = vec![0u8; 1 << 20];
     let mut last_byte = start;
+    // DIODE_BENCH_SINK_MBPS: the sink reads no faster than this (0: as fast as it can), so that
+    // a buffered route has to keep what the sink has not taken.
+    let sink_mbps = env_or("DIODE_BENCH_SINK_MBPS", 0) as f64;
     while got < data.len() {
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -445,6 +449,12 @@ fn bulk_run(mib: usize, buffered: bool) -> (f64, u64) {
                 identical &= buf[..end - got] == data[got..end];
                 got += n;
                 last_byte = Instant::now();
+                if sink_mbps > 0.0 {
+                    let due = Duration::from_secs_f64(got as f64 * 8.0 / (sink_mbps * 1e6));
+                    if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(ahead);
+                    }
+                }
             }
         }
     }
