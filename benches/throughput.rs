@@ -207,7 +207,7 @@ struct Pair {
 impl Pair {
     /// `destination`: where the sender sends (the receiver's port when `None`).
     fn start(rate_mbps: u32, source: &str, sink: &str, destination: Option<SocketAddr>) -> Pair {
-        // DIODE_BENCH_BUFFER=1 gives the route a disk buffer: every record goes through it.
+        // DIODE_BENCH_BUFFER=1 gives the route a disk buffer.
         Pair::start_buffered(
             rate_mbps,
             source,

@@ -789,10 +789,10 @@ fn count_frames(path: &Path, from: u64, len: u64) -> Result<u64, BufferError> {
     reader.seek(SeekFrom::Start(from)).map_err(io_error(path))?;
     let mut at = from;
     let mut count = 0;
-    let mut header = [0u8; FRAME_HEADER_BYTES as usize];
+    let mut header = [0u8; diode_wire::stored::HEADER_BYTES];
     while at + FRAME_HEADER_BYTES <= len {
         reader.read_exact(&mut header).map_err(io_error(path))?;
-        let body = u32::from_be_bytes(header[..4].try_into().expect("4")) as u64;
+        let body = diode_wire::stored::header(header).0 as u64;
         if at + FRAME_HEADER_BYTES + body > len {
             break;
         }

@@ -19,7 +19,7 @@ use crate::buffer::{DiskBuffer, FullPolicy, Next, Retired};
 use crate::filter::TopicFilter;
 use crate::metrics::{ReceiverMetrics, RouteMetrics};
 use crate::sinks::dead_letter::DeadLetters;
-use crate::sinks::{CheckedSink, Refusals, Sink, SinkConfig, SiteLimits};
+use crate::sinks::{CheckedSink, Refusals, Sink, SinkConfig, SinkError, SiteLimits};
 
 /// `[[route]]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -448,11 +448,9 @@ impl<S: Sink> Delivery<'_, S> {
                 true
             }
             Err(e) => {
-                self.metrics.errors.inc();
-                self.metrics.sink_fails(&e.to_string());
+                self.failed(&e);
                 tracing::warn!(route = %self.route, error = %e, records = records.len(),
                     "sink delivery failed; keeping the records on disk and retrying");
-                self.sink.reset();
                 false
             }
         }
@@ -480,6 +478,13 @@ impl<S: Sink> Delivery<'_, S> {
             }
         }
         Some(kept)
+    }
+
+    /// Counts a failed delivery, and has the sink start the next one on a fresh connection.
+    fn failed(&mut self, e: &SinkError) {
+        self.metrics.errors.inc();
+        self.metrics.sink_fails(&e.to_string());
+        self.sink.reset();
     }
 
     /// Counts a delivery, and sets aside what the sink refused.
@@ -512,13 +517,11 @@ impl<S: Sink> Delivery<'_, S> {
                     return;
                 }
                 Err(e) => {
-                    self.metrics.errors.inc();
-                    self.metrics.sink_fails(&e.to_string());
+                    self.failed(&e);
                     if failures == 0 || backoff == BACKOFF_MAX && failures % 12 == 0 {
                         tracing::warn!(%route, error = %e, records = records.len(), "sink delivery failed; retrying");
                     }
                     failures += 1;
-                    self.sink.reset();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -776,9 +779,7 @@ async fn spool(
                 Err(_) => Outcome::Failed,
             };
             if taken == Outcome::Delivered {
-                drop(part);
-                signals.spooled.notify_waiters();
-                metrics.queue.set(metrics.budget.used() as i64);
+                release(part, &signals, &metrics);
                 continue;
             }
         }
@@ -794,9 +795,7 @@ async fn spool(
         .await;
         metrics.backlog.set(unread as i64);
         remove_retired(retired, &metrics, &route).await;
-        drop(part);
-        signals.spooled.notify_waiters();
-        metrics.queue.set(metrics.budget.used() as i64);
+        release(part, &signals, &metrics);
         match result {
             Ok(dropped) if dropped.is_empty() => {}
             Ok(dropped) => {
@@ -824,6 +823,13 @@ async fn spool(
         .closed
         .store(true, std::sync::atomic::Ordering::Release);
     signals.appended.notify_one();
+}
+
+/// Gives a part's share of the route's memory budget back, now that the sink or the disk has it.
+fn release(part: Vec<Queued>, signals: &Signals, metrics: &RouteMetrics) {
+    drop(part);
+    signals.spooled.notify_waiters();
+    metrics.queue.set(metrics.budget.used() as i64);
 }
 
 /// Deletes segments the buffer is done with, without holding it: on a file system mounted
@@ -860,7 +866,6 @@ async fn next_batch(queue: &flume::Receiver<Vec<Queued>>, batch: &mut Vec<Queued
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::SinkError;
     use std::sync::atomic::{AtomicU8, Ordering};
 
     const TAKE: u8 = 0;
