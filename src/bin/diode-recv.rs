@@ -45,21 +45,26 @@ fn main() -> ExitCode {
 
 fn run_tool(loaded: &Loaded, tool: ReceiverTool) -> ExitCode {
     let ReceiverTool::Gaps { .. } = tool;
-    let Some(path) = &loaded.state_file else {
+    if loaded.state_file.is_none() {
         eprintln!(
             "error: this receiver keeps no state (set link.state_file): it remembers no gaps"
         );
         return ExitCode::FAILURE;
-    };
-    match diode_receiver::state::load(path) {
-        Ok(saved) => {
-            let gaps = saved.map(|s| s.gaps).unwrap_or_default();
-            print!("{}", diode_receiver::state::describe_gaps(&gaps));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+    }
+    // Each lane keeps its own gaps; a topic travels on one lane, so they never overlap.
+    let mut gaps = Vec::new();
+    for lane in 0..loaded.lanes.len() {
+        let Some(path) = loaded.state_file(lane) else {
+            continue;
+        };
+        match diode_receiver::state::load(&path) {
+            Ok(saved) => gaps.extend(saved.map(|s| s.gaps).unwrap_or_default()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+    print!("{}", diode_receiver::state::describe_gaps(&gaps));
+    ExitCode::SUCCESS
 }

@@ -64,6 +64,17 @@ pub struct LinkConfig {
     /// `diode_datagrams_rejected_total{reason="source"}`. Empty: any source.
     #[serde(default)]
     pub allowed_sources: Vec<String>,
+    /// `[[link.lane]]`: lanes beside the one `listen` names (lane 0), each with its own socket,
+    /// link thread and reassembler (wire-format.md §7), as the sender's `[[link.lane]]`.
+    #[serde(default, rename = "lane")]
+    pub lanes: Vec<LaneConfig>,
+}
+
+/// One more lane: `[[link.lane]] listen = "host:port"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    pub listen: String,
 }
 
 /// About 100 ms of a 1 GB/s link: what it takes to ride out the receiving host's scheduling
@@ -74,7 +85,8 @@ fn default_receive_buffer_bytes() -> usize {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub config: ReceiverConfig,
-    pub listen: SocketAddr,
+    /// Lane 0 (`link.listen`), then each `[[link.lane]]`.
+    pub lanes: Vec<SocketAddr>,
     pub routes: Vec<Route>,
     /// Accepted link keys, current first.
     pub keys: Vec<[u8; 32]>,
@@ -86,6 +98,20 @@ pub struct Loaded {
     pub security_route: Option<usize>,
     /// `link.allowed_sources`, parsed.
     pub allowed_sources: Vec<diode_common::net::SourceFilter>,
+}
+
+impl Loaded {
+    /// Where a lane keeps its state: `link.state_file` for lane 0, the same name with `.lane<N>`
+    /// added for the others, since each lane's reassembler has a floor and marks of its own.
+    pub fn state_file(&self, lane: usize) -> Option<PathBuf> {
+        let file = self.state_file.as_ref()?;
+        if lane == 0 {
+            return Some(file.clone());
+        }
+        let mut name = file.file_name()?.to_owned();
+        name.push(format!(".lane{lane}"));
+        Some(file.with_file_name(name))
+    }
 }
 
 impl LinkConfig {
@@ -101,7 +127,20 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Loads and checks a configuration already read (the fuzzer feeds it arbitrary text).
 pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     let config: ReceiverConfig = source.parse()?;
-    let listen = source.socket_addr("link.listen", &config.link.listen)?;
+    let mut lanes = vec![source.socket_addr("link.listen", &config.link.listen)?];
+    for (i, lane) in config.link.lanes.iter().enumerate() {
+        let key = format!("link.lane[{i}].listen");
+        let listen = source.socket_addr(&key, &lane.listen)?;
+        if listen.port() != 0 {
+            if let Some(other) = lanes.iter().position(|l| *l == listen) {
+                return Err(source.invalid(
+                    &key,
+                    format!("{listen} is lane {other}'s already: each lane needs its own"),
+                ));
+            }
+        }
+        lanes.push(listen);
+    }
     let link = &config.link;
     if !(1 << 20..=1 << 34).contains(&link.max_inflight_bytes) {
         return Err(source.invalid(
@@ -208,7 +247,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     Ok(Loaded {
         security_route,
         config,
-        listen,
+        lanes,
         routes,
         keys,
         metrics_listen,

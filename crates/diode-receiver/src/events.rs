@@ -15,6 +15,10 @@ use crate::route::Router;
 /// Turns events into deliveries, counters and log lines.
 pub struct Events {
     pub router: Router,
+    /// This link thread's lane, and what it shares with the others.
+    pub lane: crate::lanes::Lane,
+    /// When the last pass ended: a clock for what needs no finer one.
+    pass_now: Instant,
     metrics: ReceiverMetrics,
     topic_counters: HashMap<Arc<str>, TopicCounters>,
     sender: SenderView,
@@ -185,9 +189,12 @@ impl Events {
         metrics: ReceiverMetrics,
         max_topics: usize,
         security: crate::security::SecurityEvents,
+        lane: crate::lanes::Lane,
     ) -> Events {
         Events {
             router,
+            lane,
+            pass_now: Instant::now(),
             metrics,
             topic_counters: HashMap::new(),
             sender: SenderView::default(),
@@ -260,6 +267,7 @@ impl Events {
     /// Logs what loss lines were folded, as far as the budget allows, and hands the routes
     /// this pass's records.
     pub fn end_pass(&mut self, now: Instant) {
+        self.pass_now = now;
         self.losses.flush_due(now);
         self.router.flush();
     }
@@ -269,6 +277,9 @@ impl Events {
         let losses = &mut self.losses;
         match event {
             Event::Record(record) => {
+                if !self.lane.carries(&record.topic, self.pass_now) {
+                    return;
+                }
                 let counters =
                     Self::topic_counters(&self.metrics, &mut self.topic_counters, &record.topic);
                 counters.out.inc();
@@ -360,7 +371,7 @@ impl Events {
             }
             Event::LinkUp => {
                 tracing::info!("link up");
-                self.metrics.link_up.set(1);
+                self.lane.set_up(true);
                 self.link_since = Some((true, diode_common::unix_time_us()));
                 self.security.emit(
                     &mut self.router,
@@ -376,7 +387,7 @@ impl Events {
                     tracing::warn!("link down: no datagram for four heartbeat intervals");
                     "link down: no datagram for four heartbeat intervals"
                 };
-                self.metrics.link_up.set(0);
+                self.lane.set_up(false);
                 self.link_since = Some((false, diode_common::unix_time_us()));
                 self.security.emit(
                     &mut self.router,
@@ -454,7 +465,7 @@ impl Events {
                     let got_now = received.saturating_sub(got);
                     if sent_now > 0 {
                         let lost = sent_now.saturating_sub(got_now) as f64 / sent_now as f64;
-                        m.link_loss_ratio.set(lost);
+                        self.lane.set_loss_ratio(lost);
                     }
                     view.loss_window = Some((now, sent_by_now, received));
                 }

@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod config;
 pub mod events;
 pub mod filter;
+pub mod lanes;
 pub mod link;
 pub mod metrics;
 pub mod route;
@@ -51,17 +52,23 @@ pub enum StartError {
 }
 
 pub struct RunningReceiver {
+    /// Lane 0's socket address as bound.
     pub link_addr: SocketAddr,
+    /// Every lane's, lane 0 first.
+    pub lane_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub registry: Arc<Registry>,
-    done: tokio::sync::oneshot::Receiver<()>,
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
     sinks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningReceiver {
-    /// Resolves when the link thread has stopped and the sinks have written out their queues.
+    /// Resolves when every lane's link thread has stopped and the sinks have written out their
+    /// queues.
     pub async fn finished(self) {
-        let _ = self.done.await;
+        for done in self.done {
+            let _ = done.await;
+        }
         // Each task drains on its own; awaiting them in turn waits for the slowest.
         let drain = async {
             for sink in self.sinks {
@@ -76,22 +83,15 @@ impl RunningReceiver {
 
 /// Binds the link socket and the metrics endpoint, starts the sinks and the link thread.
 /// Must be called from within a tokio runtime.
-pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver, StartError> {
+pub async fn start(mut loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver, StartError> {
     let link = &loaded.config.link;
-    let socket = udp_socket(loaded.listen, Buffer::Receive, link.receive_buffer_bytes).map_err(
-        |source| StartError::Bind {
-            what: "the link socket".into(),
-            addr: loaded.listen,
-            source,
-        },
-    )?;
-    let link_addr = socket.local_addr().unwrap_or(loaded.listen);
-    let udp =
-        quinn_udp::UdpSocketState::new((&socket).into()).map_err(|source| StartError::Bind {
-            what: "the link socket".into(),
-            addr: loaded.listen,
-            source,
-        })?;
+    let sockets = loaded
+        .lanes
+        .iter()
+        .map(|listen| link_socket(*listen, link.receive_buffer_bytes))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lane_addrs: Vec<SocketAddr> = sockets.iter().map(|(_, _, addr)| *addr).collect();
+    let link_addr = lane_addrs[0];
 
     let mut registry = Registry::default();
     let metrics = ReceiverMetrics::new(&mut registry);
@@ -129,8 +129,112 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
             ]
         })
         .collect();
-    let (router, sinks) = route::Router::start(loaded.routes, &metrics)?;
+    let routes = std::mem::take(&mut loaded.routes);
+    let (router, sinks) = route::Router::start(routes, &metrics)?;
 
+    if loaded.keys.is_empty() {
+        tracing::warn!(listen = %link_addr,
+            "no link key: anyone who can reach this port can inject datagrams, and forged records \
+             would be delivered as plant data; set link.key_file on both sides (diode-send keygen)");
+    }
+    if loaded.state_file.is_none() {
+        tracing::warn!(
+            "no link.state_file: after a restart this receiver cannot report what was lost \
+             while it was down, nor refuse a replay of records it already delivered"
+        );
+    }
+    let lanes = lanes::Lanes::new(sockets.len(), &metrics);
+    let mut done = Vec::new();
+    for (index, (socket, udp, addr)) in sockets.into_iter().enumerate() {
+        let state_file = loaded.state_file(index);
+        let (reassembler, saved) = lane_reassembler(&loaded, state_file.as_deref())?;
+        // Each lane compares its own sender's counts with what it received itself
+        // (diode_link_loss_ratio); every other counter is the link's, summed over lanes.
+        let mut lane_metrics = metrics.clone();
+        lane_metrics.datagrams_valid = Default::default();
+        let mut events = events::Events::new(
+            router.for_lane(),
+            lane_metrics.clone(),
+            link.max_topics,
+            security::SecurityEvents::new(loaded.security_route),
+            lanes::Lane::new(index, lanes.clone(), &metrics),
+        );
+        if index == 0 {
+            let message = format!(
+                "started: listening on {}, {} routes, link authenticated: {}, \
+                 allowed sources: {}",
+                lane_addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                configured_routes,
+                !loaded.keys.is_empty(),
+                if loaded.allowed_sources.is_empty() {
+                    "any".to_owned()
+                } else {
+                    format!("{}", loaded.allowed_sources.len())
+                }
+            );
+            events.security_event(security::Kind::Config, message);
+            events.router.flush();
+        }
+        let thread = LinkThread {
+            lane: index,
+            lanes: lanes.clone(),
+            address: addr,
+            reassembler,
+            state_file,
+            saved,
+            allowed_sources: loaded.allowed_sources.clone(),
+            socket,
+            udp,
+            events,
+            metrics: lane_metrics,
+            shutdown: shutdown.clone(),
+            board: board.clone(),
+            route_notes: route_notes.clone(),
+        };
+        // When every lane's loop has ended, the route queues are gone, which lets the sinks
+        // drain and stop.
+        done.push(
+            diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?,
+        );
+    }
+    drop(router);
+    tracing::info!(listen = %link_addr, lanes = lane_addrs.len(), authenticated = !loaded.keys.is_empty(), "receiver started");
+    Ok(RunningReceiver {
+        link_addr,
+        lane_addrs,
+        metrics_addr,
+        registry,
+        done,
+        sinks,
+    })
+}
+
+/// A lane's link socket, bound, and its address as bound.
+fn link_socket(
+    listen: SocketAddr,
+    receive_buffer_bytes: usize,
+) -> Result<(std::net::UdpSocket, quinn_udp::UdpSocketState, SocketAddr), StartError> {
+    let error = |source| StartError::Bind {
+        what: "the link socket".into(),
+        addr: listen,
+        source,
+    };
+    let socket = udp_socket(listen, Buffer::Receive, receive_buffer_bytes).map_err(error)?;
+    let udp = quinn_udp::UdpSocketState::new((&socket).into()).map_err(error)?;
+    let bound = socket.local_addr().unwrap_or(listen);
+    Ok((socket, udp, bound))
+}
+
+/// A lane's reassembler, with what its state file kept.
+fn lane_reassembler(
+    loaded: &Loaded,
+    state_file: Option<&std::path::Path>,
+) -> Result<(Reassembler, Option<state::Saved>), StartError> {
+    let link = &loaded.config.link;
     let mut reassembler = Reassembler::new(ReassemblerConfig {
         max_inflight_bytes: link.max_inflight_bytes,
         block_timeout: link.block_timeout(),
@@ -142,7 +246,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
     });
     // A damaged state file stops the service: starting without its floor would accept a
     // replay of delivered records.
-    let saved = match &loaded.state_file {
+    let saved = match state_file {
         Some(path) => state::load(path)?,
         None => None,
     };
@@ -164,61 +268,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningReceiver
         reassembler.restore_watermarks(saved.watermarks.iter().cloned());
         reassembler.restore_gaps(saved.gaps.iter().cloned());
     }
-    if loaded.keys.is_empty() {
-        tracing::warn!(listen = %link_addr,
-            "no link key: anyone who can reach this port can inject datagrams, and forged records \
-             would be delivered as plant data; set link.key_file on both sides (diode-send keygen)");
-    }
-    if loaded.state_file.is_none() {
-        tracing::warn!(
-            "no link.state_file: after a restart this receiver cannot report what was lost \
-             while it was down, nor refuse a replay of records it already delivered"
-        );
-    }
-    let thread = LinkThread {
-        reassembler,
-        state_file: loaded.state_file.clone(),
-        saved,
-        allowed_sources: loaded.allowed_sources.clone(),
-        socket,
-        udp,
-        events: {
-            let mut events = events::Events::new(
-                router,
-                metrics.clone(),
-                link.max_topics,
-                security::SecurityEvents::new(loaded.security_route),
-            );
-            let message = format!(
-                "started: listening on {link_addr}, {} routes, link authenticated: {}, \
-                 allowed sources: {}",
-                configured_routes,
-                !loaded.keys.is_empty(),
-                if loaded.allowed_sources.is_empty() {
-                    "any".to_owned()
-                } else {
-                    format!("{}", loaded.allowed_sources.len())
-                }
-            );
-            events.security_event(security::Kind::Config, message);
-            events.router.flush();
-            events
-        },
-        metrics,
-        shutdown,
-        board,
-        route_notes,
-    };
-    // When the loop ends it drops the route queues, which lets the sinks drain and stop.
-    let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
-    tracing::info!(listen = %link_addr, authenticated = !loaded.keys.is_empty(), "receiver started");
-    Ok(RunningReceiver {
-        link_addr,
-        metrics_addr,
-        registry,
-        done,
-        sinks,
-    })
+    Ok((reassembler, saved))
 }
 
 /// A readable summary of what a configuration would do, for `diode-recv check`.
@@ -226,8 +276,24 @@ pub fn describe(loaded: &Loaded) -> String {
     let link = &loaded.config.link;
     let mut out = format!(
         "link: listening on {} (receive buffer {} bytes), pending blocks up to {} bytes, \
-         incomplete blocks given up after {} ms\n",
-        loaded.listen, link.receive_buffer_bytes, link.max_inflight_bytes, link.block_timeout_ms
+         incomplete blocks given up after {} ms{}\n",
+        loaded
+            .lanes
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        link.receive_buffer_bytes,
+        link.max_inflight_bytes,
+        link.block_timeout_ms,
+        if loaded.lanes.len() > 1 {
+            format!(
+                "; {} lanes, each with its own link thread, buffer and state",
+                loaded.lanes.len()
+            )
+        } else {
+            String::new()
+        }
     );
     out += &match &loaded.keys[..] {
         [] => "auth: none: anyone who can reach the receiver's port can send it datagrams\n"

@@ -20,6 +20,11 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 const DRAIN_BATCHES: usize = 16;
 
 pub struct LinkThread {
+    /// This link thread's lane (wire-format.md §7): 0 unless `[[link.lane]]` adds more.
+    pub lane: usize,
+    pub lanes: std::sync::Arc<crate::lanes::Lanes>,
+    /// The lane's socket address as bound.
+    pub address: std::net::SocketAddr,
     pub reassembler: Reassembler,
     /// Where the replay floor is kept across restarts, and the floor last written there.
     pub state_file: Option<std::path::PathBuf>,
@@ -42,6 +47,11 @@ pub struct LinkThread {
 struct Scratch {
     /// Datagrams refused for their source address (`allowed_sources`).
     refused_source: prometheus_client::metrics::counter::Counter,
+    /// Datagrams this lane dropped, for any reason.
+    lane_rejected: prometheus_client::metrics::counter::Counter,
+    /// This lane's share of the gauges every lane adds to.
+    gaps_open: i64,
+    inflight_bytes: i64,
     last_stats: ReassemblerStats,
     rcvbuf_seen: u64,
     next_gauges: Instant,
@@ -52,6 +62,7 @@ impl LinkThread {
     /// readiness, then `recvmmsg` batches of up to 32 buffers, each holding up to 64 datagrams
     /// coalesced by GRO.
     pub fn run(self) {
+        let _lane = tracing::info_span!("lane", lane = self.lane).entered();
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -88,8 +99,21 @@ impl LinkThread {
                 .get_or_create_owned(&crate::metrics::ReasonLabels {
                     reason: "source".to_owned(),
                 });
+        let lane_labels = crate::metrics::LaneLabels {
+            lane: self.lane.to_string(),
+        };
+        let lane_received = self
+            .metrics
+            .lane_datagrams_received
+            .get_or_create_owned(&lane_labels);
         let mut scratch = Scratch {
             refused_source: refused_source.clone(),
+            lane_rejected: self
+                .metrics
+                .lane_datagrams_rejected
+                .get_or_create_owned(&lane_labels),
+            gaps_open: 0,
+            inflight_bytes: 0,
             last_stats: ReassemblerStats::default(),
             rcvbuf_seen: diode_common::net::udp_rcvbuf_errors().unwrap_or(0),
             next_gauges: Instant::now(),
@@ -134,12 +158,15 @@ impl LinkThread {
                         for (meta, buffer) in metas.iter().zip(&buffers).take(count) {
                             let stride = meta.stride.max(1);
                             let allowed = diode_common::net::SourceFilter::allows(&self.allowed_sources, meta.addr);
+                            let datagrams = meta.len.div_ceil(stride) as u64;
+                            self.metrics.datagrams_received.inc_by(datagrams);
+                            lane_received.inc_by(datagrams);
                             for datagram in buffer[..meta.len].chunks(stride) {
-                                self.metrics.datagrams_received.inc();
                                 if allowed {
                                     let _ = self.reassembler.handle_datagram(now, datagram);
                                 } else {
                                     refused_source.inc();
+                                    scratch.lane_rejected.inc();
                                 }
                             }
                         }
@@ -160,6 +187,9 @@ impl LinkThread {
         let stats = self.reassembler.stats();
         if stats != &scratch.last_stats {
             self.metrics.add_stats(stats, &scratch.last_stats);
+            scratch
+                .lane_rejected
+                .inc_by(stats.rejected_total() - scratch.last_stats.rejected_total());
             scratch.last_stats = stats.clone();
         }
         while let Some(event) = self.reassembler.poll_event() {
@@ -170,19 +200,34 @@ impl LinkThread {
             scratch.next_gauges = now + GAUGE_INTERVAL;
             // Listed once a second, for the state file and the status page both.
             let gaps = self.reassembler.open_gaps();
-            self.update_board(&gaps);
+            // The status page is lane 0's, with every lane's state and gaps.
+            if self.lanes.count() == 1 {
+                self.update_board(&gaps);
+            } else {
+                self.lanes.set_gaps(self.lane, gaps.clone());
+                if self.lane == 0 {
+                    self.update_board(&self.lanes.all_gaps());
+                }
+            }
             self.save_state(gaps);
             let refused = scratch.refused_source.get();
             self.events
                 .security_tick(now, self.reassembler.stats(), refused, false);
             self.events.router.flush();
-            self.metrics
-                .gaps_open
-                .set(self.reassembler.open_gap_count() as i64);
+            // Every lane adds what its own share moved by.
+            let gaps_open = self.reassembler.open_gap_count() as i64;
+            self.metrics.gaps_open.inc_by(gaps_open - scratch.gaps_open);
+            scratch.gaps_open = gaps_open;
+            let inflight = self.reassembler.inflight_bytes() as i64;
             self.metrics
                 .inflight_bytes
-                .set(self.reassembler.inflight_bytes() as i64);
-            if let Some(errors) = diode_common::net::udp_rcvbuf_errors() {
+                .inc_by(inflight - scratch.inflight_bytes);
+            scratch.inflight_bytes = inflight;
+            // The host's count, not the lane's: lane 0 alone reports it.
+            let host_drops = (self.lane == 0)
+                .then(diode_common::net::udp_rcvbuf_errors)
+                .flatten();
+            if let Some(errors) = host_drops {
                 if errors > scratch.rcvbuf_seen {
                     tracing::warn!(
                         dropped = errors - scratch.rcvbuf_seen,
@@ -209,11 +254,14 @@ impl LinkThread {
             .session_id()
             .map_or("none yet".to_owned(), |id| format!("{id:016x}"));
         let (link, last_records) = self.events.status_notes();
-        let facts = vec![
-            (
-                "Link".to_owned(),
-                link.unwrap_or_else(|| "no datagram yet".into()),
-            ),
+        let mut facts = vec![(
+            "Link".to_owned(),
+            link.unwrap_or_else(|| "no datagram yet".into()),
+        )];
+        if self.lanes.count() > 1 {
+            facts.push(("Lanes".to_owned(), self.lanes.describe()));
+        }
+        facts.extend([
             ("Sender session".to_owned(), session),
             (
                 "Sender".to_owned(),
@@ -229,7 +277,7 @@ impl LinkThread {
                         p.display().to_string()
                     }),
             ),
-        ];
+        ]);
         let tables = vec![
             diode_common::status::NoteTable {
                 title: "Last record per topic".into(),

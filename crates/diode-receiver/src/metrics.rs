@@ -20,6 +20,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
 }
@@ -145,6 +150,10 @@ pub struct ReceiverMetrics {
     pub gaps_forgotten: Counter,
     pub sessions: Counter,
     pub link_up: Gauge,
+    pub lane_up: Family<LaneLabels, Gauge>,
+    pub lane_datagrams_received: Family<LaneLabels, Counter>,
+    pub lane_datagrams_rejected: Family<LaneLabels, Counter>,
+    pub lane_topic_conflicts: Counter,
     pub inflight_bytes: Gauge,
     pub kernel_rcvbuf_errors: Counter,
     pub sender_records_in: Counter,
@@ -193,6 +202,10 @@ impl ReceiverMetrics {
             gaps_forgotten: Counter::default(),
             sessions: Counter::default(),
             link_up: Gauge::default(),
+            lane_up: Family::default(),
+            lane_datagrams_received: Family::default(),
+            lane_datagrams_rejected: Family::default(),
+            lane_topic_conflicts: Counter::default(),
             inflight_bytes: Gauge::default(),
             kernel_rcvbuf_errors: Counter::default(),
             sender_records_in: Counter::default(),
@@ -295,8 +308,28 @@ impl ReceiverMetrics {
         );
         r.register(
             "diode_link_up",
-            "1 while datagrams arrive, 0 after four heartbeat intervals of silence",
+            "1 while datagrams arrive on every lane, 0 after four heartbeat intervals of silence on one",
             m.link_up.clone(),
+        );
+        r.register(
+            "diode_lane_up",
+            "1 while datagrams arrive on the lane, 0 after four heartbeat intervals of silence",
+            m.lane_up.clone(),
+        );
+        r.register(
+            "diode_lane_datagrams_received",
+            "Datagrams read from the lane",
+            m.lane_datagrams_received.clone(),
+        );
+        r.register(
+            "diode_lane_datagrams_rejected",
+            "Datagrams of the lane dropped, for any reason of diode_datagrams_rejected_total",
+            m.lane_datagrams_rejected.clone(),
+        );
+        r.register(
+            "diode_lane_topic_conflicts",
+            "Records refused because another lane carries their topic",
+            m.lane_topic_conflicts.clone(),
         );
         r.register(
             "diode_inflight_bytes",

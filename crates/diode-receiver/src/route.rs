@@ -317,6 +317,27 @@ impl Router {
         ))
     }
 
+    /// The same routes for another lane's link thread (wire-format.md §7), with deliveries of
+    /// its own. A topic comes from one lane at a time (lanes.rs), so each topic's records
+    /// still reach a route in order.
+    pub fn for_lane(&self) -> Router {
+        Router {
+            routes: self
+                .routes
+                .iter()
+                .map(|r| RouteQueue {
+                    name: r.name.clone(),
+                    filters: r.filters.clone(),
+                    queue: r.queue.clone(),
+                    budget: r.budget.clone(),
+                    pending: Vec::new(),
+                    metrics: r.metrics.clone(),
+                })
+                .collect(),
+            matches: HashMap::new(),
+        }
+    }
+
     /// Adds a record to the pending delivery of every route that takes its topic; a route whose
     /// queue is full drops it, counted.
     pub fn route(&mut self, record: &Record) {

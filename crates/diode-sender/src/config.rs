@@ -161,6 +161,32 @@ pub struct LinkConfig {
     /// needed with `[journal]`, which keeps them itself.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// `[[link.lane]]`: lanes beside the one `destination` names (lane 0), each a link of its
+    /// own with its own link thread, so that a sender can use more than one core and more than
+    /// one diode (wire-format.md §7). Topics choose theirs with `lane`.
+    #[serde(default, rename = "lane")]
+    pub lanes: Vec<LaneConfig>,
+}
+
+/// One more lane: `[[link.lane]] destination = "host:port"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    pub destination: String,
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// This lane's pacing ceiling, when it differs from `link.rate_mbps` (a lane on a diode of
+    /// its own may have a different one).
+    #[serde(default)]
+    pub rate_mbps: Option<f64>,
+}
+
+/// A lane as resolved: lane 0 is `link.destination`, then `[[link.lane]]` in order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lane {
+    pub destination: SocketAddr,
+    pub bind: SocketAddr,
+    pub rate_mbps: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +201,11 @@ pub struct TopicConfig {
     /// This topic's journal budget, when it differs from `[journal]`'s.
     #[serde(default)]
     pub journal: Option<TopicJournalConfig>,
+    /// The lane this topic's records travel on (0: `link.destination`; 1 and up:
+    /// `[[link.lane]]` in order). All of a topic's records take the one lane, which is what
+    /// keeps them in order.
+    #[serde(default)]
+    pub lane: usize,
 }
 
 fn default_bind() -> String {
@@ -188,8 +219,8 @@ fn default_design_loss_percent() -> f64 {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub config: SenderConfig,
-    pub destination: SocketAddr,
-    pub bind: SocketAddr,
+    /// Lane 0 (`link.destination`), then each `[[link.lane]]`.
+    pub lanes: Vec<Lane>,
     /// Where each topic was defined, for messages.
     pub topic_origins: Vec<String>,
     /// The link key, when `link.key_file` is set.
@@ -348,8 +379,46 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
             "encryption derives its keys from the link key: set link.key_file too",
         ));
     }
-    let destination = source.socket_addr("link.destination", &config.link.destination)?;
-    let bind = source.socket_addr("link.bind", &config.link.bind)?;
+    let mut lanes = vec![Lane {
+        destination: source.socket_addr("link.destination", &config.link.destination)?,
+        bind: source.socket_addr("link.bind", &config.link.bind)?,
+        rate_mbps: config.link.rate_mbps,
+    }];
+    for (i, lane) in config.link.lanes.iter().enumerate() {
+        let key = |k: &str| format!("link.lane[{i}].{k}");
+        let rate_mbps = lane.rate_mbps.unwrap_or(config.link.rate_mbps);
+        if !(rate_mbps.is_finite() && rate_mbps > 0.0) {
+            return Err(source.invalid(
+                &key("rate_mbps"),
+                format!("{rate_mbps} must be a positive number of megabits per second"),
+            ));
+        }
+        let destination = source.socket_addr(&key("destination"), &lane.destination)?;
+        if let Some(other) = lanes.iter().position(|l| l.destination == destination) {
+            return Err(source.invalid(
+                &key("destination"),
+                format!("{destination} is lane {other}'s already: each lane needs its own"),
+            ));
+        }
+        lanes.push(Lane {
+            destination,
+            bind: source.socket_addr(&key("bind"), &lane.bind)?,
+            rate_mbps,
+        });
+    }
+    for (topic, origin) in config.topics.iter().zip(&origins) {
+        if topic.lane >= lanes.len() {
+            return Err(source.invalid(
+                "topic",
+                format!(
+                    "{origin}: lane = {} but the link has {} (lane 0 and {} [[link.lane]])",
+                    topic.lane,
+                    lanes.len(),
+                    lanes.len() - 1
+                ),
+            ));
+        }
+    }
     let (journal_dir, journal_budgets) = check_journal(&source, &config, &origins, &sources)?;
     let sequences_file = match &config.link.state_file {
         Some(file) => {
@@ -363,8 +432,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     };
     Ok(Loaded {
         config,
-        destination,
-        bind,
+        lanes,
         topic_origins: origins,
         key,
         metrics_listen,
@@ -610,7 +678,7 @@ source = { kind = "tcp", listen = "127.0.0.1:5141", framing = "lines" }  # one l
         let dir = tempfile::tempdir().unwrap();
         let loaded = load(&write(dir.path(), "sender.toml", ISSUE_EXAMPLE)).unwrap();
         assert_eq!(loaded.config.topics.len(), 2);
-        assert_eq!(loaded.destination.port(), 47000);
+        assert_eq!(loaded.lanes[0].destination.port(), 47000);
         assert_eq!(loaded.config.link.interleave_depth, 4);
     }
 

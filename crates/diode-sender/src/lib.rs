@@ -64,14 +64,80 @@ pub struct RunningSender {
     /// Each listening topic's source address as bound (useful when configured with port 0).
     pub source_addrs: Vec<(String, SocketAddr)>,
     pub registry: Arc<Registry>,
-    done: tokio::sync::oneshot::Receiver<()>,
+    /// One per lane.
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl RunningSender {
-    /// Resolves when the link thread has sent what it held and stopped.
+    /// Resolves when every lane's link thread has sent what it held and stopped.
     pub async fn finished(self) {
-        let _ = self.done.await;
+        for done in self.done {
+            let _ = done.await;
+        }
     }
+}
+
+/// A lane's queues between the sources and its link thread, and the topics it carries.
+struct LaneQueues {
+    queue_tx: flume::Sender<sources::Ingest>,
+    queue_rx: flume::Receiver<sources::Ingest>,
+    budget: diode_common::budget::ByteBudget,
+    // Bulk topics (files) queue apart, with a budget of their own, so that they never hold room
+    // a live record needs (link.rs takes them only when no live record waits).
+    bulk_tx: flume::Sender<sources::Ingest>,
+    bulk_rx: flume::Receiver<sources::Ingest>,
+    bulk_budget: diode_common::budget::ByteBudget,
+    bulk_room: usize,
+    /// By the lane's own topic id.
+    topic_metrics: Vec<metrics::TopicMetrics>,
+    /// Each of the lane's topics' index in the configuration (the journal's and the sequence
+    /// file's numbering), by the lane's own topic id.
+    globals: Vec<usize>,
+    waker: link::LinkWaker,
+}
+
+impl LaneQueues {
+    fn new(link: &config::LinkConfig, rate_mbps: f64) -> Self {
+        let (queue_tx, queue_rx) = flume::bounded(link.queue_records);
+        let (bulk_tx, bulk_rx) = flume::bounded(link.queue_records);
+        LaneQueues {
+            queue_tx,
+            queue_rx,
+            budget: diode_common::budget::ByteBudget::new(link.queue_bytes),
+            bulk_tx,
+            bulk_rx,
+            bulk_budget: diode_common::budget::ByteBudget::new(
+                link.queue_bytes.min(BULK_QUEUE_BYTES),
+            ),
+            bulk_room: bulk_room_bytes(rate_mbps, link.max_queued_bytes),
+            topic_metrics: Vec::new(),
+            globals: Vec::new(),
+            waker: link::LinkWaker::default(),
+        }
+    }
+}
+
+/// A lane's link socket, which only ever sends. Connected, the kernel delivers to it only
+/// datagrams from the destination's own address and port (none come back across a diode), and
+/// its receive buffer is the smallest the kernel allows: nothing on the OT network can queue
+/// data in it.
+fn link_socket(
+    lane: &config::Lane,
+    send_buffer_bytes: usize,
+) -> Result<(std::net::UdpSocket, quinn_udp::UdpSocketState), StartError> {
+    let error = |source| StartError::Bind {
+        what: "the link socket".into(),
+        addr: lane.bind,
+        source,
+    };
+    let socket = udp_socket(lane.bind, Buffer::Send, send_buffer_bytes).map_err(error)?;
+    socket.connect(lane.destination).map_err(error)?;
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(0);
+    let udp = quinn_udp::UdpSocketState::new((&socket).into()).map_err(error)?;
+    // quinn-udp leaves the socket non-blocking; blocking sends are the link thread's
+    // backpressure.
+    socket.set_nonblocking(false).map_err(error)?;
+    Ok((socket, udp))
 }
 
 /// What the bulk topics' queue may hold.
@@ -97,35 +163,41 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     let session_id = (start_ms << 20) | (rand::random::<u64>() & 0xF_FFFF);
     let now = Instant::now();
     let start_us = unix_time_us();
-    let mut encoder = Encoder::new(
-        EncoderConfig {
-            session_id,
-            mtu_bytes: link.mtu_bytes,
-            data_shards: link.data_shards,
-            parity_shards: link.parity_shards,
-            design: link.design(),
-            repair_delay: link.repair_delay(),
-            interleave_depth: link.interleave_depth,
-            flush_interval: link.flush_interval(),
-            heartbeat_interval: link.heartbeat_interval(),
-            session_start_time_us: start_us,
-            key: loaded.key.as_ref().map(diode_wire::LinkKey::new),
-            encrypt: link.encrypt,
-            rate_mbps: Some(link.rate_mbps),
-        },
-        now,
-    )?;
+    // One encoder a lane, all in one session: each lane numbers its own blocks and announces
+    // its own topics (wire-format.md §7).
+    let mut encoders = loaded
+        .lanes
+        .iter()
+        .map(|lane| {
+            Encoder::new(
+                EncoderConfig {
+                    session_id,
+                    mtu_bytes: link.mtu_bytes,
+                    data_shards: link.data_shards,
+                    parity_shards: link.parity_shards,
+                    design: link.design(),
+                    repair_delay: link.repair_delay(),
+                    interleave_depth: link.interleave_depth,
+                    flush_interval: link.flush_interval(),
+                    heartbeat_interval: link.heartbeat_interval(),
+                    session_start_time_us: start_us,
+                    key: loaded.key.as_ref().map(diode_wire::LinkKey::new),
+                    encrypt: link.encrypt,
+                    rate_mbps: Some(lane.rate_mbps),
+                },
+                now,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut registry = Registry::default();
     let metrics = SenderMetrics::new(&mut registry);
     metrics.session_start_seconds.set(start_us / 1_000_000);
-    let (queue_tx, queue_rx) = flume::bounded(link.queue_records);
-    let budget = diode_common::budget::ByteBudget::new(link.queue_bytes);
-    // Bulk topics (files) queue apart, with a budget of their own, so that they never hold room
-    // a live record needs (link.rs takes them only when no live record waits).
-    let (bulk_tx, bulk_rx) = flume::bounded(link.queue_records);
-    let bulk_budget = diode_common::budget::ByteBudget::new(link.queue_bytes.min(BULK_QUEUE_BYTES));
-    let bulk_room = bulk_room_bytes(link.rate_mbps, link.max_queued_bytes);
+    let mut lanes: Vec<LaneQueues> = loaded
+        .lanes
+        .iter()
+        .map(|lane| LaneQueues::new(link, lane.rate_mbps))
+        .collect();
 
     let names: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
     let journal_error = |dir: &std::path::Path| {
@@ -205,32 +277,38 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         },
     };
 
-    let limits = encoder.limits();
-    let mut topic_metrics = Vec::new();
+    let limits = encoders[0].limits();
     let mut tasks = Vec::new();
-    let link_waker = link::LinkWaker::default();
     let mut source_addrs = Vec::new();
-    for ((topic, source), first_seq) in config.topics.iter().zip(&loaded.sources).zip(&first_seqs) {
-        let id = encoder
+    for (global, ((topic, source), first_seq)) in config
+        .topics
+        .iter()
+        .zip(&loaded.sources)
+        .zip(&first_seqs)
+        .enumerate()
+    {
+        let id = encoders[topic.lane]
             .add_topic_from(&topic.name, *first_seq)
             .map_err(|e| StartError::Topic(topic.name.clone(), e))?;
+        let lane = &mut lanes[topic.lane];
         let tm = metrics.topic(&topic.name);
-        topic_metrics.push(tm.clone());
+        lane.topic_metrics.push(tm.clone());
+        lane.globals.push(global);
         let (queue, budget, queued_ahead_bytes) = if source.source.bulk() {
             (
-                bulk_tx.clone(),
-                bulk_budget.clone(),
-                bulk_budget.capacity() + bulk_room,
+                lane.bulk_tx.clone(),
+                lane.bulk_budget.clone(),
+                lane.bulk_budget.capacity() + lane.bulk_room,
             )
         } else {
             (
-                queue_tx.clone(),
-                budget.clone(),
+                lane.queue_tx.clone(),
+                lane.budget.clone(),
                 link.queue_bytes + link.max_queued_bytes,
             )
         };
         let ctx = SourceContext {
-            link: link_waker.clone(),
+            link: lane.waker.clone(),
             topic: id,
             name: Arc::from(topic.name.as_str()),
             queue,
@@ -255,38 +333,36 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         tasks.push(started.task);
     }
 
-    let socket =
-        udp_socket(loaded.bind, Buffer::Send, link.send_buffer_bytes).map_err(|source| {
-            StartError::Bind {
-                what: "the link socket".into(),
-                addr: loaded.bind,
-                source,
-            }
-        })?;
-
-    let link_socket_error = |source| StartError::Bind {
-        what: "the link socket".into(),
-        addr: loaded.bind,
-        source,
-    };
-    // The link socket only ever sends. Connected, the kernel delivers to it only datagrams from
-    // the destination's own address and port (none come back across a diode), and its receive
-    // buffer is the smallest the kernel allows: nothing on the OT network can queue data in it.
-    socket
-        .connect(loaded.destination)
-        .map_err(link_socket_error)?;
-    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(0);
-    let udp = quinn_udp::UdpSocketState::new((&socket).into()).map_err(link_socket_error)?;
-    // quinn-udp leaves the socket non-blocking; blocking sends are the link thread's backpressure.
-    socket.set_nonblocking(false).map_err(link_socket_error)?;
+    let sockets = loaded
+        .lanes
+        .iter()
+        .map(|lane| link_socket(lane, link.send_buffer_bytes))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let registry = Arc::new(registry);
     let board = diode_common::status::Board::new(&metrics::STATUS, registry.clone());
     board.set_notes(diode_common::status::Notes {
         facts: vec![
             ("Session".into(), format!("{session_id:016x}")),
-            ("Destination".into(), loaded.destination.to_string()),
-            ("Link ceiling".into(), format!("{} Mb/s", link.rate_mbps)),
+            (
+                "Destination".into(),
+                loaded
+                    .lanes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, lane)| format!("lane {i}: {}", lane.destination))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            (
+                "Link ceiling".into(),
+                loaded
+                    .lanes
+                    .iter()
+                    .map(|lane| format!("{} Mb/s", lane.rate_mbps))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
             (
                 "Heartbeat".into(),
                 format!("every {} ms", link.heartbeat_interval_ms),
@@ -322,45 +398,76 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         None => None,
     };
 
-    let journal = match (&loaded.journal_dir, opened, &config.journal) {
-        (Some(dir), Some((writer, handle)), Some(settings)) => Some(start_journal(
-            dir,
-            (writer, handle),
-            settings,
-            &loaded.journal_budgets,
-            &names,
-            &metrics,
-            &shutdown,
-        )?),
-        _ => None,
+    let lane_of: Vec<usize> = config.topics.iter().map(|t| t.lane).collect();
+    let (mut journals, writer) = match (&loaded.journal_dir, opened, &config.journal) {
+        (Some(dir), Some((writer, handle)), Some(settings)) => {
+            let (journals, writer) = start_journal(
+                dir,
+                (writer, handle),
+                settings,
+                &loaded.journal_budgets,
+                &names,
+                &lane_of,
+                &metrics,
+                &shutdown,
+            )?;
+            (journals.into_iter().map(Some).collect(), Some(writer))
+        }
+        _ => (Vec::new(), None),
     };
+    journals.resize_with(lanes.len(), || None);
 
     for task in tasks {
         tokio::spawn(task);
     }
-    // Only the sources hold the queue now: when they stop, the link thread drains and stops.
-    drop(queue_tx);
-    drop(bulk_tx);
-
-    let thread = link::LinkThread {
-        encoder,
-        socket,
-        udp,
-        destination: loaded.destination,
-        queue: queue_rx,
-        bulk: bulk_rx,
-        bulk_room_bytes: bulk_room,
-        max_queued_bytes: link.max_queued_bytes,
-        metrics,
-        topics: topic_metrics,
-        shutdown,
-        batch: Vec::with_capacity(64 * 1024),
-        journal,
-        sequences,
-        reserve_failed: None,
-        waker: link_waker,
-    };
-    let done = diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?;
+    let closing = link::LanesClosing::new(lanes.len(), first_seqs, sequences.clone(), writer);
+    let mut done = Vec::new();
+    for (index, ((lane, (socket, udp)), (encoder, journal))) in lanes
+        .into_iter()
+        .zip(sockets)
+        .zip(encoders.into_iter().zip(journals))
+        .enumerate()
+    {
+        // Only the sources hold the queues now: when they stop, the link thread drains and
+        // stops.
+        let LaneQueues {
+            queue_tx,
+            queue_rx,
+            bulk_tx,
+            bulk_rx,
+            bulk_room,
+            topic_metrics,
+            globals,
+            waker,
+            ..
+        } = lane;
+        drop((queue_tx, bulk_tx));
+        let thread = link::LinkThread {
+            lane: index,
+            encoder,
+            socket,
+            udp,
+            destination: loaded.lanes[index].destination,
+            queue: queue_rx,
+            bulk: bulk_rx,
+            bulk_room_bytes: bulk_room,
+            max_queued_bytes: link.max_queued_bytes,
+            metrics: metrics.clone(),
+            lane_metrics: metrics.lane(index),
+            topics: topic_metrics,
+            globals,
+            shutdown: shutdown.clone(),
+            batch: Vec::with_capacity(64 * 1024),
+            journal,
+            sequences: sequences.clone(),
+            closing: closing.clone(),
+            reserve_failed: None,
+            waker,
+        };
+        done.push(
+            diode_common::spawn_link_thread(move || thread.run()).map_err(StartError::Thread)?,
+        );
+    }
 
     if let Some(needed) = protected_rate_shortfall(&config) {
         tracing::warn!(
@@ -372,7 +479,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     }
     tracing::info!(
         session = format_args!("{session_id:016x}"),
-        destination = %loaded.destination,
+        destination = %loaded.lanes[0].destination,
+        lanes = loaded.lanes.len(),
         rate_mbps = link.rate_mbps,
         topics = config.topics.len(),
         authenticated = loaded.key.is_some(),
@@ -394,14 +502,16 @@ fn start_journal(
     settings: &config::JournalConfig,
     budgets: &[Option<journal::Budget>],
     names: &[String],
+    lane_of: &[usize],
     metrics: &SenderMetrics,
     shutdown: &Shutdown,
-) -> Result<link::LinkJournal, StartError> {
+) -> Result<(Vec<link::LinkJournal>, std::thread::JoinHandle<()>), StartError> {
     let writer = std::thread::Builder::new()
         .name("diode-journal".into())
         .spawn(move || writer.run())
         .map_err(StartError::Thread)?;
-    let (replay_tx, replay_rx) = flume::bounded(1024);
+    let lanes = lane_of.iter().max().map_or(1, |last| last + 1);
+    let (replay_tx, replay_rx): (Vec<_>, Vec<_>) = (0..lanes).map(|_| flume::bounded(1024)).unzip();
     let replayer = replay::Replayer {
         root: dir.to_owned(),
         topics: names
@@ -410,6 +520,7 @@ fn start_journal(
             .map(|(name, budget)| (name.clone(), budget.is_some()))
             .collect(),
         out: replay_tx,
+        lane_of: lane_of.to_vec(),
         rate_mbps: settings.replay_rate_mbps,
         backfill: (settings.backfill_window_secs > 0).then(|| replay::Backfill {
             window: std::time::Duration::from_secs(settings.backfill_window_secs),
@@ -428,15 +539,16 @@ fn start_journal(
         backfill_window_secs = settings.backfill_window_secs,
         "journal open"
     );
-    Ok(link::LinkJournal {
-        names: names
-            .iter()
-            .map(|n| std::sync::Arc::from(n.as_str()))
-            .collect(),
-        handle,
-        replay: replay_rx,
-        writer: Some(writer),
-    })
+    let names: Vec<Arc<str>> = names.iter().map(|n| Arc::from(n.as_str())).collect();
+    let journals = replay_rx
+        .into_iter()
+        .map(|replay| link::LinkJournal {
+            names: names.clone(),
+            handle: handle.clone(),
+            replay,
+        })
+        .collect();
+    Ok((journals, writer))
 }
 
 /// With every topic capped (`rate_mbps`) and outage protection on, the wire rate those caps can
@@ -456,12 +568,24 @@ pub fn describe(loaded: &Loaded) -> String {
     let link = &loaded.config.link;
     let shard = link.shard_bytes();
     let mut out = format!(
-        "link: {} -> {} at most {} Mb/s, MTU {} ({} bytes a shard)\n\
+        "link: {} at most {} Mb/s, MTU {} ({} bytes a shard)\n\
          fec: {} data + {} parity shards a full block ({} bytes of records), interleaved {} blocks deep;\n     \
          survives {} lost datagrams per block, {:.0}% parity overhead\n\
          timing: partial blocks leave within {} ms, heartbeat every {} ms\n",
-        loaded.bind,
-        loaded.destination,
+        loaded
+            .lanes
+            .iter()
+            .enumerate()
+            .map(|(i, lane)| {
+                let name = if loaded.lanes.len() > 1 {
+                    format!("lane {i} ")
+                } else {
+                    String::new()
+                };
+                format!("{name}{} -> {}", lane.bind, lane.destination)
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
         link.rate_mbps,
         link.mtu_bytes,
         shard,
@@ -569,7 +693,15 @@ pub fn describe(loaded: &Loaded) -> String {
             .rate_mbps
             .map(|r| format!(", at most {r} Mb/s"))
             .unwrap_or_default();
-        out += &format!("  {:<24} {source}{ceiling}   ({origin})\n", topic.name);
+        let lane = if loaded.lanes.len() > 1 {
+            format!(", lane {}", topic.lane)
+        } else {
+            String::new()
+        };
+        out += &format!(
+            "  {:<24} {source}{ceiling}{lane}   ({origin})\n",
+            topic.name
+        );
     }
     out
 }

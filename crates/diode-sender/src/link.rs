@@ -19,6 +19,8 @@ const COUNTER_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 pub struct LinkThread {
+    /// This link thread's lane (wire-format.md §7): 0 unless `[[link.lane]]` adds more.
+    pub lane: usize,
     pub encoder: Encoder,
     pub socket: UdpSocket,
     /// Segmentation offload state for `socket`.
@@ -32,14 +34,21 @@ pub struct LinkThread {
     pub bulk_room_bytes: usize,
     pub max_queued_bytes: usize,
     pub metrics: SenderMetrics,
-    /// Indexed by topic id.
+    pub lane_metrics: crate::metrics::LaneMetrics,
+    /// Indexed by the lane's topic id.
     pub topics: Vec<TopicMetrics>,
+    /// Each topic's index in the configuration, by the lane's topic id: the journal and the
+    /// sequence numbers are kept by that index.
+    pub globals: Vec<usize>,
     pub shutdown: Shutdown,
     /// Datagrams of one GSO send, back to back.
     pub batch: Vec<u8>,
     pub journal: Option<LinkJournal>,
     /// Sequence numbers kept across restarts (with a journal, or `link.state_file`).
     pub sequences: Option<crate::journal::SharedSequences>,
+    /// What the lanes finish together: the sequence numbers kept across restarts, and the
+    /// journal's writer.
+    pub closing: LanesClosing,
     /// When reserving sequence numbers last failed: retried a second later, not per record.
     pub reserve_failed: Option<Instant>,
     pub waker: LinkWaker,
@@ -70,9 +79,71 @@ pub struct LinkJournal {
     /// Topic names by index, as the journal's records carry them.
     pub names: Vec<std::sync::Arc<str>>,
     pub handle: crate::journal::JournalHandle,
+    /// This lane's topics' replayed records.
     pub replay: flume::Receiver<crate::replay::Replayed>,
-    /// Joined at the end, so the journal is synced before the sender says it has stopped.
-    pub writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What every lane's link thread shares at a clean stop. The last lane to stop writes each
+/// topic's exact next sequence number (every lane's topics, so one lane stopping early cannot
+/// write another's numbers back) and joins the journal's writer, whose queue closes once every
+/// lane has let go of it, so the journal is synced before the sender says it has stopped.
+#[derive(Clone)]
+pub struct LanesClosing(std::sync::Arc<std::sync::Mutex<Closing>>);
+
+struct Closing {
+    lanes_running: usize,
+    /// By topic index in the configuration; each lane sets its own topics'.
+    next: Vec<u64>,
+    sequences: Option<crate::journal::SharedSequences>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LanesClosing {
+    pub fn new(
+        lanes: usize,
+        first_seqs: Vec<u64>,
+        sequences: Option<crate::journal::SharedSequences>,
+        writer: Option<std::thread::JoinHandle<()>>,
+    ) -> Self {
+        LanesClosing(std::sync::Arc::new(std::sync::Mutex::new(Closing {
+            lanes_running: lanes,
+            next: first_seqs,
+            sequences,
+            writer,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Closing> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A lane has stopped, its topics' next numbers by configuration index.
+    fn lane_stopped(&self, next: impl IntoIterator<Item = (usize, u64)>) {
+        let (sequences, writer) = {
+            let mut closing = self.lock();
+            for (global, seq) in next {
+                if let Some(slot) = closing.next.get_mut(global) {
+                    *slot = seq;
+                }
+            }
+            closing.lanes_running = closing.lanes_running.saturating_sub(1);
+            if closing.lanes_running > 0 {
+                return;
+            }
+            (
+                closing.sequences.take().map(|s| (s, closing.next.clone())),
+                closing.writer.take(),
+            )
+        };
+        if let Some((sequences, next)) = sequences {
+            if let Err(e) = sequences.close(&next) {
+                tracing::error!(error = %e, "cannot keep the sequence numbers");
+            }
+        }
+        if let Some(writer) = writer {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// Datagrams per send: quinn-udp's batch size, and within the kernel's 64 GSO segments.
@@ -80,6 +151,7 @@ const MAX_BATCH_DATAGRAMS: usize = 32;
 
 impl LinkThread {
     pub fn run(mut self) {
+        let _lane = tracing::info_span!("lane", lane = self.lane).entered();
         self.waker.register();
         let mut noted_drops = vec![0u64; self.topics.len()];
         let mut noted_records_in = vec![0u64; self.topics.len()];
@@ -218,6 +290,7 @@ impl LinkThread {
 
     fn push(&mut self, now: Instant, ingest: Ingest) {
         let topic = ingest.topic.index();
+        let global = self.globals[topic];
         if let Some(sequences) = &self.sequences {
             let next = self.encoder.next_seq(ingest.topic).unwrap_or(0);
             let retry = self
@@ -227,7 +300,7 @@ impl LinkThread {
                 // Synced before the number is used: a crash can skip numbers, never reuse one.
                 // If the disk refuses, records still flow (the plant's data comes first), but
                 // a crash before it recovers may reuse numbers: said loudly, once a second.
-                match sequences.ensure(topic, next, now) {
+                match sequences.ensure(global, next, now) {
                     Ok(()) => self.reserve_failed = None,
                     Err(e) => {
                         self.reserve_failed = Some(now);
@@ -257,7 +330,7 @@ impl LinkThread {
                 self.topics[topic].records_in.inc();
                 if let (Some(journal), Some((origin, payload))) = (&self.journal, kept) {
                     let entry = crate::journal::Entry {
-                        topic: journal.names[topic].clone(),
+                        topic: journal.names[global].clone(),
                         seq,
                         session_id: self.encoder.session_id(),
                         time_us: ingest.time_us,
@@ -265,7 +338,7 @@ impl LinkThread {
                         late: false,
                         payload,
                     };
-                    journal.handle.append(topic, entry);
+                    journal.handle.append(global, entry);
                 }
             }
             Err(e) => {
@@ -304,9 +377,12 @@ impl LinkThread {
                 return;
             };
             let entry = replayed.entry;
+            let Some(local) = self.globals.iter().position(|g| *g == replayed.topic) else {
+                continue;
+            };
             let result = self.encoder.push_replay(
                 now,
-                diode_wire::TopicId::from_index(replayed.topic),
+                diode_wire::TopicId::from_index(local),
                 entry.seq,
                 entry.time_us,
                 entry.origin,
@@ -321,26 +397,22 @@ impl LinkThread {
 
     /// At a clean stop: the exact next sequence numbers, and the journal synced.
     fn close_journal(&mut self) {
-        if let Some(sequences) = self.sequences.take() {
-            let next: Vec<u64> = (0..self.topics.len())
-                .map(|i| {
-                    self.encoder
-                        .next_seq(diode_wire::TopicId::from_index(i))
-                        .unwrap_or(0)
-                })
-                .collect();
-            if let Err(e) = sequences.close(&next) {
-                tracing::error!(error = %e, "cannot keep the sequence numbers");
-            }
-        }
-        let Some(mut journal) = self.journal.take() else {
-            return;
-        };
-        let writer = journal.writer.take();
-        drop(journal);
-        if let Some(writer) = writer {
-            let _ = writer.join();
-        }
+        // This lane's hold on the journal's queue goes first, so that the last lane's join
+        // finds the writer done.
+        self.journal = None;
+        let next: Vec<(usize, u64)> = self
+            .globals
+            .iter()
+            .enumerate()
+            .map(|(local, global)| {
+                let seq = self
+                    .encoder
+                    .next_seq(diode_wire::TopicId::from_index(local))
+                    .unwrap_or(0);
+                (*global, seq)
+            })
+            .collect();
+        self.closing.lane_stopped(next);
     }
 
     /// Sends what the encoder's pacer allows, a GSO batch per system call.
@@ -360,11 +432,17 @@ impl LinkThread {
             match self.udp.try_send((&self.socket).into(), &transmit) {
                 Ok(()) => {
                     self.metrics.datagrams_sent.inc_by(batch.datagrams as u64);
+                    self.lane_metrics
+                        .datagrams_sent
+                        .inc_by(batch.datagrams as u64);
                     self.metrics.link_bytes_sent.inc_by(batch.wire_bytes as u64);
                 }
                 Err(e) => {
+                    self.lane_metrics
+                        .send_errors
+                        .inc_by(batch.datagrams as u64);
                     if self.metrics.send_errors.inc_by(batch.datagrams as u64) < 1000 {
-                        tracing::warn!(error = %e, destination = %self.destination, "link send failed");
+                        tracing::warn!(error = %e, lane = self.lane, destination = %self.destination, "link send failed");
                     }
                 }
             }
@@ -382,9 +460,10 @@ impl LinkThread {
         self.metrics
             .repair_datagrams_sent
             .inc_by(stats.repair_datagrams_out - last.repair_datagrams_out);
-        self.metrics
-            .queued_bytes
-            .set(self.encoder.queued_bytes() as i64);
+        // The unlabelled gauge is every lane's: each adds what its own share moved by.
+        let queued = self.encoder.queued_bytes() as i64;
+        let before = self.lane_metrics.queued_bytes.set(queued);
+        self.metrics.queued_bytes.inc_by(queued - before);
         *last = stats.clone();
     }
 }

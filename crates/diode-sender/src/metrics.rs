@@ -12,6 +12,19 @@ pub struct TopicLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: String,
+}
+
+/// One lane's own series (wire-format.md §7); the unlabelled link series sum every lane's.
+#[derive(Clone)]
+pub struct LaneMetrics {
+    pub datagrams_sent: Counter,
+    pub send_errors: Counter,
+    pub queued_bytes: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicReasonLabels {
     pub topic: String,
     pub reason: String,
@@ -36,6 +49,9 @@ pub struct SenderMetrics {
     pub repair_datagrams_sent: Counter,
     pub send_errors: Counter,
     pub queued_bytes: Gauge,
+    pub lane_datagrams_sent: Family<LaneLabels, Counter>,
+    pub lane_send_errors: Family<LaneLabels, Counter>,
+    pub lane_queued_bytes: Family<LaneLabels, Gauge>,
     pub session_start_seconds: Gauge,
     pub journal_records: Family<TopicLabels, Counter>,
     pub journal_bytes: Family<TopicLabels, Gauge>,
@@ -167,6 +183,9 @@ impl SenderMetrics {
             repair_datagrams_sent: Counter::default(),
             send_errors: Counter::default(),
             queued_bytes: Gauge::default(),
+            lane_datagrams_sent: Family::default(),
+            lane_send_errors: Family::default(),
+            lane_queued_bytes: Family::default(),
             session_start_seconds: Gauge::default(),
             journal_records: Family::default(),
             journal_bytes: Family::default(),
@@ -253,8 +272,23 @@ impl SenderMetrics {
         );
         registry.register(
             "diode_encoder_queued_bytes",
-            "Encoded bytes waiting for the link",
+            "Encoded bytes waiting for the link, every lane's",
             m.queued_bytes.clone(),
+        );
+        registry.register(
+            "diode_lane_datagrams_sent",
+            "Datagrams sent, by lane",
+            m.lane_datagrams_sent.clone(),
+        );
+        registry.register(
+            "diode_lane_send_errors",
+            "Datagrams the socket refused, by lane",
+            m.lane_send_errors.clone(),
+        );
+        registry.register(
+            "diode_lane_encoder_queued_bytes",
+            "Encoded bytes waiting for the link, by lane",
+            m.lane_queued_bytes.clone(),
         );
         registry.register(
             "diode_session_start_seconds",
@@ -365,6 +399,17 @@ impl SenderMetrics {
             bytes: self.journal_bytes.get_or_create_owned(&labels),
             span_seconds: self.journal_span_seconds.get_or_create_owned(&labels),
             dropped: self.journal_dropped.get_or_create_owned(&labels),
+        }
+    }
+
+    pub fn lane(&self, lane: usize) -> LaneMetrics {
+        let labels = LaneLabels {
+            lane: lane.to_string(),
+        };
+        LaneMetrics {
+            datagrams_sent: self.lane_datagrams_sent.get_or_create_owned(&labels),
+            send_errors: self.lane_send_errors.get_or_create_owned(&labels),
+            queued_bytes: self.lane_queued_bytes.get_or_create_owned(&labels),
         }
     }
 

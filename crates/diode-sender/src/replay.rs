@@ -127,7 +127,10 @@ pub struct Replayer {
     pub root: PathBuf,
     /// Topic names by index, and whether each is journaled.
     pub topics: Vec<(String, bool)>,
-    pub out: flume::Sender<Replayed>,
+    /// Each lane's link thread, and each topic's lane: a topic's records, replayed or live,
+    /// take the one lane (wire-format.md §7).
+    pub out: Vec<flume::Sender<Replayed>>,
+    pub lane_of: Vec<usize>,
     /// The ceiling of on-request replays, in megabits per second of payload.
     pub rate_mbps: f64,
     pub backfill: Option<Backfill>,
@@ -271,12 +274,15 @@ impl Replayer {
 
     /// Hands a record to the link thread, waiting while its queue is full; false once stopping.
     fn send(&self, topic: usize, entry: Entry) -> bool {
+        let Some(out) = self.lane_of.get(topic).and_then(|lane| self.out.get(*lane)) else {
+            return false;
+        };
         let mut item = Replayed { topic, entry };
         loop {
             if self.shutdown.is_triggered() {
                 return false;
             }
-            match self.out.send_timeout(item, Duration::from_millis(100)) {
+            match out.send_timeout(item, Duration::from_millis(100)) {
                 Ok(()) => return true,
                 Err(flume::SendTimeoutError::Timeout(back)) => item = back,
                 Err(flume::SendTimeoutError::Disconnected(_)) => return false,

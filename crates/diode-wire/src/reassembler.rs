@@ -180,6 +180,11 @@ impl ReassemblerStats {
     pub fn rejected(&self, reason: Rejected) -> u64 {
         self.rejected[reason as usize]
     }
+
+    /// Datagrams dropped, for any reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
 }
 
 enum BlockState {

@@ -1,0 +1,522 @@
+//! Lanes (wire-format.md §7): the real binaries with a link of two lanes, each through a relay of
+//! its own standing in for a diode, so that one lane can be impaired while the other is not.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use diode_gateway::relay::{Relay, RelayConfig};
+use diode_wire::sim::Impairments;
+
+/// Topics and the lane each takes: two on each lane.
+const TOPICS: [(&str, usize); 4] = [
+    ("cell1/temperature", 0),
+    ("cell2/pressure", 1),
+    ("cell1/vibration", 0),
+    ("cell2/flow", 1),
+];
+
+struct Lanes {
+    dir: tempfile::TempDir,
+    sender_toml: std::path::PathBuf,
+    receiver_toml: std::path::PathBuf,
+    sender: Service,
+    receiver: Service,
+    relays: Vec<Relay>,
+    /// Each topic's TCP source.
+    feeds: Vec<SocketAddr>,
+}
+
+impl Lanes {
+    fn start(relays: [RelayConfig; 2]) -> Lanes {
+        Self::start_with(relays, "", "")
+    }
+
+    /// As `start`, with more `[link]` keys and more tables (`[journal]`) for the sender.
+    fn start_with(relays: [RelayConfig; 2], sender_link: &str, sender_extra: &str) -> Lanes {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = [free_port(), free_port()];
+        let receiver_metrics = loopback(free_port());
+        let receiver_toml = dir.path().join("receiver.toml");
+        std::fs::write(
+            &receiver_toml,
+            format!(
+                "[link]\nlisten = \"127.0.0.1:{}\"\nstate_file = \"state/receiver.state\"\n\
+                 [[link.lane]]\nlisten = \"127.0.0.1:{}\"\n\n\
+                 [metrics]\nlisten = \"{receiver_metrics}\"\n\n\
+                 [[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"file\", path = \"out/records.jsonl\" }}\n",
+                listen[0], listen[1]
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        let receiver = Service::start(
+            RECV,
+            &receiver_toml,
+            dir.path().join("receiver.log"),
+            receiver_metrics,
+        );
+        let relays: Vec<Relay> = relays
+            .into_iter()
+            .zip(listen)
+            .map(|(config, port)| Relay::start(loopback(port), config).unwrap())
+            .collect();
+        let feeds: Vec<SocketAddr> = TOPICS.iter().map(|_| loopback(free_port())).collect();
+        let mut topics = String::new();
+        for ((name, lane), feed) in TOPICS.iter().zip(&feeds) {
+            topics += &format!(
+                "[[topic]]\nname = \"{name}\"\nlane = {lane}\n\
+                 source = {{ kind = \"tcp\", listen = \"{feed}\", framing = \"lines\" }}\n\n"
+            );
+        }
+        let sender_metrics = loopback(free_port());
+        let sender_toml = dir.path().join("sender.toml");
+        std::fs::write(
+            &sender_toml,
+            format!(
+                "[link]\ndestination = \"{}\"\nrate_mbps = 100\nheartbeat_interval_ms = 200\n{sender_link}\n\
+                 [[link.lane]]\ndestination = \"{}\"\n\n\
+                 [metrics]\nlisten = \"{sender_metrics}\"\n\n{sender_extra}\n\n{topics}",
+                relays[0].listen_addr, relays[1].listen_addr
+            ),
+        )
+        .unwrap();
+        let sender = Service::start(
+            SEND,
+            &sender_toml,
+            dir.path().join("sender.log"),
+            sender_metrics,
+        );
+        Lanes {
+            dir,
+            sender_toml,
+            receiver_toml,
+            sender,
+            receiver,
+            relays,
+            feeds,
+        }
+    }
+
+    /// Lines `from..to` of topic `index`, each naming its topic and number.
+    fn feed(&self, index: usize, from: usize, to: usize) {
+        let mut stream = TcpStream::connect(self.feeds[index]).unwrap();
+        let text: String = (from..to)
+            .map(|n| format!("{} {n}\n", TOPICS[index].0))
+            .collect();
+        stream.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn delivered(&self) -> BTreeMap<String, Vec<(u64, String)>> {
+        by_topic(&self.dir.path().join("out/records.jsonl"))
+    }
+
+    fn count(&self, index: usize) -> usize {
+        self.delivered()
+            .get(TOPICS[index].0)
+            .map_or(0, |records| records.len())
+    }
+
+    fn lane_up(&self, lane: usize) -> f64 {
+        self.receiver
+            .metric("diode_lane_up", &[&format!("lane=\"{lane}\"")])
+    }
+
+    /// Each record of topic `index` delivered: how many times, by number, checking each payload.
+    fn tally(&self, index: usize) -> BTreeMap<u64, usize> {
+        let topic = TOPICS[index].0;
+        let mut tally = BTreeMap::new();
+        for (seq, payload) in self.delivered().remove(topic).unwrap_or_default() {
+            assert_eq!(payload, format!("{topic} {seq}"), "{topic}: record {seq}");
+            *tally.entry(seq).or_default() += 1;
+        }
+        tally
+    }
+
+    /// Neither relay saw anything come back from the receiver.
+    fn assert_one_way(&self) {
+        for relay in &self.relays {
+            assert_eq!(
+                relay
+                    .stats
+                    .backwards
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                0,
+                "the receiver sent datagrams towards the link"
+            );
+        }
+    }
+}
+
+/// Per topic: (seq, payload) in file order.
+fn by_topic(path: &Path) -> BTreeMap<String, Vec<(u64, String)>> {
+    let mut out: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for line in read_jsonl(path) {
+        out.entry(line["topic"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((
+                line["seq"].as_u64().unwrap(),
+                line["payload"].as_str().unwrap().to_owned(),
+            ));
+    }
+    out
+}
+
+/// Every record of `topic` delivered is in order, numbered as fed (the feeder's numbers are the
+/// sequence numbers, both starting at 0), and none twice.
+fn assert_in_order(topic: &str, records: &[(u64, String)]) {
+    for pair in records.windows(2) {
+        assert!(
+            pair[0].0 < pair[1].0,
+            "{topic}: {} delivered before {}",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+    for (seq, payload) in records {
+        assert_eq!(payload, &format!("{topic} {seq}"), "{topic}: record {seq}");
+    }
+}
+
+#[test]
+fn each_topic_keeps_its_order_over_two_lanes_through_loss() {
+    let lossy = || RelayConfig {
+        impairments: Impairments {
+            drop_rate: 0.01,
+            reorder_rate: 0.02,
+            reorder_distance: 3,
+            ..Impairments::default()
+        },
+        seed: 7,
+    };
+    let lanes = Lanes::start([lossy(), lossy()]);
+    let per_topic = 4000;
+    for index in 0..TOPICS.len() {
+        lanes.feed(index, 0, per_topic);
+    }
+    let all_in = wait_for(Duration::from_secs(30), || {
+        (0..TOPICS.len()).all(|i| lanes.count(i) == per_topic)
+    });
+    let delivered = lanes.delivered();
+    assert!(
+        all_in,
+        "delivered per topic: {:?}; receiver log:\n{}",
+        delivered
+            .iter()
+            .map(|(t, r)| (t.clone(), r.len()))
+            .collect::<Vec<_>>(),
+        lanes.receiver.log_text()
+    );
+    for (topic, records) in &delivered {
+        assert_in_order(topic, records);
+    }
+    // Each lane carried its own topics, and only those: both sides count per lane.
+    for lane in 0..2 {
+        let label = format!("lane=\"{lane}\"");
+        let sent = lanes
+            .sender
+            .metric("diode_lane_datagrams_sent_total", &[&label]);
+        let received = lanes
+            .receiver
+            .metric("diode_lane_datagrams_received_total", &[&label]);
+        assert!(sent > 0.0 && received > 0.0, "lane {lane}: sent {sent}, received {received}");
+        assert!(
+            received <= sent,
+            "lane {lane}: received {received} of {sent} sent"
+        );
+        assert_eq!(lanes.lane_up(lane), 1.0);
+    }
+    assert_eq!(lanes.receiver.metric("diode_link_up", &[]), 1.0);
+    assert_eq!(
+        lanes.receiver.metric("diode_lane_topic_conflicts_total", &[]),
+        0.0
+    );
+    // The relays' loss was repaired, not reported.
+    assert!(
+        !lanes
+            .receiver
+            .log_text()
+            .contains("records lost beyond repair"),
+        "{}",
+        lanes.receiver.log_text()
+    );
+    lanes.assert_one_way();
+}
+
+#[test]
+fn a_lane_that_goes_silent_is_reported_and_the_other_carries_on() {
+    let lanes = Lanes::start([RelayConfig::default(), RelayConfig::default()]);
+    for index in 0..TOPICS.len() {
+        lanes.feed(index, 0, 100);
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || (0..TOPICS.len())
+            .all(|i| lanes.count(i) == 100)),
+        "first records; receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    assert!(wait_for(Duration::from_secs(5), || lanes.lane_up(0) == 1.0
+        && lanes.lane_up(1) == 1.0));
+
+    // Lane 1's diode goes dark. Lane 0 goes on delivering; lane 1 is reported down (four
+    // heartbeat intervals of 200 ms), and the link as a whole with it.
+    lanes.relays[1].set_dark(true);
+    std::thread::sleep(Duration::from_millis(300));
+    for index in 0..TOPICS.len() {
+        lanes.feed(index, 100, 600);
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.count(0) == 600
+            && lanes.count(2) == 600),
+        "lane 0's topics while lane 1 is dark; receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || lanes.lane_up(1) == 0.0),
+        "lane 1 not reported down; receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    assert_eq!(lanes.lane_up(0), 1.0);
+    assert_eq!(lanes.receiver.metric("diode_link_up", &[]), 0.0);
+    assert_eq!(lanes.count(1), 100, "lane 1 delivered through the dark");
+    let log = lanes.receiver.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("link down") && l.contains("lane=1")),
+        "no 'link down' line naming lane 1:\n{log}"
+    );
+
+    // Lane 1 comes back: it is up again, what it lost in the dark is reported with its ranges,
+    // and what follows arrives in order.
+    lanes.relays[1].set_dark(false);
+    for index in [1, 3] {
+        lanes.feed(index, 600, 700);
+    }
+    let lost = |topic: &str| -> usize {
+        lanes
+            .receiver
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("records lost beyond repair") && l.contains(topic))
+            .filter_map(|l| l.split("records=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
+            .sum::<usize>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.lane_up(1) == 1.0
+            && [1, 3].iter().all(|&i| {
+                let records = lanes.delivered();
+                records
+                    .get(TOPICS[i].0)
+                    .is_some_and(|r| r.last().is_some_and(|last| last.0 == 699))
+            })),
+        "lane 1 did not come back; receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    let delivered = lanes.delivered();
+    for index in [1, 3] {
+        let (topic, _) = TOPICS[index];
+        let records = &delivered[topic];
+        assert_in_order(topic, records);
+        assert_eq!(
+            records.len() + lost(topic),
+            700,
+            "{topic}: every record delivered or reported lost; receiver log:\n{}",
+            lanes.receiver.log_text()
+        );
+        assert!(lost(topic) > 0, "{topic}: the dark lost nothing?");
+    }
+    for index in [0, 2] {
+        let (topic, _) = TOPICS[index];
+        assert_eq!(delivered[topic].len(), 600);
+        assert_in_order(topic, &delivered[topic]);
+        assert_eq!(lost(topic), 0, "{topic} lost records on the lane that stayed up");
+    }
+    lanes.assert_one_way();
+}
+
+#[test]
+fn a_lane_whose_datagrams_are_all_corrupted_is_refused_and_the_other_carries_on() {
+    let corrupting = RelayConfig {
+        impairments: Impairments {
+            corrupt_rate: 1.0,
+            ..Impairments::default()
+        },
+        seed: 11,
+    };
+    let lanes = Lanes::start([RelayConfig::default(), corrupting]);
+    for index in 0..TOPICS.len() {
+        lanes.feed(index, 0, 1000);
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.count(0) == 1000
+            && lanes.count(2) == 1000),
+        "lane 0's topics; receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    let lane1 = ["lane=\"1\""];
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let received = lanes
+                .receiver
+                .metric("diode_lane_datagrams_received_total", &lane1);
+            let rejected = lanes
+                .receiver
+                .metric("diode_lane_datagrams_rejected_total", &lane1);
+            received > 10.0 && rejected == received
+        }),
+        "every datagram of lane 1 rejected: {}",
+        lanes.receiver.metrics_text()
+    );
+    assert!(
+        lanes
+            .receiver
+            .metric("diode_datagrams_rejected_total", &["reason=\"crc\""])
+            > 0.0
+    );
+    assert_eq!(
+        lanes
+            .receiver
+            .metric("diode_lane_datagrams_rejected_total", &["lane=\"0\""]),
+        0.0
+    );
+    // Nothing of a corrupted lane is delivered, and it never counts as up.
+    assert_eq!(lanes.count(1) + lanes.count(3), 0);
+    assert_eq!(lanes.lane_up(1), 0.0);
+    assert_eq!(lanes.lane_up(0), 1.0);
+    assert_eq!(lanes.receiver.metric("diode_link_up", &[]), 0.0);
+    for index in [0, 2] {
+        let (topic, _) = TOPICS[index];
+        assert_in_order(topic, &lanes.delivered()[topic]);
+    }
+    lanes.assert_one_way();
+}
+
+/// A lane's topic, journaled: what a dark lane lost is listed by `diode-recv gaps` (which reads
+/// every lane's state) and replayed through that lane; a sender restart goes on numbering each
+/// lane's topics from where they stopped.
+#[test]
+fn a_journaled_lane_replays_what_it_lost_and_keeps_its_numbers_across_a_restart() {
+    let mut lanes = Lanes::start_with(
+        [RelayConfig::default(), RelayConfig::default()],
+        "",
+        "[journal]\ndir = \"journal\"",
+    );
+    let (topic, _) = TOPICS[1];
+    lanes.feed(0, 0, 500);
+    lanes.feed(1, 0, 500);
+    assert!(wait_for(Duration::from_secs(15), || lanes.count(0) == 500
+        && lanes.count(1) == 500));
+    lanes.relays[1].set_dark(true);
+    lanes.feed(1, 500, 1000);
+    let journaled = format!("topic=\"{topic}\"");
+    assert!(wait_for(Duration::from_secs(10), || lanes
+        .sender
+        .metric("diode_journal_records_total", &[&journaled])
+        >= 1000.0));
+    std::thread::sleep(Duration::from_millis(300));
+    lanes.relays[1].set_dark(false);
+    lanes.feed(1, 1000, 1100);
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.tally(1).contains_key(&1099)),
+        "receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+
+    // The gap is listed from lane 1's state file, and replayed through lane 1.
+    let gaps = || {
+        let output = std::process::Command::new(RECV)
+            .args(["gaps", "--config"])
+            .arg(&lanes.receiver_toml)
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || gaps().contains(topic)),
+        "{}",
+        gaps()
+    );
+    let listed = gaps();
+    let ranges: Vec<String> = listed
+        .lines()
+        .filter_map(|l| {
+            l.split(&format!("diode-send replay --topic '{topic}' --seq "))
+                .nth(1)
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+        })
+        .collect();
+    assert!(!ranges.is_empty(), "{listed}");
+    for range in &ranges {
+        let output = std::process::Command::new(SEND)
+            .args(["replay", "--config"])
+            .arg(&lanes.sender_toml)
+            .args(["--topic", topic, "--seq", range])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 1100),
+        "after the replay of {ranges:?}: {} of 1100; receiver log:\n{}",
+        lanes.tally(1).len(),
+        lanes.receiver.log_text()
+    );
+
+    restart_and_go_on(&mut lanes, [500, 1100]);
+}
+
+/// Without a journal, `link.state_file` keeps every lane's numbers: the lane that stops last
+/// writes them all, each lane's own.
+#[test]
+fn a_sender_state_file_keeps_every_lanes_numbers() {
+    let mut lanes = Lanes::start_with(
+        [RelayConfig::default(), RelayConfig::default()],
+        "state_file = \"sender.state\"",
+        "",
+    );
+    lanes.feed(0, 0, 300);
+    lanes.feed(1, 0, 700);
+    assert!(wait_for(Duration::from_secs(15), || lanes.count(0) == 300
+        && lanes.count(1) == 700));
+    restart_and_go_on(&mut lanes, [300, 700]);
+    assert!(
+        !lanes.receiver.log_text().contains("records lost beyond repair"),
+        "a clean restart lost records:\n{}",
+        lanes.receiver.log_text()
+    );
+}
+
+/// A clean sender restart, then 100 more lines for topics 0 (lane 0) and 1 (lane 1), numbered on
+/// from `next`: each must arrive with the number it was fed with, once.
+fn restart_and_go_on(lanes: &mut Lanes, next: [usize; 2]) {
+    lanes.sender.stop();
+    let metrics = lanes.sender.metrics;
+    lanes.sender = Service::start(
+        SEND,
+        &lanes.sender_toml,
+        lanes.dir.path().join("sender2.log"),
+        metrics,
+    );
+    assert!(wait_for(Duration::from_secs(10), || {
+        TcpStream::connect(lanes.feeds[1]).is_ok()
+    }));
+    lanes.feed(0, next[0], next[0] + 100);
+    lanes.feed(1, next[1], next[1] + 100);
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.count(0) == next[0] + 100
+            && lanes.tally(1).len() == next[1] + 100),
+        "after the restart: {} and {}; receiver log:\n{}",
+        lanes.count(0),
+        lanes.tally(1).len(),
+        lanes.receiver.log_text()
+    );
+    assert!(lanes.tally(1).values().all(|n| *n == 1), "a record twice");
+    assert_in_order(TOPICS[0].0, &lanes.delivered()[TOPICS[0].0]);
+    lanes.assert_one_way();
+}
