@@ -224,7 +224,10 @@ fn each_topic_keeps_its_order_over_two_lanes_through_loss() {
         let received = lanes
             .receiver
             .metric("diode_lane_datagrams_received_total", &[&label]);
-        assert!(sent > 0.0 && received > 0.0, "lane {lane}: sent {sent}, received {received}");
+        assert!(
+            sent > 0.0 && received > 0.0,
+            "lane {lane}: sent {sent}, received {received}"
+        );
         assert!(
             received <= sent,
             "lane {lane}: received {received} of {sent} sent"
@@ -233,7 +236,9 @@ fn each_topic_keeps_its_order_over_two_lanes_through_loss() {
     }
     assert_eq!(lanes.receiver.metric("diode_link_up", &[]), 1.0);
     assert_eq!(
-        lanes.receiver.metric("diode_lane_topic_conflicts_total", &[]),
+        lanes
+            .receiver
+            .metric("diode_lane_topic_conflicts_total", &[]),
         0.0
     );
     // The relays' loss was repaired, not reported.
@@ -303,7 +308,14 @@ fn a_lane_that_goes_silent_is_reported_and_the_other_carries_on() {
             .log_text()
             .lines()
             .filter(|l| l.contains("records lost beyond repair") && l.contains(topic))
-            .filter_map(|l| l.split("records=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
+            .filter_map(|l| {
+                l.split("records=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
             .sum::<usize>()
     };
     assert!(
@@ -334,7 +346,11 @@ fn a_lane_that_goes_silent_is_reported_and_the_other_carries_on() {
         let (topic, _) = TOPICS[index];
         assert_eq!(delivered[topic].len(), 600);
         assert_in_order(topic, &delivered[topic]);
-        assert_eq!(lost(topic), 0, "{topic} lost records on the lane that stayed up");
+        assert_eq!(
+            lost(topic),
+            0,
+            "{topic} lost records on the lane that stayed up"
+        );
     }
     lanes.assert_one_way();
 }
@@ -422,7 +438,9 @@ fn a_journaled_lane_replays_what_it_lost_and_keeps_its_numbers_across_a_restart(
     lanes.relays[1].set_dark(false);
     lanes.feed(1, 1000, 1100);
     assert!(
-        wait_for(Duration::from_secs(15), || lanes.tally(1).contains_key(&1099)),
+        wait_for(Duration::from_secs(15), || lanes
+            .tally(1)
+            .contains_key(&1099)),
         "receiver log:\n{}",
         lanes.receiver.log_text()
     );
@@ -486,7 +504,10 @@ fn a_sender_state_file_keeps_every_lanes_numbers() {
         && lanes.count(1) == 700));
     restart_and_go_on(&mut lanes, [300, 700]);
     assert!(
-        !lanes.receiver.log_text().contains("records lost beyond repair"),
+        !lanes
+            .receiver
+            .log_text()
+            .contains("records lost beyond repair"),
         "a clean restart lost records:\n{}",
         lanes.receiver.log_text()
     );

@@ -60,10 +60,7 @@ impl Lanes {
 
     /// Every lane's open gaps, for the status page.
     pub fn all_gaps(&self) -> Vec<OpenGapOf> {
-        self.gaps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .concat()
+        self.gaps.lock().unwrap_or_else(|e| e.into_inner()).concat()
     }
 
     /// "lane 0 up, lane 1 down", for the status page.
@@ -189,7 +186,10 @@ mod tests {
     fn the_link_is_up_only_while_every_lane_is() {
         let m = metrics();
         let lanes = Lanes::new(2, &m);
-        let (a, b) = (Lane::new(0, lanes.clone(), &m), Lane::new(1, lanes.clone(), &m));
+        let (a, b) = (
+            Lane::new(0, lanes.clone(), &m),
+            Lane::new(1, lanes.clone(), &m),
+        );
         a.set_up(true);
         assert_eq!(m.link_up.get(), 0);
         b.set_up(true);

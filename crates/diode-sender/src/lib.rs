@@ -398,7 +398,6 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         None => None,
     };
 
-    let lane_of: Vec<usize> = config.topics.iter().map(|t| t.lane).collect();
     let (mut journals, writer) = match (&loaded.journal_dir, opened, &config.journal) {
         (Some(dir), Some((writer, handle)), Some(settings)) => {
             let (journals, writer) = start_journal(
@@ -406,8 +405,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
                 (writer, handle),
                 settings,
                 &loaded.journal_budgets,
-                &names,
-                &lane_of,
+                &config.topics,
                 &metrics,
                 &shutdown,
             )?;
@@ -501,11 +499,12 @@ fn start_journal(
     (writer, handle): (journal::JournalWriter, journal::JournalHandle),
     settings: &config::JournalConfig,
     budgets: &[Option<journal::Budget>],
-    names: &[String],
-    lane_of: &[usize],
+    topics: &[config::TopicConfig],
     metrics: &SenderMetrics,
     shutdown: &Shutdown,
 ) -> Result<(Vec<link::LinkJournal>, std::thread::JoinHandle<()>), StartError> {
+    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+    let lane_of: Vec<usize> = topics.iter().map(|t| t.lane).collect();
     let writer = std::thread::Builder::new()
         .name("diode-journal".into())
         .spawn(move || writer.run())
@@ -517,10 +516,10 @@ fn start_journal(
         topics: names
             .iter()
             .zip(budgets)
-            .map(|(name, budget)| (name.clone(), budget.is_some()))
+            .map(|(name, budget)| (name.to_string(), budget.is_some()))
             .collect(),
         out: replay_tx,
-        lane_of: lane_of.to_vec(),
+        lane_of: lane_of.clone(),
         rate_mbps: settings.replay_rate_mbps,
         backfill: (settings.backfill_window_secs > 0).then(|| replay::Backfill {
             window: std::time::Duration::from_secs(settings.backfill_window_secs),
@@ -539,7 +538,7 @@ fn start_journal(
         backfill_window_secs = settings.backfill_window_secs,
         "journal open"
     );
-    let names: Vec<Arc<str>> = names.iter().map(|n| Arc::from(n.as_str())).collect();
+    let names: Vec<Arc<str>> = names.iter().map(|n| Arc::from(*n)).collect();
     let journals = replay_rx
         .into_iter()
         .map(|replay| link::LinkJournal {

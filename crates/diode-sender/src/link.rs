@@ -438,9 +438,7 @@ impl LinkThread {
                     self.metrics.link_bytes_sent.inc_by(batch.wire_bytes as u64);
                 }
                 Err(e) => {
-                    self.lane_metrics
-                        .send_errors
-                        .inc_by(batch.datagrams as u64);
+                    self.lane_metrics.send_errors.inc_by(batch.datagrams as u64);
                     if self.metrics.send_errors.inc_by(batch.datagrams as u64) < 1000 {
                         tracing::warn!(error = %e, lane = self.lane, destination = %self.destination, "link send failed");
                     }
