@@ -70,6 +70,9 @@ fn main() {
     if wanted("buffered") {
         buffered();
     }
+    if wanted("lanes") {
+        lanes();
+    }
     if wanted("small") {
         small_records();
     }
@@ -489,6 +492,150 @@ fn bulk_run(mib: usize, buffered: bool) -> (f64, u64) {
     pair.report_costs(data.len() as f64 / 1e9, seconds);
     let dropped = pair.receiver.metric("diode_sink_dropped_total") as u64;
     (got as f64 / seconds / 1e6, dropped)
+}
+
+/// Two bulk topics, one lane for both and then a lane each, alternately (issue #17 item 4).
+/// This machine has two cores for both services and the harness, so two lanes cannot show
+/// scaling here; what they show is that lanes work at full speed and what a lane costs.
+fn lanes() {
+    let mib = env_or("DIODE_BENCH_BULK_MIB", 2048) as usize / 2;
+    let runs = env_or("DIODE_BENCH_LANES_RUNS", 2);
+    let mut ratios = Vec::new();
+    for run in 0..runs {
+        let one = lanes_run(mib, 1);
+        let two = lanes_run(mib, 2);
+        println!("  run {run}: two lanes / one lane = {:.2}", two / one);
+        ratios.push(two / one);
+    }
+    println!("\nlanes: two lanes carried {ratios:.2?} times what one did, in the same runs");
+}
+
+/// Two topics of `mib` MiB each, raw TCP in and out, on `lanes` lanes (topic i on lane
+/// i % lanes); returns the goodput of both together in MB/s.
+fn lanes_run(mib: usize, lanes: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..lanes).map(|_| free_port()).collect();
+    let (rm, sm) = (free_port(), free_port());
+    let sinks: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let sources: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let lane_tables = |key: &str| -> String {
+        ports[1..]
+            .iter()
+            .map(|p| format!("[[link.lane]]\n{key} = \"127.0.0.1:{p}\"\n"))
+            .collect()
+    };
+    let mut routes = String::new();
+    let mut topics = String::new();
+    for (i, (sink, source)) in sinks.iter().zip(&sources).enumerate() {
+        routes += &format!(
+            "[[route]]\ntopics = [\"bulk{i}\"]\nsink = {{ kind = \"tcp\", connect = \"{}\", framing = \"raw\" }}\n",
+            sink.local_addr().unwrap()
+        );
+        topics += &format!(
+            "[[topic]]\nname = \"bulk{i}\"\nlane = {}\nsource = {{ kind = \"tcp\", listen = \"127.0.0.1:{source}\", framing = \"raw\" }}\n",
+            i % lanes
+        );
+    }
+    let receiver_toml = dir.path().join("receiver.toml");
+    std::fs::write(
+        &receiver_toml,
+        format!(
+            "[link]\nlisten = \"127.0.0.1:{}\"\n{}[metrics]\nlisten = \"127.0.0.1:{rm}\"\n{routes}",
+            ports[0],
+            lane_tables("listen")
+        ),
+    )
+    .unwrap();
+    let receiver = Service::start(
+        RECV,
+        &receiver_toml,
+        format!("127.0.0.1:{rm}").parse().unwrap(),
+    );
+    let sender_toml = dir.path().join("sender.toml");
+    std::fs::write(
+        &sender_toml,
+        format!(
+            "[link]\ndestination = \"127.0.0.1:{}\"\nrate_mbps = 100000\n{}[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{topics}",
+            ports[0],
+            lane_tables("destination")
+        ),
+    )
+    .unwrap();
+    let sender = Service::start(
+        SEND,
+        &sender_toml,
+        format!("127.0.0.1:{sm}").parse().unwrap(),
+    );
+    let data: Vec<Arc<Vec<u8>>> = (0..2)
+        .map(|i| Arc::new(random_bytes(mib << 20, 10 + i)))
+        .collect();
+    let drops_start = diode_common::net::udp_rcvbuf_errors().unwrap_or(0);
+    let start = Instant::now();
+    let streams: Vec<_> = sinks
+        .into_iter()
+        .zip(sources)
+        .zip(data)
+        .map(|((sink, source), data)| {
+            std::thread::spawn(move || {
+                let writer = {
+                    let data = data.clone();
+                    std::thread::spawn(move || {
+                        let mut s = TcpStream::connect(("127.0.0.1", source)).unwrap();
+                        s.write_all(&data).unwrap();
+                    })
+                };
+                let (mut conn, _) = sink.accept().unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                // Compared as it comes, as `bulk_run` does: a slow reader would fill the route.
+                let (mut got, mut identical) = (0usize, true);
+                let mut buf = vec![0u8; 1 << 20];
+                let mut last_byte = Instant::now();
+                while got < data.len() {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let end = (got + n).min(data.len());
+                            identical &= buf[..end - got] == data[got..end];
+                            got += n;
+                            last_byte = Instant::now();
+                        }
+                    }
+                }
+                let _ = writer.join();
+                (identical && got == data.len(), got, last_byte)
+            })
+        })
+        .collect();
+    let results: Vec<_> = streams.into_iter().map(|s| s.join().unwrap()).collect();
+    let last = results.iter().map(|r| r.2).max().unwrap();
+    let seconds = (last - start).as_secs_f64();
+    let bytes: usize = results.iter().map(|r| r.1).sum();
+    let identical = results.iter().all(|r| r.0);
+    let goodput = bytes as f64 / seconds / 1e6;
+    println!(
+        "\nlanes: 2 topics of {mib} MiB on {lanes} lane{}: {goodput:.1} MB/s, {}",
+        if lanes == 1 { "" } else { "s" },
+        if identical { "identical" } else { "DIFFERENT" }
+    );
+    let gigabytes = bytes as f64 / 1e9;
+    for (side, s) in [("sender", &sender), ("receiver", &receiver)] {
+        println!(
+            "  {side:<9} {:>6.2} CPU s/GB  {:>5.1} % of a core  peak RSS {:>6.1} MiB",
+            s.cpu_used() / gigabytes,
+            100.0 * s.cpu_used() / seconds,
+            s.peak_rss_mib()
+        );
+    }
+    println!(
+        "  kernel drops (RcvbufErrors) {}; blocks lost {}; records dropped at a full sink queue {}",
+        diode_common::net::udp_rcvbuf_errors().unwrap_or(0) - drops_start,
+        receiver.metric("diode_blocks_lost_total"),
+        receiver.metric("diode_sink_dropped_total")
+    );
+    goodput
 }
 
 /// One large file through a files source and a files sink, unpaced, then the same number of
