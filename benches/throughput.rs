@@ -427,43 +427,12 @@ fn bulk_run(mib: usize, buffered: bool) -> (f64, u64) {
         buffered,
     );
     let start = Instant::now();
-    let writer = {
-        let data = data.clone();
-        std::thread::spawn(move || {
-            let mut s = TcpStream::connect(("127.0.0.1", tcp_in)).unwrap();
-            s.write_all(&data).unwrap();
-        })
-    };
-    let (mut conn, _) = sink.accept().unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut got = 0usize;
-    let mut identical = true;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut last_byte = start;
     // DIODE_BENCH_SINK_MBPS: the sink reads no faster than this (0: as fast as it can), so that
     // a buffered route has to keep what the sink has not taken.
     let sink_mbps = env_or("DIODE_BENCH_SINK_MBPS", 0) as f64;
-    while got < data.len() {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let end = (got + n).min(data.len());
-                identical &= buf[..end - got] == data[got..end];
-                got += n;
-                last_byte = Instant::now();
-                if sink_mbps > 0.0 {
-                    let due = Duration::from_secs_f64(got as f64 * 8.0 / (sink_mbps * 1e6));
-                    if let Some(ahead) = due.checked_sub(start.elapsed()) {
-                        std::thread::sleep(ahead);
-                    }
-                }
-            }
-        }
-    }
+    let (got, identical, last_byte) = stream_through(&data, tcp_in, &sink, start, sink_mbps);
     // First byte in to last byte out; a stream cut short by loss waits for nothing more.
     let seconds = (last_byte - start).as_secs_f64();
-    let _ = writer.join();
     let wire = pair.sender.metric("diode_link_bytes_sent_total");
     println!(
         "\nbulk: {mib} MiB of random bytes, raw TCP -> link -> raw TCP{}, rate_mbps = {rate}, MTU {}",
@@ -492,6 +461,51 @@ fn bulk_run(mib: usize, buffered: bool) -> (f64, u64) {
     pair.report_costs(data.len() as f64 / 1e9, seconds);
     let dropped = pair.receiver.metric("diode_sink_dropped_total") as u64;
     (got as f64 / seconds / 1e6, dropped)
+}
+
+/// Writes `data` into a raw TCP source on `source_port` while reading what the link delivers from
+/// the route's TCP sink (`sink`), compared as it comes (a reader that kept it would be too slow
+/// for the route), no faster than `sink_mbps` (0: as fast as it can). Returns the bytes that
+/// came, whether they were `data`'s, and when the last came; a stream cut short by loss ends
+/// after 10 s without a byte.
+fn stream_through(
+    data: &Arc<Vec<u8>>,
+    source_port: u16,
+    sink: &TcpListener,
+    start: Instant,
+    sink_mbps: f64,
+) -> (usize, bool, Instant) {
+    let writer = {
+        let data = data.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", source_port)).unwrap();
+            s.write_all(&data).unwrap();
+        })
+    };
+    let (mut conn, _) = sink.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (mut got, mut identical, mut last_byte) = (0usize, true, start);
+    let mut buf = vec![0u8; 1 << 20];
+    while got < data.len() {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let end = (got + n).min(data.len());
+                identical &= buf[..end - got] == data[got..end];
+                got += n;
+                last_byte = Instant::now();
+                if sink_mbps > 0.0 {
+                    let due = Duration::from_secs_f64(got as f64 * 8.0 / (sink_mbps * 1e6));
+                    if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(ahead);
+                    }
+                }
+            }
+        }
+    }
+    let _ = writer.join();
+    (got, identical, last_byte)
 }
 
 /// Two bulk topics, one lane for both and then a lane each, alternately (issue #17 item 4).
@@ -538,35 +552,34 @@ fn lanes_run(mib: usize, lanes: usize) -> f64 {
             i % lanes
         );
     }
-    let receiver_toml = dir.path().join("receiver.toml");
-    std::fs::write(
-        &receiver_toml,
+    let start_service = |binary: &str, name: &str, text: String, metrics: u16| {
+        let toml = dir.path().join(name);
+        std::fs::write(&toml, text).unwrap();
+        Service::start(
+            binary,
+            &toml,
+            format!("127.0.0.1:{metrics}").parse().unwrap(),
+        )
+    };
+    let receiver = start_service(
+        RECV,
+        "receiver.toml",
         format!(
             "[link]\nlisten = \"127.0.0.1:{}\"\n{}[metrics]\nlisten = \"127.0.0.1:{rm}\"\n{routes}",
             ports[0],
             lane_tables("listen")
         ),
-    )
-    .unwrap();
-    let receiver = Service::start(
-        RECV,
-        &receiver_toml,
-        format!("127.0.0.1:{rm}").parse().unwrap(),
+        rm,
     );
-    let sender_toml = dir.path().join("sender.toml");
-    std::fs::write(
-        &sender_toml,
+    let sender = start_service(
+        SEND,
+        "sender.toml",
         format!(
             "[link]\ndestination = \"127.0.0.1:{}\"\nrate_mbps = 100000\n{}[metrics]\nlisten = \"127.0.0.1:{sm}\"\n{topics}",
             ports[0],
             lane_tables("destination")
         ),
-    )
-    .unwrap();
-    let sender = Service::start(
-        SEND,
-        &sender_toml,
-        format!("127.0.0.1:{sm}").parse().unwrap(),
+        sm,
     );
     let data: Vec<Arc<Vec<u8>>> = (0..2)
         .map(|i| Arc::new(random_bytes(mib << 20, 10 + i)))
@@ -579,32 +592,7 @@ fn lanes_run(mib: usize, lanes: usize) -> f64 {
         .zip(data)
         .map(|((sink, source), data)| {
             std::thread::spawn(move || {
-                let writer = {
-                    let data = data.clone();
-                    std::thread::spawn(move || {
-                        let mut s = TcpStream::connect(("127.0.0.1", source)).unwrap();
-                        s.write_all(&data).unwrap();
-                    })
-                };
-                let (mut conn, _) = sink.accept().unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                // Compared as it comes, as `bulk_run` does: a slow reader would fill the route.
-                let (mut got, mut identical) = (0usize, true);
-                let mut buf = vec![0u8; 1 << 20];
-                let mut last_byte = Instant::now();
-                while got < data.len() {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            let end = (got + n).min(data.len());
-                            identical &= buf[..end - got] == data[got..end];
-                            got += n;
-                            last_byte = Instant::now();
-                        }
-                    }
-                }
-                let _ = writer.join();
+                let (got, identical, last_byte) = stream_through(&data, source, &sink, start, 0.0);
                 (identical && got == data.len(), got, last_byte)
             })
         })

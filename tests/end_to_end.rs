@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
@@ -31,25 +30,6 @@ const FILE_ROUTE: &str = r#"[[route]]
 topics = ["line3/#", "historian/#"]
 sink = { kind = "file", path = "out/records.jsonl" }
 "#;
-
-/// Per topic: (seq, payload) in file order.
-fn by_topic(lines: &[serde_json::Value]) -> BTreeMap<String, Vec<(u64, String)>> {
-    let mut out: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    for line in lines {
-        let time = line["time"].as_str().expect("time");
-        assert!(
-            time.len() == 27 && time.ends_with('Z') && &time[10..11] == "T",
-            "not RFC 3339: {time}"
-        );
-        out.entry(line["topic"].as_str().unwrap().to_owned())
-            .or_default()
-            .push((
-                line["seq"].as_u64().unwrap(),
-                line["payload"].as_str().unwrap().to_owned(),
-            ));
-    }
-    out
-}
 
 fn send_lines(addr: SocketAddr, lines: impl IntoIterator<Item = String>) {
     let mut stream = TcpStream::connect(addr).unwrap();

@@ -6,7 +6,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -113,7 +112,7 @@ impl Lanes {
     }
 
     fn delivered(&self) -> BTreeMap<String, Vec<(u64, String)>> {
-        by_topic(&self.dir.path().join("out/records.jsonl"))
+        by_topic(&read_jsonl(&self.dir.path().join("out/records.jsonl")))
     }
 
     fn count(&self, index: usize) -> usize {
@@ -151,20 +150,6 @@ impl Lanes {
             );
         }
     }
-}
-
-/// Per topic: (seq, payload) in file order.
-fn by_topic(path: &Path) -> BTreeMap<String, Vec<(u64, String)>> {
-    let mut out: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    for line in read_jsonl(path) {
-        out.entry(line["topic"].as_str().unwrap().to_owned())
-            .or_default()
-            .push((
-                line["seq"].as_u64().unwrap(),
-                line["payload"].as_str().unwrap().to_owned(),
-            ));
-    }
-    out
 }
 
 /// Every record of `topic` delivered is in order, numbered as fed (the feeder's numbers are the
@@ -302,22 +287,7 @@ fn a_lane_that_goes_silent_is_reported_and_the_other_carries_on() {
     for index in [1, 3] {
         lanes.feed(index, 600, 700);
     }
-    let lost = |topic: &str| -> usize {
-        lanes
-            .receiver
-            .log_text()
-            .lines()
-            .filter(|l| l.contains("records lost beyond repair") && l.contains(topic))
-            .filter_map(|l| {
-                l.split("records=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .sum::<usize>()
-    };
+    let lost = |topic: &str| records_lost_in_log(&lanes.receiver.log_text(), Some(topic));
     assert!(
         wait_for(Duration::from_secs(15), || lanes.lane_up(1) == 1.0
             && [1, 3].iter().all(|&i| {

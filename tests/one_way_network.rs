@@ -9,9 +9,11 @@
 //! Addresses are from 198.18.0.0/15, the range set aside for benchmarking network devices
 //! (RFC 2544), used only inside the namespaces this test creates.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SEND: &str = env!("CARGO_BIN_EXE_diode-send");
 const RECV: &str = env!("CARGO_BIN_EXE_diode-recv");
@@ -71,17 +73,6 @@ fn require_tools() {
             "`{tool}` not found: `apt-get install {package}` (scripts/test does it)"
         );
     }
-}
-
-fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    check()
 }
 
 fn nft_counter(ns: &str, name: &str) -> u64 {
@@ -236,27 +227,18 @@ fn records_cross_a_one_way_network_and_nothing_comes_back() {
 
     let out = dir.path().join("out.jsonl");
     let receiver_log = dir.path().join("receiver.log");
-    let lost_in_log = || -> usize {
-        std::fs::read_to_string(&receiver_log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("records lost beyond repair"))
-            .filter_map(|l| {
-                l.split("records=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .sum()
+    let lost_in_log = || {
+        common::records_lost_in_log(
+            &std::fs::read_to_string(&receiver_log).unwrap_or_default(),
+            None,
+        )
     };
     let lines = || {
         std::fs::read_to_string(&out)
             .map(|t| t.lines().count())
             .unwrap_or(0)
     };
-    let settled = wait_for(Duration::from_secs(30), || {
+    let settled = common::wait_for(Duration::from_secs(30), || {
         lines() + lost_in_log() >= records
     });
     let _ = sender.kill();

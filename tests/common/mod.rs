@@ -288,6 +288,45 @@ impl Pair {
     }
 }
 
+/// Records the receiver's log reports lost beyond repair (`records lost beyond repair ...
+/// records=N`), of `topic` only when given.
+pub fn records_lost_in_log(log: &str, topic: Option<&str>) -> usize {
+    log.lines()
+        .filter(|l| l.contains("records lost beyond repair"))
+        .filter(|l| topic.is_none_or(|t| l.contains(&format!("topic={t} "))))
+        .filter_map(|l| {
+            l.split("records=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
+}
+
+/// A file sink's JSON lines per topic: (seq, payload) in file order, each record's time checked
+/// to be RFC 3339.
+pub fn by_topic(
+    lines: &[serde_json::Value],
+) -> std::collections::BTreeMap<String, Vec<(u64, String)>> {
+    let mut out: std::collections::BTreeMap<String, Vec<(u64, String)>> = Default::default();
+    for line in lines {
+        let time = line["time"].as_str().expect("time");
+        assert!(
+            time.len() == 27 && time.ends_with('Z') && &time[10..11] == "T",
+            "not RFC 3339: {time}"
+        );
+        out.entry(line["topic"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((
+                line["seq"].as_u64().unwrap(),
+                line["payload"].as_str().unwrap().to_owned(),
+            ));
+    }
+    out
+}
+
 /// The JSON lines of a file sink, parsed.
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
