@@ -341,6 +341,35 @@ sink = { kind = "file", path = "out/records.jsonl" }
     }
 
     #[test]
+    fn each_lane_has_its_own_port_and_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("receiver.toml");
+        let lanes = ISSUE_EXAMPLE.replace(
+            "[metrics]",
+            "state_file = \"state/receiver.state\"\n[[link.lane]]\nlisten = \"127.0.0.1:47001\"\n\n[metrics]",
+        );
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        std::fs::write(&path, &lanes).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.lanes.len(), 2);
+        assert_eq!(loaded.lanes[1].port(), 47001);
+        let state = dir.path().join("state");
+        assert_eq!(loaded.state_file(0), Some(state.join("receiver.state")));
+        assert_eq!(
+            loaded.state_file(1),
+            Some(state.join("receiver.state.lane1"))
+        );
+        assert!(crate::describe(&loaded).contains("127.0.0.1:47000, 127.0.0.1:47001"));
+
+        std::fs::write(&path, lanes.replace("47001", "47000")).unwrap();
+        let error = load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("link.lane[0].listen") && error.contains("lane 0"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn bad_filters_name_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.toml");

@@ -683,6 +683,48 @@ source = { kind = "tcp", listen = "127.0.0.1:5141", framing = "lines" }  # one l
     }
 
     #[test]
+    fn lanes_load_and_a_topic_on_a_lane_that_is_not_there_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let lanes = ISSUE_EXAMPLE.replace(
+            "[metrics]",
+            "[[link.lane]]\ndestination = \"127.0.0.1:47001\"\nrate_mbps = 10\n\n[metrics]",
+        );
+        let on_lane = |lane: usize| {
+            lanes.replacen(
+                "name = \"historian/events\"",
+                &format!("name = \"historian/events\"\nlane = {lane}"),
+                1,
+            )
+        };
+        let loaded = load(&write(dir.path(), "sender.toml", &on_lane(1))).unwrap();
+        assert_eq!(loaded.lanes.len(), 2);
+        assert_eq!(loaded.lanes[1].destination.port(), 47001);
+        assert_eq!(
+            (loaded.lanes[0].rate_mbps, loaded.lanes[1].rate_mbps),
+            (40.0, 10.0)
+        );
+        assert_eq!(loaded.config.topics[1].lane, 1);
+        let check = crate::describe(&loaded);
+        assert!(
+            check.contains("lane 1 0.0.0.0:0 -> 127.0.0.1:47001") && check.contains(", lane 1"),
+            "{check}"
+        );
+
+        let e = load(&write(dir.path(), "sender.toml", &on_lane(2)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("topic[1]") && e.contains("lane = 2"), "{e}");
+        let same = lanes.replace("127.0.0.1:47001", "127.0.0.1:47000");
+        let e = load(&write(dir.path(), "sender.toml", &same))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("link.lane[0].destination") && e.contains("lane 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn topics_dir_adds_topics_and_rejects_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("topics.d")).unwrap();
