@@ -38,6 +38,21 @@ impl Lanes {
 
     /// As `start`, with more `[link]` keys and more tables (`[journal]`) for the sender.
     fn start_with(relays: [RelayConfig; 2], sender_link: &str, sender_extra: &str) -> Lanes {
+        Self::start_on(
+            relays,
+            sender_link,
+            sender_extra,
+            TOPICS.map(|(_, lane)| lane),
+        )
+    }
+
+    /// As `start_with`, each topic on the lane `on_lane` gives.
+    fn start_on(
+        relays: [RelayConfig; 2],
+        sender_link: &str,
+        sender_extra: &str,
+        on_lane: [usize; 4],
+    ) -> Lanes {
         let dir = tempfile::tempdir().unwrap();
         let listen = [free_port(), free_port()];
         let receiver_metrics = loopback(free_port());
@@ -67,7 +82,7 @@ impl Lanes {
             .collect();
         let feeds: Vec<SocketAddr> = TOPICS.iter().map(|_| loopback(free_port())).collect();
         let mut topics = String::new();
-        for ((name, lane), feed) in TOPICS.iter().zip(&feeds) {
+        for (((name, _), lane), feed) in TOPICS.iter().zip(on_lane).zip(&feeds) {
             topics += &format!(
                 "[[topic]]\nname = \"{name}\"\nlane = {lane}\n\
                  source = {{ kind = \"tcp\", listen = \"{feed}\", framing = \"lines\" }}\n\n"
@@ -200,7 +215,16 @@ fn each_topic_keeps_its_order_over_two_lanes_through_loss() {
     for (topic, records) in &delivered {
         assert_in_order(topic, records);
     }
-    // Each lane carried its own topics, and only those: both sides count per lane.
+    // Each lane carried its own topics' data, not only heartbeats: 8,000 lines of about 24
+    // bytes are some 130 datagrams of data alone.
+    for relay in &lanes.relays {
+        let received = relay
+            .stats
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(received > 130, "a lane carried {received} datagrams");
+    }
+    // Both sides count per lane.
     for lane in 0..2 {
         let label = format!("lane=\"{lane}\"");
         let sent = lanes
@@ -481,6 +505,153 @@ fn a_sender_state_file_keeps_every_lanes_numbers() {
         "a clean restart lost records:\n{}",
         lanes.receiver.log_text()
     );
+}
+
+/// A lane made ready before any topic is on it sends heartbeats and stays up.
+#[test]
+fn a_lane_without_topics_stays_up() {
+    let lanes = Lanes::start_on(
+        [RelayConfig::default(), RelayConfig::default()],
+        "",
+        "",
+        [0; 4],
+    );
+    lanes.feed(0, 0, 100);
+    assert!(wait_for(Duration::from_secs(15), || lanes.count(0) == 100));
+    assert!(
+        wait_for(Duration::from_secs(5), || lanes.lane_up(1) == 1.0
+            && lanes.receiver.metric("diode_link_up", &[]) == 1.0),
+        "{}",
+        lanes.receiver.metrics_text()
+    );
+    // Still up well past four heartbeat intervals: the idle lane did not stop.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(lanes.lane_up(1), 1.0);
+    lanes.assert_one_way();
+}
+
+/// A topic moved to the other lane by a sender restart goes on there at once, with nothing
+/// refused; the gap it left open on its old lane moves with it and a replay fills it; moved
+/// back, it is not taken for lost on the lane it left.
+#[test]
+fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
+    let mut lanes = Lanes::start_with(
+        [RelayConfig::default(), RelayConfig::default()],
+        "",
+        "[journal]\ndir = \"journal\"",
+    );
+    let (topic, _) = TOPICS[1];
+    lanes.feed(1, 0, 300);
+    assert!(wait_for(Duration::from_secs(15), || lanes.count(1) == 300));
+    lanes.relays[1].set_dark(true);
+    lanes.feed(1, 300, 500);
+    let journaled = format!("topic=\"{topic}\"");
+    assert!(wait_for(Duration::from_secs(10), || lanes
+        .sender
+        .metric("diode_journal_records_total", &[&journaled])
+        >= 500.0));
+    std::thread::sleep(Duration::from_millis(300));
+    lanes.relays[1].set_dark(false);
+    lanes.feed(1, 500, 600);
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes
+            .tally(1)
+            .contains_key(&599)),
+        "receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    assert!(records_lost_in_log(&lanes.receiver.log_text(), Some(topic)) > 0);
+
+    // Onto lane 0.
+    let move_to = |lanes: &mut Lanes, lane: usize, log: &str| {
+        lanes.sender.stop();
+        let text = std::fs::read_to_string(&lanes.sender_toml).unwrap();
+        let from = format!("name = \"{topic}\"\nlane = {}", 1 - lane);
+        assert!(text.contains(&from));
+        std::fs::write(
+            &lanes.sender_toml,
+            text.replace(&from, &format!("name = \"{topic}\"\nlane = {lane}")),
+        )
+        .unwrap();
+        let metrics = lanes.sender.metrics;
+        lanes.sender = Service::start(
+            SEND,
+            &lanes.sender_toml,
+            lanes.dir.path().join(log),
+            metrics,
+        );
+        assert!(wait_for(Duration::from_secs(10), || {
+            TcpStream::connect(lanes.feeds[1]).is_ok()
+        }));
+    };
+    move_to(&mut lanes, 0, "sender2.log");
+    lanes.feed(1, 600, 700);
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes
+            .tally(1)
+            .contains_key(&699)),
+        "after the move; receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    assert_eq!(
+        lanes
+            .receiver
+            .metric("diode_lane_topic_conflicts_total", &[]),
+        0.0
+    );
+    // The gap, listed from lane 0's state now, is filled through lane 0.
+    let receiver_toml = lanes.receiver_toml.clone();
+    let gaps = || {
+        let output = std::process::Command::new(RECV)
+            .args(["gaps", "--config"])
+            .arg(&receiver_toml)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let state0 = lanes.dir.path().join("state/receiver.state");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(&state0)
+            .is_ok_and(|t| t.contains(topic) && t.contains("300"))),
+        "the gap did not move to lane 0's state: {}",
+        gaps()
+    );
+    let output = std::process::Command::new(SEND)
+        .args(["replay", "--config"])
+        .arg(&lanes.sender_toml)
+        .args(["--topic", topic, "--seq", "300-499"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 700),
+        "after the replay: {} of 700; gaps: {}\nreceiver log:\n{}",
+        lanes.tally(1).len(),
+        gaps(),
+        lanes.receiver.log_text()
+    );
+    assert!(wait_for(Duration::from_secs(5), || gaps().contains("no open gaps")));
+
+    // And back onto lane 1: nothing is called lost there.
+    let lost_before = records_lost_in_log(&lanes.receiver.log_text(), Some(topic));
+    move_to(&mut lanes, 1, "sender3.log");
+    lanes.feed(1, 700, 800);
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 800),
+        "after moving back: {} of 800; receiver log:\n{}",
+        lanes.tally(1).len(),
+        lanes.receiver.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        records_lost_in_log(&lanes.receiver.log_text(), Some(topic)),
+        lost_before,
+        "moving back reported records lost:\n{}",
+        lanes.receiver.log_text()
+    );
+    assert!(lanes.tally(1).values().all(|n| *n == 1), "a record twice");
+    assert!(gaps().contains("no open gaps"), "{}", gaps());
+    lanes.assert_one_way();
 }
 
 /// A clean sender restart, then 100 more lines for topics 0 (lane 0) and 1 (lane 1), numbered on

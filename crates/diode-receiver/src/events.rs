@@ -277,7 +277,10 @@ impl Events {
         let losses = &mut self.losses;
         match event {
             Event::Record(record) => {
-                if !self.lane.carries(&record.topic, self.pass_now) {
+                if !self
+                    .lane
+                    .carries(&record.topic, session.unwrap_or(0), self.pass_now)
+                {
                     return;
                 }
                 let counters =

@@ -144,6 +144,7 @@ pub async fn start(mut loaded: Loaded, shutdown: Shutdown) -> Result<RunningRece
         );
     }
     let lanes = lanes::Lanes::new(sockets.len(), &metrics);
+    let security_seq: Arc<std::sync::Mutex<u64>> = Arc::default();
     let mut done = Vec::new();
     for (index, (socket, udp, addr)) in sockets.into_iter().enumerate() {
         let state_file = loaded.state_file(index);
@@ -156,7 +157,11 @@ pub async fn start(mut loaded: Loaded, shutdown: Shutdown) -> Result<RunningRece
             router.for_lane(),
             lane_metrics.clone(),
             link.max_topics,
-            security::SecurityEvents::new(loaded.security_route),
+            security::SecurityEvents::new(
+                loaded.security_route,
+                security_seq.clone(),
+                (loaded.lanes.len() > 1).then_some(index),
+            ),
             lanes::Lane::new(index, lanes.clone(), &metrics),
         );
         if index == 0 {

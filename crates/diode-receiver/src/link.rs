@@ -45,7 +45,8 @@ pub struct LinkThread {
 
 /// Per-loop state that is not configuration.
 struct Scratch {
-    /// Datagrams refused for their source address (`allowed_sources`).
+    /// Datagrams this lane refused for their source address (`allowed_sources`), for its
+    /// security events; the exported counter is every lane's.
     refused_source: prometheus_client::metrics::counter::Counter,
     /// Datagrams this lane dropped, for any reason.
     lane_rejected: prometheus_client::metrics::counter::Counter,
@@ -107,7 +108,7 @@ impl LinkThread {
             .lane_datagrams_received
             .get_or_create_owned(&lane_labels);
         let mut scratch = Scratch {
-            refused_source: refused_source.clone(),
+            refused_source: Default::default(),
             lane_rejected: self
                 .metrics
                 .lane_datagrams_rejected
@@ -166,6 +167,7 @@ impl LinkThread {
                                     let _ = self.reassembler.handle_datagram(now, datagram);
                                 } else {
                                     refused_source.inc();
+                                    scratch.refused_source.inc();
                                     scratch.lane_rejected.inc();
                                 }
                             }
@@ -199,14 +201,18 @@ impl LinkThread {
         if now >= scratch.next_gauges {
             scratch.next_gauges = now + GAUGE_INTERVAL;
             // Listed once a second, for the state file and the status page both.
+            self.events.lane.exchange(&mut self.reassembler);
             let gaps = self.reassembler.open_gaps();
-            // The status page is lane 0's, with every lane's state and gaps.
+            // The status page is lane 0's, with every lane's state, gaps and topics.
             if self.lanes.count() == 1 {
-                self.update_board(&gaps);
+                self.update_board(&gaps, None);
             } else {
                 self.lanes.set_gaps(self.lane, gaps.clone());
+                self.lanes
+                    .set_last_records(self.lane, self.events.status_notes().1);
                 if self.lane == 0 {
-                    self.update_board(&self.lanes.all_gaps());
+                    let records = self.lanes.all_last_records();
+                    self.update_board(&self.lanes.all_gaps(), Some(records));
                 }
             }
             self.save_state(gaps);
@@ -243,7 +249,12 @@ impl LinkThread {
         }
     }
 
-    fn update_board(&self, open: &[(std::sync::Arc<str>, diode_wire::OpenGap)]) {
+    /// `last_records`: every lane's topics, when there are several.
+    fn update_board(
+        &self,
+        open: &[(std::sync::Arc<str>, diode_wire::OpenGap)],
+        last_records: Option<Vec<Vec<String>>>,
+    ) {
         let gaps: Vec<_> = open
             .iter()
             .map(|(topic, g)| (topic, g.first_seq, g.last_seq, g.after_us, g.before_us))
@@ -253,7 +264,8 @@ impl LinkThread {
             .reassembler
             .session_id()
             .map_or("none yet".to_owned(), |id| format!("{id:016x}"));
-        let (link, last_records) = self.events.status_notes();
+        let (link, own_records) = self.events.status_notes();
+        let last_records = last_records.unwrap_or(own_records);
         let mut facts = vec![(
             "Link".to_owned(),
             link.unwrap_or_else(|| "no datagram yet".into()),

@@ -355,11 +355,14 @@ impl Router {
         }
     }
 
-    /// Adds a record to route `index` alone, whatever its filters (the internal route of the
-    /// security events); dropped, counted, when its queue is full.
-    pub fn push(&mut self, index: usize, record: &Record) {
+    /// Hands a record to route `index` alone, whatever its filters (the internal route of the
+    /// security events), at once; dropped, counted, when the route's queue is full.
+    pub fn push_now(&mut self, index: usize, record: &Record) {
         if let Some(route) = self.routes.get_mut(index) {
             route.offer(record);
+            if !route.pending.is_empty() {
+                let _ = route.queue.send(std::mem::take(&mut route.pending));
+            }
         }
     }
 

@@ -67,22 +67,32 @@ pub struct SecurityEvents {
     /// Counts as last reported: per security reason, then `source`, then records lost.
     reported: [u64; SECURITY_REASONS.len() + 2],
     next_report: Instant,
-    seq: u64,
+    /// The events' sequence numbers, shared by every lane's link thread (wire-format.md §7):
+    /// one topic, numbered once, handed to the route in that order.
+    seq: Arc<std::sync::Mutex<u64>>,
+    /// With several lanes, each message says which lane it is about.
+    lane: Option<usize>,
 }
 
 impl SecurityEvents {
-    pub fn new(route: Option<usize>) -> Self {
+    /// `seq` is shared by the lanes; `lane` is set when there are several.
+    pub fn new(route: Option<usize>, seq: Arc<std::sync::Mutex<u64>>, lane: Option<usize>) -> Self {
         SecurityEvents {
             route,
             hostname: diode_common::hostname(),
             reported: [0; SECURITY_REASONS.len() + 2],
             next_report: Instant::now() + REPORT_INTERVAL,
-            seq: 0,
+            seq,
+            lane,
         }
     }
 
     /// One event: a log line and, when configured, a syslog message.
     pub fn emit(&mut self, router: &mut Router, kind: Kind, message: String) {
+        let message = match self.lane {
+            Some(lane) => format!("lane {lane}: {message}"),
+            None => message,
+        };
         if kind.severity() <= 4 {
             tracing::warn!(target: "diode::security", msgid = kind.msgid(), "{message}");
         } else {
@@ -103,9 +113,11 @@ impl SecurityEvents {
             "msgid": kind.msgid(),
             "message": message,
         });
+        // Numbered and handed over under one lock, so that the route gets them in order.
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         let record = Record {
             topic: Arc::from("diode/security-events"),
-            seq: self.seq,
+            seq: *seq,
             session_id: 0,
             time_us: diode_common::unix_time_us(),
             origin: Some(proto::Origin {
@@ -115,8 +127,8 @@ impl SecurityEvents {
             late: false,
             payload: Bytes::from(payload.to_string()),
         };
-        self.seq += 1;
-        router.push(route, &record);
+        *seq += 1;
+        router.push_now(route, &record);
     }
 
     /// Reports what was rejected or lost since the last report, once per interval at most.

@@ -239,6 +239,14 @@ pub struct Loaded {
 }
 
 impl LinkConfig {
+    /// Lane `lane`'s pacing ceiling (lane 0 and lanes without one of their own: `rate_mbps`).
+    pub fn lane_rate_mbps(&self, lane: usize) -> f64 {
+        lane.checked_sub(1)
+            .and_then(|i| self.lanes.get(i))
+            .and_then(|l| l.rate_mbps)
+            .unwrap_or(self.rate_mbps)
+    }
+
     /// The design point of the block parity (wire-format.md §3.1).
     pub fn design(&self) -> diode_wire::DesignPoint {
         diode_wire::DesignPoint {
@@ -386,7 +394,7 @@ pub fn load_source(source: ConfigSource) -> Result<Loaded, ConfigError> {
     }];
     for (i, lane) in config.link.lanes.iter().enumerate() {
         let key = |k: &str| format!("link.lane[{i}].{k}");
-        let rate_mbps = lane.rate_mbps.unwrap_or(config.link.rate_mbps);
+        let rate_mbps = config.link.lane_rate_mbps(i + 1);
         if !(rate_mbps.is_finite() && rate_mbps > 0.0) {
             return Err(source.invalid(
                 &key("rate_mbps"),
@@ -628,13 +636,11 @@ fn check_topic(
                 format!("{rate} must be a positive number of megabits per second"),
             ));
         }
-        if rate > link.rate_mbps {
+        let ceiling = link.lane_rate_mbps(topic.lane);
+        if rate > ceiling {
             return Err(scope.invalid(
                 "rate_mbps",
-                format!(
-                    "{rate} is above the link's own ceiling ({} Mb/s)",
-                    link.rate_mbps
-                ),
+                format!("{rate} is above its lane's own ceiling ({ceiling} Mb/s)"),
             ));
         }
     }

@@ -557,9 +557,22 @@ fn protected_rate_shortfall(config: &config::SenderConfig) -> Option<f64> {
     if link.outage_protection_ms == 0 {
         return None;
     }
-    let ceilings: Option<Vec<f64>> = config.topics.iter().map(|t| t.rate_mbps).collect();
-    let needed = ceilings?.iter().sum::<f64>() * link.full_block_wire_factor();
-    (needed > link.rate_mbps).then_some(needed)
+    let ceilings: Option<Vec<(usize, f64)>> = config
+        .topics
+        .iter()
+        .map(|t| Some((t.lane, t.rate_mbps?)))
+        .collect();
+    let ceilings = ceilings?;
+    // Lane by lane: each is paced on its own.
+    (0..=link.lanes.len()).find_map(|lane| {
+        let needed = ceilings
+            .iter()
+            .filter(|(l, _)| *l == lane)
+            .map(|(_, rate)| rate)
+            .sum::<f64>()
+            * link.full_block_wire_factor();
+        (needed > link.lane_rate_mbps(lane)).then_some(needed)
+    })
 }
 
 /// A readable summary of what a configuration would do, for `diode-send check`.

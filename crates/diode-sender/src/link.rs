@@ -217,7 +217,10 @@ impl LinkThread {
             // The sources are gone only when neither queue has a sender left: a sender whose
             // topics are all bulk (files) has no live queue from the start.
             let sources_gone = disconnected && self.bulk.is_disconnected();
-            if (sources_gone || self.shutdown.is_triggered()) && stopping_since.is_none() {
+            // A lane without topics (one made ready before topics move onto it) has no source
+            // to wait for: it sends its heartbeats, so the IT side sees it up, until shutdown.
+            let sources_ended = sources_gone && !self.topics.is_empty();
+            if (sources_ended || self.shutdown.is_triggered()) && stopping_since.is_none() {
                 stopping_since = Some(now);
             }
             // What bulk sources queued goes out first (a files source saved its place as sent),

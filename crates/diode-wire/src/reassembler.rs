@@ -563,6 +563,26 @@ impl Reassembler {
             .collect();
     }
 
+    /// Lets go of a topic that another reassembler now carries (a receiver's other lane,
+    /// wire-format.md §7): its place in the current session, its mark and its open gaps leave
+    /// this one, which would otherwise take the topic's later numbers, should it come back
+    /// here, for records lost. Returns the open gaps, for the one that carries it now.
+    pub fn hand_over(&mut self, topic: &str) -> Vec<OpenGap> {
+        self.carried.remove(topic);
+        if let Some(session) = &mut self.session {
+            session.topics.remove(topic);
+        }
+        let gaps = self
+            .gaps
+            .list()
+            .into_iter()
+            .filter(|(t, _)| &**t == topic)
+            .map(|(_, gap)| gap)
+            .collect();
+        self.gaps.clear(topic);
+        gaps
+    }
+
     /// Bytes the cached Reed-Solomon codecs can come to hold.
     pub fn codec_cache_bytes(&self) -> usize {
         self.codecs.bytes()
