@@ -63,7 +63,9 @@ impl LinkThread {
     /// readiness, then `recvmmsg` batches of up to 32 buffers, each holding up to 64 datagrams
     /// coalesced by GRO.
     pub fn run(self) {
-        let _lane = tracing::info_span!("lane", lane = self.lane).entered();
+        // With several lanes, each link thread's lines say which; one lane logs as it always has.
+        let _lane = (self.lanes.count() > 1)
+            .then(|| tracing::info_span!("lane", lane = self.lane).entered());
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

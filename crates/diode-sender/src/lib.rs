@@ -459,6 +459,7 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
             journal,
             sequences: sequences.clone(),
             closing: closing.clone(),
+            closed: false,
             reserve_failed: None,
             waker,
         };

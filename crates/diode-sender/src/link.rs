@@ -49,6 +49,8 @@ pub struct LinkThread {
     /// What the lanes finish together: the sequence numbers kept across restarts, and the
     /// journal's writer.
     pub closing: LanesClosing,
+    /// This lane has said it stopped (`close_journal`).
+    pub closed: bool,
     /// When reserving sequence numbers last failed: retried a second later, not per record.
     pub reserve_failed: Option<Instant>,
     pub waker: LinkWaker,
@@ -83,12 +85,24 @@ pub struct LinkJournal {
     pub replay: flume::Receiver<crate::replay::Replayed>,
 }
 
+/// A link thread that ends any other way than its clean stop (a panic) still counts itself out,
+/// so that the other lanes' stop writes the sequence numbers and joins the journal's writer.
+impl Drop for LinkThread {
+    fn drop(&mut self) {
+        self.close_journal();
+    }
+}
+
 /// What every lane's link thread shares at a clean stop. The last lane to stop writes each
 /// topic's exact next sequence number (every lane's topics, so one lane stopping early cannot
 /// write another's numbers back) and joins the journal's writer, whose queue closes once every
 /// lane has let go of it, so the journal is synced before the sender says it has stopped.
 #[derive(Clone)]
-pub struct LanesClosing(std::sync::Arc<std::sync::Mutex<Closing>>);
+pub struct LanesClosing {
+    /// How many lanes the link has.
+    lanes: usize,
+    closing: std::sync::Arc<std::sync::Mutex<Closing>>,
+}
 
 struct Closing {
     lanes_running: usize,
@@ -105,16 +119,19 @@ impl LanesClosing {
         sequences: Option<crate::journal::SharedSequences>,
         writer: Option<std::thread::JoinHandle<()>>,
     ) -> Self {
-        LanesClosing(std::sync::Arc::new(std::sync::Mutex::new(Closing {
-            lanes_running: lanes,
-            next: first_seqs,
-            sequences,
-            writer,
-        })))
+        LanesClosing {
+            lanes,
+            closing: std::sync::Arc::new(std::sync::Mutex::new(Closing {
+                lanes_running: lanes,
+                next: first_seqs,
+                sequences,
+                writer,
+            })),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Closing> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.closing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A lane has stopped, its topics' next numbers by configuration index.
@@ -151,7 +168,9 @@ const MAX_BATCH_DATAGRAMS: usize = 32;
 
 impl LinkThread {
     pub fn run(mut self) {
-        let _lane = tracing::info_span!("lane", lane = self.lane).entered();
+        // With several lanes, each link thread's lines say which; one lane logs as it always has.
+        let _lane = (self.closing.lanes > 1)
+            .then(|| tracing::info_span!("lane", lane = self.lane).entered());
         self.waker.register();
         let mut noted_drops = vec![0u64; self.topics.len()];
         let mut noted_records_in = vec![0u64; self.topics.len()];
@@ -400,6 +419,9 @@ impl LinkThread {
 
     /// At a clean stop: the exact next sequence numbers, and the journal synced.
     fn close_journal(&mut self) {
+        if std::mem::replace(&mut self.closed, true) {
+            return;
+        }
         // This lane's hold on the journal's queue goes first, so that the last lane's join
         // finds the writer done.
         self.journal = None;
