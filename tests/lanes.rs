@@ -250,6 +250,17 @@ fn each_topic_keeps_its_order_over_two_lanes_through_loss() {
             .metric("diode_lane_topic_conflicts_total", &[]),
         0.0
     );
+    // The status page (lane 0's) shows every lane's state and every lane's topics.
+    let status = || http_get(lanes.receiver.metrics, "/status.json");
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let status = status();
+            status.contains("lane 0 up, lane 1 up")
+                && TOPICS.iter().all(|(topic, _)| status.contains(topic))
+        }),
+        "{}",
+        status()
+    );
     // The relays' loss was repaired, not reported.
     assert!(
         !lanes
