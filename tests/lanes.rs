@@ -641,7 +641,12 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
         gaps(),
         lanes.receiver.log_text()
     );
-    assert!(wait_for(Duration::from_secs(5), || gaps().contains("no open gaps")));
+    assert!(
+        wait_for(Duration::from_secs(5), || gaps().contains("no open gaps")),
+        "{}\nreceiver log:\n{}",
+        gaps(),
+        lanes.receiver.log_text()
+    );
 
     // And back onto lane 1: nothing is called lost there.
     let lost_before = records_lost_in_log(&lanes.receiver.log_text(), Some(topic));

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use diode_common::LogThrottle;
 use diode_wire::{proto, Event};
 
+use crate::lanes::Verdict;
 use crate::metrics::{ReceiverMetrics, TopicCounters, TopicLabels};
 use crate::route::Router;
 
@@ -17,6 +18,8 @@ pub struct Events {
     pub router: Router,
     /// This link thread's lane, and what it shares with the others.
     pub lane: crate::lanes::Lane,
+    /// Records whose topic is moving to this lane from another (wire-format.md §7).
+    waiting: Waiting,
     /// When the last pass ended: a clock for what needs no finer one.
     pass_now: Instant,
     metrics: ReceiverMetrics,
@@ -34,6 +37,45 @@ pub struct Events {
     /// When the sender's session started and its version, as its heartbeats say.
     sender_started_us: i64,
     sender_version: String,
+}
+
+/// Records of topics moving to this lane, held in order until the lane they come from has seen
+/// the sender's new session (at most `TOPIC_HOLD`, lanes.rs), within a budget.
+#[derive(Default)]
+struct Waiting {
+    records: Vec<diode_wire::Record>,
+    bytes: usize,
+    topics: std::collections::HashSet<Arc<str>>,
+}
+
+/// What records may wait for their topic to settle on a lane; past it they are refused,
+/// counted as conflicts and logged.
+const WAITING_MAX_BYTES: usize = 16 << 20;
+
+impl Waiting {
+    fn holds(&self, topic: &Arc<str>) -> bool {
+        !self.topics.is_empty() && self.topics.contains(topic)
+    }
+
+    fn push(&mut self, record: diode_wire::Record, lane: &crate::lanes::Lane) {
+        let cost = record.payload.len() + 64;
+        if self.bytes + cost > WAITING_MAX_BYTES {
+            static FULL: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+            if let Some(folded) = FULL.allow() {
+                tracing::error!(
+                    topic = %record.topic,
+                    seq = record.seq,
+                    folded,
+                    "records of a topic moving to this lane refused: too many waiting"
+                );
+            }
+            lane.count_refused();
+            return;
+        }
+        self.bytes += cost;
+        self.topics.insert(record.topic.clone());
+        self.records.push(record);
+    }
 }
 
 /// The sender's cumulative counters as last seen, to turn them into increments.
@@ -194,6 +236,7 @@ impl Events {
         Events {
             router,
             lane,
+            waiting: Waiting::default(),
             pass_now: Instant::now(),
             metrics,
             topic_counters: HashMap::new(),
@@ -268,6 +311,7 @@ impl Events {
     /// this pass's records.
     pub fn end_pass(&mut self, now: Instant) {
         self.pass_now = now;
+        self.settle_waiting();
         self.losses.flush_due(now);
         self.router.flush();
     }
@@ -277,22 +321,18 @@ impl Events {
         let losses = &mut self.losses;
         match event {
             Event::Record(record) => {
-                if !self
-                    .lane
-                    .carries(&record.topic, session.unwrap_or(0), self.pass_now)
-                {
+                if self.waiting.holds(&record.topic) {
+                    self.waiting.push(record, &self.lane);
                     return;
                 }
-                let counters =
-                    Self::topic_counters(&self.metrics, &mut self.topic_counters, &record.topic);
-                counters.out.inc();
-                if record.late {
-                    counters.recovered.inc();
-                } else {
-                    counters.last_seq = Some(record.seq);
-                    counters.last_time_us = record.time_us;
+                match self
+                    .lane
+                    .carries(&record.topic, record.session_id, self.pass_now)
+                {
+                    Verdict::Deliver => self.deliver(&record),
+                    Verdict::Wait => self.waiting.push(record, &self.lane),
+                    Verdict::Refuse => {}
                 }
-                self.router.route(&record);
             }
             Event::Gap(gap) => {
                 losses.gap(Instant::now(), &gap);
@@ -310,6 +350,7 @@ impl Events {
                 previous,
                 mid_stream,
             } => {
+                self.lane.set_session(session_id);
                 // Sessions only change on a sender's restart or a proven takeover (§6.1), but
                 // a line per change is still capped.
                 static RESTARTS: LogThrottle = LogThrottle::new(Duration::from_secs(1));
@@ -397,6 +438,43 @@ impl Events {
                     crate::security::Kind::LinkDown,
                     message.into(),
                 );
+            }
+        }
+    }
+
+    fn deliver(&mut self, record: &diode_wire::Record) {
+        let counters = Self::topic_counters(&self.metrics, &mut self.topic_counters, &record.topic);
+        counters.out.inc();
+        if record.late {
+            counters.recovered.inc();
+        } else {
+            counters.last_seq = Some(record.seq);
+            counters.last_time_us = record.time_us;
+        }
+        self.router.route(record);
+    }
+
+    /// Records that waited for their topic to settle on this lane, in order: delivered once it
+    /// has, dropped (counted) if another lane keeps it.
+    fn settle_waiting(&mut self) {
+        if self.waiting.records.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.waiting.records);
+        self.waiting.bytes = 0;
+        self.waiting.topics.clear();
+        for record in records {
+            if self.waiting.holds(&record.topic) {
+                self.waiting.push(record, &self.lane);
+                continue;
+            }
+            match self
+                .lane
+                .carries(&record.topic, record.session_id, self.pass_now)
+            {
+                Verdict::Deliver => self.deliver(&record),
+                Verdict::Wait => self.waiting.push(record, &self.lane),
+                Verdict::Refuse => {}
             }
         }
     }

@@ -13,10 +13,10 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{LaneLabels, ReceiverMetrics};
 
-/// A topic delivered by one lane is refused on another, in a session no newer, until the first
-/// has delivered none of it for this long: two senders numbering one topic each their own way
-/// would otherwise interleave two sequences in the sinks. A topic moved to another lane by a
-/// sender's restart comes in a newer session, and moves at once.
+/// A topic delivered by one lane is not delivered by another until the first has delivered none
+/// of it for this long, unless the second's records come in a newer session that the first lane
+/// has moved to as well (or is authenticated): two senders numbering one topic each their own
+/// way would otherwise interleave two sequences in the sinks.
 const TOPIC_HOLD: Duration = Duration::from_secs(3);
 /// The shared table of topics is swept of entries past `TOPIC_HOLD` once it holds this many.
 const TOPICS_SWEEP_AT: usize = 8192;
@@ -33,12 +33,12 @@ struct Claim {
     at: Instant,
 }
 
-/// A topic on its way from one lane to another, with the open gaps the first held, once it has
-/// let go of them.
+/// A topic another lane carries now, for lane `from` to let go of: its open gaps go to `to`, or
+/// nowhere when they are of a numbering that lane refused.
 struct Handover {
     topic: Arc<str>,
     from: usize,
-    to: usize,
+    to: Option<usize>,
     gaps: Option<Vec<diode_wire::OpenGap>>,
 }
 
@@ -46,11 +46,26 @@ struct Handover {
 struct LaneState {
     up: bool,
     loss_ratio: f64,
+    /// The lane's current session (0: none yet).
+    session: u64,
+}
+
+/// What a lane does with a record of a topic (`Lane::carries`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Deliver,
+    /// Another lane carried it lately, in an older session that lane has not left yet: wait
+    /// (a sender restarted with the topic moved here, and the other lane is about to see it).
+    Wait,
+    /// Another lane carries it in a session at least as new: two senders, or one misconfigured.
+    Refuse,
 }
 
 /// Every lane's state, shared by their link threads.
 pub struct Lanes {
     count: usize,
+    /// Sessions are genuine (the link is authenticated): a newer one takes a topic over at once.
+    authenticated: bool,
     /// Each lane's link state and loss ratio, changed and summed under one lock so that two
     /// lanes changing at once cannot leave the link's gauges stale.
     states: Mutex<Vec<LaneState>>,
@@ -67,9 +82,10 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    pub fn new(count: usize, metrics: &ReceiverMetrics) -> Arc<Lanes> {
+    pub fn new(count: usize, authenticated: bool, metrics: &ReceiverMetrics) -> Arc<Lanes> {
         Arc::new(Lanes {
             count,
+            authenticated,
             states: Mutex::new(vec![LaneState::default(); count]),
             topics: Mutex::new(HashMap::new()),
             gaps: Mutex::new(vec![Vec::new(); count]),
@@ -131,7 +147,7 @@ pub struct Lane {
     lanes: Arc<Lanes>,
     up: Gauge,
     /// This lane's answers about topics, and when each was taken.
-    carries: HashMap<Arc<str>, (bool, Instant)>,
+    carries: HashMap<Arc<str>, (Verdict, Instant)>,
     conflicts: Counter,
 }
 
@@ -159,6 +175,12 @@ impl Lane {
         self.lanes.link_up.set(i64::from(all));
     }
 
+    /// The lane's current session, which another lane's newer one waits for before it takes a
+    /// topic over on an unauthenticated link.
+    pub fn set_session(&self, session: u64) {
+        self.lanes.lock_states()[self.index].session = session;
+    }
+
     /// `diode_link_loss_ratio` is the worst lane's.
     pub fn set_loss_ratio(&self, ratio: f64) {
         let mut states = self.lanes.lock_states();
@@ -170,65 +192,65 @@ impl Lane {
         self.lanes.link_loss_ratio.set(worst);
     }
 
-    /// Whether this lane may deliver `topic` now, in `session` (the lane's current one): it may
-    /// unless another lane delivered it within `TOPIC_HOLD` in a session no older. A lane that
-    /// takes a topic over asks the other to hand over what it knew of it (`exchange`).
-    /// Refusals are counted and logged. Free with a single lane.
-    pub fn carries(&mut self, topic: &Arc<str>, session: u64, now: Instant) -> bool {
+    /// A record refused without asking (its lane could not hold it while it waited).
+    pub fn count_refused(&self) {
+        self.conflicts.inc();
+    }
+
+    /// What this lane does now with a record of `topic` from `session` (wire-format.md §7).
+    /// Taking a topic over, the lane asks the others to let go of what they knew of it
+    /// (`exchange`). Refusals are counted and logged. Free with a single lane.
+    pub fn carries(&mut self, topic: &Arc<str>, session: u64, now: Instant) -> Verdict {
         if self.lanes.count == 1 {
-            return true;
+            return Verdict::Deliver;
         }
-        if let Some((answer, at)) = self.carries.get(topic) {
+        if let Some((verdict, at)) = self.carries.get(topic) {
             if now.saturating_duration_since(*at) < TOPIC_RECHECK {
-                if !answer {
+                if *verdict == Verdict::Refuse {
                     self.conflicts.inc();
                 }
-                return *answer;
+                return *verdict;
             }
         }
-        let answer = {
-            let mut topics = self.lanes.topics.lock().unwrap_or_else(|e| e.into_inner());
-            if topics.len() >= TOPICS_SWEEP_AT && !topics.contains_key(topic) {
-                topics.retain(|_, claim| now.saturating_duration_since(claim.at) < TOPIC_HOLD);
+        let verdict = self.decide(topic, session, now);
+        match verdict {
+            Verdict::Refuse => {
+                self.conflicts.inc();
             }
-            let mine = Claim {
-                lane: self.index,
-                session,
-                at: now,
-            };
-            match topics.get(topic).copied() {
-                None => {
-                    topics.insert(topic.clone(), mine);
-                    true
-                }
-                Some(claim) if claim.lane == self.index => {
-                    topics.insert(topic.clone(), mine);
-                    true
-                }
-                Some(claim)
-                    if session > claim.session
-                        || now.saturating_duration_since(claim.at) >= TOPIC_HOLD =>
-                {
-                    tracing::info!(
-                        topic = %topic,
-                        lane = self.index,
-                        from_lane = claim.lane,
-                        "topic moved to this lane"
-                    );
-                    topics.insert(topic.clone(), mine);
-                    self.lanes
-                        .handovers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(Handover {
-                            topic: topic.clone(),
-                            from: claim.lane,
-                            to: self.index,
-                            gaps: None,
-                        });
-                    true
-                }
-                Some(claim) => {
+            // Asked again at every pass until it is settled.
+            Verdict::Wait => return verdict,
+            Verdict::Deliver => {}
+        }
+        if self.carries.len() >= TOPICS_SWEEP_AT && !self.carries.contains_key(topic) {
+            self.carries
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < TOPIC_RECHECK);
+        }
+        self.carries.insert(topic.clone(), (verdict, now));
+        verdict
+    }
+
+    fn decide(&self, topic: &Arc<str>, session: u64, now: Instant) -> Verdict {
+        let mut topics = self.lanes.topics.lock().unwrap_or_else(|e| e.into_inner());
+        if topics.len() >= TOPICS_SWEEP_AT && !topics.contains_key(topic) {
+            topics.retain(|_, claim| now.saturating_duration_since(claim.at) < TOPIC_HOLD);
+        }
+        let mine = Claim {
+            lane: self.index,
+            session,
+            at: now,
+        };
+        let claim = topics.get(topic).copied();
+        let from: Vec<usize> = match claim {
+            Some(claim) if claim.lane == self.index => Vec::new(),
+            Some(claim) => {
+                let expired = now.saturating_duration_since(claim.at) >= TOPIC_HOLD;
+                let newer = session > claim.session;
+                let followed = self.lanes.authenticated
+                    || self.lanes.lock_states()[claim.lane].session >= session;
+                if !(expired || newer && followed) {
+                    if newer {
+                        return Verdict::Wait;
+                    }
                     static REFUSED: LogThrottle = LogThrottle::new(Duration::from_secs(10));
                     if let Some(folded) = REFUSED.allow() {
                         tracing::error!(
@@ -240,19 +262,55 @@ impl Lane {
                              configured on two lanes, or sent by two senders?)"
                         );
                     }
-                    false
+                    // What this lane knew of the topic is of the numbering it refuses.
+                    self.push_handover(topic, self.index, None);
+                    return Verdict::Refuse;
                 }
+                tracing::info!(
+                    topic = %topic,
+                    lane = self.index,
+                    from_lane = claim.lane,
+                    "topic moved to this lane"
+                );
+                vec![claim.lane]
             }
+            // First seen since this receiver started (or long quiet): whatever another lane
+            // kept of it from before (its state file) comes here.
+            None => (0..self.lanes.count).filter(|l| *l != self.index).collect(),
         };
-        if !answer {
-            self.conflicts.inc();
+        topics.insert(topic.clone(), mine);
+        drop(topics);
+        let mut handovers = self
+            .lanes
+            .handovers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // This lane carries the topic now: an earlier request that it let go is stale.
+        handovers.retain(|h| !(h.from == self.index && h.gaps.is_none() && h.topic == *topic));
+        drop(handovers);
+        for lane in from {
+            self.push_handover(topic, lane, Some(self.index));
         }
-        if self.carries.len() >= TOPICS_SWEEP_AT && !self.carries.contains_key(topic) {
-            self.carries
-                .retain(|_, (_, at)| now.saturating_duration_since(*at) < TOPIC_RECHECK);
+        Verdict::Deliver
+    }
+
+    fn push_handover(&self, topic: &Arc<str>, from: usize, to: Option<usize>) {
+        let mut handovers = self
+            .lanes
+            .handovers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let pending = handovers
+            .iter()
+            .any(|h| h.gaps.is_none() && h.from == from && h.to == to && h.topic == *topic);
+        if !pending {
+            handovers.push(Handover {
+                topic: topic.clone(),
+                from,
+                to,
+                gaps: None,
+            });
         }
-        self.carries.insert(topic.clone(), (answer, now));
-        answer
     }
 
     /// Once a second: lets go of the topics another lane took from this one, handing their open
@@ -273,7 +331,11 @@ impl Lane {
             }
         }
         handovers.retain_mut(|handover| {
-            if handover.to != self.index {
+            // Let go of, with nowhere to go: done.
+            if handover.to.is_none() && handover.gaps.is_some() {
+                return false;
+            }
+            if handover.to != Some(self.index) {
                 return true;
             }
             let Some(gaps) = handover.gaps.take() else {
@@ -304,7 +366,7 @@ mod tests {
     #[test]
     fn the_link_is_up_only_while_every_lane_is() {
         let m = metrics();
-        let lanes = Lanes::new(2, &m);
+        let lanes = Lanes::new(2, false, &m);
         let (a, b) = (
             Lane::new(0, lanes.clone(), &m),
             Lane::new(1, lanes.clone(), &m),
@@ -323,30 +385,93 @@ mod tests {
     }
 
     #[test]
-    fn a_topic_stays_with_the_lane_that_carries_it_until_that_lane_lets_go() {
+    fn a_topic_stays_with_its_lane_until_that_lane_lets_go_or_the_sender_moves_it() {
+        use Verdict::*;
         let m = metrics();
-        let lanes = Lanes::new(2, &m);
+        let lanes = Lanes::new(2, false, &m);
         let (mut a, mut b) = (Lane::new(0, lanes.clone(), &m), Lane::new(1, lanes, &m));
+        a.set_session(7);
+        b.set_session(7);
         let topic: Arc<str> = Arc::from("line1/temp");
         let t0 = Instant::now();
-        // Two senders, the same session age: the first lane keeps the topic.
-        assert!(a.carries(&topic, 7, t0));
-        assert!(!b.carries(&topic, 7, t0 + Duration::from_millis(10)));
+        // Records of one topic on two lanes in one session: the first lane keeps it.
+        assert_eq!(a.carries(&topic, 7, t0), Deliver);
+        assert_eq!(b.carries(&topic, 7, t0 + Duration::from_millis(10)), Refuse);
         // The owner goes on delivering: its hold is refreshed, the other stays refused.
         for s in 1..6 {
             let at = t0 + Duration::from_millis(1100 * s);
-            assert!(a.carries(&topic, 7, at));
-            assert!(!b.carries(&topic, 7, at));
+            assert_eq!(a.carries(&topic, 7, at), Deliver);
+            assert_eq!(b.carries(&topic, 7, at), Refuse);
         }
         assert_eq!(m.lane_topic_conflicts.get(), 6);
         // The owner falls silent: the other takes it after the hold.
         let later = t0 + Duration::from_millis(5500) + TOPIC_HOLD;
-        assert!(b.carries(&topic, 7, later));
-        assert!(!a.carries(&topic, 7, later + TOPIC_RECHECK));
-        // A newer session (the sender restarted with the topic on the other lane) moves it at
-        // once.
+        assert_eq!(b.carries(&topic, 7, later), Deliver);
+        assert_eq!(a.carries(&topic, 7, later + TOPIC_RECHECK), Refuse);
+        // The sender restarts with the topic back on lane 0: its records wait until lane 1 has
+        // seen the new session too (unauthenticated, a forged session on lane 0 alone must not
+        // take the topic), then move at once.
         let moved = later + TOPIC_RECHECK * 2;
-        assert!(a.carries(&topic, 8, moved));
-        assert!(!b.carries(&topic, 7, moved + TOPIC_RECHECK));
+        a.set_session(8);
+        assert_eq!(a.carries(&topic, 8, moved), Wait);
+        b.set_session(8);
+        assert_eq!(a.carries(&topic, 8, moved), Deliver);
+        assert_eq!(b.carries(&topic, 7, moved + TOPIC_RECHECK), Refuse);
+    }
+
+    #[test]
+    fn a_newer_authenticated_session_moves_a_topic_at_once() {
+        let m = metrics();
+        let lanes = Lanes::new(2, true, &m);
+        let (mut a, mut b) = (Lane::new(0, lanes.clone(), &m), Lane::new(1, lanes, &m));
+        let topic: Arc<str> = Arc::from("line1/temp");
+        let t0 = Instant::now();
+        assert_eq!(a.carries(&topic, 7, t0), Verdict::Deliver);
+        assert_eq!(b.carries(&topic, 8, t0), Verdict::Deliver);
+    }
+
+    #[test]
+    fn the_lane_a_topic_leaves_hands_its_open_gaps_to_the_lane_that_takes_it() {
+        let m = metrics();
+        let lanes = Lanes::new(2, true, &m);
+        let (mut a, mut b) = (Lane::new(0, lanes.clone(), &m), Lane::new(1, lanes, &m));
+        let config = || diode_wire::ReassemblerConfig::default();
+        let (mut ra, mut rb) = (
+            diode_wire::Reassembler::new(config()),
+            diode_wire::Reassembler::new(config()),
+        );
+        let topic: Arc<str> = Arc::from("line1/temp");
+        let gap = diode_wire::OpenGap {
+            first_seq: 300,
+            last_seq: 499,
+            after_us: 1,
+            before_us: 2,
+        };
+        // Lane 0 kept a gap of the topic from before a restart; lane 1 carries it now.
+        ra.restore_gaps([(topic.clone(), gap)]);
+        assert_eq!(b.carries(&topic, 9, Instant::now()), Verdict::Deliver);
+        b.exchange(&mut rb);
+        assert!(rb.open_gaps().is_empty(), "nothing to take yet");
+        a.exchange(&mut ra);
+        assert!(ra.open_gaps().is_empty());
+        b.exchange(&mut rb);
+        assert_eq!(rb.open_gaps(), vec![(topic.clone(), gap)]);
+        assert!(lanes_handovers_empty(&a));
+        // A lane that refuses a topic forgets what it knew of it, and gives it to no one.
+        ra.restore_gaps([(topic.clone(), gap)]);
+        assert_eq!(a.carries(&topic, 9, Instant::now()), Verdict::Refuse);
+        a.exchange(&mut ra);
+        b.exchange(&mut rb);
+        assert!(ra.open_gaps().is_empty());
+        assert_eq!(rb.open_gaps().len(), 1);
+        assert!(lanes_handovers_empty(&a));
+    }
+
+    fn lanes_handovers_empty(lane: &Lane) -> bool {
+        lane.lanes
+            .handovers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 }

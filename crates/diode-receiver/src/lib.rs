@@ -143,7 +143,7 @@ pub async fn start(mut loaded: Loaded, shutdown: Shutdown) -> Result<RunningRece
              while it was down, nor refuse a replay of records it already delivered"
         );
     }
-    let lanes = lanes::Lanes::new(sockets.len(), &metrics);
+    let lanes = lanes::Lanes::new(sockets.len(), !loaded.keys.is_empty(), &metrics);
     let security_seq: Arc<std::sync::Mutex<u64>> = Arc::default();
     let mut done = Vec::new();
     for (index, (socket, udp, addr)) in sockets.into_iter().enumerate() {

@@ -129,6 +129,7 @@ impl LinkThread {
                 .min(Instant::now() + IDLE_WAKE);
             tokio::select! {
                 _ = shutdown.wait() => {
+                    self.events.lane.exchange(&mut self.reassembler);
                     self.save_state(self.reassembler.open_gaps());
                     // What the last, unfinished interval rejected or lost is reported too.
                     let refused = scratch.refused_source.get();
