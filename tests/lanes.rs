@@ -152,6 +152,51 @@ impl Lanes {
         tally
     }
 
+    /// Lines `from..to` of topic 1 (lane 1) fed while lane 1 is dark, all journaled; then lines
+    /// `to..after` with the lane back, until the last has arrived: a gap of `from..to` behind.
+    fn lose_on_lane_1(&self, from: usize, to: usize, after: usize) {
+        let topic = format!("topic=\"{}\"", TOPICS[1].0);
+        self.relays[1].set_dark(true);
+        self.feed(1, from, to);
+        assert!(wait_for(Duration::from_secs(10), || self
+            .sender
+            .metric("diode_journal_records_total", &[&topic])
+            >= to as f64));
+        std::thread::sleep(Duration::from_millis(300));
+        self.relays[1].set_dark(false);
+        self.feed(1, to, after);
+        let last = after as u64 - 1;
+        assert!(
+            wait_for(Duration::from_secs(15), || self
+                .tally(1)
+                .contains_key(&last)),
+            "receiver log:\n{}",
+            self.receiver.log_text()
+        );
+    }
+
+    /// What `diode-recv gaps` says.
+    fn gaps(&self) -> String {
+        let output = std::process::Command::new(RECV)
+            .args(["gaps", "--config"])
+            .arg(&self.receiver_toml)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `diode-send replay` of topic 1's `range` ("A-B").
+    fn replay(&self, range: &str) {
+        let output = std::process::Command::new(SEND)
+            .args(["replay", "--config"])
+            .arg(&self.sender_toml)
+            .args(["--topic", TOPICS[1].0, "--seq", range])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    }
+
     /// Neither relay saw anything come back from the receiver.
     fn assert_one_way(&self) {
         for relay in &self.relays {
@@ -432,40 +477,15 @@ fn a_journaled_lane_replays_what_it_lost_and_keeps_its_numbers_across_a_restart(
     lanes.feed(1, 0, 500);
     assert!(wait_for(Duration::from_secs(15), || lanes.count(0) == 500
         && lanes.count(1) == 500));
-    lanes.relays[1].set_dark(true);
-    lanes.feed(1, 500, 1000);
-    let journaled = format!("topic=\"{topic}\"");
-    assert!(wait_for(Duration::from_secs(10), || lanes
-        .sender
-        .metric("diode_journal_records_total", &[&journaled])
-        >= 1000.0));
-    std::thread::sleep(Duration::from_millis(300));
-    lanes.relays[1].set_dark(false);
-    lanes.feed(1, 1000, 1100);
-    assert!(
-        wait_for(Duration::from_secs(15), || lanes
-            .tally(1)
-            .contains_key(&1099)),
-        "receiver log:\n{}",
-        lanes.receiver.log_text()
-    );
+    lanes.lose_on_lane_1(500, 1000, 1100);
 
     // The gap is listed from lane 1's state file, and replayed through lane 1.
-    let gaps = || {
-        let output = std::process::Command::new(RECV)
-            .args(["gaps", "--config"])
-            .arg(&lanes.receiver_toml)
-            .output()
-            .unwrap();
-        assert!(output.status.success());
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
     assert!(
-        wait_for(Duration::from_secs(5), || gaps().contains(topic)),
+        wait_for(Duration::from_secs(5), || lanes.gaps().contains(topic)),
         "{}",
-        gaps()
+        lanes.gaps()
     );
-    let listed = gaps();
+    let listed = lanes.gaps();
     let ranges: Vec<String> = listed
         .lines()
         .filter_map(|l| {
@@ -476,13 +496,7 @@ fn a_journaled_lane_replays_what_it_lost_and_keeps_its_numbers_across_a_restart(
         .collect();
     assert!(!ranges.is_empty(), "{listed}");
     for range in &ranges {
-        let output = std::process::Command::new(SEND)
-            .args(["replay", "--config"])
-            .arg(&lanes.sender_toml)
-            .args(["--topic", topic, "--seq", range])
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
+        lanes.replay(range);
     }
     assert!(
         wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 1100),
@@ -554,23 +568,7 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
     let (topic, _) = TOPICS[1];
     lanes.feed(1, 0, 300);
     assert!(wait_for(Duration::from_secs(15), || lanes.count(1) == 300));
-    lanes.relays[1].set_dark(true);
-    lanes.feed(1, 300, 500);
-    let journaled = format!("topic=\"{topic}\"");
-    assert!(wait_for(Duration::from_secs(10), || lanes
-        .sender
-        .metric("diode_journal_records_total", &[&journaled])
-        >= 500.0));
-    std::thread::sleep(Duration::from_millis(300));
-    lanes.relays[1].set_dark(false);
-    lanes.feed(1, 500, 600);
-    assert!(
-        wait_for(Duration::from_secs(15), || lanes
-            .tally(1)
-            .contains_key(&599)),
-        "receiver log:\n{}",
-        lanes.receiver.log_text()
-    );
+    lanes.lose_on_lane_1(300, 500, 600);
     assert!(records_lost_in_log(&lanes.receiver.log_text(), Some(topic)) > 0);
 
     // Onto lane 0.
@@ -611,40 +609,27 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
         0.0
     );
     // The gap, listed from lane 0's state now, is filled through lane 0.
-    let receiver_toml = lanes.receiver_toml.clone();
-    let gaps = || {
-        let output = std::process::Command::new(RECV)
-            .args(["gaps", "--config"])
-            .arg(&receiver_toml)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
     let state0 = lanes.dir.path().join("state/receiver.state");
     assert!(
         wait_for(Duration::from_secs(10), || std::fs::read_to_string(&state0)
             .is_ok_and(|t| t.contains(topic) && t.contains("300"))),
         "the gap did not move to lane 0's state: {}",
-        gaps()
+        lanes.gaps()
     );
-    let output = std::process::Command::new(SEND)
-        .args(["replay", "--config"])
-        .arg(&lanes.sender_toml)
-        .args(["--topic", topic, "--seq", "300-499"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    lanes.replay("300-499");
     assert!(
         wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 700),
         "after the replay: {} of 700; gaps: {}\nreceiver log:\n{}",
         lanes.tally(1).len(),
-        gaps(),
+        lanes.gaps(),
         lanes.receiver.log_text()
     );
     assert!(
-        wait_for(Duration::from_secs(5), || gaps().contains("no open gaps")),
+        wait_for(Duration::from_secs(5), || lanes
+            .gaps()
+            .contains("no open gaps")),
         "{}\nreceiver log:\n{}",
-        gaps(),
+        lanes.gaps(),
         lanes.receiver.log_text()
     );
 
@@ -666,7 +651,7 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
         lanes.receiver.log_text()
     );
     assert!(lanes.tally(1).values().all(|n| *n == 1), "a record twice");
-    assert!(gaps().contains("no open gaps"), "{}", gaps());
+    assert!(lanes.gaps().contains("no open gaps"), "{}", lanes.gaps());
     lanes.assert_one_way();
 }
 

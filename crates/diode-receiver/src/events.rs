@@ -320,20 +320,7 @@ impl Events {
     pub fn handle(&mut self, event: Event, session: Option<u64>) {
         let losses = &mut self.losses;
         match event {
-            Event::Record(record) => {
-                if self.waiting.holds(&record.topic) {
-                    self.waiting.push(record, &self.lane);
-                    return;
-                }
-                match self
-                    .lane
-                    .carries(&record.topic, record.session_id, self.pass_now)
-                {
-                    Verdict::Deliver => self.deliver(&record),
-                    Verdict::Wait => self.waiting.push(record, &self.lane),
-                    Verdict::Refuse => {}
-                }
-            }
+            Event::Record(record) => self.offer(record),
             Event::Gap(gap) => {
                 losses.gap(Instant::now(), &gap);
                 Self::topic_counters(&self.metrics, &mut self.topic_counters, &gap.topic)
@@ -464,18 +451,24 @@ impl Events {
         self.waiting.bytes = 0;
         self.waiting.topics.clear();
         for record in records {
-            if self.waiting.holds(&record.topic) {
-                self.waiting.push(record, &self.lane);
-                continue;
-            }
-            match self
-                .lane
-                .carries(&record.topic, record.session_id, self.pass_now)
-            {
-                Verdict::Deliver => self.deliver(&record),
-                Verdict::Wait => self.waiting.push(record, &self.lane),
-                Verdict::Refuse => {}
-            }
+            self.offer(record);
+        }
+    }
+
+    /// Delivers a record if its topic is this lane's (wire-format.md §7), or has it wait
+    /// behind those of its topic that wait already.
+    fn offer(&mut self, record: diode_wire::Record) {
+        if self.waiting.holds(&record.topic) {
+            self.waiting.push(record, &self.lane);
+            return;
+        }
+        match self
+            .lane
+            .carries(&record.topic, record.session_id, self.pass_now)
+        {
+            Verdict::Deliver => self.deliver(&record),
+            Verdict::Wait => self.waiting.push(record, &self.lane),
+            Verdict::Refuse => {}
         }
     }
 
