@@ -146,7 +146,7 @@ pub async fn start(mut loaded: Loaded, shutdown: Shutdown) -> Result<RunningRece
     let lanes = lanes::Lanes::new(sockets.len(), !loaded.keys.is_empty(), &metrics);
     let security_seq: Arc<std::sync::Mutex<u64>> = Arc::default();
     let mut done = Vec::new();
-    for (index, (socket, udp, addr)) in sockets.into_iter().enumerate() {
+    for (index, (socket, udp, _)) in sockets.into_iter().enumerate() {
         let state_file = loaded.state_file(index);
         let (reassembler, saved) = lane_reassembler(&loaded, state_file.as_deref())?;
         // Each lane compares its own sender's counts with what it received itself
@@ -187,7 +187,6 @@ pub async fn start(mut loaded: Loaded, shutdown: Shutdown) -> Result<RunningRece
         let thread = LinkThread {
             lane: index,
             lanes: lanes.clone(),
-            address: addr,
             reassembler,
             state_file,
             saved,

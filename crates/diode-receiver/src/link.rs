@@ -23,8 +23,6 @@ pub struct LinkThread {
     /// This link thread's lane (wire-format.md §7): 0 unless `[[link.lane]]` adds more.
     pub lane: usize,
     pub lanes: std::sync::Arc<crate::lanes::Lanes>,
-    /// The lane's socket address as bound.
-    pub address: std::net::SocketAddr,
     pub reassembler: Reassembler,
     /// Where the replay floor is kept across restarts, and the floor last written there.
     pub state_file: Option<std::path::PathBuf>,

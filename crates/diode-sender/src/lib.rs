@@ -350,7 +350,10 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
                     .lanes
                     .iter()
                     .enumerate()
-                    .map(|(i, lane)| format!("lane {i}: {}", lane.destination))
+                    .map(|(i, lane)| match loaded.lanes.len() {
+                        1 => lane.destination.to_string(),
+                        _ => format!("lane {i}: {}", lane.destination),
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             ),
