@@ -43,24 +43,32 @@ impl Lanes {
             sender_link,
             sender_extra,
             TOPICS.map(|(_, lane)| lane),
+            false,
         )
     }
 
-    /// As `start_with`, each topic on the lane `on_lane` gives.
+    /// As `start_with`, each topic on the lane `on_lane` gives, the link authenticated or not.
     fn start_on(
         relays: [RelayConfig; 2],
         sender_link: &str,
         sender_extra: &str,
         on_lane: [usize; 4],
+        authenticated: bool,
     ) -> Lanes {
         let dir = tempfile::tempdir().unwrap();
+        let key_line = if authenticated {
+            keygen(dir.path());
+            "key_file = \"link.key\"\n"
+        } else {
+            ""
+        };
         let listen = [free_port(), free_port()];
         let receiver_metrics = loopback(free_port());
         let receiver_toml = dir.path().join("receiver.toml");
         std::fs::write(
             &receiver_toml,
             format!(
-                "[link]\nlisten = \"127.0.0.1:{}\"\nstate_file = \"state/receiver.state\"\n\
+                "[link]\nlisten = \"127.0.0.1:{}\"\nstate_file = \"state/receiver.state\"\n{key_line}\
                  [[link.lane]]\nlisten = \"127.0.0.1:{}\"\n\n\
                  [metrics]\nlisten = \"{receiver_metrics}\"\n\n\
                  [[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"file\", path = \"out/records.jsonl\" }}\n",
@@ -93,7 +101,7 @@ impl Lanes {
         std::fs::write(
             &sender_toml,
             format!(
-                "[link]\ndestination = \"{}\"\nrate_mbps = 100\nheartbeat_interval_ms = 200\n{sender_link}\n\
+                "[link]\ndestination = \"{}\"\nrate_mbps = 100\nheartbeat_interval_ms = 200\n{key_line}{sender_link}\n\
                  [[link.lane]]\ndestination = \"{}\"\n\n\
                  [metrics]\nlisten = \"{sender_metrics}\"\n\n{sender_extra}\n\n{topics}",
                 relays[0].listen_addr, relays[1].listen_addr
@@ -540,6 +548,7 @@ fn a_lane_without_topics_stays_up() {
         "",
         "",
         [0; 4],
+        false,
     );
     lanes.feed(0, 0, 100);
     assert!(wait_for(Duration::from_secs(15), || lanes.count(0) == 100));
@@ -652,6 +661,82 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
     );
     assert!(lanes.tally(1).values().all(|n| *n == 1), "a record twice");
     assert!(lanes.gaps().contains("no open gaps"), "{}", lanes.gaps());
+    lanes.assert_one_way();
+}
+
+/// Authenticated, both lanes: a topic moved by a sender restart goes on at once on its new lane,
+/// and nothing is refused, lost or delivered twice.
+#[test]
+fn on_an_authenticated_link_a_moved_topic_goes_on_at_once() {
+    let mut lanes = Lanes::start_on(
+        [RelayConfig::default(), RelayConfig::default()],
+        "state_file = \"sender.state\"",
+        "",
+        TOPICS.map(|(_, lane)| lane),
+        true,
+    );
+    let (topic, _) = TOPICS[1];
+    for index in 0..TOPICS.len() {
+        lanes.feed(index, 0, 300);
+    }
+    assert!(wait_for(Duration::from_secs(15), || (0..TOPICS.len())
+        .all(|i| lanes.count(i) == 300)));
+    lanes.sender.stop();
+    let text = std::fs::read_to_string(&lanes.sender_toml).unwrap();
+    std::fs::write(
+        &lanes.sender_toml,
+        text.replace(
+            &format!("name = \"{topic}\"\nlane = 1"),
+            &format!("name = \"{topic}\"\nlane = 0"),
+        ),
+    )
+    .unwrap();
+    let metrics = lanes.sender.metrics;
+    lanes.sender = Service::start(
+        SEND,
+        &lanes.sender_toml,
+        lanes.dir.path().join("sender2.log"),
+        metrics,
+    );
+    assert!(wait_for(Duration::from_secs(10), || {
+        TcpStream::connect(lanes.feeds[1]).is_ok()
+    }));
+    for index in 0..TOPICS.len() {
+        lanes.feed(index, 300, 400);
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || (0..TOPICS.len())
+            .all(|i| lanes.count(i) == 400)),
+        "receiver log:\n{}",
+        lanes.receiver.log_text()
+    );
+    for (topic, records) in &lanes.delivered() {
+        assert_in_order(topic, records);
+    }
+    assert_eq!(
+        lanes
+            .receiver
+            .metric("diode_lane_topic_conflicts_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        lanes
+            .receiver
+            .metric("diode_datagrams_rejected_total", &["reason=\"auth\""]),
+        0.0
+    );
+    assert!(lanes
+        .receiver
+        .log_text()
+        .contains("topic moved to this lane"));
+    assert!(
+        !lanes
+            .receiver
+            .log_text()
+            .contains("records lost beyond repair"),
+        "{}",
+        lanes.receiver.log_text()
+    );
     lanes.assert_one_way();
 }
 
