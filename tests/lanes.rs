@@ -183,6 +183,25 @@ impl Lanes {
         );
     }
 
+    /// A clean sender restart, with topic 1 moved onto `move_topic_1_to` when given; returns
+    /// once its sources listen again. `log` names the new run's log file.
+    fn restart_sender(&mut self, move_topic_1_to: Option<usize>, log: &str) {
+        self.sender.stop();
+        if let Some(lane) = move_topic_1_to {
+            let topic = TOPICS[1].0;
+            let text = std::fs::read_to_string(&self.sender_toml).unwrap();
+            let from = format!("name = \"{topic}\"\nlane = {}", 1 - lane);
+            assert!(text.contains(&from), "{text}");
+            let to = format!("name = \"{topic}\"\nlane = {lane}");
+            std::fs::write(&self.sender_toml, text.replace(&from, &to)).unwrap();
+        }
+        let metrics = self.sender.metrics;
+        self.sender = Service::start(SEND, &self.sender_toml, self.dir.path().join(log), metrics);
+        assert!(wait_for(Duration::from_secs(10), || {
+            TcpStream::connect(self.feeds[1]).is_ok()
+        }));
+    }
+
     /// What `diode-recv gaps` says.
     fn gaps(&self) -> String {
         let output = std::process::Command::new(RECV)
@@ -581,28 +600,7 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
     assert!(records_lost_in_log(&lanes.receiver.log_text(), Some(topic)) > 0);
 
     // Onto lane 0.
-    let move_to = |lanes: &mut Lanes, lane: usize, log: &str| {
-        lanes.sender.stop();
-        let text = std::fs::read_to_string(&lanes.sender_toml).unwrap();
-        let from = format!("name = \"{topic}\"\nlane = {}", 1 - lane);
-        assert!(text.contains(&from));
-        std::fs::write(
-            &lanes.sender_toml,
-            text.replace(&from, &format!("name = \"{topic}\"\nlane = {lane}")),
-        )
-        .unwrap();
-        let metrics = lanes.sender.metrics;
-        lanes.sender = Service::start(
-            SEND,
-            &lanes.sender_toml,
-            lanes.dir.path().join(log),
-            metrics,
-        );
-        assert!(wait_for(Duration::from_secs(10), || {
-            TcpStream::connect(lanes.feeds[1]).is_ok()
-        }));
-    };
-    move_to(&mut lanes, 0, "sender2.log");
+    lanes.restart_sender(Some(0), "sender2.log");
     lanes.feed(1, 600, 700);
     assert!(
         wait_for(Duration::from_secs(15), || lanes
@@ -644,7 +642,7 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
 
     // And back onto lane 1: nothing is called lost there.
     let lost_before = records_lost_in_log(&lanes.receiver.log_text(), Some(topic));
-    move_to(&mut lanes, 1, "sender3.log");
+    lanes.restart_sender(Some(1), "sender3.log");
     lanes.feed(1, 700, 800);
     assert!(
         wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 800),
@@ -675,32 +673,12 @@ fn on_an_authenticated_link_a_moved_topic_goes_on_at_once() {
         TOPICS.map(|(_, lane)| lane),
         true,
     );
-    let (topic, _) = TOPICS[1];
     for index in 0..TOPICS.len() {
         lanes.feed(index, 0, 300);
     }
     assert!(wait_for(Duration::from_secs(15), || (0..TOPICS.len())
         .all(|i| lanes.count(i) == 300)));
-    lanes.sender.stop();
-    let text = std::fs::read_to_string(&lanes.sender_toml).unwrap();
-    std::fs::write(
-        &lanes.sender_toml,
-        text.replace(
-            &format!("name = \"{topic}\"\nlane = 1"),
-            &format!("name = \"{topic}\"\nlane = 0"),
-        ),
-    )
-    .unwrap();
-    let metrics = lanes.sender.metrics;
-    lanes.sender = Service::start(
-        SEND,
-        &lanes.sender_toml,
-        lanes.dir.path().join("sender2.log"),
-        metrics,
-    );
-    assert!(wait_for(Duration::from_secs(10), || {
-        TcpStream::connect(lanes.feeds[1]).is_ok()
-    }));
+    lanes.restart_sender(Some(0), "sender2.log");
     for index in 0..TOPICS.len() {
         lanes.feed(index, 300, 400);
     }
@@ -743,17 +721,7 @@ fn on_an_authenticated_link_a_moved_topic_goes_on_at_once() {
 /// A clean sender restart, then 100 more lines for topics 0 (lane 0) and 1 (lane 1), numbered on
 /// from `next`: each must arrive with the number it was fed with, once.
 fn restart_and_go_on(lanes: &mut Lanes, next: [usize; 2]) {
-    lanes.sender.stop();
-    let metrics = lanes.sender.metrics;
-    lanes.sender = Service::start(
-        SEND,
-        &lanes.sender_toml,
-        lanes.dir.path().join("sender2.log"),
-        metrics,
-    );
-    assert!(wait_for(Duration::from_secs(10), || {
-        TcpStream::connect(lanes.feeds[1]).is_ok()
-    }));
+    lanes.restart_sender(None, "sender2.log");
     lanes.feed(0, next[0], next[0] + 100);
     lanes.feed(1, next[1], next[1] + 100);
     assert!(
