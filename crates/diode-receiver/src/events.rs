@@ -385,6 +385,11 @@ impl Events {
                     tracing::info!("the sender is stopping cleanly");
                 }
                 losses.sender_stopping = heartbeat.stopping;
+                if let Some(session) = session {
+                    for topic in &heartbeat.topics {
+                        self.lane.announced(&topic.name, session, self.pass_now);
+                    }
+                }
                 self.mirror_sender(&heartbeat, session)
             }
             Event::KeyInUse { key_id, previous } => {

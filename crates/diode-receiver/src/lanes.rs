@@ -212,7 +212,7 @@ impl Lane {
                 return *verdict;
             }
         }
-        let verdict = self.decide(topic, session, now);
+        let verdict = self.decide(topic, session, now, false);
         match verdict {
             Verdict::Refuse => {
                 self.conflicts.inc();
@@ -229,7 +229,27 @@ impl Lane {
         verdict
     }
 
-    fn decide(&self, topic: &Arc<str>, session: u64, now: Instant) -> Verdict {
+    /// A heartbeat of `session` on this lane lists `topic`: the lane takes the topic if a record
+    /// of that session would deliver (so a topic that moved here is handed over before any of
+    /// its records, replayed ones included, arrive), and otherwise does nothing: a heartbeat
+    /// is no record to refuse.
+    pub fn announced(&mut self, topic: &str, session: u64, now: Instant) {
+        if self.lanes.count == 1 || session == 0 {
+            return;
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        if let Some((Verdict::Deliver, at)) = self.carries.get(&topic) {
+            if now.saturating_duration_since(*at) < TOPIC_RECHECK {
+                return;
+            }
+        }
+        if self.decide(&topic, session, now, true) == Verdict::Deliver {
+            self.carries.insert(topic, (Verdict::Deliver, now));
+        }
+    }
+
+    /// `quiet`: for a heartbeat, which takes a topic but neither refuses nor waits.
+    fn decide(&self, topic: &Arc<str>, session: u64, now: Instant, quiet: bool) -> Verdict {
         let mut topics = self.lanes.topics.lock().unwrap_or_else(|e| e.into_inner());
         if topics.len() >= TOPICS_SWEEP_AT && !topics.contains_key(topic) {
             topics.retain(|_, claim| now.saturating_duration_since(claim.at) < TOPIC_HOLD);
@@ -250,6 +270,9 @@ impl Lane {
                 if !(expired || newer && followed) {
                     if newer {
                         return Verdict::Wait;
+                    }
+                    if quiet {
+                        return Verdict::Refuse;
                     }
                     static REFUSED: LogThrottle = LogThrottle::new(Duration::from_secs(10));
                     if let Some(folded) = REFUSED.allow() {
