@@ -37,6 +37,14 @@ pub struct Events {
     /// When the sender's session started and its version, as its heartbeats say.
     sender_started_us: i64,
     sender_version: String,
+    /// The session the events now handled belong to, from the last `SessionStarted`: that
+    /// event comes after every event of the session before, so a heartbeat of the old session
+    /// still queued when a new one starts is not taken for the new one's.
+    session: Option<u64>,
+    /// Sessions only change on a sender's restart or a proven takeover (§6.1), but a line per
+    /// change is still capped; per lane, so that one lane's restart line cannot hide another's
+    /// takeover.
+    restarts: LogThrottle,
 }
 
 /// Records of topics moving to this lane, held in order until the lane they come from has seen
@@ -248,6 +256,8 @@ impl Events {
             link_since: None,
             sender_started_us: 0,
             sender_version: String::new(),
+            session: None,
+            restarts: LogThrottle::new(Duration::from_secs(1)),
         }
     }
 
@@ -316,8 +326,7 @@ impl Events {
         self.router.flush();
     }
 
-    /// `session` is the reassembler's current session, for the mirrored counters.
-    pub fn handle(&mut self, event: Event, session: Option<u64>) {
+    pub fn handle(&mut self, event: Event) {
         let losses = &mut self.losses;
         match event {
             Event::Record(record) => self.offer(record),
@@ -337,14 +346,12 @@ impl Events {
                 previous,
                 mid_stream,
             } => {
+                self.session = Some(session_id);
                 self.lane.set_session(session_id);
-                // Sessions only change on a sender's restart or a proven takeover (§6.1), but
-                // a line per change is still capped.
-                static RESTARTS: LogThrottle = LogThrottle::new(Duration::from_secs(1));
                 let stopped_cleanly = std::mem::take(&mut losses.sender_stopping);
                 match previous {
                     Some(previous) => {
-                        if let Some(folded) = RESTARTS.allow() {
+                        if let Some(folded) = self.restarts.allow() {
                             tracing::warn!(
                                 session = format_args!("{session_id:016x}"),
                                 previous = format_args!("{previous:016x}"),
@@ -385,12 +392,12 @@ impl Events {
                     tracing::info!("the sender is stopping cleanly");
                 }
                 losses.sender_stopping = heartbeat.stopping;
-                if let Some(session) = session {
+                if let Some(session) = self.session {
                     for topic in &heartbeat.topics {
                         self.lane.announced(&topic.name, session, self.pass_now);
                     }
                 }
-                self.mirror_sender(&heartbeat, session)
+                self.mirror_sender(&heartbeat)
             }
             Event::KeyInUse { key_id, previous } => {
                 let message = if previous {
@@ -498,7 +505,8 @@ impl Events {
     }
 
     /// Turns the sender's cumulative counters into increments of our mirrored counters.
-    fn mirror_sender(&mut self, heartbeat: &proto::Heartbeat, session: Option<u64>) {
+    fn mirror_sender(&mut self, heartbeat: &proto::Heartbeat) {
+        let session = self.session;
         let view = &mut self.sender;
         if view.session != session {
             *view = SenderView {
@@ -621,5 +629,76 @@ impl Events {
                     .set(topic.last_record_time_us / 1_000_000);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lanes::{Lane, Lanes};
+
+    fn lane_events(index: usize, lanes: &Arc<Lanes>, metrics: &ReceiverMetrics) -> Events {
+        let (router, _) = Router::start(Vec::new(), metrics).unwrap();
+        Events::new(
+            router,
+            metrics.clone(),
+            64,
+            crate::security::SecurityEvents::new(
+                None,
+                Arc::new(std::sync::Mutex::new(0)),
+                Some(index),
+            ),
+            Lane::new(index, lanes.clone(), metrics),
+        )
+    }
+
+    fn started(session_id: u64, previous: Option<u64>) -> Event {
+        Event::SessionStarted {
+            session_id,
+            previous,
+            mid_stream: false,
+        }
+    }
+
+    /// The old session's last heartbeat, read in the same pass as the new session's first
+    /// datagrams, still names the old session's topics: it must not claim them for the new
+    /// session, which would refuse them on the lane the restarted sender moved them to.
+    #[test]
+    fn a_heartbeat_read_before_a_new_session_started_speaks_for_the_old_one() {
+        let metrics = ReceiverMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let lanes = Lanes::new(2, false, &metrics);
+        let (mut lane_0, mut lane_1) = (
+            lane_events(0, &lanes, &metrics),
+            lane_events(1, &lanes, &metrics),
+        );
+        let (old, new) = (7 << 20, 8 << 20);
+        let topic: Arc<str> = Arc::from("cell2/pressure");
+        lane_1.handle(started(old, None));
+        lane_1.handle(Event::Heartbeat(Box::new(proto::Heartbeat {
+            stopping: true,
+            topics: vec![proto::TopicStatus {
+                name: topic.to_string(),
+                next_seq: 500,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })));
+        lane_1.handle(started(new, Some(old)));
+        lane_0.handle(started(new, None));
+        lane_0.handle(Event::Record(diode_wire::Record {
+            topic: topic.clone(),
+            seq: 500,
+            session_id: new,
+            time_us: 1,
+            origin: None,
+            late: false,
+            payload: bytes::Bytes::from_static(b"x"),
+        }));
+        assert_eq!(
+            metrics.lane_topic_conflicts.get(),
+            0,
+            "refused on its new lane"
+        );
+        assert!(!lane_0.waiting.holds(&topic));
     }
 }

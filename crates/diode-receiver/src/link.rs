@@ -196,7 +196,7 @@ impl LinkThread {
             scratch.last_stats = stats.clone();
         }
         while let Some(event) = self.reassembler.poll_event() {
-            self.events.handle(event, self.reassembler.session_id());
+            self.events.handle(event);
         }
         self.events.end_pass(now);
         if now >= scratch.next_gauges {
