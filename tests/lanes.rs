@@ -661,6 +661,77 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
     lanes.assert_one_way();
 }
 
+/// The receiver stopped while topic 1 went on over lane 1, then came back with the sender
+/// restarted and the topic moved to lane 0, and lane 1 saw nothing of the old session again (it
+/// was dark until the sender had restarted): what was sent while the receiver was down is
+/// reported lost on lane 0, from the mark lane 1's state file kept, and a replay fills it.
+#[test]
+fn what_a_moved_topic_sent_while_the_receiver_was_down_is_reported_on_its_new_lane() {
+    let mut lanes = Lanes::start_with(
+        [RelayConfig::default(), RelayConfig::default()],
+        "",
+        "[journal]\ndir = \"journal\"",
+    );
+    let (topic, _) = TOPICS[1];
+    lanes.feed(1, 0, 300);
+    assert!(wait_for(Duration::from_secs(15), || lanes.count(1) == 300));
+    lanes.receiver.stop();
+    lanes.relays[1].set_dark(true);
+    lanes.feed(1, 300, 500);
+    assert!(wait_for(Duration::from_secs(10), || lanes.sender.metric(
+        "diode_journal_records_total",
+        &[&format!("topic=\"{topic}\"")]
+    ) >= 500.0));
+    lanes.receiver = Service::start(
+        RECV,
+        &lanes.receiver_toml,
+        lanes.dir.path().join("receiver2.log"),
+        lanes.receiver.metrics,
+    );
+    lanes.restart_sender(Some(0), "sender2.log");
+    lanes.relays[1].set_dark(false);
+    lanes.feed(1, 500, 600);
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes
+            .tally(1)
+            .contains_key(&599)),
+        "receiver log:\n{}\nsender log:\n{}",
+        lanes.receiver.log_text(),
+        lanes.sender.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || lanes
+            .gaps()
+            .contains(&format!("--topic '{topic}' --seq 300-499"))),
+        "{}\nreceiver log:\n{}",
+        lanes.gaps(),
+        lanes.receiver.log_text()
+    );
+    assert_eq!(
+        records_lost_in_log(&lanes.receiver.log_text(), Some(topic)),
+        200,
+        "{}",
+        lanes.receiver.log_text()
+    );
+    lanes.replay("300-499");
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 600),
+        "after the replay: {} of 600; receiver log:\n{}",
+        lanes.tally(1).len(),
+        lanes.receiver.log_text()
+    );
+    assert!(lanes.tally(1).values().all(|n| *n == 1), "a record twice");
+    assert!(
+        wait_for(Duration::from_secs(5), || lanes
+            .gaps()
+            .contains("no open gaps")),
+        "{}\nreceiver log:\n{}",
+        lanes.gaps(),
+        lanes.receiver.log_text()
+    );
+    lanes.assert_one_way();
+}
+
 /// Authenticated, both lanes: a topic moved by a sender restart goes on at once on its new lane,
 /// and nothing is refused, lost or delivered twice.
 #[test]

@@ -33,13 +33,14 @@ struct Claim {
     at: Instant,
 }
 
-/// A topic another lane carries now, for lane `from` to let go of: its open gaps go to `to`, or
-/// nowhere when they are of a numbering that lane refused.
+/// A topic another lane carries now, for lane `from` to let go of: where it stood there and
+/// its open gaps go to `to`, or nowhere when they are of a numbering that lane refused.
 struct Handover {
     topic: Arc<str>,
     from: usize,
     to: Option<usize>,
-    gaps: Option<Vec<diode_wire::OpenGap>>,
+    /// What `from` let go of, once it has.
+    handed: Option<diode_wire::TopicHandover>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -309,7 +310,7 @@ impl Lane {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         // This lane carries the topic now: an earlier request that it let go is stale.
-        handovers.retain(|h| !(h.from == self.index && h.gaps.is_none() && h.topic == *topic));
+        handovers.retain(|h| !(h.from == self.index && h.handed.is_none() && h.topic == *topic));
         drop(handovers);
         for lane in from {
             self.push_handover(topic, lane, Some(self.index));
@@ -325,20 +326,21 @@ impl Lane {
             .unwrap_or_else(|e| e.into_inner());
         let pending = handovers
             .iter()
-            .any(|h| h.gaps.is_none() && h.from == from && h.to == to && h.topic == *topic);
+            .any(|h| h.handed.is_none() && h.from == from && h.to == to && h.topic == *topic);
         if !pending {
             handovers.push(Handover {
                 topic: topic.clone(),
                 from,
                 to,
-                gaps: None,
+                handed: None,
             });
         }
     }
 
-    /// Once a second: lets go of the topics another lane took from this one, handing their open
-    /// gaps over so that replays can still fill them there, and takes in the gaps of the topics
-    /// this lane took.
+    /// Once a second: lets go of the topics another lane took from this one, handing over
+    /// where each stood and its open gaps, and takes in those of the topics this lane took:
+    /// replays fill the gaps here, and what the sender numbered after the mark that neither
+    /// lane saw is reported lost here.
     pub fn exchange(&self, reassembler: &mut diode_wire::Reassembler) {
         if self.lanes.count == 1 {
             return;
@@ -349,30 +351,30 @@ impl Lane {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         for handover in handovers.iter_mut() {
-            if handover.from == self.index && handover.gaps.is_none() {
-                handover.gaps = Some(reassembler.hand_over(&handover.topic));
+            if handover.from == self.index && handover.handed.is_none() {
+                handover.handed = Some(reassembler.hand_over(&handover.topic));
             }
         }
         handovers.retain_mut(|handover| {
             // Let go of, with nowhere to go: done.
-            if handover.to.is_none() && handover.gaps.is_some() {
+            if handover.to.is_none() && handover.handed.is_some() {
                 return false;
             }
             if handover.to != Some(self.index) {
                 return true;
             }
-            let Some(gaps) = handover.gaps.take() else {
+            let Some(handed) = handover.handed.take() else {
                 return true;
             };
-            if !gaps.is_empty() {
+            if !handed.gaps.is_empty() {
                 tracing::info!(
                     topic = %handover.topic,
                     from_lane = handover.from,
-                    gaps = gaps.len(),
+                    gaps = handed.gaps.len(),
                     "open gaps of a topic moved here taken over: replays fill them on this lane"
                 );
             }
-            reassembler.restore_gaps(gaps.into_iter().map(|gap| (handover.topic.clone(), gap)));
+            reassembler.take_over(&handover.topic, handed);
             false
         });
     }

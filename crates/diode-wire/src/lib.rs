@@ -34,4 +34,5 @@ pub use gaps::OpenGap;
 pub use pacer::Pacer;
 pub use reassembler::{
     Event, Gap, Mark, Reassembler, ReassemblerConfig, ReassemblerStats, Record, ReplayFloor,
+    TopicHandover,
 };

@@ -263,6 +263,15 @@ struct TopicState {
     last_time_us: i64,
     /// Until a heartbeat of the session says where the sender's numbering of the topic began.
     unresolved: Option<Unresolved>,
+    /// Where that heartbeat said it began, and the heartbeat's time.
+    first_seq: Option<(u64, i64)>,
+    /// The mark it came with when that heartbeat resolved it.
+    resolved_against: Option<Mark>,
+    /// The lowest number from which this session's records of the topic are accounted for,
+    /// delivered or reported lost, with the ingest time of the first record delivered from
+    /// there (0: not known): below it, only a mark from elsewhere can say what was lost
+    /// (`Reassembler::take_over`).
+    accounted_from: Option<(u64, i64)>,
 }
 
 /// What a topic's first records in a session cannot tell alone (§6.4): whether the sender's
@@ -288,7 +297,42 @@ pub struct Mark {
     pub session_id: u64,
 }
 
+impl Mark {
+    /// The later of two marks of one topic: the one of the later session (session ids grow
+    /// with the sender's start time, §1), or, in one session, the one further on.
+    pub fn max_by_session(self, other: Mark) -> Mark {
+        if (other.session_id, other.next_seq) > (self.session_id, self.next_seq) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// What a reassembler lets go of when another carries a topic now
+/// ([`Reassembler::hand_over`]), for that one to take ([`Reassembler::take_over`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicHandover {
+    /// Where the topic stood.
+    pub mark: Option<Mark>,
+    /// Its gaps still open, for replays to fill where it is now.
+    pub gaps: Vec<OpenGap>,
+}
+
 impl TopicState {
+    /// Where the topic stands in session `session_id`, or the mark it came with while no
+    /// record of the session has placed it yet.
+    fn mark(&self, session_id: u64) -> Option<Mark> {
+        match self.expected {
+            Some(next_seq) => Some(Mark {
+                next_seq,
+                last_time_us: self.last_time_us,
+                session_id,
+            }),
+            None => self.unresolved.and_then(|u| u.carried),
+        }
+    }
+
     fn plausible(&mut self, seq: u64, now: Instant) -> bool {
         self.anchor.get_or_insert((seq, now));
         self.within_bound(seq, now)
@@ -513,18 +557,11 @@ impl Reassembler {
     pub fn watermarks(&self) -> Vec<(Arc<str>, Mark)> {
         let mut marks = self.carried.clone();
         if let Some(s) = &self.session {
-            marks.extend(s.topics.iter().filter_map(|(topic, state)| {
-                let carried = state.unresolved.and_then(|u| u.carried);
-                let mark = match state.expected {
-                    Some(next_seq) => Mark {
-                        next_seq,
-                        last_time_us: state.last_time_us,
-                        session_id: s.id,
-                    },
-                    None => carried?,
-                };
-                Some((topic.clone(), mark))
-            }));
+            marks.extend(
+                s.topics
+                    .iter()
+                    .filter_map(|(topic, state)| Some((topic.clone(), state.mark(s.id)?))),
+            );
         }
         let mut marks: Vec<_> = marks.into_iter().collect();
         marks.sort();
@@ -566,11 +603,14 @@ impl Reassembler {
     /// Lets go of a topic that another reassembler now carries (a receiver's other lane,
     /// wire-format.md §7): its place in the current session, its mark and its open gaps leave
     /// this one, which would otherwise take the topic's later numbers, should it come back
-    /// here, for records lost. Returns the open gaps, for the one that carries it now.
-    pub fn hand_over(&mut self, topic: &str) -> Vec<OpenGap> {
-        self.carried.remove(topic);
+    /// here, for records lost. Returns them for the one that carries it now
+    /// ([`Reassembler::take_over`]).
+    pub fn hand_over(&mut self, topic: &str) -> TopicHandover {
+        let mut mark = self.carried.remove(topic);
         if let Some(session) = &mut self.session {
-            session.topics.remove(topic);
+            if let Some(state) = session.topics.remove(topic) {
+                mark = state.mark(session.id).or(mark);
+            }
         }
         let gaps = self
             .gaps
@@ -580,7 +620,94 @@ impl Reassembler {
             .map(|(_, gap)| gap)
             .collect();
         self.gaps.clear(topic);
-        gaps
+        TopicHandover { mark, gaps }
+    }
+
+    /// Takes a topic another reassembler let go of ([`Reassembler::hand_over`]): its open gaps,
+    /// for replays to fill here, and its mark. What the sender numbered after that mark and
+    /// neither saw (the last moments of the other lane, or all that was sent while the
+    /// receiver was down) is reported lost here, as it would have been had the topic stayed
+    /// where it was (§6.4, §7).
+    pub fn take_over(&mut self, topic: &str, handover: TopicHandover) {
+        if !frames::is_valid_topic(topic) {
+            return;
+        }
+        let name: Arc<str> = Arc::from(topic);
+        self.restore_gaps(handover.gaps.into_iter().map(|gap| (name.clone(), gap)));
+        let Some(mark) = handover.mark else {
+            return;
+        };
+        let Some(session) = self
+            .session
+            .as_mut()
+            .filter(|s| s.topics.contains_key(topic))
+        else {
+            // Not placed yet in the current session: it comes with this mark, as if from this
+            // reassembler's own state file, unless that holds a later one.
+            let room = self.carried.len() < self.config.max_topics;
+            match self.carried.get_mut(topic) {
+                Some(own) => *own = own.max_by_session(mark),
+                None if room => {
+                    self.carried.insert(name, mark);
+                }
+                None => {}
+            }
+            return;
+        };
+        if mark.session_id >= session.id {
+            // Numbered here in this very session already: nothing lies between.
+            return;
+        }
+        let key = session
+            .topics
+            .get_key_value(topic)
+            .map(|(key, _)| key.clone())
+            .expect("checked above");
+        let state = session.topics.get_mut(&key).expect("checked above");
+        if let Some(unresolved) = state.unresolved.as_mut() {
+            // The heartbeat that resolves it judges its first record against the later mark.
+            let later = unresolved
+                .carried
+                .map_or(mark, |own| own.max_by_session(mark));
+            if unresolved.carried != Some(later) {
+                unresolved.carried = Some(later);
+                if state.expected.is_none() {
+                    state.anchor = None;
+                }
+            }
+            return;
+        }
+        let (Some((first_seq, first_time_us)), Some((from, from_time_us))) =
+            (state.first_seq, state.accounted_from)
+        else {
+            return;
+        };
+        if state
+            .resolved_against
+            .is_some_and(|own| own.max_by_session(mark) == own)
+        {
+            // Resolved against a mark of its own at least as late: what lay between that and
+            // the session's records is already accounted for.
+            return;
+        }
+        // As `resolve_start`: a sender that started its numbering over, or a mark too far
+        // behind to be this numbering's, leaves nothing between them to call lost.
+        if first_seq < mark.next_seq
+            || !TopicState::carried_plausible(mark, first_seq, first_time_us)
+        {
+            return;
+        }
+        if mark.next_seq < from {
+            // Accounted for from the mark now: the same mark taken again reports nothing more.
+            state.accounted_from = Some((mark.next_seq, from_time_us));
+            self.report_gap(
+                &key,
+                mark.next_seq,
+                from - 1,
+                mark.last_time_us,
+                from_time_us,
+            );
+        }
     }
 
     /// Bytes the cached Reed-Solomon codecs can come to hold.
@@ -927,14 +1054,8 @@ impl Reassembler {
                             unreported.push((topic.clone(), mark, seen, seen_time_us));
                         }
                     }
-                    let mark = match (state.expected, carried) {
-                        (Some(next_seq), _) => Mark {
-                            next_seq,
-                            last_time_us: state.last_time_us,
-                            session_id: s.id,
-                        },
-                        (None, Some(mark)) => mark,
-                        (None, None) => continue,
+                    let Some(mark) = state.mark(s.id) else {
+                        continue;
                     };
                     // Bounded like the topics themselves: a train of forged sessions with
                     // new names cannot grow it.
@@ -1486,7 +1607,10 @@ impl Reassembler {
                 }
                 Some(_) => {}
                 // Joined mid-stream: what came before is not ours to call lost (§6.1).
-                None => state.expected = Some(status.next_seq),
+                None => {
+                    state.expected = Some(status.next_seq);
+                    state.accounted_from = Some((status.next_seq, 0));
+                }
             }
         }
         self.events.push_back(Event::Heartbeat(Box::new(heartbeat)));
@@ -1512,6 +1636,9 @@ impl Reassembler {
                 anchor: None,
                 last_time_us: mark.last_time_us,
                 unresolved: None,
+                first_seq: None,
+                resolved_against: None,
+                accounted_from: None,
             },
             carried => TopicState {
                 expected: None,
@@ -1525,6 +1652,9 @@ impl Reassembler {
                     carried,
                     first_seen: None,
                 }),
+                first_seq: None,
+                resolved_against: None,
+                accounted_from: None,
             },
         };
         session.topics.insert(key.clone(), state);
@@ -1593,6 +1723,9 @@ impl Reassembler {
                         .first_seen
                         .get_or_insert((record.seq, record.time_us));
                 }
+                state
+                    .accounted_from
+                    .get_or_insert((record.seq, record.time_us));
                 state.expected = Some(record.seq.saturating_add(1));
                 state.last_time_us = record.time_us;
             }
@@ -1625,6 +1758,8 @@ impl Reassembler {
         let Some(unresolved) = state.unresolved.take() else {
             return;
         };
+        state.first_seq = Some((first_seq, sent_time_us));
+        state.resolved_against = unresolved.carried;
         let lower = match unresolved.carried {
             Some(mark) if first_seq >= mark.next_seq => Some((mark.next_seq, mark.last_time_us)),
             carried => {
@@ -1640,6 +1775,7 @@ impl Reassembler {
         };
         match unresolved.first_seen {
             Some((seen, seen_time_us)) if lower < seen => {
+                state.accounted_from = Some((lower, seen_time_us));
                 self.report_gap(topic, lower, seen - 1, lower_time_us, seen_time_us)
             }
             Some(_) => {}
@@ -1647,6 +1783,7 @@ impl Reassembler {
                 state.expected = Some(lower);
                 state.last_time_us = lower_time_us;
                 state.anchor.get_or_insert((lower, now));
+                state.accounted_from = Some((lower, 0));
             }
         }
     }
