@@ -47,6 +47,15 @@ impl Lanes {
         )
     }
 
+    /// Clean lanes, and a sender with a journal to replay from.
+    fn journaled() -> Lanes {
+        Self::start_with(
+            [RelayConfig::default(), RelayConfig::default()],
+            "",
+            "[journal]\ndir = \"journal\"",
+        )
+    }
+
     /// As `start_with`, each topic on the lane `on_lane` gives, the link authenticated or not.
     fn start_on(
         relays: [RelayConfig; 2],
@@ -163,13 +172,9 @@ impl Lanes {
     /// Lines `from..to` of topic 1 (lane 1) fed while lane 1 is dark, all journaled; then lines
     /// `to..after` with the lane back, until the last has arrived: a gap of `from..to` behind.
     fn lose_on_lane_1(&self, from: usize, to: usize, after: usize) {
-        let topic = format!("topic=\"{}\"", TOPICS[1].0);
         self.relays[1].set_dark(true);
         self.feed(1, from, to);
-        assert!(wait_for(Duration::from_secs(10), || self
-            .sender
-            .metric("diode_journal_records_total", &[&topic])
-            >= to as f64));
+        self.wait_journaled(1, to);
         std::thread::sleep(Duration::from_millis(300));
         self.relays[1].set_dark(false);
         self.feed(1, to, after);
@@ -179,6 +184,38 @@ impl Lanes {
                 .tally(1)
                 .contains_key(&last)),
             "receiver log:\n{}",
+            self.receiver.log_text()
+        );
+    }
+
+    /// Until the sender's journal holds `count` records of topic `index`.
+    fn wait_journaled(&self, index: usize, count: usize) {
+        let topic = format!("topic=\"{}\"", TOPICS[index].0);
+        assert!(wait_for(Duration::from_secs(10), || self
+            .sender
+            .metric("diode_journal_records_total", &[&topic])
+            >= count as f64));
+    }
+
+    /// `diode-send replay` of topic 1's `range`, until all `total` of its records are delivered,
+    /// each once, and no gap is left open.
+    fn replay_until_whole(&self, range: &str, total: usize) {
+        self.replay(range);
+        assert!(
+            wait_for(Duration::from_secs(15), || self.tally(1).len() == total),
+            "after the replay of {range}: {} of {total}; gaps: {}\nreceiver log:\n{}",
+            self.tally(1).len(),
+            self.gaps(),
+            self.receiver.log_text()
+        );
+        assert!(self.tally(1).values().all(|n| *n == 1), "a record twice");
+        // The state files say so within their second.
+        assert!(
+            wait_for(Duration::from_secs(5), || self
+                .gaps()
+                .contains("no open gaps")),
+            "{}\nreceiver log:\n{}",
+            self.gaps(),
             self.receiver.log_text()
         );
     }
@@ -494,11 +531,7 @@ fn a_lane_whose_datagrams_are_all_corrupted_is_refused_and_the_other_carries_on(
 /// lane's topics from where they stopped.
 #[test]
 fn a_journaled_lane_replays_what_it_lost_and_keeps_its_numbers_across_a_restart() {
-    let mut lanes = Lanes::start_with(
-        [RelayConfig::default(), RelayConfig::default()],
-        "",
-        "[journal]\ndir = \"journal\"",
-    );
+    let mut lanes = Lanes::journaled();
     let (topic, _) = TOPICS[1];
     lanes.feed(0, 0, 500);
     lanes.feed(1, 0, 500);
@@ -588,11 +621,7 @@ fn a_lane_without_topics_stays_up() {
 /// and a replay fills it; moved back, it is not taken for lost on the lane it left.
 #[test]
 fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
-    let mut lanes = Lanes::start_with(
-        [RelayConfig::default(), RelayConfig::default()],
-        "",
-        "[journal]\ndir = \"journal\"",
-    );
+    let mut lanes = Lanes::journaled();
     let (topic, _) = TOPICS[1];
     lanes.feed(1, 0, 300);
     assert!(wait_for(Duration::from_secs(15), || lanes.count(1) == 300));
@@ -610,14 +639,7 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
         "the gap did not move to lane 0's state: {}",
         lanes.gaps()
     );
-    lanes.replay("300-499");
-    assert!(
-        wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 600),
-        "after the replay: {} of 600; gaps: {}\nreceiver log:\n{}",
-        lanes.tally(1).len(),
-        lanes.gaps(),
-        lanes.receiver.log_text()
-    );
+    lanes.replay_until_whole("300-499", 600);
     lanes.feed(1, 600, 700);
     assert!(
         wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 700),
@@ -630,14 +652,7 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
             .metric("diode_lane_topic_conflicts_total", &[]),
         0.0
     );
-    assert!(
-        wait_for(Duration::from_secs(5), || lanes
-            .gaps()
-            .contains("no open gaps")),
-        "{}\nreceiver log:\n{}",
-        lanes.gaps(),
-        lanes.receiver.log_text()
-    );
+    assert!(lanes.gaps().contains("no open gaps"), "{}", lanes.gaps());
 
     // And back onto lane 1: nothing is called lost there.
     let lost_before = records_lost_in_log(&lanes.receiver.log_text(), Some(topic));
@@ -667,21 +682,14 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
 /// reported lost on lane 0, from the mark lane 1's state file kept, and a replay fills it.
 #[test]
 fn what_a_moved_topic_sent_while_the_receiver_was_down_is_reported_on_its_new_lane() {
-    let mut lanes = Lanes::start_with(
-        [RelayConfig::default(), RelayConfig::default()],
-        "",
-        "[journal]\ndir = \"journal\"",
-    );
+    let mut lanes = Lanes::journaled();
     let (topic, _) = TOPICS[1];
     lanes.feed(1, 0, 300);
     assert!(wait_for(Duration::from_secs(15), || lanes.count(1) == 300));
     lanes.receiver.stop();
     lanes.relays[1].set_dark(true);
     lanes.feed(1, 300, 500);
-    assert!(wait_for(Duration::from_secs(10), || lanes.sender.metric(
-        "diode_journal_records_total",
-        &[&format!("topic=\"{topic}\"")]
-    ) >= 500.0));
+    lanes.wait_journaled(1, 500);
     lanes.receiver = Service::start(
         RECV,
         &lanes.receiver_toml,
@@ -713,22 +721,7 @@ fn what_a_moved_topic_sent_while_the_receiver_was_down_is_reported_on_its_new_la
         "{}",
         lanes.receiver.log_text()
     );
-    lanes.replay("300-499");
-    assert!(
-        wait_for(Duration::from_secs(15), || lanes.tally(1).len() == 600),
-        "after the replay: {} of 600; receiver log:\n{}",
-        lanes.tally(1).len(),
-        lanes.receiver.log_text()
-    );
-    assert!(lanes.tally(1).values().all(|n| *n == 1), "a record twice");
-    assert!(
-        wait_for(Duration::from_secs(5), || lanes
-            .gaps()
-            .contains("no open gaps")),
-        "{}\nreceiver log:\n{}",
-        lanes.gaps(),
-        lanes.receiver.log_text()
-    );
+    lanes.replay_until_whole("300-499", 600);
     lanes.assert_one_way();
 }
 
