@@ -340,8 +340,15 @@ impl Lane {
     /// Once a second: lets go of the topics another lane took from this one, handing over
     /// where each stood and its open gaps, and takes in those of the topics this lane took:
     /// replays fill the gaps here, and what the sender numbered after the mark that neither
-    /// lane saw is reported lost here.
-    pub fn exchange(&self, reassembler: &mut diode_wire::Reassembler) {
+    /// lane saw is reported lost here. A topic's handovers are taken together once every lane
+    /// asked has answered, so that the latest mark is judged, not whichever came first; those
+    /// of a topic that has moved on again meanwhile go on to the lane that carries it now.
+    ///
+    /// `stopping`: this lane's last pass. It takes what was handed to it, whether every lane
+    /// has answered or not, and withdraws what it asked for and was not handed yet: the other
+    /// lane keeps that in its own state file (taken on the next start, when the topic is first
+    /// claimed) rather than handing it over to a lane that has stopped.
+    pub fn exchange(&self, reassembler: &mut diode_wire::Reassembler, stopping: bool) {
         if self.lanes.count == 1 {
             return;
         }
@@ -355,28 +362,61 @@ impl Lane {
                 handover.handed = Some(reassembler.hand_over(&handover.topic));
             }
         }
-        handovers.retain_mut(|handover| {
-            // Let go of, with nowhere to go: done.
-            if handover.to.is_none() && handover.handed.is_some() {
-                return false;
+        // Let go of, with nowhere to go: done.
+        handovers.retain(|h| h.to.is_some() || h.handed.is_none());
+        let mut topics: Vec<Arc<str>> = handovers
+            .iter()
+            .filter(|h| h.to == Some(self.index))
+            .map(|h| h.topic.clone())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        for topic in topics {
+            let mine = |h: &Handover| h.to == Some(self.index) && h.topic == topic;
+            let holder = self
+                .lanes
+                .topics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&topic)
+                .map(|claim| claim.lane);
+            if let Some(holder) = holder.filter(|lane| *lane != self.index) {
+                for handover in handovers.iter_mut().filter(|h| mine(h)) {
+                    handover.to = Some(holder);
+                }
+                continue;
             }
-            if handover.to != Some(self.index) {
-                return true;
+            if !stopping && handovers.iter().any(|h| mine(h) && h.handed.is_none()) {
+                continue;
             }
-            let Some(handed) = handover.handed.take() else {
-                return true;
-            };
-            if !handed.gaps.is_empty() {
+            let mut taken = diode_wire::TopicHandover::default();
+            let mut from_lanes = Vec::new();
+            handovers.retain_mut(|handover| {
+                if !mine(handover) {
+                    return true;
+                }
+                let Some(handed) = handover.handed.take() else {
+                    // Unanswered at the last pass: the other lane keeps it in its state file.
+                    return !stopping;
+                };
+                from_lanes.push(handover.from);
+                taken.mark = match (taken.mark, handed.mark) {
+                    (Some(a), Some(b)) => Some(a.max_by_session(b)),
+                    (a, b) => a.or(b),
+                };
+                taken.gaps.extend(handed.gaps);
+                false
+            });
+            if !taken.gaps.is_empty() {
                 tracing::info!(
-                    topic = %handover.topic,
-                    from_lane = handover.from,
-                    gaps = handed.gaps.len(),
+                    topic = %topic,
+                    from_lanes = ?from_lanes,
+                    gaps = taken.gaps.len(),
                     "open gaps of a topic moved here taken over: replays fill them on this lane"
                 );
             }
-            reassembler.take_over(&handover.topic, handed);
-            false
-        });
+            reassembler.take_over(&topic, taken);
+        }
     }
 }
 
@@ -475,20 +515,103 @@ mod tests {
         // Lane 0 kept a gap of the topic from before a restart; lane 1 carries it now.
         ra.restore_gaps([(topic.clone(), gap)]);
         assert_eq!(b.carries(&topic, 9, Instant::now()), Verdict::Deliver);
-        b.exchange(&mut rb);
+        b.exchange(&mut rb, false);
         assert!(rb.open_gaps().is_empty(), "nothing to take yet");
-        a.exchange(&mut ra);
+        a.exchange(&mut ra, false);
         assert!(ra.open_gaps().is_empty());
-        b.exchange(&mut rb);
+        b.exchange(&mut rb, false);
         assert_eq!(rb.open_gaps(), vec![(topic.clone(), gap)]);
         assert!(lanes_handovers_empty(&a));
         // A lane that refuses a topic forgets what it knew of it, and gives it to no one.
         ra.restore_gaps([(topic.clone(), gap)]);
         assert_eq!(a.carries(&topic, 9, Instant::now()), Verdict::Refuse);
-        a.exchange(&mut ra);
-        b.exchange(&mut rb);
+        a.exchange(&mut ra, false);
+        b.exchange(&mut rb, false);
         assert!(ra.open_gaps().is_empty());
         assert_eq!(rb.open_gaps().len(), 1);
+        assert!(lanes_handovers_empty(&a));
+    }
+
+    fn mark(next_seq: u64, session_id: u64) -> diode_wire::Mark {
+        diode_wire::Mark {
+            next_seq,
+            last_time_us: 0,
+            session_id,
+        }
+    }
+
+    fn mark_of(ra: &diode_wire::Reassembler, topic: &str) -> Option<diode_wire::Mark> {
+        ra.watermarks()
+            .into_iter()
+            .find(|(t, _)| &**t == topic)
+            .map(|(_, m)| m)
+    }
+
+    #[test]
+    fn a_topic_first_claimed_takes_the_latest_mark_once_every_other_lane_has_answered() {
+        let m = metrics();
+        let lanes = Lanes::new(3, true, &m);
+        let [a, b, mut c] = [0, 1, 2].map(|i| Lane::new(i, lanes.clone(), &m));
+        let [mut ra, mut rb, mut rc] =
+            [(); 3].map(|_| diode_wire::Reassembler::new(Default::default()));
+        let topic: Arc<str> = Arc::from("line1/temp");
+        // Two state files kept the topic: lane 1's is the later.
+        ra.restore_watermarks([(topic.clone(), mark(100, 5 << 20))]);
+        rb.restore_watermarks([(topic.clone(), mark(200, 6 << 20))]);
+        assert_eq!(c.carries(&topic, 7 << 20, Instant::now()), Verdict::Deliver);
+        a.exchange(&mut ra, false);
+        c.exchange(&mut rc, false);
+        assert_eq!(mark_of(&rc, &topic), None, "lane 1 has not answered yet");
+        b.exchange(&mut rb, false);
+        c.exchange(&mut rc, false);
+        assert_eq!(mark_of(&rc, &topic), Some(mark(200, 6 << 20)));
+        assert_eq!((mark_of(&ra, &topic), mark_of(&rb, &topic)), (None, None));
+        assert!(lanes_handovers_empty(&a));
+    }
+
+    #[test]
+    fn what_was_handed_to_a_lane_the_topic_left_again_goes_on_to_the_lane_that_has_it() {
+        let m = metrics();
+        let lanes = Lanes::new(2, true, &m);
+        let (mut a, mut b) = (Lane::new(0, lanes.clone(), &m), Lane::new(1, lanes, &m));
+        let (mut ra, mut rb) = (
+            diode_wire::Reassembler::new(Default::default()),
+            diode_wire::Reassembler::new(Default::default()),
+        );
+        let topic: Arc<str> = Arc::from("line1/temp");
+        let t0 = Instant::now();
+        assert_eq!(a.carries(&topic, 7 << 20, t0), Verdict::Deliver);
+        ra.restore_watermarks([(topic.clone(), mark(300, 7 << 20))]);
+        // To lane 1, which has not taken what lane 0 handed when the topic comes back.
+        assert_eq!(b.carries(&topic, 8 << 20, t0), Verdict::Deliver);
+        a.exchange(&mut ra, false);
+        assert_eq!(
+            a.carries(&topic, 9 << 20, t0 + TOPIC_RECHECK),
+            Verdict::Deliver
+        );
+        b.exchange(&mut rb, false);
+        a.exchange(&mut ra, false);
+        assert_eq!(mark_of(&rb, &topic), None, "a stale mark left on lane 1");
+        assert_eq!(mark_of(&ra, &topic), Some(mark(300, 7 << 20)));
+        assert!(lanes_handovers_empty(&a));
+    }
+
+    #[test]
+    fn what_a_stopped_lane_asked_for_and_was_not_handed_stays_in_the_other_lanes_state() {
+        let m = metrics();
+        let lanes = Lanes::new(2, true, &m);
+        let (a, mut b) = (Lane::new(0, lanes.clone(), &m), Lane::new(1, lanes, &m));
+        let (mut ra, mut rb) = (
+            diode_wire::Reassembler::new(Default::default()),
+            diode_wire::Reassembler::new(Default::default()),
+        );
+        let topic: Arc<str> = Arc::from("line1/temp");
+        ra.restore_watermarks([(topic.clone(), mark(300, 7 << 20))]);
+        assert_eq!(b.carries(&topic, 8 << 20, Instant::now()), Verdict::Deliver);
+        // Lane 1 stops first; lane 0 has one more pass before it stops too.
+        b.exchange(&mut rb, true);
+        a.exchange(&mut ra, false);
+        assert_eq!(mark_of(&ra, &topic), Some(mark(300, 7 << 20)));
         assert!(lanes_handovers_empty(&a));
     }
 

@@ -127,7 +127,7 @@ impl LinkThread {
                 .min(Instant::now() + IDLE_WAKE);
             tokio::select! {
                 _ = shutdown.wait() => {
-                    self.exchange_with_other_lanes();
+                    self.exchange_with_other_lanes(true);
                     self.save_state(self.reassembler.open_gaps());
                     // What the last, unfinished interval rejected or lost is reported too.
                     let refused = scratch.refused_source.get();
@@ -182,9 +182,9 @@ impl LinkThread {
     }
 
     /// Topics moved between lanes (wire-format.md §7): the gaps a topic brings here are
-    /// reported at once, with the topic's other losses.
-    fn exchange_with_other_lanes(&mut self) {
-        self.events.lane.exchange(&mut self.reassembler);
+    /// reported at once, with the topic's other losses. `stopping`: the last pass.
+    fn exchange_with_other_lanes(&mut self, stopping: bool) {
+        self.events.lane.exchange(&mut self.reassembler, stopping);
         while let Some(event) = self.reassembler.poll_event() {
             self.events.handle(event);
         }
@@ -211,7 +211,7 @@ impl LinkThread {
         if now >= scratch.next_gauges {
             scratch.next_gauges = now + GAUGE_INTERVAL;
             // Listed once a second, for the state file and the status page both.
-            self.exchange_with_other_lanes();
+            self.exchange_with_other_lanes(false);
             let gaps = self.reassembler.open_gaps();
             // The status page is lane 0's, with every lane's state, gaps and topics.
             if self.lanes.count() == 1 {

@@ -333,6 +333,15 @@ impl TopicState {
         }
     }
 
+    /// A topic no heartbeat resolved, leaving: judged by its first record alone, at or above
+    /// the mark it came with, the sender numbered on and what lies between is a gap (§6.4).
+    /// Returns the mark, and the first record's number and time.
+    fn unreported_gap(&self) -> Option<(Mark, u64, i64)> {
+        let unresolved = self.unresolved?;
+        let (mark, (seen, seen_time_us)) = (unresolved.carried?, unresolved.first_seen?);
+        (seen > mark.next_seq).then_some((mark, seen, seen_time_us))
+    }
+
     fn plausible(&mut self, seq: u64, now: Instant) -> bool {
         self.anchor.get_or_insert((seq, now));
         self.within_bound(seq, now)
@@ -606,12 +615,28 @@ impl Reassembler {
     /// here, for records lost. Returns them for the one that carries it now
     /// ([`Reassembler::take_over`]).
     pub fn hand_over(&mut self, topic: &str) -> TopicHandover {
-        let mut mark = self.carried.remove(topic);
-        if let Some(session) = &mut self.session {
-            if let Some(state) = session.topics.remove(topic) {
-                mark = state.mark(session.id).or(mark);
+        let carried = self.carried.remove(topic);
+        let placed = self
+            .session
+            .as_mut()
+            .and_then(|s| Some((s.topics.remove_entry(topic)?, s.id)));
+        let mark = match placed {
+            Some(((key, state), session_id)) => {
+                // Leaving as it would at the session's end: what its first record showed lost
+                // goes with its other gaps.
+                if let Some((mark, seen, seen_time_us)) = state.unreported_gap() {
+                    self.report_gap(
+                        &key,
+                        mark.next_seq,
+                        seen - 1,
+                        mark.last_time_us,
+                        seen_time_us,
+                    );
+                }
+                state.mark(session_id).or(carried)
             }
-        }
+            None => carried,
+        };
         let gaps = self
             .gaps
             .list()
@@ -633,8 +658,10 @@ impl Reassembler {
             return;
         }
         let name: Arc<str> = Arc::from(topic);
-        self.restore_gaps(handover.gaps.into_iter().map(|gap| (name.clone(), gap)));
-        let Some(mark) = handover.mark else {
+        let TopicHandover { mark, gaps } = handover;
+        let gaps = gaps.into_iter().map(|gap| (name.clone(), gap));
+        let Some(mark) = mark else {
+            self.restore_gaps(gaps);
             return;
         };
         let Some(session) = self
@@ -643,7 +670,9 @@ impl Reassembler {
             .filter(|s| s.topics.contains_key(topic))
         else {
             // Not placed yet in the current session: it comes with this mark, as if from this
-            // reassembler's own state file, unless that holds a later one.
+            // reassembler's own state file, unless that holds a later one; the heartbeat that
+            // places it clears the gaps if the sender started its numbering over.
+            self.restore_gaps(gaps);
             let room = self.carried.len() < self.config.max_topics;
             match self.carried.get_mut(topic) {
                 Some(own) => *own = own.max_by_session(mark),
@@ -656,6 +685,7 @@ impl Reassembler {
         };
         if mark.session_id >= session.id {
             // Numbered here in this very session already: nothing lies between.
+            self.restore_gaps(gaps);
             return;
         }
         let key = session
@@ -665,7 +695,8 @@ impl Reassembler {
             .expect("checked above");
         let state = session.topics.get_mut(&key).expect("checked above");
         if let Some(unresolved) = state.unresolved.as_mut() {
-            // The heartbeat that resolves it judges its first record against the later mark.
+            // The heartbeat that resolves it judges its first record against the later mark,
+            // and clears the gaps if the sender started its numbering over.
             let later = unresolved
                 .carried
                 .map_or(mark, |own| own.max_by_session(mark));
@@ -675,31 +706,36 @@ impl Reassembler {
                     state.anchor = None;
                 }
             }
+            self.restore_gaps(gaps);
             return;
         }
         let (Some((first_seq, first_time_us)), Some((from, from_time_us))) =
             (state.first_seq, state.accounted_from)
         else {
+            self.restore_gaps(gaps);
             return;
         };
-        if state
+        if first_seq < mark.next_seq {
+            // The sender started its numbering over: the old gaps name other records, and
+            // nothing lies between.
+            return;
+        }
+        // Resolved against a mark of its own at least as late: what lay between that and the
+        // session's records is accounted for already. A mark too far behind to be this
+        // numbering's leaves nothing to call lost either (as `resolve_start` and `deliver`: the
+        // topic counts as joined mid-stream).
+        let stale = state
             .resolved_against
-            .is_some_and(|own| own.max_by_session(mark) == own)
-        {
-            // Resolved against a mark of its own at least as late: what lay between that and
-            // the session's records is already accounted for.
-            return;
-        }
-        // As `resolve_start`: a sender that started its numbering over, or a mark too far
-        // behind to be this numbering's, leaves nothing between them to call lost.
-        if first_seq < mark.next_seq
-            || !TopicState::carried_plausible(mark, first_seq, first_time_us)
-        {
-            return;
-        }
-        if mark.next_seq < from {
+            .is_some_and(|own| own.max_by_session(mark) == own);
+        let plausible = TopicState::carried_plausible(mark, first_seq, first_time_us)
+            && TopicState::carried_plausible(mark, from, from_time_us.max(first_time_us));
+        let lost = !stale && plausible && mark.next_seq < from;
+        if lost {
             // Accounted for from the mark now: the same mark taken again reports nothing more.
             state.accounted_from = Some((mark.next_seq, from_time_us));
+        }
+        self.restore_gaps(gaps);
+        if lost {
             self.report_gap(
                 &key,
                 mark.next_seq,
@@ -1046,13 +1082,8 @@ impl Reassembler {
             let mut unreported = Vec::new();
             if let Some(s) = &self.session {
                 for (topic, state) in &s.topics {
-                    let carried = state.unresolved.and_then(|u| u.carried);
-                    if let (Some(mark), Some((seen, seen_time_us))) =
-                        (carried, state.unresolved.and_then(|u| u.first_seen))
-                    {
-                        if seen > mark.next_seq {
-                            unreported.push((topic.clone(), mark, seen, seen_time_us));
-                        }
+                    if let Some((mark, seen, seen_time_us)) = state.unreported_gap() {
+                        unreported.push((topic.clone(), mark, seen, seen_time_us));
                     }
                     let Some(mark) = state.mark(s.id) else {
                         continue;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use diode_wire::{Encoder, EncoderConfig, Event, Gap, LinkKey, Reassembler, ReassemblerConfig};
+use diode_wire::{
+    Encoder, EncoderConfig, Event, Gap, LinkKey, Mark, OpenGap, Reassembler, ReassemblerConfig,
+};
 
 struct Pair {
     encoder: Encoder,
@@ -282,7 +284,52 @@ fn a_sender_that_numbered_over_from_zero_leaves_nothing_to_report_from_a_mark() 
     let mut lane_1 = receiver(&key);
     let events = started_over.send(100, Some(&mut lane_1));
     assert_eq!(delivered(&events, TOPICS[0]), (0..100).collect::<Vec<_>>());
-    lane_1.take_over(TOPICS[0], lane_0.hand_over(TOPICS[0]));
+    let mut handover = lane_0.hand_over(TOPICS[0]);
+    // A gap the old numbering left open names other records than the new one's: not kept.
+    handover.gaps.push(OpenGap {
+        first_seq: 40,
+        last_seq: 49,
+        after_us: 0,
+        before_us: 0,
+    });
+    lane_1.take_over(TOPICS[0], handover);
     assert!(lane_1.poll_event().is_none());
     assert_eq!(lane_1.stats().records_lost, 0);
+    assert!(lane_1.open_gaps().is_empty());
+}
+
+/// A topic that came with a mark and leaves before any heartbeat placed its numbering: what its
+/// first record showed lost goes with it, as at the end of a session.
+#[test]
+fn a_topic_handed_over_before_its_first_heartbeat_takes_the_gap_its_first_record_showed() {
+    let key = LinkKey::new(&[7; 32]);
+    let mut lane_0 = receiver(&key);
+    lane_0.restore_watermarks([(
+        Arc::from(TOPICS[0]),
+        Mark {
+            next_seq: 300,
+            last_time_us: 0,
+            session_id: SESSION,
+        },
+    )]);
+    let mut new_session = Pair::numbering_from(&key, (0x5E56 << 20) | 1, 500);
+    let events = new_session.send_before_any_heartbeat(10, &mut lane_0);
+    assert_eq!(
+        delivered(&events, TOPICS[0]),
+        (500..510).collect::<Vec<_>>()
+    );
+    assert!(gaps(&events).is_empty(), "not known until a heartbeat");
+    let handover = lane_0.hand_over(TOPICS[0]);
+    assert_eq!(handover.mark.map(|m| m.next_seq), Some(510));
+    let handed: Vec<_> = handover
+        .gaps
+        .iter()
+        .map(|g| (g.first_seq, g.last_seq))
+        .collect();
+    assert_eq!(handed, vec![(300, 499)]);
+    assert_eq!(
+        lane_0.stats().records_lost,
+        200,
+        "reported where it was seen"
+    );
 }
