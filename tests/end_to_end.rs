@@ -10,6 +10,32 @@ use common::*;
 use diode_gateway::relay::RelayConfig;
 use diode_wire::sim::{Impairments, SimRng};
 
+/// A pair with the topics of `topics_udp_and_lines` behind `relay`, to `FILE_ROUTE`; returns it
+/// with the UDP and TCP sources' ports.
+fn udp_and_lines_pair(relay: RelayConfig) -> (Pair, u16, u16) {
+    let (udp, tcp) = (free_port(), free_port());
+    let pair = Pair::start(relay, &topics_udp_and_lines(udp, tcp), FILE_ROUTE);
+    (pair, udp, tcp)
+}
+
+/// As `udp_and_lines_pair` on a clean relay, in `dir`, with more `[link]` keys for each side.
+fn udp_and_lines_pair_in(
+    dir: tempfile::TempDir,
+    sender_link: &str,
+    receiver_link: &str,
+) -> (Pair, u16, u16) {
+    let (udp, tcp) = (free_port(), free_port());
+    let pair = Pair::start_with(
+        RelayConfig::default(),
+        &topics_udp_and_lines(udp, tcp),
+        FILE_ROUTE,
+        dir,
+        sender_link,
+        receiver_link,
+    );
+    (pair, udp, tcp)
+}
+
 fn topics_udp_and_lines(udp: u16, tcp: u16) -> String {
     format!(
         r#"[[topic]]
@@ -45,7 +71,6 @@ fn send_lines(addr: SocketAddr, lines: impl IntoIterator<Item = String>) {
 /// what arrived, measured over a 5 s window while telemetry flows through 5 % loss.
 #[test]
 fn loss_on_the_link_is_measured_against_what_the_sender_sent() {
-    let (udp, tcp) = (free_port(), free_port());
     let relay = RelayConfig {
         impairments: Impairments {
             drop_rate: 0.05,
@@ -53,7 +78,7 @@ fn loss_on_the_link_is_measured_against_what_the_sender_sent() {
         },
         seed: 9,
     };
-    let pair = Pair::start(relay, &topics_udp_and_lines(udp, tcp), FILE_ROUTE);
+    let (pair, udp, _) = udp_and_lines_pair(relay);
     let until = std::time::Instant::now() + Duration::from_secs(8);
     let mut next = 0u64;
     while std::time::Instant::now() < until {
@@ -73,11 +98,7 @@ fn loss_on_the_link_is_measured_against_what_the_sender_sent() {
 /// a receiver restart only what came since, with no burst of the sender's totals so far.
 #[test]
 fn mirrored_sender_counters_count_what_this_receiver_saw() {
-    let (udp, tcp) = (free_port(), free_port());
-    let mut pair = Pair::start_with(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
+    let (mut pair, udp, _) = udp_and_lines_pair_in(
         tempfile::tempdir().unwrap(),
         "",
         "state_file = \"receiver.state\"",
@@ -127,7 +148,6 @@ fn mirrored_sender_counters_count_what_this_receiver_saw() {
 
 #[test]
 fn records_arrive_intact_in_order_once_over_an_impaired_link() {
-    let (udp, tcp) = (free_port(), free_port());
     let relay = RelayConfig {
         impairments: Impairments {
             drop_rate: 0.03,
@@ -140,7 +160,7 @@ fn records_arrive_intact_in_order_once_over_an_impaired_link() {
         },
         seed: 7,
     };
-    let pair = Pair::start(relay, &topics_udp_and_lines(udp, tcp), FILE_ROUTE);
+    let (pair, udp, tcp) = udp_and_lines_pair(relay);
     let udp_addr: SocketAddr = loopback(udp);
     // 100-byte records, as plant telemetry typically is.
     send_udp(
@@ -224,12 +244,7 @@ fn records_arrive_intact_in_order_once_over_an_impaired_link() {
 
 #[test]
 fn a_clean_link_loses_nothing() {
-    let (udp, tcp) = (free_port(), free_port());
-    let pair = Pair::start(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
-    );
+    let (pair, _, tcp) = udp_and_lines_pair(RelayConfig::default());
     send_lines(loopback(tcp), (0..20_000).map(|i| format!("event {i}")));
     let out = pair.path("out/records.jsonl");
     assert!(wait_for(Duration::from_secs(30), || line_count(&out) >= 20_000));
@@ -243,12 +258,7 @@ fn a_clean_link_loses_nothing() {
 
 #[test]
 fn an_outage_is_reported_as_exact_gaps_and_link_down() {
-    let (udp, tcp) = (free_port(), free_port());
-    let pair = Pair::start(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
-    );
+    let (pair, _, tcp) = udp_and_lines_pair(RelayConfig::default());
     let tcp_addr: SocketAddr = loopback(tcp);
     let mut stream = TcpStream::connect(tcp_addr).unwrap();
     let mut sent = 0;
@@ -406,12 +416,7 @@ sink = {{ kind = "udp", target = "{}" }}
 
 #[test]
 fn sender_restart_starts_a_new_session_and_receiver_restart_joins() {
-    let (udp, tcp) = (free_port(), free_port());
-    let mut pair = Pair::start(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
-    );
+    let (mut pair, _, tcp) = udp_and_lines_pair(RelayConfig::default());
     let tcp_addr: SocketAddr = loopback(tcp);
     let out = pair.path("out/records.jsonl");
     send_lines(tcp_addr, (0..1000).map(|i| format!("first {i}")));
@@ -494,12 +499,7 @@ fn a_bad_config_stops_the_service_naming_file_line_and_key() {
 
 #[test]
 fn the_documented_metrics_are_exported() {
-    let (udp, tcp) = (free_port(), free_port());
-    let pair = Pair::start(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
-    );
+    let (pair, udp, _) = udp_and_lines_pair(RelayConfig::default());
     send_udp(loopback(udp), (0..10).map(|i| vec![0xff, i]), 10);
     let out = pair.path("out/records.jsonl");
     assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 10));
@@ -566,13 +566,9 @@ fn an_authenticated_encrypted_link_rejects_forgeries_and_loose_key_files() {
         "{stderr}"
     );
 
-    let (udp, tcp) = (free_port(), free_port());
-    let pair = Pair::start_with(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
+    // Encrypted as well (wire-format.md §4.4): records cross whole, forgeries still fail.
+    let (pair, _, tcp) = udp_and_lines_pair_in(
         dir,
-        // Encrypted as well (wire-format.md §4.4): records cross whole, forgeries still fail.
         "key_file = \"link.key\"\nencrypt = true",
         "key_file = \"link.key\"\nencrypt = true",
     );
@@ -660,12 +656,7 @@ fn udp_sockets_of(pid: u32) -> Vec<(SocketAddr, SocketAddr, u64)> {
 /// host on the OT network sends to it is ever queued (it was bound to 0.0.0.0 and unconnected).
 #[test]
 fn the_sender_link_socket_accepts_nothing() {
-    let (udp, tcp) = (free_port(), free_port());
-    let pair = Pair::start(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
-    );
+    let (pair, udp, _) = udp_and_lines_pair(RelayConfig::default());
     let pid = pair.sender.child.as_ref().unwrap().id();
     let destination = pair.relay.listen_addr;
     let mut link = Vec::new();
@@ -698,11 +689,7 @@ fn the_sender_link_socket_accepts_nothing() {
 fn authenticated_pair_with_state(receiver_link: &str) -> (Pair, u16) {
     let dir = tempfile::tempdir().unwrap();
     keygen(dir.path());
-    let (udp, tcp) = (free_port(), free_port());
-    let pair = Pair::start_with(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
+    let (pair, _, tcp) = udp_and_lines_pair_in(
         dir,
         "key_file = \"link.key\"",
         &format!("key_file = \"link.key\"\nstate_file = \"receiver.state\"\n{receiver_link}"),
@@ -938,12 +925,7 @@ fn every_metric_is_documented_and_every_documented_metric_exists() {
         .filter_map(|l| l.split('`').next())
         .map(str::to_owned)
         .collect();
-    let (udp, tcp) = (free_port(), free_port());
-    let pair = Pair::start(
-        RelayConfig::default(),
-        &topics_udp_and_lines(udp, tcp),
-        FILE_ROUTE,
-    );
+    let (pair, udp, _) = udp_and_lines_pair(RelayConfig::default());
     send_udp(loopback(udp), (0..10).map(|i| vec![b'x', i]), 10);
     let out = pair.path("out/records.jsonl");
     assert!(wait_for(Duration::from_secs(10), || line_count(&out) >= 10));

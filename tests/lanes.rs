@@ -73,23 +73,18 @@ impl Lanes {
         };
         let listen = [free_port(), free_port()];
         let receiver_metrics = loopback(free_port());
-        let receiver_toml = dir.path().join("receiver.toml");
-        std::fs::write(
-            &receiver_toml,
-            format!(
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        let (receiver, receiver_toml) = Service::configure_and_start(
+            RECV,
+            dir.path(),
+            "receiver",
+            &format!(
                 "[link]\nlisten = \"127.0.0.1:{}\"\nstate_file = \"state/receiver.state\"\n{key_line}\
                  [[link.lane]]\nlisten = \"127.0.0.1:{}\"\n\n\
                  [metrics]\nlisten = \"{receiver_metrics}\"\n\n\
                  [[route]]\ntopics = [\"#\"]\nsink = {{ kind = \"file\", path = \"out/records.jsonl\" }}\n",
                 listen[0], listen[1]
             ),
-        )
-        .unwrap();
-        std::fs::create_dir_all(dir.path().join("state")).unwrap();
-        let receiver = Service::start(
-            RECV,
-            &receiver_toml,
-            dir.path().join("receiver.log"),
             receiver_metrics,
         );
         let relays: Vec<Relay> = relays
@@ -106,21 +101,16 @@ impl Lanes {
             );
         }
         let sender_metrics = loopback(free_port());
-        let sender_toml = dir.path().join("sender.toml");
-        std::fs::write(
-            &sender_toml,
-            format!(
+        let (sender, sender_toml) = Service::configure_and_start(
+            SEND,
+            dir.path(),
+            "sender",
+            &format!(
                 "[link]\ndestination = \"{}\"\nrate_mbps = 100\nheartbeat_interval_ms = 200\n{key_line}{sender_link}\n\
                  [[link.lane]]\ndestination = \"{}\"\n\n\
                  [metrics]\nlisten = \"{sender_metrics}\"\n\n{sender_extra}\n\n{topics}",
                 relays[0].listen_addr, relays[1].listen_addr
             ),
-        )
-        .unwrap();
-        let sender = Service::start(
-            SEND,
-            &sender_toml,
-            dir.path().join("sender.log"),
             sender_metrics,
         );
         Lanes {
@@ -141,6 +131,18 @@ impl Lanes {
             .map(|n| format!("{} {n}\n", TOPICS[index].0))
             .collect();
         stream.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// `feed`, then until topic `index` has `to` records delivered.
+    fn feed_until_delivered(&self, index: usize, from: usize, to: usize) {
+        self.feed(index, from, to);
+        assert!(
+            wait_for(Duration::from_secs(15), || self.count(index) == to),
+            "{} of {to} records of {}; receiver log:\n{}",
+            self.count(index),
+            TOPICS[index].0,
+            self.receiver.log_text()
+        );
     }
 
     fn delivered(&self) -> BTreeMap<String, Vec<(u64, String)>> {
@@ -602,8 +604,7 @@ fn a_lane_without_topics_stays_up() {
         [0; 4],
         false,
     );
-    lanes.feed(0, 0, 100);
-    assert!(wait_for(Duration::from_secs(15), || lanes.count(0) == 100));
+    lanes.feed_until_delivered(0, 0, 100);
     assert!(
         wait_for(Duration::from_secs(5), || lanes.lane_up(1) == 1.0
             && lanes.receiver.metric("diode_link_up", &[]) == 1.0),
@@ -623,8 +624,7 @@ fn a_lane_without_topics_stays_up() {
 fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
     let mut lanes = Lanes::journaled();
     let (topic, _) = TOPICS[1];
-    lanes.feed(1, 0, 300);
-    assert!(wait_for(Duration::from_secs(15), || lanes.count(1) == 300));
+    lanes.feed_until_delivered(1, 0, 300);
     lanes.lose_on_lane_1(300, 500, 600);
     assert!(records_lost_in_log(&lanes.receiver.log_text(), Some(topic)) > 0);
 
@@ -684,8 +684,7 @@ fn a_topic_moved_to_another_lane_goes_on_there_with_its_open_gaps() {
 fn what_a_moved_topic_sent_while_the_receiver_was_down_is_reported_on_its_new_lane() {
     let mut lanes = Lanes::journaled();
     let (topic, _) = TOPICS[1];
-    lanes.feed(1, 0, 300);
-    assert!(wait_for(Duration::from_secs(15), || lanes.count(1) == 300));
+    lanes.feed_until_delivered(1, 0, 300);
     lanes.receiver.stop();
     lanes.relays[1].set_dark(true);
     lanes.feed(1, 300, 500);

@@ -111,6 +111,21 @@ impl Service {
         service
     }
 
+    /// Writes `config` to `<name>.toml` in `dir` and starts `binary` with it, logging to
+    /// `<name>.log` there; returns the service and its configuration's path.
+    pub fn configure_and_start(
+        binary: &str,
+        dir: &Path,
+        name: &str,
+        config: &str,
+        metrics: SocketAddr,
+    ) -> (Service, PathBuf) {
+        let toml = dir.join(format!("{name}.toml"));
+        std::fs::write(&toml, config).unwrap();
+        let service = Service::start(binary, &toml, dir.join(format!("{name}.log")), metrics);
+        (service, toml)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -195,35 +210,25 @@ impl Pair {
     ) -> Pair {
         let link_port = free_port();
         let receiver_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let receiver_toml = dir.path().join("receiver.toml");
-        std::fs::write(
-            &receiver_toml,
-            format!(
+        let (receiver, receiver_toml) = Service::configure_and_start(
+            RECV,
+            dir.path(),
+            "receiver",
+            &format!(
                 "[link]\nlisten = \"127.0.0.1:{link_port}\"\n{receiver_link}\n\n[metrics]\nlisten = \"{receiver_metrics}\"\n\n{receiver_routes}"
             ),
-        )
-        .unwrap();
-        let receiver = Service::start(
-            RECV,
-            &receiver_toml,
-            dir.path().join("receiver.log"),
             receiver_metrics,
         );
         let relay = Relay::start(format!("127.0.0.1:{link_port}").parse().unwrap(), relay).unwrap();
         let sender_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let sender_toml = dir.path().join("sender.toml");
-        std::fs::write(
-            &sender_toml,
-            format!(
+        let (sender, sender_toml) = Service::configure_and_start(
+            SEND,
+            dir.path(),
+            "sender",
+            &format!(
                 "[link]\ndestination = \"{}\"\nrate_mbps = 200\nheartbeat_interval_ms = 200\n{sender_link}\n\n[metrics]\nlisten = \"{sender_metrics}\"\n\n{sender_topics}",
                 relay.listen_addr
             ),
-        )
-        .unwrap();
-        let sender = Service::start(
-            SEND,
-            &sender_toml,
-            dir.path().join("sender.log"),
             sender_metrics,
         );
         Pair {
