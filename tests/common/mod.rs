@@ -242,6 +242,26 @@ impl Pair {
         }
     }
 
+    /// Until each of `sent` records is delivered or reported lost, and the file sink
+    /// (`out/records.jsonl`) holds every record delivered.
+    pub fn wait_accounted_for(&self, sent: u64) {
+        let receiver = &self.receiver;
+        let out = || receiver.metric("diode_records_out_total", &[]);
+        assert!(
+            wait_for(Duration::from_secs(20), || out()
+                + receiver.metric("diode_records_lost_total", &[])
+                >= sent as f64),
+            "{} delivered and {} reported lost of {sent}; log:\n{}",
+            out(),
+            receiver.metric("diode_records_lost_total", &[]),
+            receiver.log_text()
+        );
+        let file = self.path("out/records.jsonl");
+        assert!(wait_for(Duration::from_secs(5), || line_count(&file)
+            as f64
+            >= out()));
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
