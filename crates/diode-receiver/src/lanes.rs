@@ -49,6 +49,8 @@ struct LaneState {
     loss_ratio: f64,
     /// The lane's current session (0: none yet).
     session: u64,
+    /// The lane has had its last pass (`Lane::exchange`): nothing more is handed to it.
+    stopped: bool,
 }
 
 /// What a lane does with a record of a topic (`Lane::carries`).
@@ -286,7 +288,9 @@ impl Lane {
                              configured on two lanes, or sent by two senders?)"
                         );
                     }
-                    // What this lane knew of the topic is of the numbering it refuses.
+                    // What this lane knew of the topic is of the numbering it refuses. Asked
+                    // for with `topics` let go of: `exchange` takes `handovers` first.
+                    drop(topics);
                     self.push_handover(topic, self.index, None);
                     return Verdict::Refuse;
                 }
@@ -304,11 +308,7 @@ impl Lane {
         };
         topics.insert(topic.clone(), mine);
         drop(topics);
-        let mut handovers = self
-            .lanes
-            .handovers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut handovers = self.lock_handovers();
         // This lane carries the topic now: an earlier request that it let go is stale.
         handovers.retain(|h| !(h.from == self.index && h.handed.is_none() && h.topic == *topic));
         drop(handovers);
@@ -319,11 +319,7 @@ impl Lane {
     }
 
     fn push_handover(&self, topic: &Arc<str>, from: usize, to: Option<usize>) {
-        let mut handovers = self
-            .lanes
-            .handovers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut handovers = self.lock_handovers();
         let pending = handovers
             .iter()
             .any(|h| h.handed.is_none() && h.from == from && h.to == to && h.topic == *topic);
@@ -352,35 +348,56 @@ impl Lane {
         if self.lanes.count == 1 {
             return;
         }
-        let mut handovers = self
-            .lanes
-            .handovers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for handover in handovers.iter_mut() {
-            if handover.from == self.index && handover.handed.is_none() {
-                handover.handed = Some(reassembler.hand_over(&handover.topic));
-            }
+        if stopping {
+            self.lanes.lock_states()[self.index].stopped = true;
         }
-        // Let go of, with nowhere to go: done.
-        handovers.retain(|h| h.to.is_some() || h.handed.is_none());
-        let mut topics: Vec<Arc<str>> = handovers
+        // Locks are taken one at a time, never one inside another: `decide` holds `topics`
+        // while it reads `states`.
+        let asked: Vec<Arc<str>> = {
+            let mut handovers = self.lock_handovers();
+            for handover in handovers.iter_mut() {
+                if handover.from == self.index && handover.handed.is_none() {
+                    handover.handed = Some(match handover.to {
+                        Some(_) => reassembler.hand_over(&handover.topic),
+                        // Of a numbering this lane refused: nothing in it was lost.
+                        None => reassembler.forget(&handover.topic),
+                    });
+                }
+            }
+            // Let go of, with nowhere to go: done.
+            handovers.retain(|h| h.to.is_some() || h.handed.is_none());
+            let mut asked: Vec<Arc<str>> = handovers
+                .iter()
+                .filter(|h| h.to == Some(self.index))
+                .map(|h| h.topic.clone())
+                .collect();
+            asked.sort();
+            asked.dedup();
+            asked
+        };
+        if asked.is_empty() {
+            return;
+        }
+        // Where each has gone since, if it has, to a lane still running: what was handed here
+        // goes on there. A lane that stops keeps what it was handed in its own state file.
+        let holders: Vec<Option<usize>> = {
+            let topics = self.lanes.topics.lock().unwrap_or_else(|e| e.into_inner());
+            asked
+                .iter()
+                .map(|t| topics.get(t).map(|claim| claim.lane))
+                .collect()
+        };
+        let running: Vec<bool> = self
+            .lanes
+            .lock_states()
             .iter()
-            .filter(|h| h.to == Some(self.index))
-            .map(|h| h.topic.clone())
+            .map(|l| !l.stopped)
             .collect();
-        topics.sort();
-        topics.dedup();
-        for topic in topics {
+        let mut handovers = self.lock_handovers();
+        for (topic, holder) in asked.into_iter().zip(holders) {
             let mine = |h: &Handover| h.to == Some(self.index) && h.topic == topic;
-            let holder = self
-                .lanes
-                .topics
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&topic)
-                .map(|claim| claim.lane);
-            if let Some(holder) = holder.filter(|lane| *lane != self.index) {
+            let elsewhere = holder.filter(|lane| *lane != self.index && running[*lane]);
+            if let Some(holder) = elsewhere.filter(|_| !stopping) {
                 for handover in handovers.iter_mut().filter(|h| mine(h)) {
                     handover.to = Some(holder);
                 }
@@ -417,6 +434,13 @@ impl Lane {
             }
             reassembler.take_over(&topic, taken);
         }
+    }
+
+    fn lock_handovers(&self) -> std::sync::MutexGuard<'_, Vec<Handover>> {
+        self.lanes
+            .handovers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -613,6 +637,75 @@ mod tests {
         a.exchange(&mut ra, false);
         assert_eq!(mark_of(&ra, &topic), Some(mark(300, 7 << 20)));
         assert!(lanes_handovers_empty(&a));
+    }
+
+    #[test]
+    fn nothing_is_handed_to_a_lane_that_has_stopped() {
+        let m = metrics();
+        let lanes = Lanes::new(3, true, &m);
+        let [f, mut t, mut h] = [0, 1, 2].map(|i| Lane::new(i, lanes.clone(), &m));
+        let [mut rf, mut rt, mut rh] =
+            [(); 3].map(|_| diode_wire::Reassembler::new(Default::default()));
+        let topic: Arc<str> = Arc::from("line1/temp");
+        rf.restore_watermarks([(topic.clone(), mark(300, 6 << 20))]);
+        let t0 = Instant::now();
+        // Lane 1 claims the topic first and asks the others; it moves on to lane 2, which stops
+        // before lane 0 has answered.
+        assert_eq!(t.carries(&topic, 7 << 20, t0), Verdict::Deliver);
+        assert_eq!(h.carries(&topic, 8 << 20, t0), Verdict::Deliver);
+        h.exchange(&mut rh, true);
+        t.exchange(&mut rt, false);
+        f.exchange(&mut rf, false);
+        t.exchange(&mut rt, false);
+        assert_eq!(mark_of(&rh, &topic), None);
+        assert_eq!(
+            mark_of(&rt, &topic),
+            Some(mark(300, 6 << 20)),
+            "kept by a running lane"
+        );
+        assert!(lanes_handovers_empty(&f));
+    }
+
+    #[test]
+    fn a_lane_refusing_records_while_another_exchanges_does_not_deadlock() {
+        let m = metrics();
+        let lanes = Lanes::new(2, true, &m);
+        let mut a = Lane::new(0, lanes.clone(), &m);
+        let (done, finished) = std::sync::mpsc::channel();
+        let topics: Vec<Arc<str>> = (0..64).map(|i| Arc::from(format!("t/{i}"))).collect();
+        let t0 = Instant::now();
+        // Lane 0 claims every topic first and asks lane 1, which never answers here: each of
+        // lane 0's passes looks the topics up.
+        for topic in &topics {
+            assert_eq!(a.carries(topic, 9 << 20, t0), Verdict::Deliver);
+        }
+        let refusing = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    // A lane of its own each round: no answer cached, each record decided.
+                    let mut b = Lane::new(1, lanes.clone(), &m);
+                    for topic in &topics {
+                        assert_eq!(b.carries(topic, 8 << 20, t0), Verdict::Refuse);
+                    }
+                }
+                done.send(()).unwrap();
+            })
+        };
+        let exchanging = std::thread::spawn(move || {
+            let mut ra = diode_wire::Reassembler::new(Default::default());
+            for _ in 0..2000 {
+                a.exchange(&mut ra, false);
+            }
+            done.send(()).unwrap();
+        });
+        for _ in 0..2 {
+            finished
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the lanes deadlocked");
+        }
+        refusing.join().unwrap();
+        exchanging.join().unwrap();
     }
 
     fn lanes_handovers_empty(lane: &Lane) -> bool {

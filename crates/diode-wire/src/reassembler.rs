@@ -615,6 +615,17 @@ impl Reassembler {
     /// here, for records lost. Returns them for the one that carries it now
     /// ([`Reassembler::take_over`]).
     pub fn hand_over(&mut self, topic: &str) -> TopicHandover {
+        self.release(topic, true)
+    }
+
+    /// Lets go of a topic as [`Reassembler::hand_over`] does, for a numbering of it this
+    /// receiver refuses (two senders, or a topic on two lanes, §7): nothing it showed is
+    /// reported lost.
+    pub fn forget(&mut self, topic: &str) -> TopicHandover {
+        self.release(topic, false)
+    }
+
+    fn release(&mut self, topic: &str, report_unseen: bool) -> TopicHandover {
         let carried = self.carried.remove(topic);
         let placed = self
             .session
@@ -624,7 +635,9 @@ impl Reassembler {
             Some(((key, state), session_id)) => {
                 // Leaving as it would at the session's end: what its first record showed lost
                 // goes with its other gaps.
-                if let Some((mark, seen, seen_time_us)) = state.unreported_gap() {
+                if let Some((mark, seen, seen_time_us)) =
+                    state.unreported_gap().filter(|_| report_unseen)
+                {
                     self.report_gap(
                         &key,
                         mark.next_seq,

@@ -300,10 +300,10 @@ fn a_sender_that_numbered_over_from_zero_leaves_nothing_to_report_from_a_mark() 
 
 /// A topic that came with a mark and leaves before any heartbeat placed its numbering: what its
 /// first record showed lost goes with it, as at the end of a session.
-#[test]
-fn a_topic_handed_over_before_its_first_heartbeat_takes_the_gap_its_first_record_showed() {
-    let key = LinkKey::new(&[7; 32]);
-    let mut lane_0 = receiver(&key);
+/// Lane 0 came with a mark of `SESSION` at 300 and has seen records 500..510 of a later session
+/// and no heartbeat of it.
+fn with_first_records_after_a_mark(key: &LinkKey) -> Reassembler {
+    let mut lane_0 = receiver(key);
     lane_0.restore_watermarks([(
         Arc::from(TOPICS[0]),
         Mark {
@@ -312,13 +312,20 @@ fn a_topic_handed_over_before_its_first_heartbeat_takes_the_gap_its_first_record
             session_id: SESSION,
         },
     )]);
-    let mut new_session = Pair::numbering_from(&key, (0x5E56 << 20) | 1, 500);
+    let mut new_session = Pair::numbering_from(key, (0x5E56 << 20) | 1, 500);
     let events = new_session.send_before_any_heartbeat(10, &mut lane_0);
     assert_eq!(
         delivered(&events, TOPICS[0]),
         (500..510).collect::<Vec<_>>()
     );
     assert!(gaps(&events).is_empty(), "not known until a heartbeat");
+    lane_0
+}
+
+#[test]
+fn a_topic_handed_over_before_its_first_heartbeat_takes_the_gap_its_first_record_showed() {
+    let key = LinkKey::new(&[7; 32]);
+    let mut lane_0 = with_first_records_after_a_mark(&key);
     let handover = lane_0.hand_over(TOPICS[0]);
     assert_eq!(handover.mark.map(|m| m.next_seq), Some(510));
     let handed: Vec<_> = handover
@@ -332,4 +339,17 @@ fn a_topic_handed_over_before_its_first_heartbeat_takes_the_gap_its_first_record
         200,
         "reported where it was seen"
     );
+}
+
+/// A numbering refused (a second sender of the topic, §7) is forgotten: nothing it showed is
+/// called lost.
+#[test]
+fn a_refused_topic_is_forgotten_without_a_loss() {
+    let key = LinkKey::new(&[7; 32]);
+    let mut lane_0 = with_first_records_after_a_mark(&key);
+    let forgotten = lane_0.forget(TOPICS[0]);
+    assert!(forgotten.gaps.is_empty());
+    assert_eq!(lane_0.stats().records_lost, 0);
+    assert!(lane_0.poll_event().is_none());
+    assert!(lane_0.watermarks().iter().all(|(t, _)| &**t != TOPICS[0]));
 }
