@@ -20,6 +20,39 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 const MAX_REQUEST_BYTES: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A socket or listener a service could not bind at start: which, where, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind {what} on {addr}: {source}")]
+pub struct BindError {
+    pub what: &'static str,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl BindError {
+    /// The error for `what` at `addr`, to `map_err` an I/O error into.
+    pub fn of(what: &'static str, addr: SocketAddr) -> impl Fn(std::io::Error) -> BindError + Copy {
+        move |source| BindError { what, addr, source }
+    }
+}
+
+/// `serve` on `listen` when the configuration names one (`[metrics] listen`); the address bound.
+pub async fn serve_if_configured(
+    listen: Option<SocketAddr>,
+    registry: Arc<Registry>,
+    board: Arc<Board>,
+    shutdown: Shutdown,
+) -> Result<Option<SocketAddr>, BindError> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    serve(listen, registry, board, shutdown)
+        .await
+        .map(Some)
+        .map_err(BindError::of("the metrics endpoint", listen))
+}
+
 /// Binds `listen` now (so a taken port fails start-up) and serves until shutdown.
 pub async fn serve(
     listen: SocketAddr,

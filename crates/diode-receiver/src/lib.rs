@@ -36,13 +36,8 @@ const SINK_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum StartError {
-    #[error("cannot bind {what} on {addr}: {source}")]
-    Bind {
-        what: String,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] diode_common::metrics::BindError),
     #[error("cannot start the link thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
@@ -97,18 +92,13 @@ pub async fn start(mut loaded: Loaded, shutdown: Shutdown) -> Result<RunningRece
     let metrics = ReceiverMetrics::new(&mut registry);
     let registry = Arc::new(registry);
     let board = diode_common::status::Board::new(&metrics::STATUS, registry.clone());
-    let metrics_addr = match loaded.metrics_listen {
-        Some(addr) => Some(
-            diode_common::metrics::serve(addr, registry.clone(), board.clone(), shutdown.clone())
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "the metrics endpoint".into(),
-                    addr,
-                    source,
-                })?,
-        ),
-        None => None,
-    };
+    let metrics_addr = diode_common::metrics::serve_if_configured(
+        loaded.metrics_listen,
+        registry.clone(),
+        board.clone(),
+        shutdown.clone(),
+    )
+    .await?;
 
     let configured_routes = loaded.config.routes.len();
     let route_notes: Vec<Vec<String>> = loaded
@@ -222,11 +212,7 @@ fn link_socket(
     listen: SocketAddr,
     receive_buffer_bytes: usize,
 ) -> Result<(std::net::UdpSocket, quinn_udp::UdpSocketState, SocketAddr), StartError> {
-    let error = |source| StartError::Bind {
-        what: "the link socket".into(),
-        addr: listen,
-        source,
-    };
+    let error = diode_common::metrics::BindError::of("the link socket", listen);
     let socket = udp_socket(listen, Buffer::Receive, receive_buffer_bytes).map_err(error)?;
     let udp = quinn_udp::UdpSocketState::new((&socket).into()).map_err(error)?;
     let bound = socket.local_addr().unwrap_or(listen);

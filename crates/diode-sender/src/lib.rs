@@ -30,13 +30,8 @@ use crate::sources::SourceContext;
 
 #[derive(Debug, Error)]
 pub enum StartError {
-    #[error("cannot bind {what} on {addr}: {source}")]
-    Bind {
-        what: String,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] diode_common::metrics::BindError),
     #[error("cannot start {what}: {source}")]
     Source {
         what: String,
@@ -125,11 +120,7 @@ fn link_socket(
     lane: &config::Lane,
     send_buffer_bytes: usize,
 ) -> Result<(std::net::UdpSocket, quinn_udp::UdpSocketState), StartError> {
-    let error = |source| StartError::Bind {
-        what: "the link socket".into(),
-        addr: lane.bind,
-        source,
-    };
+    let error = diode_common::metrics::BindError::of("the link socket", lane.bind);
     let socket = udp_socket(lane.bind, Buffer::Send, send_buffer_bytes).map_err(error)?;
     socket.connect(lane.destination).map_err(error)?;
     let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(0);
@@ -388,18 +379,13 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
         ],
         ..Default::default()
     });
-    let metrics_addr = match loaded.metrics_listen {
-        Some(addr) => Some(
-            diode_common::metrics::serve(addr, registry.clone(), board.clone(), shutdown.clone())
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "the metrics endpoint".into(),
-                    addr,
-                    source,
-                })?,
-        ),
-        None => None,
-    };
+    let metrics_addr = diode_common::metrics::serve_if_configured(
+        loaded.metrics_listen,
+        registry.clone(),
+        board.clone(),
+        shutdown.clone(),
+    )
+    .await?;
 
     let (mut journals, writer) = match (&loaded.journal_dir, opened, &config.journal) {
         (Some(dir), Some((writer, handle)), Some(settings)) => {
