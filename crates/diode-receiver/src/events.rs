@@ -66,7 +66,7 @@ impl Waiting {
     }
 
     fn push(&mut self, record: diode_wire::Record, lane: &crate::lanes::Lane) {
-        let cost = record.payload.len() + 64;
+        let cost = record.payload.len() + crate::route::QUEUED_RECORD_OVERHEAD_BYTES;
         if self.bytes + cost > WAITING_MAX_BYTES {
             static FULL: LogThrottle = LogThrottle::new(Duration::from_secs(10));
             if let Some(folded) = FULL.allow() {

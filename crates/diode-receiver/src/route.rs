@@ -189,7 +189,7 @@ pub struct Queued {
 }
 
 /// What a queued record costs on top of its payload, in the route's byte budget.
-const QUEUED_RECORD_OVERHEAD_BYTES: usize = 64;
+pub(crate) const QUEUED_RECORD_OVERHEAD_BYTES: usize = 64;
 
 /// The link thread's side of the routes: which routes take a topic, and their queues.
 pub struct Router {

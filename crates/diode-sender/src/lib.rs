@@ -387,7 +387,8 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     )
     .await?;
 
-    let (mut journals, writer) = match (&loaded.journal_dir, opened, &config.journal) {
+    let lane_topics: Vec<&[usize]> = lanes.iter().map(|lane| lane.globals.as_slice()).collect();
+    let (journals, writer) = match (&loaded.journal_dir, opened, &config.journal) {
         (Some(dir), Some((writer, handle)), Some(settings)) => {
             let (journals, writer) = start_journal(
                 dir,
@@ -395,14 +396,14 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
                 settings,
                 &loaded.journal_budgets,
                 &config.topics,
+                &lane_topics,
                 &metrics,
                 &shutdown,
             )?;
             (journals.into_iter().map(Some).collect(), Some(writer))
         }
-        _ => (Vec::new(), None),
+        _ => (lanes.iter().map(|_| None).collect::<Vec<_>>(), None),
     };
-    journals.resize_with(lanes.len(), || None);
 
     for task in tasks {
         tokio::spawn(task);
@@ -483,13 +484,16 @@ pub async fn start(loaded: Loaded, shutdown: Shutdown) -> Result<RunningSender, 
     })
 }
 
-/// Opens the journal, starts its writer and the replayer, and returns the link thread's end.
+/// Opens the journal, starts its writer and the replayer, and returns each lane's link thread's
+/// end; `lane_topics` is each lane's topics, by configuration index in the lane's own order.
+#[allow(clippy::too_many_arguments)]
 fn start_journal(
     dir: &std::path::Path,
     (writer, handle): (journal::JournalWriter, journal::JournalHandle),
     settings: &config::JournalConfig,
     budgets: &[Option<journal::Budget>],
     topics: &[config::TopicConfig],
+    lane_topics: &[&[usize]],
     metrics: &SenderMetrics,
     shutdown: &Shutdown,
 ) -> Result<(Vec<link::LinkJournal>, std::thread::JoinHandle<()>), StartError> {
@@ -499,8 +503,8 @@ fn start_journal(
         .name("diode-journal".into())
         .spawn(move || writer.run())
         .map_err(StartError::Thread)?;
-    let lanes = lane_of.iter().max().map_or(1, |last| last + 1);
-    let (replay_tx, replay_rx): (Vec<_>, Vec<_>) = (0..lanes).map(|_| flume::bounded(1024)).unzip();
+    let (replay_tx, replay_rx): (Vec<_>, Vec<_>) =
+        lane_topics.iter().map(|_| flume::bounded(1024)).unzip();
     let replayer = replay::Replayer {
         root: dir.to_owned(),
         topics: names
@@ -531,10 +535,18 @@ fn start_journal(
     let names: Vec<Arc<str>> = names.iter().map(|n| Arc::from(*n)).collect();
     let journals = replay_rx
         .into_iter()
-        .map(|replay| link::LinkJournal {
-            names: names.clone(),
-            handle: handle.clone(),
-            replay,
+        .zip(lane_topics)
+        .map(|(replay, globals)| {
+            let mut local_ids = vec![None; names.len()];
+            for (local, global) in globals.iter().enumerate() {
+                local_ids[*global] = Some(diode_wire::TopicId::from_index(local));
+            }
+            link::LinkJournal {
+                names: names.clone(),
+                handle: handle.clone(),
+                replay,
+                local_ids,
+            }
         })
         .collect();
     Ok((journals, writer))

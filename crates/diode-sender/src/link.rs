@@ -83,6 +83,9 @@ pub struct LinkJournal {
     pub handle: crate::journal::JournalHandle,
     /// This lane's topics' replayed records.
     pub replay: flume::Receiver<crate::replay::Replayed>,
+    /// Each configured topic's id in this lane's encoder, by configuration index (none for a
+    /// topic on another lane).
+    pub local_ids: Vec<Option<diode_wire::TopicId>>,
 }
 
 /// A link thread that ends any other way than its clean stop (a panic) still counts itself out,
@@ -399,12 +402,12 @@ impl LinkThread {
                 return;
             };
             let entry = replayed.entry;
-            let Some(local) = self.globals.iter().position(|g| *g == replayed.topic) else {
+            let Some(&Some(topic)) = journal.local_ids.get(replayed.topic) else {
                 continue;
             };
             let result = self.encoder.push_replay(
                 now,
-                diode_wire::TopicId::from_index(local),
+                topic,
                 entry.seq,
                 entry.time_us,
                 entry.origin,
