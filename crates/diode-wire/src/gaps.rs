@@ -138,11 +138,14 @@ impl GapBook {
         true
     }
 
-    /// Forgets a topic's gaps: its sender started its numbering over, so they name other records.
-    pub(crate) fn clear(&mut self, topic: &str) {
-        if let Some(gaps) = self.topics.remove(topic) {
-            self.count -= gaps.len();
-        }
+    /// Removes a topic's gaps and returns them by sequence number: its sender started its
+    /// numbering over, so they name other records, or another reassembler carries it now.
+    pub(crate) fn take(&mut self, topic: &str) -> Vec<OpenGap> {
+        let Some(gaps) = self.topics.remove(topic) else {
+            return Vec::new();
+        };
+        self.count -= gaps.len();
+        gaps.into_values().collect()
     }
 
     /// Every open gap, by topic then sequence number.

@@ -650,14 +650,7 @@ impl Reassembler {
             }
             None => carried,
         };
-        let gaps = self
-            .gaps
-            .list()
-            .into_iter()
-            .filter(|(t, _)| &**t == topic)
-            .map(|(_, gap)| gap)
-            .collect();
-        self.gaps.clear(topic);
+        let gaps = self.gaps.take(topic);
         TopicHandover { mark, gaps }
     }
 
@@ -1809,7 +1802,7 @@ impl Reassembler {
             carried => {
                 if carried.is_some() {
                     // The sender started its numbering over: old gaps name other records.
-                    self.gaps.clear(topic);
+                    self.gaps.take(topic);
                 }
                 unresolved.from_start.then_some((first_seq, 0))
             }
